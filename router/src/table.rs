@@ -1,0 +1,259 @@
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde::Deserialize;
+
+use crate::EndpointId;
+
+/// One `[[endpoint]]` entry of the config file, as written by the user.
+// Unknown keys are caught by the config loader: serde cannot deny them through `flatten`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct EndpointConfig {
+    pub id: EndpointId,
+    #[serde(flatten)]
+    pub backend: BackendSpec,
+    /// Overrides the global idle timeout for this endpoint.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How the compute behind an endpoint is run.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum BackendSpec {
+    /// A `postgres` process started by pgwake itself, data dir `<data_root>/<id>`.
+    Local {
+        /// Extra `postgres -c name=value` settings for this endpoint only.
+        #[serde(default)]
+        settings: BTreeMap<String, String>,
+    },
+    /// An always-on Postgres at a fixed `host:port`; never woken or suspended.
+    Static { address: String },
+}
+
+/// What the table answers for an id. Shared as `Arc<Route>` so a reload that replaces an entry
+/// never disturbs a connection that already looked the old one up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub endpoint: EndpointId,
+    pub backend: BackendSpec,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl From<EndpointConfig> for Route {
+    fn from(c: EndpointConfig) -> Self {
+        Route {
+            endpoint: c.id,
+            backend: c.backend,
+            idle_timeout: c.idle_timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("endpoint {0:?} is defined more than once")]
+    Duplicate(String),
+    #[error("endpoint {id:?}: static address {address:?} is not host:port")]
+    BadAddress { id: String, address: String },
+}
+
+/// Counts of what a [`RoutingTable::replace_all`] changed, for the reload log line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TableDiff {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+/// Endpoint id → route. Reads are lock-free on the hot path (sharded `DashMap`), and a reload
+/// applies a diff in place instead of swapping the whole map, so lookups racing a reload see
+/// either the old or the new route for an id, never a missing one for an id in both.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    routes: DashMap<EndpointId, Arc<Route>>,
+}
+
+impl RoutingTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn lookup(&self, id: &EndpointId) -> Option<Arc<Route>> {
+        self.routes.get(id).map(|r| Arc::clone(r.value()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn upsert(&self, route: Route) {
+        self.routes.insert(route.endpoint.clone(), Arc::new(route));
+    }
+
+    pub fn remove(&self, id: &EndpointId) -> Option<Arc<Route>> {
+        self.routes.remove(id).map(|(_, r)| r)
+    }
+
+    /// Checks a full set of endpoint definitions, reporting every problem at once.
+    pub fn validate(configs: &[EndpointConfig]) -> Vec<RouteError> {
+        let mut errors = Vec::new();
+        let mut seen = HashSet::new();
+        for c in configs {
+            if !seen.insert(&c.id) {
+                errors.push(RouteError::Duplicate(c.id.to_string()));
+            }
+            if let BackendSpec::Static { address } = &c.backend {
+                let ok = address
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+                if !ok {
+                    errors.push(RouteError::BadAddress {
+                        id: c.id.to_string(),
+                        address: address.clone(),
+                    });
+                }
+            }
+        }
+        errors
+    }
+
+    /// Makes the table hold exactly `configs`, or nothing changes if they are invalid.
+    pub fn replace_all(&self, configs: Vec<EndpointConfig>) -> Result<TableDiff, Vec<RouteError>> {
+        let errors = Self::validate(&configs);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut diff = TableDiff::default();
+        let keep: HashSet<EndpointId> = configs.iter().map(|c| c.id.clone()).collect();
+        for c in configs {
+            let route = Route::from(c);
+            match self.routes.get(&route.endpoint) {
+                Some(old) if **old == route => continue,
+                Some(_) => diff.changed += 1,
+                None => diff.added += 1,
+            }
+            self.upsert(route);
+        }
+        self.routes.retain(|id, _| {
+            let k = keep.contains(id);
+            if !k {
+                diff.removed += 1;
+            }
+            k
+        });
+        Ok(diff)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(id: &str) -> EndpointConfig {
+        EndpointConfig {
+            id: EndpointId::parse(id).unwrap(),
+            backend: BackendSpec::Local {
+                settings: BTreeMap::new(),
+            },
+            idle_timeout: None,
+        }
+    }
+
+    #[test]
+    fn replace_all_applies_a_diff() {
+        let t = RoutingTable::new();
+        let d = t.replace_all(vec![local("a"), local("b")]).unwrap();
+        assert_eq!(
+            d,
+            TableDiff {
+                added: 2,
+                changed: 0,
+                removed: 0
+            }
+        );
+        let before = t.lookup(&EndpointId::parse("a").unwrap()).unwrap();
+
+        let mut b = local("b");
+        b.idle_timeout = Some(Duration::from_secs(5));
+        let d = t.replace_all(vec![local("a"), b, local("c")]).unwrap();
+        assert_eq!(
+            d,
+            TableDiff {
+                added: 1,
+                changed: 1,
+                removed: 0
+            }
+        );
+        // Unchanged entries keep their Arc: no needless churn for readers.
+        let after = t.lookup(&EndpointId::parse("a").unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&before, &after));
+
+        let d = t.replace_all(vec![local("c")]).unwrap();
+        assert_eq!(
+            d,
+            TableDiff {
+                added: 0,
+                changed: 0,
+                removed: 2
+            }
+        );
+        assert!(t.lookup(&EndpointId::parse("a").unwrap()).is_none());
+    }
+
+    #[test]
+    fn invalid_set_keeps_old_table_and_reports_all_errors() {
+        let t = RoutingTable::new();
+        t.replace_all(vec![local("a")]).unwrap();
+        let bad = EndpointConfig {
+            id: EndpointId::parse("s").unwrap(),
+            backend: BackendSpec::Static {
+                address: "nohost".into(),
+            },
+            idle_timeout: None,
+        };
+        let errs = t
+            .replace_all(vec![local("b"), local("b"), bad])
+            .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(t.lookup(&EndpointId::parse("a").unwrap()).is_some());
+        assert!(t.lookup(&EndpointId::parse("b").unwrap()).is_none());
+    }
+
+    #[test]
+    fn parses_toml_entries() {
+        #[derive(Deserialize)]
+        struct F {
+            endpoint: Vec<EndpointConfig>,
+        }
+        let f: F = toml::from_str(
+            r#"
+            [[endpoint]]
+            id = "demo"
+            backend = "local"
+            idle_timeout = "90s"
+            settings = { shared_buffers = "16MB" }
+
+            [[endpoint]]
+            id = "ext"
+            backend = "static"
+            address = "127.0.0.1:5432"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.endpoint[0].idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(
+            f.endpoint[1].backend,
+            BackendSpec::Static {
+                address: "127.0.0.1:5432".into()
+            }
+        );
+        assert!(toml::from_str::<F>("[[endpoint]]\nid = \"Bad\"\nbackend = \"local\"").is_err());
+    }
+}
