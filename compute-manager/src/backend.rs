@@ -1,0 +1,55 @@
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pgwake_router::Route;
+
+use crate::BackendError;
+
+/// Where a running compute accepts Postgres connections, as `host:port`. Only the manager and
+/// the routing table produce these: a client never picks the address (no open relay).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ComputeAddr(Arc<str>);
+
+impl ComputeAddr {
+    pub fn new(host_port: impl Into<Arc<str>>) -> Self {
+        Self(host_port.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ComputeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ComputeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ComputeAddr({})", self.0)
+    }
+}
+
+/// A way of running computes (local processes, Kubernetes workloads). Implementations are the
+/// external boundary of the manager, so tests substitute scripted ones.
+#[async_trait]
+pub trait ComputeBackend: Send + Sync + 'static {
+    /// Starts the compute for `route` and returns once it answers queries. Dropping the future
+    /// must not leave a half-started compute behind.
+    async fn start(&self, route: &Route) -> Result<Box<dyn RunningCompute>, BackendError>;
+}
+
+#[async_trait]
+pub trait RunningCompute: Send + Sync + 'static {
+    fn addr(&self) -> &ComputeAddr;
+
+    /// Stops the compute cleanly (a checkpoint is written), and returns once it is gone.
+    async fn stop(&self) -> Result<(), BackendError>;
+
+    /// Resolves when the compute has gone away, whoever stopped it: lets the manager notice a
+    /// crash without waiting for the next client to fail.
+    async fn exited(&self);
+}

@@ -1,0 +1,115 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which side a failure belongs to, for metrics and for what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorSource {
+    Client,
+    Compute,
+    Internal,
+}
+
+/// A backend could not start or stop a compute. The `Display` text is for operators' logs;
+/// clients only ever see [`WakeError::user_message`].
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("postgres binaries not found: {0}")]
+    BinariesNotFound(String),
+    #[error("data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("initdb failed ({status}): {output}")]
+    InitdbFailed { status: String, output: String },
+    #[error("compute exited during start-up ({status}): {log_tail}")]
+    StartFailed { status: String, log_tail: String },
+    #[error("compute did not become ready within {0:?}")]
+    StartTimeout(Duration),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl BackendError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Short, stable name for metrics labels and the client message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BinariesNotFound(_) | Self::Config(_) => "misconfigured",
+            Self::DataDir { .. } | Self::InitdbFailed { .. } => "data_directory",
+            Self::StartFailed { .. } => "start_failed",
+            Self::StartTimeout(_) => "start_timeout",
+            Self::Io { .. } => "io",
+        }
+    }
+
+    /// Whether trying again later could help without an operator's intervention.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::StartTimeout(_) | Self::Io { .. } | Self::StartFailed { .. }
+        )
+    }
+}
+
+/// Why a client could not be given a running compute.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WakeError {
+    #[error("compute failed to start: {0}")]
+    Backend(Arc<BackendError>),
+    #[error("compute not ready within {0:?}")]
+    Timeout(Duration),
+    #[error("too many clients waiting for this endpoint")]
+    QueueFull,
+    #[error("compute manager is shutting down")]
+    ShuttingDown,
+}
+
+impl WakeError {
+    pub fn source_side(&self) -> ErrorSource {
+        match self {
+            Self::Backend(e) if e.kind() == "misconfigured" => ErrorSource::Internal,
+            Self::Backend(_) | Self::Timeout(_) => ErrorSource::Compute,
+            Self::QueueFull => ErrorSource::Client,
+            Self::ShuttingDown => ErrorSource::Internal,
+        }
+    }
+
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Backend(e) => e.retryable(),
+            Self::Timeout(_) | Self::QueueFull | Self::ShuttingDown => true,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Backend(e) => e.kind(),
+            Self::Timeout(_) => "timeout",
+            Self::QueueFull => "queue_full",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// What the client is told: the cause class, never paths, commands or log lines.
+    pub fn user_message(&self) -> String {
+        match self {
+            Self::Backend(e) => format!(
+                "the compute could not be started ({}); the operator has the details",
+                e.kind().replace('_', " ")
+            ),
+            Self::Timeout(d) => format!("the compute did not become ready within {}s", d.as_secs()),
+            Self::QueueFull => "too many clients are waiting for this endpoint to start".into(),
+            Self::ShuttingDown => "the proxy is shutting down".into(),
+        }
+    }
+}

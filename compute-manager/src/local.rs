@@ -1,0 +1,550 @@
+//! The embedded default backend: one real `postgres` process per endpoint, started directly
+//! (not through `pg_ctl`, which polls every 100 ms) on a free loopback port, with its data
+//! directory under `data_root/<endpoint>` created by `initdb` on first wake.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, Uid, User};
+use pgwake_router::{BackendSpec, Route};
+use serde::Deserialize;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{probe_ready, BackendError, ComputeAddr, ComputeBackend, ProbeResult, RunningCompute};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Holds one data directory per endpoint and its log file `<id>.log`.
+    #[serde(default = "default_data_root")]
+    pub data_root: PathBuf,
+    /// Where `postgres` and `initdb` live; else `PATH`, `pg_config --bindir`, then the newest
+    /// `/usr/lib/postgresql/*/bin` (Debian's layout).
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// OS user that runs `initdb`/`postgres` when pgwake runs as root (Postgres refuses root).
+    /// Defaults to `postgres` under root, and to pgwake's own user otherwise.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// The cluster's bootstrap superuser, also used by the readiness probe.
+    #[serde(default = "default_superuser")]
+    pub superuser: String,
+    /// initdb's `--auth` for new clusters. `trust` suits a demo on loopback; use
+    /// `scram-sha-256` with `initdb_args = ["--pwfile=..."]` for anything shared.
+    #[serde(default = "default_auth")]
+    pub auth: String,
+    #[serde(default)]
+    pub initdb_args: Vec<String>,
+    /// `postgres -c name=value` settings for every local endpoint.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+    /// How long a fast shutdown may take before escalating to immediate shutdown.
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
+}
+
+fn default_data_root() -> PathBuf {
+    PathBuf::from(".pgwake/data")
+}
+fn default_superuser() -> String {
+    "postgres".into()
+}
+fn default_auth() -> String {
+    "trust".into()
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            data_root: default_data_root(),
+            bin_dir: None,
+            run_as: None,
+            superuser: default_superuser(),
+            auth: default_auth(),
+            initdb_args: Vec::new(),
+            settings: BTreeMap::new(),
+            stop_timeout: default_stop_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Bins {
+    postgres: PathBuf,
+    initdb: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+pub struct LocalBackend {
+    cfg: LocalConfig,
+    run_as: Option<RunAs>,
+    bins: OnceLock<Bins>,
+}
+
+/// How often a starting compute is probed. The gap between "port open" and "ready" is ~15 ms
+/// on a warm cache, so a coarser poll would add most of its period to every cold start.
+const PROBE_INTERVAL: Duration = Duration::from_millis(2);
+/// Attempts at picking a free port, for the race where another process binds it first.
+const PORT_ATTEMPTS: usize = 3;
+
+impl LocalBackend {
+    /// Checks what can be checked without starting anything. Missing binaries are not an error
+    /// here: the proxy should still serve static endpoints, and clients of local ones get a
+    /// clear error at wake time.
+    pub fn new(cfg: LocalConfig) -> Result<Self, BackendError> {
+        let run_as = match (&cfg.run_as, Uid::effective().is_root()) {
+            (Some(_), _) | (None, true) => {
+                let name = cfg.run_as.as_deref().unwrap_or("postgres");
+                let user = User::from_name(name)
+                    .map_err(|e| BackendError::Config(format!("looking up user {name:?}: {e}")))?
+                    .ok_or_else(|| {
+                        BackendError::Config(format!(
+                            "user {name:?} does not exist (Postgres cannot run as root; set local.run_as)"
+                        ))
+                    })?;
+                if user.uid.is_root() {
+                    return Err(BackendError::Config("local.run_as must not be root".into()));
+                }
+                if !Uid::effective().is_root() && user.uid != Uid::effective() {
+                    return Err(BackendError::Config(format!(
+                        "local.run_as = {name:?} needs pgwake to run as root"
+                    )));
+                }
+                Some(RunAs {
+                    uid: user.uid.as_raw(),
+                    gid: user.gid.as_raw(),
+                })
+            }
+            (None, false) => None,
+        };
+        let cfg = LocalConfig {
+            data_root: absolute(&cfg.data_root)?,
+            ..cfg
+        };
+        Ok(Self {
+            cfg,
+            run_as,
+            bins: OnceLock::new(),
+        })
+    }
+
+    pub fn config(&self) -> &LocalConfig {
+        &self.cfg
+    }
+
+    fn bins(&self) -> Result<&Bins, BackendError> {
+        if let Some(b) = self.bins.get() {
+            return Ok(b);
+        }
+        let b = find_bins(self.cfg.bin_dir.as_deref())?;
+        Ok(self.bins.get_or_init(|| b))
+    }
+
+    pub fn data_dir(&self, id: &pgwake_router::EndpointId) -> PathBuf {
+        self.cfg.data_root.join(id.as_str())
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), BackendError> {
+        if let Some(u) = self.run_as {
+            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+                .map_err(|e| BackendError::io(format!("chown {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.stdin(Stdio::null()).kill_on_drop(true);
+        // Own process group: a Ctrl-C on pgwake's terminal must not reach the computes directly;
+        // pgwake stops them itself, in order.
+        c.process_group(0);
+        if let Some(u) = self.run_as {
+            c.uid(u.uid).gid(u.gid);
+        }
+        c
+    }
+
+    async fn ensure_cluster(&self, dir: &Path, bins: &Bins) -> Result<(), BackendError> {
+        if dir.join("PG_VERSION").is_file() {
+            return Ok(());
+        }
+        let root = &self.cfg.data_root;
+        if !root.exists() {
+            std::fs::create_dir_all(root)
+                .map_err(|e| BackendError::io(format!("create {}", root.display()), e))?;
+            self.chown(root)?;
+        }
+        match std::fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(BackendError::DataDir {
+                        path: dir.display().to_string(),
+                        reason: "exists, is not empty, and is not a Postgres data directory".into(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(dir)
+                    .map_err(|e| BackendError::io(format!("create {}", dir.display()), e))?;
+            }
+            Err(e) => return Err(BackendError::io(format!("read {}", dir.display()), e)),
+        }
+        self.chown(dir)?;
+        info!(dir = %dir.display(), "initdb for new endpoint");
+        let out = self
+            .command(&bins.initdb)
+            .arg("-D")
+            .arg(dir)
+            .arg("-U")
+            .arg(&self.cfg.superuser)
+            .arg(format!("--auth={}", self.cfg.auth))
+            .args(["-E", "UTF8", "--locale=C"])
+            .args(&self.cfg.initdb_args)
+            .output()
+            .await
+            .map_err(|e| BackendError::io(format!("run {}", bins.initdb.display()), e))?;
+        if !out.status.success() {
+            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            return Err(BackendError::InitdbFailed {
+                status: out.status.to_string(),
+                output: tail(&text, 2000),
+            });
+        }
+        Ok(())
+    }
+
+    async fn spawn_postgres(
+        &self,
+        route: &Route,
+        dir: &Path,
+        bins: &Bins,
+        port: u16,
+        log: &Path,
+    ) -> Result<Child, BackendError> {
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| BackendError::io(format!("open {}", log.display()), e))?;
+        let logfile2 = logfile
+            .try_clone()
+            .map_err(|e| BackendError::io("dup log file", e))?;
+        let mut cmd = self.command(&bins.postgres);
+        cmd.arg("-D")
+            .arg(dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            // The compute is reached over TCP only; Debian's default socket dir may not exist
+            // or be writable by the run-as user.
+            .args(["-c", "unix_socket_directories="]);
+        let endpoint_settings = match &route.backend {
+            BackendSpec::Local { settings } => Some(settings),
+            _ => None,
+        };
+        let mut merged = self.cfg.settings.clone();
+        merged.extend(
+            endpoint_settings
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        for (k, v) in &merged {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        cmd.stdout(logfile).stderr(logfile2);
+        // If pgwake dies without stopping its computes, each gets a fast shutdown instead of
+        // living on as an orphan that holds the data directory's lock.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .map_err(|e| BackendError::io(format!("spawn {}", bins.postgres.display()), e))
+    }
+}
+
+enum ReadyError {
+    PortTaken,
+    Other(BackendError),
+}
+
+async fn wait_ready(
+    child: &mut Child,
+    addr: SocketAddr,
+    superuser: &str,
+    log: &Path,
+    log_start: u64,
+) -> Result<(), ReadyError> {
+    let mut probes = 0u32;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let log_tail = read_log_since(log, log_start);
+                if log_tail.contains("could not bind")
+                    || log_tail.contains("Address already in use")
+                {
+                    return Err(ReadyError::PortTaken);
+                }
+                return Err(ReadyError::Other(BackendError::StartFailed {
+                    status: status.to_string(),
+                    log_tail,
+                }));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadyError::Other(BackendError::io("wait for postgres", e))),
+        }
+        probes += 1;
+        match probe_ready(addr, superuser, Duration::from_secs(2)).await {
+            ProbeResult::Ready => {
+                debug!(probes, "compute ready");
+                return Ok(());
+            }
+            ProbeResult::StartingUp | ProbeResult::Refused => {}
+            // Possibly another program on the port we picked; postgres will then fail to bind
+            // and exit, which the next try_wait sees.
+            ProbeResult::Unexpected(why) => debug!(%why, "unexpected probe answer"),
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+#[async_trait]
+impl ComputeBackend for LocalBackend {
+    async fn start(&self, route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
+        let bins = self.bins()?.clone();
+        let dir = self.data_dir(&route.endpoint);
+        self.ensure_cluster(&dir, &bins).await?;
+        let log = self.cfg.data_root.join(format!("{}.log", route.endpoint));
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port()?;
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            let mut child = self.spawn_postgres(route, &dir, &bins, port, &log).await?;
+            match wait_ready(&mut child, addr, &self.cfg.superuser, &log, log_start).await {
+                Ok(()) => {
+                    return Ok(Box::new(LocalCompute::watch(
+                        child,
+                        addr,
+                        self.cfg.stop_timeout,
+                    )?));
+                }
+                Err(ReadyError::PortTaken) => {
+                    warn!(
+                        port,
+                        "port taken before postgres could bind it; trying another"
+                    );
+                }
+                Err(ReadyError::Other(e)) => return Err(e),
+            }
+        }
+        Err(BackendError::StartFailed {
+            status: "could not bind".into(),
+            log_tail: format!("no free port after {PORT_ATTEMPTS} attempts"),
+        })
+    }
+}
+
+struct LocalCompute {
+    addr: ComputeAddr,
+    pid: Pid,
+    exited: watch::Receiver<Option<ExitStatus>>,
+    stop_timeout: Duration,
+}
+
+impl LocalCompute {
+    fn watch(
+        mut child: Child,
+        addr: SocketAddr,
+        stop_timeout: Duration,
+    ) -> Result<Self, BackendError> {
+        let pid = child.id().ok_or_else(|| BackendError::StartFailed {
+            status: "exited".into(),
+            log_tail: "postgres exited right after becoming ready".into(),
+        })?;
+        let (tx, rx) = watch::channel(None);
+        // The child is owned by this task so exactly one place reaps it; `kill_on_drop` remains
+        // as the last resort if the runtime itself goes away.
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "waiting for postgres failed");
+                    return;
+                }
+            };
+            debug!(pid, %status, "postgres exited");
+            let _ = tx.send(Some(status));
+        });
+        Ok(Self {
+            addr: ComputeAddr::new(addr.to_string()),
+            pid: Pid::from_raw(pid as i32),
+            exited: rx,
+            stop_timeout,
+        })
+    }
+
+    async fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut rx = self.exited.clone();
+        let exited = tokio::time::timeout(timeout, rx.wait_for(|s| s.is_some()))
+            .await
+            .is_ok();
+        exited
+    }
+}
+
+#[async_trait]
+impl RunningCompute for LocalCompute {
+    fn addr(&self) -> &ComputeAddr {
+        &self.addr
+    }
+
+    async fn stop(&self) -> Result<(), BackendError> {
+        // SIGINT is Postgres's "fast" shutdown: roll back open transactions, write a
+        // checkpoint, exit. Committed data is on disk either way; the checkpoint makes the next
+        // start skip recovery.
+        for (signal, wait) in [
+            (Signal::SIGINT, self.stop_timeout),
+            (Signal::SIGQUIT, Duration::from_secs(5)),
+            (Signal::SIGKILL, Duration::from_secs(5)),
+        ] {
+            if self.exited.borrow().is_some() {
+                return Ok(());
+            }
+            if signal != Signal::SIGINT {
+                warn!(pid = %self.pid, ?signal, "postgres did not stop in time; escalating");
+            }
+            let _ = kill(self.pid, signal);
+            if self.wait_exit(wait).await {
+                return Ok(());
+            }
+        }
+        Err(BackendError::io(
+            format!("stopping postgres pid {}", self.pid),
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        ))
+    }
+
+    async fn exited(&self) {
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|s| s.is_some()).await;
+    }
+}
+
+fn free_port() -> Result<u16, BackendError> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| BackendError::io("pick a free port", e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| BackendError::io("pick a free port", e))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, BackendError> {
+    std::path::absolute(p).map_err(|e| BackendError::io(format!("resolve {}", p.display()), e))
+}
+
+fn tail(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &s[start..])
+}
+
+fn read_log_since(log: &Path, offset: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // Only the last few KiB: a crash loop must not make us read an unbounded log.
+    let from = offset.max(len.saturating_sub(4096));
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(4096).read_to_end(&mut buf);
+    tail(&String::from_utf8_lossy(&buf), 2000)
+}
+
+fn find_bins(bin_dir: Option<&Path>) -> Result<Bins, BackendError> {
+    let in_dir = |d: &Path| {
+        let b = Bins {
+            postgres: d.join("postgres"),
+            initdb: d.join("initdb"),
+        };
+        (b.postgres.is_file() && b.initdb.is_file()).then_some(b)
+    };
+    if let Some(d) = bin_dir {
+        return in_dir(d).ok_or_else(|| {
+            BackendError::BinariesNotFound(format!("no postgres and initdb in {}", d.display()))
+        });
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path));
+    }
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
+        if out.status.success() {
+            candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<(u32, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((v, e.path().join("bin")))
+            })
+            .collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev().map(|(_, p)| p));
+    }
+    for d in &candidates {
+        if let Some(mut b) = in_dir(d) {
+            // PATH may hold a symlink (e.g. /usr/local/bin/postgres); postgres finds its share
+            // dir relative to its real location, and initdb must be its sibling.
+            if let (Ok(p), Ok(i)) = (b.postgres.canonicalize(), b.initdb.canonicalize()) {
+                b = Bins {
+                    postgres: p,
+                    initdb: i,
+                };
+            }
+            return Ok(b);
+        }
+    }
+    Err(BackendError::BinariesNotFound(
+        "postgres and initdb not found in PATH, pg_config --bindir or /usr/lib/postgresql/*/bin; \
+         install PostgreSQL or set local.bin_dir"
+            .into(),
+    ))
+}

@@ -1,0 +1,588 @@
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use pgwake_router::{BackendSpec, EndpointId, Route};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn, Instrument};
+
+use crate::{BackendError, ComputeAddr, ComputeBackend, ManagerMetrics, RunningCompute, WakeError};
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// How long a client may be held while its compute starts.
+    pub wake_timeout: Duration,
+    /// How long a managed compute may sit with no client before it is suspended.
+    pub idle_timeout: Duration,
+    /// Clients held per endpoint at once; more are refused rather than queued without bound.
+    pub max_waiting_per_endpoint: usize,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            wake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            max_waiting_per_endpoint: 1000,
+        }
+    }
+}
+
+/// The lifecycle of one endpoint's compute, as the manager sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Suspended,
+    Starting,
+    Running,
+    Suspending,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Suspended => "suspended",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Suspending => "suspending",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuspendReason {
+    Idle,
+    Requested,
+    Shutdown,
+}
+
+impl SuspendReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            SuspendReason::Idle => "idle",
+            SuspendReason::Requested => "requested",
+            SuspendReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Counters and state of one endpoint, for tests, status APIs and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub phase: Phase,
+    pub attached: usize,
+    pub waiting: usize,
+    pub starts: u64,
+    pub start_failures: u64,
+    pub suspends: u64,
+    pub crashes: u64,
+    pub addr: Option<ComputeAddr>,
+}
+
+enum State {
+    Suspended,
+    Starting {
+        attempt: u64,
+    },
+    Running {
+        attempt: u64,
+        compute: Arc<dyn RunningCompute>,
+        idle_timeout: Duration,
+    },
+    Suspending,
+    Failed {
+        attempt: u64,
+        error: Arc<BackendError>,
+    },
+}
+
+impl State {
+    fn phase(&self) -> Phase {
+        match self {
+            State::Suspended => Phase::Suspended,
+            State::Starting { .. } => Phase::Starting,
+            State::Running { .. } => Phase::Running,
+            State::Suspending => Phase::Suspending,
+            State::Failed { .. } => Phase::Failed,
+        }
+    }
+}
+
+struct Inner {
+    state: State,
+    /// Connections holding an [`ActivityGuard`]; a compute with any is never suspended.
+    attached: usize,
+    /// Clients held in `wake` for this endpoint.
+    waiting: usize,
+    idle_since: Instant,
+    attempt: u64,
+}
+
+struct Slot {
+    id: EndpointId,
+    inner: Mutex<Inner>,
+    /// Bumped after every change a waiter or the idle task may care about. Subscribing before
+    /// looking at `inner` means no change between the look and the wait is ever missed.
+    changed: watch::Sender<()>,
+    starts: AtomicU64,
+    start_failures: AtomicU64,
+    suspends: AtomicU64,
+    crashes: AtomicU64,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug in a few lines of bookkeeping; carrying
+        // on with the data is better than poisoning every future connect to the endpoint.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_replace(());
+    }
+}
+
+/// What a client gets from [`Manager::wake`]: where to connect, and the guard that keeps the
+/// compute from being suspended for as long as the connection lives.
+pub struct Lease {
+    pub addr: ComputeAddr,
+    pub guard: ActivityGuard,
+    /// True if this client had to wait for a start.
+    pub cold: bool,
+}
+
+/// Held by every proxied connection. The last one dropped starts the idle timer.
+pub struct ActivityGuard {
+    slot: Option<Arc<Slot>>,
+}
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let mut st = slot.lock();
+            st.attached -= 1;
+            let now_idle = st.attached == 0;
+            if now_idle {
+                st.idle_since = Instant::now();
+            }
+            drop(st);
+            if now_idle {
+                slot.notify();
+            }
+        }
+    }
+}
+
+/// Decrements the waiting count however `wake` ends, including when the client goes away and
+/// its future is dropped mid-wait.
+struct WaitingGuard<'a> {
+    slot: &'a Slot,
+    metrics: &'a ManagerMetrics,
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.slot.lock().waiting -= 1;
+        self.metrics.held_clients.dec();
+    }
+}
+
+pub struct Manager {
+    cfg: ManagerConfig,
+    local: Arc<dyn ComputeBackend>,
+    slots: DashMap<EndpointId, Arc<Slot>>,
+    metrics: ManagerMetrics,
+    closing: AtomicBool,
+}
+
+impl Manager {
+    pub fn new(
+        cfg: ManagerConfig,
+        local: Arc<dyn ComputeBackend>,
+        metrics: ManagerMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            local,
+            slots: DashMap::new(),
+            metrics,
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    fn slot(&self, id: &EndpointId) -> Arc<Slot> {
+        if let Some(s) = self.slots.get(id) {
+            return Arc::clone(&s);
+        }
+        let slot = self.slots.entry(id.clone()).or_insert_with(|| {
+            Arc::new(Slot {
+                id: id.clone(),
+                inner: Mutex::new(Inner {
+                    state: State::Suspended,
+                    attached: 0,
+                    waiting: 0,
+                    idle_since: Instant::now(),
+                    attempt: 0,
+                }),
+                changed: watch::channel(()).0,
+                starts: AtomicU64::new(0),
+                start_failures: AtomicU64::new(0),
+                suspends: AtomicU64::new(0),
+                crashes: AtomicU64::new(0),
+            })
+        });
+        Arc::clone(&slot)
+    }
+
+    /// Returns a running compute for `route`, starting it if needed. However many clients call
+    /// this at once for a suspended endpoint, exactly one start happens and all of them wait on
+    /// it, each for at most `wake_timeout`.
+    pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Lease, WakeError> {
+        let started = Instant::now();
+        if let BackendSpec::Static { address } = &route.backend {
+            // Always on: nothing to start or suspend, and re-reading the route on every connect
+            // means a reload that moves the address takes effect at once.
+            self.metrics.wakes.with_label_values(&["warm"]).inc();
+            return Ok(Lease {
+                addr: ComputeAddr::new(address.as_str()),
+                guard: ActivityGuard { slot: None },
+                cold: false,
+            });
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(WakeError::ShuttingDown);
+        }
+        let result = self.wake_managed(route, started).await;
+        let outcome = match &result {
+            Ok(l) if l.cold => "cold",
+            Ok(_) => "warm",
+            Err(e) => e.kind(),
+        };
+        self.metrics.wakes.with_label_values(&[outcome]).inc();
+        if let Ok(l) = &result {
+            self.metrics
+                .wake_seconds
+                .with_label_values(&[if l.cold { "cold" } else { "warm" }])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn wake_managed(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        started: Instant,
+    ) -> Result<Lease, WakeError> {
+        let slot = self.slot(&route.endpoint);
+        let deadline = started + self.cfg.wake_timeout;
+        let mut rx = slot.changed.subscribe();
+        let mut joined: Option<u64> = None;
+        let mut waiting: Option<WaitingGuard<'_>> = None;
+        loop {
+            rx.borrow_and_update();
+            let spawn_attempt = {
+                let mut st = slot.lock();
+                match &st.state {
+                    State::Running { compute, .. } => {
+                        let addr = compute.addr().clone();
+                        st.attached += 1;
+                        drop(st);
+                        return Ok(Lease {
+                            addr,
+                            guard: ActivityGuard {
+                                slot: Some(Arc::clone(&slot)),
+                            },
+                            cold: joined.is_some() || waiting.is_some(),
+                        });
+                    }
+                    State::Failed { attempt, error } if Some(*attempt) == joined => {
+                        return Err(WakeError::Backend(Arc::clone(error)));
+                    }
+                    _ => {}
+                }
+                if waiting.is_none() {
+                    if st.waiting >= self.cfg.max_waiting_per_endpoint {
+                        return Err(WakeError::QueueFull);
+                    }
+                    st.waiting += 1;
+                    self.metrics.held_clients.inc();
+                    waiting = Some(WaitingGuard {
+                        slot: &slot,
+                        metrics: &self.metrics,
+                    });
+                }
+                match st.state {
+                    State::Suspended | State::Failed { .. } => {
+                        st.attempt += 1;
+                        let attempt = st.attempt;
+                        st.state = State::Starting { attempt };
+                        joined = Some(attempt);
+                        Some(attempt)
+                    }
+                    State::Starting { attempt } => {
+                        joined = Some(attempt);
+                        None
+                    }
+                    // Wait for the stop to finish, then go round and start it again.
+                    State::Suspending => None,
+                    State::Running { .. } => unreachable!("handled above"),
+                }
+            };
+            if let Some(attempt) = spawn_attempt {
+                slot.notify();
+                self.spawn_start(Arc::clone(&slot), Arc::clone(route), attempt);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(WakeError::Timeout(self.cfg.wake_timeout));
+            }
+        }
+    }
+
+    /// The start runs in its own task so that a client giving up does not cancel it for the
+    /// others, and a start is never duplicated.
+    fn spawn_start(self: &Arc<Self>, slot: Arc<Slot>, route: Arc<Route>, attempt: u64) {
+        let this = Arc::clone(self);
+        let span = tracing::info_span!("start", endpoint = %slot.id, attempt);
+        tokio::spawn(
+            async move {
+                let t0 = Instant::now();
+                slot.starts.fetch_add(1, Ordering::Relaxed);
+                // A start that outlives every client's wait is pointless and would hold the
+                // endpoint in Starting forever if the backend hangs.
+                let res = match tokio::time::timeout(this.cfg.wake_timeout, this.local.start(&route)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(BackendError::StartTimeout(this.cfg.wake_timeout)),
+                };
+                let idle_timeout = route.idle_timeout.unwrap_or(this.cfg.idle_timeout);
+                match res {
+                    Ok(compute) => {
+                        let compute: Arc<dyn RunningCompute> = Arc::from(compute);
+                        info!(addr = %compute.addr(), elapsed_ms = t0.elapsed().as_millis() as u64, "compute running");
+                        this.metrics.starts.with_label_values(&["ok"]).inc();
+                        {
+                            let mut st = slot.lock();
+                            st.state = State::Running {
+                                attempt,
+                                compute: Arc::clone(&compute),
+                                idle_timeout,
+                            };
+                            st.idle_since = Instant::now();
+                        }
+                        this.spawn_watchers(&slot, attempt, compute, idle_timeout);
+                    }
+                    Err(error) => {
+                        warn!(error = %error, kind = error.kind(), "compute failed to start");
+                        slot.start_failures.fetch_add(1, Ordering::Relaxed);
+                        this.metrics.starts.with_label_values(&[error.kind()]).inc();
+                        slot.lock().state = State::Failed {
+                            attempt,
+                            error: Arc::new(error),
+                        };
+                    }
+                }
+                this.update_phase_gauges();
+                slot.notify();
+            }
+            .instrument(span),
+        );
+    }
+
+    fn spawn_watchers(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        attempt: u64,
+        compute: Arc<dyn RunningCompute>,
+        idle_timeout: Duration,
+    ) {
+        // Crash watch: a compute that goes away on its own is marked suspended, so the next
+        // client starts a new one instead of being sent to a dead address.
+        let this = Arc::clone(self);
+        let s = Arc::clone(slot);
+        tokio::spawn(async move {
+            compute.exited().await;
+            let crashed = {
+                let mut st = s.lock();
+                let crashed = matches!(st.state, State::Running { attempt: a, .. } if a == attempt);
+                if crashed {
+                    st.state = State::Suspended;
+                }
+                crashed
+            };
+            if crashed {
+                warn!(endpoint = %s.id, "compute exited unexpectedly; it will be started again on the next connect");
+                s.crashes.fetch_add(1, Ordering::Relaxed);
+                this.metrics
+                    .crashes
+                    .with_label_values(&[s.id.as_str()])
+                    .inc();
+                this.update_phase_gauges();
+                s.notify();
+            }
+        });
+
+        let this = Arc::clone(self);
+        let s = Arc::clone(slot);
+        tokio::spawn(async move {
+            let mut rx = s.changed.subscribe();
+            loop {
+                rx.borrow_and_update();
+                let deadline = {
+                    let st = s.lock();
+                    match st.state {
+                        State::Running { attempt: a, .. } if a == attempt => {}
+                        _ => return,
+                    }
+                    (st.attached == 0 && st.waiting == 0).then(|| st.idle_since + idle_timeout)
+                };
+                match deadline {
+                    Some(d) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(d) => {
+                                this.try_suspend(&s, Some(attempt), SuspendReason::Idle).await;
+                            }
+                            r = rx.changed() => if r.is_err() { return },
+                        }
+                    }
+                    None => {
+                        if rx.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
+    async fn try_suspend(&self, slot: &Slot, attempt: Option<u64>, reason: SuspendReason) -> bool {
+        let compute = {
+            let mut st = slot.lock();
+            let compute = match &st.state {
+                State::Running {
+                    attempt: a,
+                    compute,
+                    idle_timeout,
+                } if attempt.is_none_or(|x| x == *a) => {
+                    let busy = st.attached > 0 || st.waiting > 0;
+                    let idle_enough = reason != SuspendReason::Idle
+                        || Instant::now() >= st.idle_since + *idle_timeout;
+                    if (busy && reason != SuspendReason::Shutdown) || !idle_enough {
+                        return false;
+                    }
+                    Arc::clone(compute)
+                }
+                _ => return false,
+            };
+            // Decided under the same lock a connecting client takes to attach: from here on,
+            // new clients wait for the stop and then start the compute again.
+            st.state = State::Suspending;
+            compute
+        };
+        slot.notify();
+        info!(endpoint = %slot.id, reason = reason.as_str(), "suspending compute");
+        let t0 = Instant::now();
+        if let Err(e) = compute.stop().await {
+            warn!(endpoint = %slot.id, error = %e, "compute stop reported an error");
+        }
+        info!(endpoint = %slot.id, elapsed_ms = t0.elapsed().as_millis() as u64, "compute suspended");
+        slot.lock().state = State::Suspended;
+        slot.suspends.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .suspends
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.update_phase_gauges();
+        slot.notify();
+        true
+    }
+
+    /// Suspends `id` now if no client is attached or waiting (the operator's or a test's way to
+    /// do what the idle timer does). Returns whether a compute was stopped.
+    pub async fn suspend(&self, id: &EndpointId) -> bool {
+        let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
+            return false;
+        };
+        self.try_suspend(&slot, None, SuspendReason::Requested)
+            .await
+    }
+
+    pub fn stats(&self, id: &EndpointId) -> Option<EndpointStats> {
+        let slot = self.slots.get(id)?;
+        let st = slot.lock();
+        Some(EndpointStats {
+            phase: st.state.phase(),
+            attached: st.attached,
+            waiting: st.waiting,
+            starts: slot.starts.load(Ordering::Relaxed),
+            start_failures: slot.start_failures.load(Ordering::Relaxed),
+            suspends: slot.suspends.load(Ordering::Relaxed),
+            crashes: slot.crashes.load(Ordering::Relaxed),
+            addr: match &st.state {
+                State::Running { compute, .. } => Some(compute.addr().clone()),
+                _ => None,
+            },
+        })
+    }
+
+    /// Resolves once `id` is in `phase` (used by tests and by status waits).
+    pub async fn wait_for_phase(&self, id: &EndpointId, phase: Phase) {
+        let slot = self.slot(id);
+        let mut rx = slot.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if slot.lock().state.phase() == phase {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn update_phase_gauges(&self) {
+        let mut counts = [0i64; 5];
+        for s in self.slots.iter() {
+            counts[s.lock().state.phase() as usize] += 1;
+        }
+        for (p, c) in [
+            Phase::Suspended,
+            Phase::Starting,
+            Phase::Running,
+            Phase::Suspending,
+            Phase::Failed,
+        ]
+        .into_iter()
+        .zip(counts)
+        {
+            self.metrics
+                .computes
+                .with_label_values(&[p.as_str()])
+                .set(c);
+        }
+    }
+
+    /// Refuses new wakes and stops every running compute, attached or not: the local backend's
+    /// computes are this process's children and must not outlive it.
+    pub async fn shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+        let slots: Vec<Arc<Slot>> = self.slots.iter().map(|s| Arc::clone(&s)).collect();
+        let stops = slots
+            .iter()
+            .map(|s| self.try_suspend(s, None, SuspendReason::Shutdown));
+        futures::future::join_all(stops).await;
+    }
+}
+
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod tests;

@@ -1,0 +1,360 @@
+//! State machine tests against a scripted backend, with tokio's paused clock: timers fire
+//! exactly when the test advances time, so nothing here sleeps for real.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
+
+use async_trait::async_trait;
+use pgwake_router::{BackendSpec, EndpointId, Route};
+
+use super::*;
+
+#[derive(Default)]
+struct Script {
+    start_delay: Duration,
+    stop_delay: Duration,
+    fail: bool,
+}
+
+struct FakeBackend {
+    script: Mutex<Script>,
+    starts: AtomicUsize,
+    stops: Arc<AtomicUsize>,
+    last: Mutex<Option<watch::Sender<bool>>>,
+}
+
+impl FakeBackend {
+    fn new(script: Script) -> Arc<Self> {
+        Arc::new(Self {
+            script: Mutex::new(script),
+            starts: AtomicUsize::new(0),
+            stops: Arc::new(AtomicUsize::new(0)),
+            last: Mutex::new(None),
+        })
+    }
+
+    fn crash(&self) {
+        self.last
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .send_replace(true);
+    }
+}
+
+struct FakeCompute {
+    addr: ComputeAddr,
+    stop_delay: Duration,
+    stops: Arc<AtomicUsize>,
+    exited: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl ComputeBackend for FakeBackend {
+    async fn start(&self, _route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
+        let n = self.starts.fetch_add(1, Ordering::SeqCst);
+        let (delay, fail, stop_delay) = {
+            let s = self.script.lock().unwrap();
+            (s.start_delay, s.fail, s.stop_delay)
+        };
+        tokio::time::sleep(delay).await;
+        if fail {
+            return Err(BackendError::StartFailed {
+                status: "exit 1".into(),
+                log_tail: "FATAL: secret internal path /var/lib/x".into(),
+            });
+        }
+        let (tx, _) = watch::channel(false);
+        *self.last.lock().unwrap() = Some(tx.clone());
+        Ok(Box::new(FakeCompute {
+            addr: ComputeAddr::new(format!("127.0.0.1:{}", 10000 + n)),
+            stop_delay,
+            stops: Arc::clone(&self.stops),
+            exited: tx,
+        }))
+    }
+}
+
+#[async_trait]
+impl RunningCompute for FakeCompute {
+    fn addr(&self) -> &ComputeAddr {
+        &self.addr
+    }
+    async fn stop(&self) -> Result<(), BackendError> {
+        tokio::time::sleep(self.stop_delay).await;
+        self.stops.fetch_add(1, Ordering::SeqCst);
+        self.exited.send_replace(true);
+        Ok(())
+    }
+    async fn exited(&self) {
+        let mut rx = self.exited.subscribe();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+}
+
+fn route(id: &str, idle: Option<Duration>) -> Arc<Route> {
+    Arc::new(Route {
+        endpoint: EndpointId::parse(id).unwrap(),
+        backend: BackendSpec::Local {
+            settings: BTreeMap::new(),
+        },
+        idle_timeout: idle,
+    })
+}
+
+fn manager(backend: Arc<FakeBackend>, cfg: ManagerConfig) -> Arc<Manager> {
+    let metrics = ManagerMetrics::new(&prometheus::Registry::new()).unwrap();
+    Manager::new(cfg, backend, metrics)
+}
+
+fn cfg() -> ManagerConfig {
+    ManagerConfig {
+        wake_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(300),
+        max_waiting_per_endpoint: 1000,
+    }
+}
+
+async fn phase_within(m: &Manager, id: &EndpointId, p: Phase, within: Duration) {
+    tokio::time::timeout(within, m.wait_for_phase(id, p))
+        .await
+        .unwrap_or_else(|_| panic!("{id} not {p:?} within {within:?}: {:?}", m.stats(id)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_clients_one_start() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let leases = futures::future::join_all((0..200).map(|_| m.wake(&r))).await;
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    let addrs: std::collections::HashSet<_> = leases
+        .iter()
+        .map(|l| l.as_ref().unwrap().addr.clone())
+        .collect();
+    assert_eq!(addrs.len(), 1);
+    assert!(leases.iter().all(|l| l.as_ref().unwrap().cold));
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!(
+        (st.phase, st.attached, st.waiting, st.starts),
+        (Phase::Running, 200, 0, 1)
+    );
+    drop(leases);
+    assert_eq!(m.stats(&r.endpoint).unwrap().attached, 0);
+    // A warm wake does not start anything.
+    let l = m.wake(&r).await.unwrap();
+    assert!(!l.cold);
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_timer_starts_at_last_guard_and_respects_override() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    let a = m.wake(&r).await.unwrap();
+    let c = m.wake(&r).await.unwrap();
+    drop(a);
+    // One guard left: no amount of time suspends it.
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(9_900)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    phase_within(
+        &m,
+        &r.endpoint,
+        Phase::Suspended,
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(m.stats(&r.endpoint).unwrap().suspends, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn activity_resets_the_idle_timer() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    drop(m.wake(&r).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(101)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn explicit_suspend_refuses_while_attached() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let l = m.wake(&r).await.unwrap();
+    assert!(!m.suspend(&r.endpoint).await);
+    drop(l);
+    assert!(m.suspend(&r.endpoint).await);
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Suspended);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_arriving_during_suspend_waits_then_wakes() {
+    let b = FakeBackend::new(Script {
+        stop_delay: Duration::from_secs(2),
+        start_delay: Duration::from_millis(100),
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    let m2 = Arc::clone(&m);
+    let id = r.endpoint.clone();
+    let suspend = tokio::spawn(async move { m2.suspend(&id).await });
+    phase_within(
+        &m,
+        &r.endpoint,
+        Phase::Suspending,
+        Duration::from_millis(10),
+    )
+    .await;
+    let t0 = Instant::now();
+    let lease = m.wake(&r).await.unwrap();
+    assert!(suspend.await.unwrap());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2100),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+    assert!(lease.cold);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failure_reaches_every_waiter_and_next_connect_retries() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_millis(20),
+        fail: true,
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let res = futures::future::join_all((0..10).map(|_| m.wake(&r))).await;
+    for e in res {
+        let e = e.err().unwrap();
+        assert_eq!(e.kind(), "start_failed");
+        assert!(
+            !e.user_message().contains("/var/lib"),
+            "{}",
+            e.user_message()
+        );
+    }
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Failed);
+    b.script.lock().unwrap().fail = false;
+    m.wake(&r).await.unwrap();
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(m.stats(&r.endpoint).unwrap().start_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wake_is_bounded_by_wake_timeout() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            wake_timeout: Duration::from_secs(5),
+            ..cfg()
+        },
+    );
+    let r = route("ep", None);
+    let t0 = Instant::now();
+    let e = m.wake(&r).await.err().unwrap();
+    assert!(matches!(e, WakeError::Timeout(_)), "{e:?}");
+    assert!(t0.elapsed() <= Duration::from_secs(6));
+    // The start task gives up too, so the endpoint is not stuck in Starting.
+    phase_within(&m, &r.endpoint, Phase::Failed, Duration::from_secs(1)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_queue_is_bounded_and_released_by_dropped_waiters() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            max_waiting_per_endpoint: 2,
+            ..cfg()
+        },
+    );
+    let r = route("ep", None);
+    let (m1, r1) = (Arc::clone(&m), Arc::clone(&r));
+    let w1 = tokio::spawn(async move { m1.wake(&r1).await.map(|_| ()) });
+    let (m2, r2) = (Arc::clone(&m), Arc::clone(&r));
+    let w2 = tokio::spawn(async move { m2.wake(&r2).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().waiting, 2);
+    assert!(matches!(m.wake(&r).await, Err(WakeError::QueueFull)));
+    w2.abort();
+    let _ = w2.await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().waiting, 1);
+    w1.await.unwrap().unwrap();
+    assert_eq!(m.stats(&r.endpoint).unwrap().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_is_noticed_and_next_connect_restarts() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let first = m.wake(&r).await.unwrap();
+    b.crash();
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_millis(10)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().crashes, 1);
+    let second = m.wake(&r).await.unwrap();
+    assert_ne!(first.addr, second.addr);
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+    // The dead compute's guard going away must not disturb the new one.
+    drop(first);
+    assert_eq!(m.stats(&r.endpoint).unwrap().attached, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn static_routes_bypass_the_state_machine() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = Arc::new(Route {
+        endpoint: EndpointId::parse("ext").unwrap(),
+        backend: BackendSpec::Static {
+            address: "db.internal:5432".into(),
+        },
+        idle_timeout: None,
+    });
+    let l = m.wake(&r).await.unwrap();
+    assert_eq!(l.addr.as_str(), "db.internal:5432");
+    assert_eq!(b.starts.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_everything_and_refuses_new_wakes() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let _held = m.wake(&route("a", None)).await.unwrap();
+    drop(m.wake(&route("b", None)).await.unwrap());
+    m.shutdown().await;
+    assert_eq!(b.stops.load(Ordering::SeqCst), 2);
+    assert!(matches!(
+        m.wake(&route("a", None)).await,
+        Err(WakeError::ShuttingDown)
+    ));
+}

@@ -1,0 +1,73 @@
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The manager's metrics, registered once on the registry the binary passes down. Labels come
+/// from enums or from endpoint ids (validated, bounded by the routing table), never from
+/// client-supplied strings.
+#[derive(Clone)]
+pub struct ManagerMetrics {
+    pub wakes: IntCounterVec,
+    pub wake_seconds: HistogramVec,
+    pub starts: IntCounterVec,
+    pub suspends: IntCounterVec,
+    pub crashes: IntCounterVec,
+    pub held_clients: IntGauge,
+    pub computes: IntGaugeVec,
+}
+
+impl ManagerMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            wakes: IntCounterVec::new(
+                Opts::new("pgwake_wake_requests_total", "Wake requests by outcome"),
+                &["outcome"],
+            )?,
+            wake_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "pgwake_wake_duration_seconds",
+                    "Time a client waited for a running compute",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ]),
+                &["kind"],
+            )?,
+            starts: IntCounterVec::new(
+                Opts::new("pgwake_compute_starts_total", "Compute starts by outcome"),
+                &["outcome"],
+            )?,
+            suspends: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_compute_suspends_total",
+                    "Compute suspends by reason",
+                ),
+                &["reason"],
+            )?,
+            crashes: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_compute_crashes_total",
+                    "Computes that exited without being asked to",
+                ),
+                &["endpoint"],
+            )?,
+            held_clients: IntGauge::new(
+                "pgwake_held_clients",
+                "Clients waiting for a compute to start",
+            )?,
+            computes: IntGaugeVec::new(
+                Opts::new("pgwake_computes", "Managed computes by state"),
+                &["state"],
+            )?,
+        };
+        registry.register(Box::new(m.wakes.clone()))?;
+        registry.register(Box::new(m.wake_seconds.clone()))?;
+        registry.register(Box::new(m.starts.clone()))?;
+        registry.register(Box::new(m.suspends.clone()))?;
+        registry.register(Box::new(m.crashes.clone()))?;
+        registry.register(Box::new(m.held_clients.clone()))?;
+        registry.register(Box::new(m.computes.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,146 @@
+//! The readiness probe: the one place the manager speaks the Postgres protocol, and only enough
+//! of it to tell "starting up" (57P03) from "accepting connections".
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// Past the start-up gate: authentication (or a non-57P03 error) was offered.
+    Ready,
+    /// The server answered 57P03: still starting, recovering, or shutting down.
+    StartingUp,
+    /// Nothing listens yet.
+    Refused,
+    /// Something answered that is not a Postgres server in a state we understand.
+    Unexpected(String),
+}
+
+const MAX_FIRST_MESSAGE: u32 = 8192;
+
+/// One probe attempt; bounded by `timeout` so a wedged listener cannot hold a wake forever.
+pub async fn probe_ready(addr: SocketAddr, user: &str, timeout: Duration) -> ProbeResult {
+    match tokio::time::timeout(timeout, probe_once(addr, user)).await {
+        Ok(r) => r,
+        Err(_) => ProbeResult::Unexpected("probe timed out".into()),
+    }
+}
+
+async fn probe_once(addr: SocketAddr, user: &str) -> ProbeResult {
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return ProbeResult::Refused,
+        Err(e) => return ProbeResult::Unexpected(format!("connect: {e}")),
+    };
+    let _ = s.set_nodelay(true);
+    let mut msg = BytesMut::with_capacity(64);
+    msg.put_u32(0); // length, patched below
+    msg.put_u32(196608); // protocol 3.0
+    for (k, v) in [("user", user), ("database", "postgres")] {
+        msg.put_slice(k.as_bytes());
+        msg.put_u8(0);
+        msg.put_slice(v.as_bytes());
+        msg.put_u8(0);
+    }
+    msg.put_u8(0);
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_be_bytes());
+    if let Err(e) = s.write_all(&msg).await {
+        return ProbeResult::Unexpected(format!("write: {e}"));
+    }
+
+    let mut head = [0u8; 5];
+    match s.read_exact(&mut head).await {
+        Ok(_) => {}
+        // A postmaster that accepted but died, or is refusing during shutdown.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return ProbeResult::StartingUp,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return ProbeResult::StartingUp
+        }
+        Err(e) => return ProbeResult::Unexpected(format!("read: {e}")),
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    match head[0] {
+        b'R' | b'v' => {
+            // Terminate, so the server logs a clean disconnect rather than an EOF.
+            let _ = s.write_all(&[b'X', 0, 0, 0, 4]).await;
+            ProbeResult::Ready
+        }
+        b'E' => {
+            if !(4..=MAX_FIRST_MESSAGE).contains(&len) {
+                return ProbeResult::Unexpected(format!("error message length {len}"));
+            }
+            let mut body = vec![0u8; (len - 4) as usize];
+            if s.read_exact(&mut body).await.is_err() {
+                return ProbeResult::Unexpected("truncated error message".into());
+            }
+            match sqlstate(&body) {
+                Some(b"57P03") => ProbeResult::StartingUp,
+                // Any other error (unknown role, too many connections) comes from a backend that
+                // got past the start-up gate, so the server accepts connections.
+                Some(_) => ProbeResult::Ready,
+                None => ProbeResult::Unexpected("error without SQLSTATE".into()),
+            }
+        }
+        other => ProbeResult::Unexpected(format!("first message type {other:#04x}")),
+    }
+}
+
+fn sqlstate(mut body: &[u8]) -> Option<&[u8]> {
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = rest.iter().position(|&b| b == 0)?;
+        if field == b'C' {
+            return Some(&rest[..end]);
+        }
+        body = &rest[end + 1..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_sqlstate_among_fields() {
+        let body = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0";
+        assert_eq!(sqlstate(body), Some(&b"57P03"[..]));
+        assert_eq!(sqlstate(b"SFATAL\0\0"), None);
+        assert_eq!(sqlstate(b"SFATAL"), None);
+        assert_eq!(sqlstate(b""), None);
+    }
+
+    #[tokio::test]
+    async fn refused_and_unexpected() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        assert_eq!(
+            probe_ready(addr, "postgres", Duration::from_secs(1)).await,
+            ProbeResult::Refused
+        );
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        assert!(matches!(
+            probe_ready(addr, "postgres", Duration::from_secs(1)).await,
+            ProbeResult::Unexpected(_)
+        ));
+        server.await.unwrap();
+    }
+}
