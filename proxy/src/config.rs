@@ -1,0 +1,54 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The `[proxy]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// From accept to a complete StartupMessage (including SSL negotiation). A client that
+    /// is slower is disconnected without a message, as Postgres does on
+    /// `authentication_timeout`.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// TCP connect to a compute that the manager reported running.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Client connections at once, in every state; more are refused with 53300.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// On shutdown, how long live sessions may continue before they are cut.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4432))
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            startup_timeout: default_startup_timeout(),
+            connect_timeout: default_connect_timeout(),
+            max_connections: default_max_connections(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}

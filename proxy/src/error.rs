@@ -1,0 +1,148 @@
+use pgwake_compute_manager::{ErrorSource, WakeError};
+use pgwake_router::{EndpointId, InvalidEndpointId};
+
+use crate::options::OptionsError;
+use crate::wire::WireError;
+
+/// How to tell the client. `None` from [`ProxyError::client_response`] means close silently:
+/// either the client is gone, or (like Postgres on `authentication_timeout`) there is nobody
+/// useful to tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientResponse {
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+/// Everything that can end a connection before or during forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("client i/o: {0}")]
+    ClientIo(#[source] std::io::Error),
+    #[error("client closed the connection during startup")]
+    ClientGone,
+    #[error("startup not completed within the startup timeout")]
+    StartupTimeout,
+    #[error("protocol violation: {0}")]
+    Wire(#[from] WireError),
+    #[error("too many SSL/GSS negotiation requests")]
+    NegotiationLoop,
+    #[error("startup message has no user")]
+    NoUser,
+    #[error("no endpoint id in the connection")]
+    NoEndpoint,
+    #[error("invalid endpoint id: {0}")]
+    InvalidEndpoint(#[from] InvalidEndpointId),
+    #[error("bad options: {0}")]
+    Options(#[from] OptionsError),
+    #[error("endpoint {0} not found")]
+    UnknownEndpoint(EndpointId),
+    #[error("endpoint {endpoint}: {source}")]
+    Wake {
+        endpoint: EndpointId,
+        #[source]
+        source: WakeError,
+    },
+    #[error("endpoint {endpoint}: connect to compute {addr}: {source}")]
+    ComputeConnect {
+        endpoint: EndpointId,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("too many connections")]
+    TooManyConnections,
+}
+
+impl ProxyError {
+    pub fn source_side(&self) -> ErrorSource {
+        match self {
+            Self::ClientIo(_)
+            | Self::ClientGone
+            | Self::StartupTimeout
+            | Self::Wire(_)
+            | Self::NegotiationLoop
+            | Self::NoUser
+            | Self::NoEndpoint
+            | Self::InvalidEndpoint(_)
+            | Self::Options(_)
+            | Self::UnknownEndpoint(_)
+            | Self::TooManyConnections => ErrorSource::Client,
+            Self::Wake { source, .. } => source.source_side(),
+            Self::ComputeConnect { .. } => ErrorSource::Compute,
+        }
+    }
+
+    /// Whether a client retrying the same connection later may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Wake { source, .. } => source.retryable(),
+            Self::ComputeConnect { .. } | Self::TooManyConnections | Self::ClientIo(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ClientIo(_) => "client_io",
+            Self::ClientGone => "client_gone",
+            Self::StartupTimeout => "startup_timeout",
+            Self::Wire(_) | Self::NegotiationLoop => "protocol",
+            Self::NoUser => "no_user",
+            Self::NoEndpoint => "no_endpoint",
+            Self::InvalidEndpoint(_) | Self::Options(_) => "bad_endpoint",
+            Self::UnknownEndpoint(_) => "unknown_endpoint",
+            Self::Wake { .. } => "wake",
+            Self::ComputeConnect { .. } => "compute_connect",
+            Self::TooManyConnections => "too_many_connections",
+        }
+    }
+
+    pub fn client_response(&self) -> Option<ClientResponse> {
+        let r = |sqlstate, message: String, hint: Option<&str>| {
+            Some(ClientResponse {
+                sqlstate,
+                message,
+                hint: hint.map(str::to_string),
+            })
+        };
+        match self {
+            Self::ClientIo(_) | Self::ClientGone | Self::StartupTimeout => None,
+            Self::Wire(WireError::UnsupportedProtocol { major, minor }) => r(
+                "0A000",
+                format!("unsupported frontend protocol {major}.{minor}: only protocol 3 is supported"),
+                None,
+            ),
+            Self::Wire(e) => r("08P01", format!("invalid startup packet: {e}"), None),
+            Self::NegotiationLoop => r("08P01", "too many encryption negotiation requests".into(), None),
+            Self::NoUser => r("28000", "no PostgreSQL user name specified in startup packet".into(), None),
+            Self::NoEndpoint => r(
+                "08004",
+                "endpoint ID is not specified".into(),
+                Some(
+                    "Pass it in the options connection parameter, e.g. \
+                     options='endpoint=<id>' in the connection string or PGOPTIONS='endpoint=<id>'.",
+                ),
+            ),
+            Self::InvalidEndpoint(e) => r("08004", format!("invalid endpoint ID: {e}"), None),
+            Self::Options(e) => r("08004", format!("invalid endpoint option: {e}"), None),
+            Self::UnknownEndpoint(id) => r("3D000", format!("endpoint \"{id}\" does not exist"), None),
+            Self::Wake { endpoint, source } => {
+                let code = match source {
+                    WakeError::QueueFull => "53300",
+                    WakeError::ShuttingDown => "57P01",
+                    e if e.retryable() => "57P03",
+                    _ => "08006",
+                };
+                r(code, format!("endpoint \"{endpoint}\": {}", source.user_message()), None)
+            }
+            Self::ComputeConnect { endpoint, .. } => r(
+                "08006",
+                format!("endpoint \"{endpoint}\": could not connect to the compute"),
+                None,
+            ),
+            Self::TooManyConnections => r("53300", "too many connections to the proxy".into(), None),
+        }
+    }
+}

@@ -1,0 +1,884 @@
+//! Byte relay between a client and its compute once the startup phase is over.
+//!
+//! From here on the proxy no longer looks at the protocol, so the cheapest thing is to not touch
+//! the bytes at all: on Linux they go socket -> pipe -> socket with splice(2) and never enter user
+//! space. When that is impossible (no fds left for pipes, another OS, or a TLS session whose
+//! plaintext only exists in user space) a buffered copy with the same semantics takes over.
+//!
+//! Semantics shared by both modes:
+//! - EOF on one side is forwarded as a TCP FIN (`shutdown(Write)`) to the other side after
+//!   everything already read has been written, and the opposite direction keeps going: a client
+//!   sends Terminate and closes, a server closes after a fatal error, and neither may cut off the
+//!   bytes still travelling the other way.
+//! - The first I/O error on either side ends the whole session at once; there is nothing useful
+//!   left to do on a half-broken Postgres connection, and the caller drops both sockets.
+//! - Memory per session is fixed (one pipe or one buffer per direction), whatever the traffic.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Bytes delivered to the destination in each direction (not merely read from the source).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    pub client_to_compute: u64,
+    pub compute_to_client: u64,
+}
+
+/// How the bytes of a session were moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Splice,
+    Copy,
+}
+
+/// Why a session ended abnormally, with the side that failed so that metrics and logs can tell
+/// a client that went away from a compute that crashed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("client side: {0}")]
+    Client(io::Error),
+    #[error("compute side: {0}")]
+    Compute(io::Error),
+}
+
+/// Always returned, even on error, because byte counts matter for metrics either way.
+#[derive(Debug)]
+pub struct RelayOutcome {
+    pub mode: Mode,
+    pub bytes: Transferred,
+    pub result: Result<(), RelayError>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Compute,
+}
+
+impl Side {
+    fn error(self, err: io::Error) -> RelayError {
+        match self {
+            Side::Client => RelayError::Client(err),
+            Side::Compute => RelayError::Compute(err),
+        }
+    }
+}
+
+/// Relay until both directions are finished or either side fails.
+///
+/// Uses splice(2) where available and falls back to a buffered copy otherwise; `mode` in the
+/// outcome says which one ran.
+pub async fn relay(client: &mut TcpStream, compute: &mut TcpStream) -> RelayOutcome {
+    relay_with_mode(client, compute, Mode::Splice).await
+}
+
+/// `Mode::Splice` is a preference (it still falls back to copying); `Mode::Copy` forces the copy
+/// so tests can cover both paths on the same sockets.
+pub(crate) async fn relay_with_mode(
+    client: &mut TcpStream,
+    compute: &mut TcpStream,
+    mode: Mode,
+) -> RelayOutcome {
+    #[cfg(target_os = "linux")]
+    if mode == Mode::Splice {
+        match splice::Pipes::new() {
+            Ok(pipes) => return splice::relay(client, compute, pipes).await,
+            // Usually EMFILE/ENFILE. Debug rather than warn: under fd exhaustion this would fire
+            // for every connection, and `RelayOutcome::mode` already lets the caller count it.
+            Err(err) => tracing::debug!(error = %err, "no pipes for splice, copying instead"),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mode;
+
+    relay_copy(client, compute).await
+}
+
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    use super::{Mode, RelayError, RelayOutcome, Side, Transferred};
+
+    /// Upper bound for one splice call. The kernel stops at what the pipe can hold (64 KiB by
+    /// default, a single page or two once the user passes `pipe-user-pages-soft`), so asking for
+    /// more than any pipe holds just means "fill it"; the real amount is what splice returns.
+    const SPLICE_LEN: usize = 1 << 20;
+
+    /// A pipe is the kernel-side buffer splice needs between two sockets. `OwnedFd` closes both
+    /// ends on every path, including when the relay future is dropped mid-session.
+    struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    impl Pipe {
+        fn new() -> io::Result<Self> {
+            let mut fds: [libc::c_int; 2] = [-1; 2];
+            // O_NONBLOCK so that a full or empty pipe gives EAGAIN instead of parking a runtime
+            // thread; O_CLOEXEC so that a spawned `postgres` does not inherit our pipes.
+            // SAFETY: `fds` is a valid array of two c_ints for pipe2 to fill.
+            let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+            let (read, write) =
+                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            Ok(Pipe { read, write })
+        }
+    }
+
+    /// One pipe per direction: a shared pipe would mix the two byte streams.
+    pub(super) struct Pipes {
+        client_to_compute: Pipe,
+        compute_to_client: Pipe,
+    }
+
+    impl Pipes {
+        pub(super) fn new() -> io::Result<Self> {
+            Ok(Pipes {
+                client_to_compute: Pipe::new()?,
+                compute_to_client: Pipe::new()?,
+            })
+        }
+    }
+
+    pub(super) async fn relay(
+        client: &TcpStream,
+        compute: &TcpStream,
+        pipes: Pipes,
+    ) -> RelayOutcome {
+        let mut bytes = Transferred::default();
+        // Both directions in one task over shared references: readiness for read and write is
+        // tracked separately by tokio, so each socket can be read by one direction while the
+        // other writes to it. try_join stops the healthy direction as soon as one fails.
+        let result = tokio::try_join!(
+            one_way(
+                (client, Side::Client),
+                (compute, Side::Compute),
+                &pipes.client_to_compute,
+                &mut bytes.client_to_compute,
+            ),
+            one_way(
+                (compute, Side::Compute),
+                (client, Side::Client),
+                &pipes.compute_to_client,
+                &mut bytes.compute_to_client,
+            ),
+        )
+        .map(|((), ())| ());
+        RelayOutcome {
+            mode: Mode::Splice,
+            bytes,
+            result,
+        }
+    }
+
+    async fn one_way(
+        (src, src_side): (&TcpStream, Side),
+        (dst, dst_side): (&TcpStream, Side),
+        pipe: &Pipe,
+        delivered: &mut u64,
+    ) -> Result<(), RelayError> {
+        let src_fd = src.as_raw_fd();
+        let dst_fd = dst.as_raw_fd();
+        loop {
+            // The pipe is empty here, so EAGAIN can only mean "socket has nothing to read" and
+            // async_io is right to clear the socket's read readiness and wait for the next edge.
+            let filled = src
+                .async_io(Interest::READABLE, || {
+                    splice(src_fd, pipe.write.as_raw_fd(), SPLICE_LEN)
+                })
+                .await
+                .map_err(|err| src_side.error(err))?;
+            if filled == 0 {
+                // Everything read so far has been written, so the FIN goes out after the data.
+                return shutdown_write(dst).map_err(|err| dst_side.error(err));
+            }
+
+            // Drain the pipe completely before reading again: it keeps the "pipe is empty when
+            // reading" invariant above and bounds what sits in the kernel to one pipe.
+            let mut in_pipe = filled;
+            while in_pipe > 0 {
+                // The pipe is not empty, so EAGAIN can only mean "socket send buffer is full".
+                let n = dst
+                    .async_io(Interest::WRITABLE, || {
+                        splice(pipe.read.as_raw_fd(), dst_fd, in_pipe)
+                    })
+                    .await
+                    .map_err(|err| dst_side.error(err))?;
+                if n == 0 {
+                    // Cannot happen while we hold the write end and the pipe has data, but
+                    // retrying a zero-length result would spin, so fail instead.
+                    return Err(dst_side.error(io::ErrorKind::WriteZero.into()));
+                }
+                in_pipe = in_pipe.saturating_sub(n);
+                *delivered += n as u64;
+            }
+        }
+    }
+
+    /// A broken peer gives EPIPE here rather than killing the process only because Rust binaries
+    /// start with SIGPIPE ignored; splice has no MSG_NOSIGNAL equivalent.
+    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        loop {
+            // SAFETY: both fds stay open for the duration of the call (borrowed from live
+            // TcpStream/OwnedFd values), and null offsets are what sockets and pipes require.
+            let n = unsafe {
+                libc::splice(
+                    from,
+                    std::ptr::null_mut(),
+                    to,
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) => return Ok(n),
+                Err(_) => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `TcpStream` only offers shutdown through `&mut` (AsyncWrite), but the socket is shared
+    /// with the opposite direction here, so go to the fd directly.
+    fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+        // SAFETY: the fd belongs to a live TcpStream; shutdown does not invalidate it.
+        if unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Buffer per direction for the copy path. 16 KiB is the largest TLS plaintext record, so a TLS
+/// session behind this relay is read and written in whole records (tokio's default of 8 KiB
+/// would split every full record into two writes); two of them keep a session at 32 KiB.
+const COPY_BUF_SIZE: usize = 16 * 1024;
+
+/// Streams that are always ready (in-memory, or a TLS layer with buffered plaintext) would
+/// otherwise let one session monopolise a runtime thread; tokio's own sockets already yield via
+/// the task budget, this covers the rest.
+const MAX_READS_PER_POLL: usize = 64;
+
+/// Relay between any two streams with one fixed buffer per direction (used for TLS sessions and
+/// as the fallback when splice is unavailable).
+pub async fn relay_copy<A, B>(client: &mut A, compute: &mut B) -> RelayOutcome
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = CopyDirection::new(Side::Client, Side::Compute);
+    let mut down = CopyDirection::new(Side::Compute, Side::Client);
+    // A hand-written poll instead of join over split halves: `&mut A` cannot be borrowed by two
+    // futures at once, and tokio::io::split would add a lock to every read and write.
+    let result = poll_fn(|cx| {
+        let up_done = up.poll_transfer(cx, &mut *client, &mut *compute)?;
+        let down_done = down.poll_transfer(cx, &mut *compute, &mut *client)?;
+        if up_done.is_ready() && down_done.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    RelayOutcome {
+        mode: Mode::Copy,
+        bytes: Transferred {
+            client_to_compute: up.delivered,
+            compute_to_client: down.delivered,
+        },
+        result,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyState {
+    Running,
+    ShuttingDown,
+    Done,
+}
+
+struct CopyDirection {
+    src: Side,
+    dst: Side,
+    buf: Box<[u8]>,
+    /// `buf[pos..filled]` has been read but not yet written.
+    pos: usize,
+    filled: usize,
+    read_eof: bool,
+    /// Something was written since the last flush; matters for buffering writers such as TLS.
+    need_flush: bool,
+    state: CopyState,
+    delivered: u64,
+}
+
+impl CopyDirection {
+    fn new(src: Side, dst: Side) -> Self {
+        CopyDirection {
+            src,
+            dst,
+            buf: vec![0; COPY_BUF_SIZE].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+            read_eof: false,
+            need_flush: false,
+            state: CopyState::Running,
+            delivered: 0,
+        }
+    }
+
+    /// Ready(Ok) once EOF has been forwarded as a shutdown; stays Ready(Ok) when polled again so
+    /// the caller can keep polling a finished direction alongside the other one.
+    fn poll_transfer<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<(), RelayError>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut reads = 0;
+        loop {
+            match self.state {
+                CopyState::Done => return Poll::Ready(Ok(())),
+                CopyState::ShuttingDown => {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                        .map_err(|err| self.dst.error(err))?;
+                    self.state = CopyState::Done;
+                }
+                CopyState::Running => {
+                    // Like the splice path, empty the buffer before reading more, so EOF is only
+                    // forwarded after the last byte.
+                    while self.pos < self.filled {
+                        let chunk = &self.buf[self.pos..self.filled];
+                        let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
+                            .map_err(|err| self.dst.error(err))?;
+                        if n == 0 {
+                            return Poll::Ready(Err(self
+                                .dst
+                                .error(io::ErrorKind::WriteZero.into())));
+                        }
+                        self.pos += n;
+                        self.delivered += n as u64;
+                        self.need_flush = true;
+                    }
+                    if self.read_eof {
+                        self.state = CopyState::ShuttingDown;
+                        continue;
+                    }
+                    if reads == MAX_READS_PER_POLL {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+
+                    let mut read_buf = ReadBuf::new(&mut self.buf);
+                    match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                        Poll::Ready(Ok(())) => {
+                            let n = read_buf.filled().len();
+                            self.pos = 0;
+                            self.filled = n;
+                            self.read_eof = n == 0;
+                            reads += 1;
+                        }
+                        Poll::Ready(Err(err)) => return Poll::Ready(Err(self.src.error(err))),
+                        Poll::Pending => {
+                            // Nothing more to read for now: push out what a buffering writer is
+                            // holding, or a small reply could sit in a TLS buffer indefinitely.
+                            if self.need_flush {
+                                if let Poll::Ready(res) = Pin::new(&mut *writer).poll_flush(cx) {
+                                    res.map_err(|err| self.dst.error(err))?;
+                                    self.need_flush = false;
+                                }
+                            }
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+    async fn within_timeout<F: std::future::Future>(fut: F) -> F::Output {
+        tokio::time::timeout(TEST_TIMEOUT, fut)
+            .await
+            .expect("test timed out")
+    }
+
+    /// Test client and test server connected through a relay running in its own task; the task
+    /// owns (and so drops) the proxy's two sockets when the relay returns, like the real caller.
+    struct Proxied {
+        client: TcpStream,
+        server: TcpStream,
+        relay: JoinHandle<RelayOutcome>,
+    }
+
+    async fn proxied(mode: Mode) -> Proxied {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut proxy_client, _) = front.accept().await.unwrap();
+        let mut proxy_compute = TcpStream::connect(back.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = back.accept().await.unwrap();
+        let relay = tokio::spawn(async move {
+            relay_with_mode(&mut proxy_client, &mut proxy_compute, mode).await
+        });
+        Proxied {
+            client,
+            server,
+            relay,
+        }
+    }
+
+    fn expected_mode(requested: Mode) -> Mode {
+        if cfg!(target_os = "linux") {
+            requested
+        } else {
+            Mode::Copy
+        }
+    }
+
+    /// Each scenario runs once per mode, on the same sockets and assertions.
+    macro_rules! both_modes {
+        ($name:ident, $scenario:ident $(, $flavor:tt)?) => {
+            mod $name {
+                use super::*;
+
+                #[tokio::test$($flavor)?]
+                async fn splice() {
+                    within_timeout($scenario(Mode::Splice)).await;
+                }
+
+                #[tokio::test$($flavor)?]
+                async fn copy() {
+                    within_timeout($scenario(Mode::Copy)).await;
+                }
+            }
+        };
+    }
+
+    both_modes!(echo, echo_scenario);
+    both_modes!(
+        large_transfer,
+        large_transfer_scenario,
+        (flavor = "multi_thread", worker_threads = 4)
+    );
+    both_modes!(half_close, half_close_scenario);
+    both_modes!(compute_reset, compute_reset_scenario);
+    both_modes!(client_reset, client_reset_scenario);
+    both_modes!(small_writes, small_writes_scenario);
+
+    async fn echo_scenario(mode: Mode) {
+        let Proxied {
+            mut client,
+            mut server,
+            relay,
+        } = proxied(mode).await;
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    server.shutdown().await.unwrap();
+                    return;
+                }
+                server.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+
+        let mut sent = 0u64;
+        for msg in [&b"hello"[..], b"select 1;", &[0u8; 1000]] {
+            client.write_all(msg).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+            sent += msg.len() as u64;
+        }
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+
+        echo.await.unwrap();
+        let outcome = relay.await.unwrap();
+        outcome.result.unwrap();
+        assert_eq!(outcome.mode, expected_mode(mode));
+        assert_eq!(
+            outcome.bytes,
+            Transferred {
+                client_to_compute: sent,
+                compute_to_client: sent,
+            }
+        );
+    }
+
+    /// Random-looking data whose every position is checked, so loss, duplication and reordering
+    /// all show up. The odd length keeps the pattern from lining up with socket or pipe sizes.
+    fn pattern(seed: u64) -> Arc<Vec<u8>> {
+        let mut x = seed;
+        let data = (0..(1 << 20) + 13)
+            .map(|_| {
+                // xorshift64
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        Arc::new(data)
+    }
+
+    async fn send_pattern<W: AsyncWrite + Unpin>(mut w: W, pattern: &[u8], total: usize) {
+        let mut off = 0;
+        while off < total {
+            let start = off % pattern.len();
+            let len = (pattern.len() - start).min(64 * 1024).min(total - off);
+            w.write_all(&pattern[start..start + len]).await.unwrap();
+            off += len;
+        }
+        w.shutdown().await.unwrap();
+    }
+
+    async fn receive_pattern<R: AsyncRead + Unpin>(mut r: R, pattern: &[u8]) -> usize {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut off = 0;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return off;
+            }
+            let mut got = &buf[..n];
+            while !got.is_empty() {
+                let start = off % pattern.len();
+                let len = (pattern.len() - start).min(got.len());
+                assert!(
+                    got[..len] == pattern[start..start + len],
+                    "corrupt data at {off}"
+                );
+                got = &got[len..];
+                off += len;
+            }
+        }
+    }
+
+    async fn large_transfer_scenario(mode: Mode) {
+        const UP: usize = 64 << 20;
+        const DOWN: usize = 1 << 20;
+        let Proxied {
+            client,
+            server,
+            relay,
+        } = proxied(mode).await;
+        let up_pattern = pattern(0x9E37_79B9_7F4A_7C15);
+        let down_pattern = pattern(0xD1B5_4A32_D192_ED03);
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
+
+        let started = Instant::now();
+        let tasks = [
+            tokio::spawn({
+                let p = up_pattern.clone();
+                async move {
+                    send_pattern(client_write, &p, UP).await;
+                    0
+                }
+            }),
+            tokio::spawn({
+                let p = up_pattern.clone();
+                async move { receive_pattern(server_read, &p).await }
+            }),
+            tokio::spawn({
+                let p = down_pattern.clone();
+                async move {
+                    send_pattern(server_write, &p, DOWN).await;
+                    0
+                }
+            }),
+            tokio::spawn({
+                let p = down_pattern.clone();
+                async move { receive_pattern(client_read, &p).await }
+            }),
+        ];
+        let mut received = Vec::new();
+        for task in tasks {
+            received.push(task.await.unwrap());
+        }
+        let outcome = relay.await.unwrap();
+        let elapsed = started.elapsed();
+
+        assert_eq!(received[1], UP);
+        assert_eq!(received[3], DOWN);
+        outcome.result.unwrap();
+        assert_eq!(outcome.mode, expected_mode(mode));
+        assert_eq!(
+            outcome.bytes,
+            Transferred {
+                client_to_compute: UP as u64,
+                compute_to_client: DOWN as u64,
+            }
+        );
+        // Informational only: timing depends on the machine and must never fail a test.
+        println!(
+            "passthrough {:?}: {} MiB + {} MiB in {:?} ({:.0} MB/s)",
+            outcome.mode,
+            UP >> 20,
+            DOWN >> 20,
+            elapsed,
+            (UP + DOWN) as f64 / elapsed.as_secs_f64() / 1e6
+        );
+    }
+
+    async fn half_close_scenario(mode: Mode) {
+        let Proxied {
+            mut client,
+            mut server,
+            relay,
+        } = proxied(mode).await;
+
+        client.write_all(b"query").await.unwrap();
+        client.shutdown().await.unwrap();
+
+        // The server sees the client's FIN only after the data, then answers on its still-open
+        // direction, then closes.
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"query");
+        server.write_all(b"response").await.unwrap();
+        drop(server);
+
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.unwrap();
+        assert_eq!(response, b"response");
+
+        let outcome = relay.await.unwrap();
+        outcome.result.unwrap();
+        assert_eq!(
+            outcome.bytes,
+            Transferred {
+                client_to_compute: 5,
+                compute_to_client: 8,
+            }
+        );
+    }
+
+    /// Makes close() send RST instead of FIN, like a crashed peer.
+    fn reset_on_drop(stream: &TcpStream) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid fd and a correctly sized, initialised option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    /// A reset must end the session without waiting for the healthy side to do anything, and the
+    /// healthy side must then see its connection closed (the relay task dropped the sockets).
+    async fn expect_prompt_end(
+        relay: JoinHandle<RelayOutcome>,
+        survivor: &mut TcpStream,
+    ) -> RelayOutcome {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("relay did not end after a reset")
+            .unwrap();
+        // Whatever was still in flight may arrive first; what matters is that the end comes.
+        let mut sink = Vec::new();
+        let _ = survivor.read_to_end(&mut sink).await;
+        outcome
+    }
+
+    async fn compute_reset_scenario(mode: Mode) {
+        let Proxied {
+            mut client,
+            mut server,
+            relay,
+        } = proxied(mode).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+
+        reset_on_drop(&server);
+        drop(server);
+
+        let outcome = expect_prompt_end(relay, &mut client).await;
+        assert!(
+            matches!(outcome.result, Err(RelayError::Compute(_))),
+            "{:?}",
+            outcome.result
+        );
+        assert_eq!(outcome.bytes.client_to_compute, 4);
+    }
+
+    async fn client_reset_scenario(mode: Mode) {
+        let Proxied {
+            client,
+            mut server,
+            relay,
+        } = proxied(mode).await;
+        server.write_all(b"notice").await.unwrap();
+        reset_on_drop(&client);
+        drop(client);
+
+        let outcome = expect_prompt_end(relay, &mut server).await;
+        assert!(
+            matches!(outcome.result, Err(RelayError::Client(_))),
+            "{:?}",
+            outcome.result
+        );
+    }
+
+    fn small_message(i: usize, tag: u8) -> Vec<u8> {
+        vec![tag.wrapping_add(i as u8); 1 + i % 37]
+    }
+
+    async fn small_writes_scenario(mode: Mode) {
+        const BURST: usize = 5_000;
+        const ROUND_TRIPS: usize = 300;
+        let Proxied {
+            client,
+            server,
+            relay,
+        } = proxied(mode).await;
+        client.set_nodelay(true).unwrap();
+        server.set_nodelay(true).unwrap();
+
+        // Both sides first write many tiny messages at the same time while the other reads,
+        // then play ping-pong, where any byte stuck in a buffer would stall the exchange.
+        let side = |stream: TcpStream, my_tag: u8, peer_tag: u8, starts: bool| async move {
+            let (mut r, mut w) = stream.into_split();
+            let expected: Vec<u8> = (0..BURST)
+                .flat_map(|i| small_message(i, peer_tag))
+                .collect();
+            let reader = tokio::spawn(async move {
+                let mut got = vec![0u8; expected.len()];
+                r.read_exact(&mut got).await.unwrap();
+                assert!(got == expected, "burst corrupted");
+                r
+            });
+            let mut sent = 0u64;
+            for i in 0..BURST {
+                let msg = small_message(i, my_tag);
+                w.write_all(&msg).await.unwrap();
+                sent += msg.len() as u64;
+            }
+            let mut r = reader.await.unwrap();
+
+            for i in 0..ROUND_TRIPS {
+                let mine = small_message(i, my_tag);
+                let theirs = small_message(i, peer_tag);
+                let mut got = vec![0u8; theirs.len()];
+                if starts {
+                    w.write_all(&mine).await.unwrap();
+                    r.read_exact(&mut got).await.unwrap();
+                } else {
+                    r.read_exact(&mut got).await.unwrap();
+                    w.write_all(&mine).await.unwrap();
+                }
+                assert_eq!(got, theirs);
+                sent += mine.len() as u64;
+            }
+            w.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            sent
+        };
+        let (client_sent, server_sent) = tokio::join!(
+            side(client, b'c', b's', true),
+            side(server, b's', b'c', false)
+        );
+
+        let outcome = relay.await.unwrap();
+        outcome.result.unwrap();
+        assert_eq!(
+            outcome.bytes,
+            Transferred {
+                client_to_compute: client_sent,
+                compute_to_client: server_sent,
+            }
+        );
+    }
+
+    /// The copy path is generic so it can carry TLS sessions; in-memory streams exercise it
+    /// without sockets, including EOF forwarding through shutdown.
+    #[tokio::test]
+    async fn copy_over_generic_streams() {
+        within_timeout(async {
+            let (mut client_proxy, mut client) = tokio::io::duplex(1024);
+            let (mut compute_proxy, mut compute) = tokio::io::duplex(1024);
+            let relay =
+                tokio::spawn(
+                    async move { relay_copy(&mut client_proxy, &mut compute_proxy).await },
+                );
+
+            client.write_all(b"Q").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            compute.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"Q");
+            compute.write_all(b"Z").await.unwrap();
+            compute.shutdown().await.unwrap();
+            got.clear();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"Z");
+
+            let outcome = relay.await.unwrap();
+            outcome.result.unwrap();
+            assert_eq!(outcome.mode, Mode::Copy);
+            assert_eq!(
+                outcome.bytes,
+                Transferred {
+                    client_to_compute: 1,
+                    compute_to_client: 1,
+                }
+            );
+        })
+        .await;
+    }
+}

@@ -1,0 +1,144 @@
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgwake_compute_manager::{ErrorSource, Manager};
+use pgwake_router::RoutingTable;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{error, info, warn, Instrument};
+
+use crate::error::ProxyError;
+use crate::wire::encode_error_response;
+use crate::{conn, ProxyConfig, ProxyMetrics};
+
+/// Everything a connection needs, shared by all of them.
+pub struct Proxy {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) table: Arc<RoutingTable>,
+    pub(crate) manager: Arc<Manager>,
+    pub(crate) metrics: ProxyMetrics,
+    sessions: AtomicU64,
+    limit: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(
+        cfg: ProxyConfig,
+        table: Arc<RoutingTable>,
+        manager: Arc<Manager>,
+        metrics: ProxyMetrics,
+    ) -> Arc<Self> {
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        Arc::new(Self {
+            cfg,
+            table,
+            manager,
+            metrics,
+            sessions: AtomicU64::new(0),
+            limit,
+        })
+    }
+
+    /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
+    /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                res = listener.accept() => match res {
+                    Ok((stream, peer)) => self.spawn_connection(stream, peer),
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning; the listener stays.
+                        error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        let total = self.cfg.max_connections as u32;
+        let live = total as usize - self.limit.available_permits();
+        info!(live, "stopped accepting; draining sessions");
+        if tokio::time::timeout(self.cfg.drain_timeout, self.limit.acquire_many(total))
+            .await
+            .is_err()
+        {
+            warn!(
+                left = total as usize - self.limit.available_permits(),
+                "drain timeout; closing remaining sessions"
+            );
+        }
+    }
+
+    fn spawn_connection(self: &Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        self.metrics.accepted.inc();
+        let session = self.sessions.fetch_add(1, Ordering::Relaxed);
+        let span =
+            tracing::info_span!("conn", session, client = %peer, endpoint = tracing::field::Empty);
+        let this = Arc::clone(self);
+        let permit = Arc::clone(&self.limit).try_acquire_owned();
+        tokio::spawn(
+            async move {
+                let Ok(_permit) = permit else {
+                    this.finish(&mut stream, Err(ProxyError::TooManyConnections))
+                        .await;
+                    return;
+                };
+                this.metrics.active.inc();
+                let res = conn::handle(&this, &mut stream, peer).await;
+                this.finish(&mut stream, res.map(|_| ())).await;
+                this.metrics.active.dec();
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn finish(&self, stream: &mut TcpStream, res: Result<(), ProxyError>) {
+        let err = match res {
+            Ok(()) => {
+                self.metrics.closed.with_label_values(&["ok"]).inc();
+                return;
+            }
+            Err(e) => e,
+        };
+        let side = match err.source_side() {
+            ErrorSource::Client => "client",
+            ErrorSource::Compute => "compute",
+            ErrorSource::Internal => "internal",
+        };
+        self.metrics.closed.with_label_values(&["error"]).inc();
+        self.metrics
+            .errors
+            .with_label_values(&[err.kind(), side])
+            .inc();
+        match err.source_side() {
+            ErrorSource::Client => info!(error = %err, kind = err.kind(), "connection refused"),
+            _ => {
+                warn!(error = %err, kind = err.kind(), retryable = err.retryable(), "connection failed")
+            }
+        }
+        if let Some(resp) = err.client_response() {
+            let mut buf = BytesMut::new();
+            encode_error_response(
+                &mut buf,
+                "FATAL",
+                resp.sqlstate,
+                &resp.message,
+                None,
+                resp.hint.as_deref(),
+            );
+            // Best effort: the client may already be gone, and must not hold us up.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&buf).await?;
+                stream.shutdown().await
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what pgwake's demo and tests need on a fresh Debian machine, and nothing that is
+# already there: PostgreSQL server + client (postgres, initdb, psql, pgbench) and psycopg for
+# the third-driver test. Safe to run again.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+
+have_server() {
+  command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+if ! have_server || ! command -v psql >/dev/null 2>&1 || ! command -v pgbench >/dev/null 2>&1; then
+  echo "setup-deps: installing postgresql" >&2
+  $SUDO apt-get update -qq
+  # The package's postinst may fail to start its own cluster in a container; pgwake does not
+  # use that cluster, so that is fine.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql postgresql-client postgresql-contrib >/dev/null
+fi
+
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+  echo "setup-deps: installing psycopg" >&2
+  python3 -m pip install --quiet --disable-pip-version-check psycopg \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages psycopg
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup-deps: cargo not found (install Rust with rustup)" >&2; exit 1; }

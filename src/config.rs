@@ -1,0 +1,252 @@
+//! The config file: one TOML document, every section with defaults, and a loader that reports
+//! every problem at once instead of stopping at the first.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgwake_compute_manager::{LocalConfig, ManagerConfig};
+use pgwake_proxy::ProxyConfig;
+use pgwake_router::{EndpointConfig, RoutingTable};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub compute: ComputeConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
+    #[serde(default, rename = "endpoint")]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// The `[compute]` table: lifecycle policy shared by every backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeConfig {
+    #[serde(default = "d_wake_timeout", with = "humantime_serde")]
+    pub wake_timeout: Duration,
+    #[serde(default = "d_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "d_max_waiting")]
+    pub max_waiting_per_endpoint: usize,
+}
+
+fn d_wake_timeout() -> Duration {
+    ManagerConfig::default().wake_timeout
+}
+fn d_idle_timeout() -> Duration {
+    ManagerConfig::default().idle_timeout
+}
+fn d_max_waiting() -> usize {
+    ManagerConfig::default().max_waiting_per_endpoint
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            wake_timeout: d_wake_timeout(),
+            idle_timeout: d_idle_timeout(),
+            max_waiting_per_endpoint: d_max_waiting(),
+        }
+    }
+}
+
+impl From<&ComputeConfig> for ManagerConfig {
+    fn from(c: &ComputeConfig) -> Self {
+        ManagerConfig {
+            wake_timeout: c.wake_timeout,
+            idle_timeout: c.idle_timeout,
+            max_waiting_per_endpoint: c.max_waiting_per_endpoint,
+        }
+    }
+}
+
+/// Every problem found in a config file, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// Keys an `[[endpoint]]` may have; checked by hand because serde cannot deny unknown fields
+/// through the `flatten` that endpoint entries use.
+const ENDPOINT_KEYS: &[&str] = &["id", "backend", "idle_timeout", "settings", "address"];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+        Self::parse(&text).map_err(|ConfigErrors(errs)| {
+            ConfigErrors(
+                errs.into_iter()
+                    .map(|e| format!("{}: {e}", path.display()))
+                    .collect(),
+            )
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
+        let raw: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let mut errors = Vec::new();
+        // Each section is deserialized on its own so that one bad section does not hide the
+        // errors of the others.
+        let section = |name: &str| {
+            raw.get(name)
+                .cloned()
+                .unwrap_or(toml::Value::Table(Default::default()))
+        };
+        for key in raw.keys() {
+            if !["proxy", "compute", "local", "endpoint"].contains(&key.as_str()) {
+                errors.push(format!("unknown section or key {key:?}"));
+            }
+        }
+        let take = |name: &str, errors: &mut Vec<String>| -> Option<toml::Value> {
+            let v = section(name);
+            if !v.is_table() {
+                errors.push(format!("{name}: expected a table"));
+                return None;
+            }
+            Some(v)
+        };
+        let proxy = take("proxy", &mut errors).and_then(|v| {
+            v.try_into::<ProxyConfig>()
+                .map_err(|e| errors.push(format!("[proxy]: {}", e.message())))
+                .ok()
+        });
+        let compute = take("compute", &mut errors).and_then(|v| {
+            v.try_into::<ComputeConfig>()
+                .map_err(|e| errors.push(format!("[compute]: {}", e.message())))
+                .ok()
+        });
+        let local = take("local", &mut errors).and_then(|v| {
+            v.try_into::<LocalConfig>()
+                .map_err(|e| errors.push(format!("[local]: {}", e.message())))
+                .ok()
+        });
+        let mut endpoints = Vec::new();
+        match raw.get("endpoint") {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let label = item
+                        .get("id")
+                        .and_then(|v| v.as_str())
+                        .map(|id| format!("[[endpoint]] #{} ({id:?})", i + 1))
+                        .unwrap_or_else(|| format!("[[endpoint]] #{}", i + 1));
+                    if let Some(t) = item.as_table() {
+                        for k in t.keys() {
+                            if !ENDPOINT_KEYS.contains(&k.as_str()) {
+                                errors.push(format!("{label}: unknown key {k:?}"));
+                            }
+                        }
+                    }
+                    match item.clone().try_into::<EndpointConfig>() {
+                        Ok(e) => endpoints.push(e),
+                        Err(e) => errors.push(format!("{label}: {}", e.message())),
+                    }
+                }
+            }
+            Some(_) => errors.push("endpoint: use [[endpoint]] tables".into()),
+        }
+        errors.extend(
+            RoutingTable::validate(&endpoints)
+                .into_iter()
+                .map(|e| e.to_string()),
+        );
+        if let Some(c) = &compute {
+            for (name, d) in [
+                ("wake_timeout", c.wake_timeout),
+                ("idle_timeout", c.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    errors.push(format!("[compute]: {name} must be more than 0"));
+                }
+            }
+            if c.max_waiting_per_endpoint == 0 {
+                errors.push("[compute]: max_waiting_per_endpoint must be at least 1".into());
+            }
+        }
+        if let Some(p) = &proxy {
+            if p.max_connections == 0 {
+                errors.push("[proxy]: max_connections must be at least 1".into());
+            }
+            if p.startup_timeout.is_zero() {
+                errors.push("[proxy]: startup_timeout must be more than 0".into());
+            }
+        }
+        match (proxy, compute, local, errors.is_empty()) {
+            (Some(proxy), Some(compute), Some(local), true) => Ok(Config {
+                proxy,
+                compute,
+                local,
+                endpoints,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_parse() {
+        for f in ["config/local.toml", "config/full.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let errs = Config::parse(
+            r#"
+            bogus = 1
+            [proxy]
+            listen = "not an address"
+            [compute]
+            idle_timeout = "0s"
+            [local]
+            colour = "blue"
+            [[endpoint]]
+            id = "Bad"
+            backend = "local"
+            [[endpoint]]
+            id = "s"
+            backend = "static"
+            address = "nohost"
+            [[endpoint]]
+            id = "t"
+            backend = "local"
+            idel_timeout = "5s"
+            "#,
+        )
+        .unwrap_err()
+        .0;
+        let all = errs.join("\n");
+        for needle in [
+            "bogus",
+            "[proxy]",
+            "idle_timeout must",
+            "colour",
+            "\"Bad\"",
+            "nohost",
+            "idel_timeout",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:4432");
+        assert_eq!(c.proxy.startup_timeout, Duration::from_secs(10));
+        assert_eq!(c.compute.wake_timeout, Duration::from_secs(30));
+        assert_eq!(c.compute.idle_timeout, Duration::from_secs(300));
+        assert!(c.endpoints.is_empty());
+    }
+}

@@ -1,0 +1,143 @@
+//! Wires the router, the compute manager and the proxy from one [`Config`]. The binary only
+//! parses flags, sets up logging and signals, and calls into here; tests start the same thing
+//! in-process on port 0.
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use pgwake_compute_manager::{BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics};
+use pgwake_proxy::{Proxy, ProxyMetrics};
+use pgwake_router::{RoutingTable, TableDiff};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+pub use config::{Config, ConfigErrors};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("local backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A running pgwake: listener bound, connections being served.
+pub struct Pgwake {
+    pub table: Arc<RoutingTable>,
+    pub manager: Arc<Manager>,
+    pub local: Arc<LocalBackend>,
+    pub registry: prometheus::Registry,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    serve: JoinHandle<()>,
+}
+
+impl Pgwake {
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let registry = prometheus::Registry::new();
+        let table = Arc::new(RoutingTable::new());
+        let diff = table
+            .replace_all(config.endpoints.clone())
+            .expect("Config::parse validated the endpoints");
+        let local = Arc::new(LocalBackend::new(config.local.clone())?);
+        let manager = Manager::new(
+            ManagerConfig::from(&config.compute),
+            Arc::clone(&local) as _,
+            ManagerMetrics::new(&registry)?,
+        );
+        let proxy = Proxy::new(
+            config.proxy.clone(),
+            Arc::clone(&table),
+            Arc::clone(&manager),
+            ProxyMetrics::new(&registry)?,
+        );
+        let listener = TcpListener::bind(config.proxy.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.proxy.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.proxy.listen,
+            source,
+        })?;
+        info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
+        let (tx, rx) = oneshot::channel();
+        let serve = tokio::spawn(proxy.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            table,
+            manager,
+            local,
+            registry,
+            addr,
+            stop: Some(tx),
+            serve,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Re-reads the endpoints from `path`. A file with any error changes nothing, and every
+    /// error is returned (and logged by the caller); live sessions are never touched.
+    pub fn reload(&self, path: &Path) -> Result<TableDiff, ConfigErrors> {
+        let config = Config::load(path)?;
+        let diff = self
+            .table
+            .replace_all(config.endpoints)
+            .map_err(|errs| ConfigErrors(errs.into_iter().map(|e| e.to_string()).collect()))?;
+        info!(
+            added = diff.added,
+            changed = diff.changed,
+            removed = diff.removed,
+            "routing table reloaded"
+        );
+        Ok(diff)
+    }
+
+    /// Stops accepting, lets live sessions finish within the drain timeout, then stops every
+    /// local compute (with a checkpoint).
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Err(e) = (&mut self.serve).await {
+            error!(error = %e, "proxy task failed");
+        }
+        self.manager.shutdown().await;
+    }
+}
+
+/// Lifts the soft open-files limit to the hard one: each proxied session needs two sockets and,
+/// with splice, two pipes (four fds), so the usual 1024 would cap pgwake at ~170 sessions.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}

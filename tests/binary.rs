@@ -1,0 +1,118 @@
+//! The pgwake binary as users run it: config file, SIGHUP reload, SIGTERM shutdown.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Only reached when a test fails midway: don't leave a pgwake (and its computes) behind.
+        if self.0.try_wait().ok().flatten().is_none() {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn conn(port: u16, endpoint: &str) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres options=endpoint={endpoint}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_endpoints_and_sigterm_stops_cleanly() {
+    let dir = tempdir();
+    let port = free_port();
+    let cfg_path = dir.path().join("pgwake.toml");
+    let write_cfg = |endpoints: &str| {
+        let text = config_text(dir.path(), "", endpoints)
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+        std::fs::write(&cfg_path, text).unwrap();
+    };
+    write_cfg(DEMO);
+    let check = Command::new(env!("CARGO_BIN_EXE_pgwake"))
+        .arg("--check-config")
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    let mut child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_pgwake"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .expect("pgwake listening");
+
+    assert_eq!(stdout(&psql(&conn(port, "demo"), "select 1")), "1");
+    // A session that stays open across the reloads below.
+    let (client, c) = tokio_postgres::connect(&conn(port, "demo"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(c);
+
+    let unknown = psql(&conn(port, "second"), "select 1");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("does not exist"));
+
+    write_cfg(&format!(
+        "{DEMO}[[endpoint]]\nid = \"second\"\nbackend = \"local\"\n"
+    ));
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_until(LONG, || {
+        psql(&conn(port, "second"), "select 2").status.success()
+    })
+    .await
+    .expect("new endpoint routable after SIGHUP");
+
+    // A broken file keeps the old table.
+    std::fs::write(&cfg_path, "[[endpoint]]\nid = \"BAD\"\n").unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let v: i32 = client.query_one("select 3", &[]).await.unwrap().get(0);
+    assert_eq!(v, 3, "live session survives reloads");
+    assert_eq!(stdout(&psql(&conn(port, "second"), "select 4")), "4");
+
+    drop(client);
+    let demo_dir = dir.path().join("data/demo");
+    assert!(demo_dir.join("postmaster.pid").exists());
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = {
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pgwake did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    assert!(status.success(), "{status:?}");
+    // Local computes are stopped cleanly with pgwake, not orphaned.
+    assert!(!demo_dir.join("postmaster.pid").exists());
+    assert!(!dir.path().join("data/second/postmaster.pid").exists());
+}

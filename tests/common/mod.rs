@@ -1,0 +1,179 @@
+//! Shared harness for the end-to-end tests: a real pgwake (in-process, port 0) in front of real
+//! PostgreSQL servers started by the local backend, in a temporary directory that is removed
+//! afterwards.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use pgwake::{Config, Pgwake};
+use pgwake_compute_manager::{EndpointStats, Phase};
+use pgwake_router::EndpointId;
+use tempfile::TempDir;
+
+pub struct Env {
+    pub pgwake: Option<Pgwake>,
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+}
+
+/// Config text for tests: port 0, a private data root, small Postgres settings.
+pub fn config_text(dir: &std::path::Path, extra: &str, endpoints: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+startup_timeout = "2s"
+drain_timeout = "5s"
+[compute]
+wake_timeout = "60s"
+{extra}
+[local]
+data_root = "{root}"
+initdb_args = ["--no-sync"]
+[local.settings]
+shared_buffers = "16MB"
+max_connections = "250"
+{endpoints}
+"#,
+        root = dir.join("data").display()
+    )
+}
+
+pub fn tempdir() -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("pgwake-test-")
+        .tempdir()
+        .unwrap();
+    // The computes run as the `postgres` OS user when tests run as root; it must be able to
+    // reach the data root inside this directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+pub const DEMO: &str = "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\n";
+
+impl Env {
+    pub async fn start(compute_extra: &str, endpoints: &str) -> Env {
+        let dir = tempdir();
+        let text = config_text(dir.path(), compute_extra, endpoints);
+        let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        let pgwake = Pgwake::start(config).await.unwrap();
+        let addr = pgwake.local_addr();
+        Env {
+            pgwake: Some(pgwake),
+            dir,
+            addr,
+        }
+    }
+
+    pub fn pgwake(&self) -> &Pgwake {
+        self.pgwake.as_ref().unwrap()
+    }
+
+    pub fn stats(&self, id: &str) -> Option<EndpointStats> {
+        self.pgwake().manager.stats(&EndpointId::parse(id).unwrap())
+    }
+
+    pub fn data_dir(&self, id: &str) -> PathBuf {
+        self.pgwake()
+            .local
+            .data_dir(&EndpointId::parse(id).unwrap())
+    }
+
+    pub fn conn_str(&self, endpoint: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres options=endpoint={endpoint} connect_timeout=60",
+            self.addr.port()
+        )
+    }
+
+    pub async fn client(&self, endpoint: &str) -> tokio_postgres::Client {
+        let (client, conn) =
+            tokio_postgres::connect(&self.conn_str(endpoint), tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect to {endpoint} through pgwake: {e}"));
+        tokio::spawn(conn);
+        client
+    }
+
+    pub fn psql(&self, endpoint: &str, sql: &str) -> Output {
+        psql(&self.conn_str(endpoint), sql)
+    }
+
+    pub async fn wait_phase(&self, id: &str, phase: Phase, within: Duration) {
+        let m = &self.pgwake().manager;
+        let id = EndpointId::parse(id).unwrap();
+        if tokio::time::timeout(within, m.wait_for_phase(&id, phase))
+            .await
+            .is_err()
+        {
+            panic!("{id} not {phase:?} within {within:?}: {:?}", m.stats(&id));
+        }
+    }
+
+    /// Waits until every proxied session of `id` has ended on the proxy side (the client
+    /// closing its socket is seen by the proxy a moment later).
+    pub async fn wait_detached(&self, id: &str, within: Duration) {
+        wait_until(within, || self.stats(id).map(|s| s.attached) == Some(0))
+            .await
+            .unwrap_or_else(|_| panic!("{id} still attached: {:?}", self.stats(id)));
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(p) = self.pgwake.take() {
+            p.shutdown().await;
+        }
+    }
+}
+
+pub fn psql(conn: &str, sql: &str) -> Output {
+    std::process::Command::new("psql")
+        .arg(conn)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "60")
+        .output()
+        .expect("psql must be installed (apt-get install postgresql-client)")
+}
+
+/// Polls `cond` until it holds or `within` passes. For conditions with no event to wait on
+/// (another process's state); the interval is short so this never stands in for a sleep.
+pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The postmaster of a data directory, from its lock file, if the file is there.
+pub fn postmaster_pid(dir: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    // kill(pid, 0) checks existence; a zombie would still count, but the manager reaps its
+    // children, so gone means gone.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+pub fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
