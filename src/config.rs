@@ -71,7 +71,15 @@ pub struct ConfigErrors(pub Vec<String>);
 
 /// Keys an `[[endpoint]]` may have; checked by hand because serde cannot deny unknown fields
 /// through the `flatten` that endpoint entries use.
-const ENDPOINT_KEYS: &[&str] = &["id", "backend", "idle_timeout", "settings", "address"];
+const ENDPOINT_KEYS: &[&str] = &[
+    "id",
+    "backend",
+    "idle_timeout",
+    "settings",
+    "address",
+    "allow",
+    "max_connections",
+];
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {

@@ -100,6 +100,8 @@ fn route(id: &str, idle: Option<Duration>) -> Arc<Route> {
             settings: BTreeMap::new(),
         },
         idle_timeout: idle,
+        allow: Vec::new(),
+        max_connections: None,
     })
 }
 
@@ -339,6 +341,8 @@ async fn static_routes_bypass_the_state_machine() {
             address: "db.internal:5432".into(),
         },
         idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
     });
     let l = m.wake(&r).await.unwrap();
     assert_eq!(l.addr.as_str(), "db.internal:5432");

@@ -1,8 +1,10 @@
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::EndpointId;
@@ -17,6 +19,12 @@ pub struct EndpointConfig {
     /// Overrides the global idle timeout for this endpoint.
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// Client networks allowed to connect (checked before any wake); empty allows all.
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Client connections to this endpoint at once; unset uses the global per-endpoint limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// How the compute behind an endpoint is run.
@@ -40,6 +48,23 @@ pub struct Route {
     pub endpoint: EndpointId,
     pub backend: BackendSpec,
     pub idle_timeout: Option<Duration>,
+    pub allow: Vec<IpNet>,
+    pub max_connections: Option<usize>,
+}
+
+impl Route {
+    /// Whether a client at `ip` may use this endpoint. IPv4-mapped IPv6 addresses (what a
+    /// dual-stack listener reports for IPv4 clients) are matched as IPv4.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        if self.allow.is_empty() {
+            return true;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
 }
 
 impl From<EndpointConfig> for Route {
@@ -48,6 +73,8 @@ impl From<EndpointConfig> for Route {
             endpoint: c.id,
             backend: c.backend,
             idle_timeout: c.idle_timeout,
+            allow: c.allow,
+            max_connections: c.max_connections,
         }
     }
 }
@@ -163,7 +190,21 @@ mod tests {
                 settings: BTreeMap::new(),
             },
             idle_timeout: None,
+            allow: Vec::new(),
+            max_connections: None,
         }
+    }
+
+    #[test]
+    fn allowlist_matches_cidrs_and_mapped_v4() {
+        let mut r = Route::from(local("a"));
+        assert!(r.allows("203.0.113.9".parse().unwrap()), "empty list allows all");
+        r.allow = vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        assert!(r.allows("10.1.2.3".parse().unwrap()));
+        assert!(r.allows("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(r.allows("2001:db8::1".parse().unwrap()));
+        assert!(!r.allows("11.0.0.1".parse().unwrap()));
+        assert!(!r.allows("::ffff:11.0.0.1".parse().unwrap()));
     }
 
     #[test]
@@ -216,7 +257,7 @@ mod tests {
             backend: BackendSpec::Static {
                 address: "nohost".into(),
             },
-            idle_timeout: None,
+            ..local("s")
         };
         let errs = t
             .replace_all(vec![local("b"), local("b"), bad])
