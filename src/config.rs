@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgwake_compute_manager::{LocalConfig, ManagerConfig};
-use pgwake_proxy::ProxyConfig;
+use pgwake_proxy::{LimitsConfig, ProxyConfig};
 use pgwake_router::{EndpointConfig, RoutingTable};
 use serde::Deserialize;
 
@@ -18,8 +18,21 @@ pub struct Config {
     pub compute: ComputeConfig,
     #[serde(default)]
     pub local: LocalConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointConfig>,
+}
+
+/// The `[admin]` table: the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Unset: no admin listener.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The `[compute]` table: lifecycle policy shared by every backend.
@@ -32,6 +45,8 @@ pub struct ComputeConfig {
     pub idle_timeout: Duration,
     #[serde(default = "d_max_waiting")]
     pub max_waiting_per_endpoint: usize,
+    #[serde(default)]
+    pub max_starts_per_minute: u32,
 }
 
 fn d_wake_timeout() -> Duration {
@@ -50,6 +65,7 @@ impl Default for ComputeConfig {
             wake_timeout: d_wake_timeout(),
             idle_timeout: d_idle_timeout(),
             max_waiting_per_endpoint: d_max_waiting(),
+            max_starts_per_minute: 0,
         }
     }
 }
@@ -60,6 +76,7 @@ impl From<&ComputeConfig> for ManagerConfig {
             wake_timeout: c.wake_timeout,
             idle_timeout: c.idle_timeout,
             max_waiting_per_endpoint: c.max_waiting_per_endpoint,
+            max_starts_per_minute: c.max_starts_per_minute,
         }
     }
 }
@@ -106,7 +123,8 @@ impl Config {
                 .unwrap_or(toml::Value::Table(Default::default()))
         };
         for key in raw.keys() {
-            if !["proxy", "compute", "local", "endpoint"].contains(&key.as_str()) {
+            if !["proxy", "compute", "local", "limits", "admin", "endpoint"].contains(&key.as_str())
+            {
                 errors.push(format!("unknown section or key {key:?}"));
             }
         }
@@ -131,6 +149,16 @@ impl Config {
         let local = take("local", &mut errors).and_then(|v| {
             v.try_into::<LocalConfig>()
                 .map_err(|e| errors.push(format!("[local]: {}", e.message())))
+                .ok()
+        });
+        let limits = take("limits", &mut errors).and_then(|v| {
+            v.try_into::<LimitsConfig>()
+                .map_err(|e| errors.push(format!("[limits]: {}", e.message())))
+                .ok()
+        });
+        let admin = take("admin", &mut errors).and_then(|v| {
+            v.try_into::<AdminConfig>()
+                .map_err(|e| errors.push(format!("[admin]: {}", e.message())))
                 .ok()
         });
         let mut endpoints = Vec::new();
@@ -184,13 +212,22 @@ impl Config {
                 errors.push("[proxy]: startup_timeout must be more than 0".into());
             }
         }
-        match (proxy, compute, local, errors.is_empty()) {
-            (Some(proxy), Some(compute), Some(local), true) => Ok(Config {
-                proxy,
-                compute,
-                local,
-                endpoints,
-            }),
+        if let Some(l) = &limits {
+            if l.connections_per_ip_per_second < 0.0 || l.connections_per_ip_burst < 0.0 {
+                errors.push("[limits]: rates must not be negative".into());
+            }
+        }
+        match (proxy, compute, local, limits, admin, errors.is_empty()) {
+            (Some(proxy), Some(compute), Some(local), Some(limits), Some(admin), true) => {
+                Ok(Config {
+                    proxy,
+                    compute,
+                    local,
+                    limits,
+                    admin,
+                    endpoints,
+                })
+            }
             _ => Err(ConfigErrors(errors)),
         }
     }

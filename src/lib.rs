@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pgwake_compute_manager::{BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics};
-use pgwake_proxy::{Proxy, ProxyMetrics};
+use pgwake_proxy::{Health, Proxy, ProxyMetrics};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -38,7 +38,9 @@ pub struct Pgwake {
     pub manager: Arc<Manager>,
     pub local: Arc<LocalBackend>,
     pub registry: prometheus::Registry,
+    pub health: Arc<Health>,
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     serve: JoinHandle<()>,
 }
@@ -56,11 +58,14 @@ impl Pgwake {
             Arc::clone(&local) as _,
             ManagerMetrics::new(&registry)?,
         );
+        let health = Health::new();
         let proxy = Proxy::new(
             config.proxy.clone(),
             Arc::clone(&table),
             Arc::clone(&manager),
             ProxyMetrics::new(&registry)?,
+            config.limits.clone(),
+            Arc::clone(&health),
         );
         let listener = TcpListener::bind(config.proxy.listen)
             .await
@@ -74,6 +79,27 @@ impl Pgwake {
         })?;
         info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
         let (tx, rx) = oneshot::channel();
+        let admin_addr = match config.admin.listen {
+            Some(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: a, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr: a, source })?;
+                info!(addr = %bound, "admin listening (/metrics, /healthz, /readyz)");
+                // Lives until the process exits: health checks must keep answering (readyz
+                // false) for the whole drain.
+                tokio::spawn(pgwake_proxy::admin::serve(
+                    l,
+                    registry.clone(),
+                    Arc::clone(&health),
+                    std::future::pending(),
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
         let serve = tokio::spawn(proxy.serve(listener, async {
             let _ = rx.await;
         }));
@@ -82,7 +108,9 @@ impl Pgwake {
             manager,
             local,
             registry,
+            health,
             addr,
+            admin_addr,
             stop: Some(tx),
             serve,
         })
@@ -90,6 +118,10 @@ impl Pgwake {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Re-reads the endpoints from `path`. A file with any error changes nothing, and every
@@ -112,6 +144,7 @@ impl Pgwake {
     /// Stops accepting, lets live sessions finish within the drain timeout, then stops every
     /// local compute (with a checkpoint).
     pub async fn shutdown(mut self) {
+        self.health.set_ready(false);
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

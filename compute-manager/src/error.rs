@@ -70,6 +70,8 @@ pub enum WakeError {
     Timeout(Duration),
     #[error("too many clients waiting for this endpoint")]
     QueueFull,
+    #[error("endpoint started too often recently")]
+    RateLimited,
     #[error("compute manager is shutting down")]
     ShuttingDown,
 }
@@ -79,7 +81,7 @@ impl WakeError {
         match self {
             Self::Backend(e) if e.kind() == "misconfigured" => ErrorSource::Internal,
             Self::Backend(_) | Self::Timeout(_) => ErrorSource::Compute,
-            Self::QueueFull => ErrorSource::Client,
+            Self::QueueFull | Self::RateLimited => ErrorSource::Client,
             Self::ShuttingDown => ErrorSource::Internal,
         }
     }
@@ -87,7 +89,7 @@ impl WakeError {
     pub fn retryable(&self) -> bool {
         match self {
             Self::Backend(e) => e.retryable(),
-            Self::Timeout(_) | Self::QueueFull | Self::ShuttingDown => true,
+            Self::Timeout(_) | Self::QueueFull | Self::RateLimited | Self::ShuttingDown => true,
         }
     }
 
@@ -96,6 +98,7 @@ impl WakeError {
             Self::Backend(e) => e.kind(),
             Self::Timeout(_) => "timeout",
             Self::QueueFull => "queue_full",
+            Self::RateLimited => "rate_limited",
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -109,6 +112,9 @@ impl WakeError {
             ),
             Self::Timeout(d) => format!("the compute did not become ready within {}s", d.as_secs()),
             Self::QueueFull => "too many clients are waiting for this endpoint to start".into(),
+            Self::RateLimited => {
+                "the endpoint was started too often recently; retry in a minute".into()
+            }
             Self::ShuttingDown => "the proxy is shutting down".into(),
         }
     }

@@ -18,6 +18,10 @@ pub struct ManagerConfig {
     pub idle_timeout: Duration,
     /// Clients held per endpoint at once; more are refused rather than queued without bound.
     pub max_waiting_per_endpoint: usize,
+    /// Starts per endpoint per minute (a token bucket with a burst of the same size); 0 is
+    /// unlimited. Stops a crash loop or a client hammering a failing endpoint from turning
+    /// into a start loop.
+    pub max_starts_per_minute: u32,
 }
 
 impl Default for ManagerConfig {
@@ -26,6 +30,7 @@ impl Default for ManagerConfig {
             wake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             max_waiting_per_endpoint: 1000,
+            max_starts_per_minute: 0,
         }
     }
 }
@@ -119,6 +124,28 @@ struct Inner {
     waiting: usize,
     idle_since: Instant,
     attempt: u64,
+    /// Start tokens left and when they were last counted (see `max_starts_per_minute`).
+    start_tokens: f64,
+    tokens_at: Instant,
+}
+
+impl Inner {
+    fn take_start_token(&mut self, per_minute: u32) -> bool {
+        if per_minute == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let burst = f64::from(per_minute);
+        let refill = now.saturating_duration_since(self.tokens_at).as_secs_f64() * burst / 60.0;
+        self.start_tokens = (self.start_tokens + refill).min(burst);
+        self.tokens_at = now;
+        if self.start_tokens >= 1.0 {
+            self.start_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct Slot {
@@ -230,6 +257,8 @@ impl Manager {
                     waiting: 0,
                     idle_since: Instant::now(),
                     attempt: 0,
+                    start_tokens: f64::from(self.cfg.max_starts_per_minute),
+                    tokens_at: Instant::now(),
                 }),
                 changed: watch::channel(()).0,
                 starts: AtomicU64::new(0),
@@ -320,6 +349,9 @@ impl Manager {
                 }
                 match st.state {
                     State::Suspended | State::Failed { .. } => {
+                        if !st.take_start_token(self.cfg.max_starts_per_minute) {
+                            return Err(WakeError::RateLimited);
+                        }
                         st.attempt += 1;
                         let attempt = st.attempt;
                         st.state = State::Starting { attempt };

@@ -115,6 +115,7 @@ fn cfg() -> ManagerConfig {
         wake_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(300),
         max_waiting_per_endpoint: 1000,
+        max_starts_per_minute: 0,
     }
 }
 
@@ -361,4 +362,27 @@ async fn shutdown_stops_everything_and_refuses_new_wakes() {
         m.wake(&route("a", None)).await,
         Err(WakeError::ShuttingDown)
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_rate_is_limited_per_endpoint() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            max_starts_per_minute: 2,
+            ..cfg()
+        },
+    );
+    let r = route("ep", None);
+    for _ in 0..2 {
+        drop(m.wake(&r).await.unwrap());
+        assert!(m.suspend(&r.endpoint).await);
+    }
+    assert!(matches!(m.wake(&r).await, Err(WakeError::RateLimited)));
+    // Warm connects to another endpoint are not affected, and the bucket refills.
+    drop(m.wake(&route("other", None)).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    drop(m.wake(&r).await.unwrap());
+    assert_eq!(b.starts.load(Ordering::SeqCst), 4);
 }

@@ -3,6 +3,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::proxy_protocol::ProxyProtocolMode;
+
 /// The `[proxy]` table of the config file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +25,9 @@ pub struct ProxyConfig {
     /// On shutdown, how long live sessions may continue before they are cut.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// PROXY protocol (v1 and v2) on the listener: off, optional or required.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolMode,
 }
 
 fn default_listen() -> SocketAddr {
@@ -49,6 +54,7 @@ impl Default for ProxyConfig {
             connect_timeout: default_connect_timeout(),
             max_connections: default_max_connections(),
             drain_timeout: default_drain_timeout(),
+            proxy_protocol: ProxyProtocolMode::Off,
         }
     }
 }

@@ -52,6 +52,20 @@ pub enum ProxyError {
     },
     #[error("too many connections")]
     TooManyConnections,
+    #[error("{0}")]
+    ProxyHeader(#[source] crate::proxy_protocol::ProxyHeaderError),
+    #[error("client address over its connection rate")]
+    RateLimited,
+    #[error("endpoint {0}: client address not in the allowlist")]
+    NotAllowed(EndpointId),
+    #[error("endpoint {0}: connection limit reached")]
+    EndpointFull(EndpointId),
+    #[error("endpoint {endpoint}: compute protocol: {source}")]
+    ComputeProtocol {
+        endpoint: EndpointId,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ProxyError {
@@ -67,9 +81,13 @@ impl ProxyError {
             | Self::InvalidEndpoint(_)
             | Self::Options(_)
             | Self::UnknownEndpoint(_)
-            | Self::TooManyConnections => ErrorSource::Client,
+            | Self::TooManyConnections
+            | Self::ProxyHeader(_)
+            | Self::RateLimited
+            | Self::NotAllowed(_)
+            | Self::EndpointFull(_) => ErrorSource::Client,
             Self::Wake { source, .. } => source.source_side(),
-            Self::ComputeConnect { .. } => ErrorSource::Compute,
+            Self::ComputeConnect { .. } | Self::ComputeProtocol { .. } => ErrorSource::Compute,
         }
     }
 
@@ -77,7 +95,12 @@ impl ProxyError {
     pub fn retryable(&self) -> bool {
         match self {
             Self::Wake { source, .. } => source.retryable(),
-            Self::ComputeConnect { .. } | Self::TooManyConnections | Self::ClientIo(_) => true,
+            Self::ComputeConnect { .. }
+            | Self::ComputeProtocol { .. }
+            | Self::TooManyConnections
+            | Self::RateLimited
+            | Self::EndpointFull(_)
+            | Self::ClientIo(_) => true,
             _ => false,
         }
     }
@@ -96,6 +119,11 @@ impl ProxyError {
             Self::Wake { .. } => "wake",
             Self::ComputeConnect { .. } => "compute_connect",
             Self::TooManyConnections => "too_many_connections",
+            Self::ProxyHeader(_) => "proxy_header",
+            Self::RateLimited => "rate_limited",
+            Self::NotAllowed(_) => "not_allowed",
+            Self::EndpointFull(_) => "endpoint_full",
+            Self::ComputeProtocol { .. } => "compute_protocol",
         }
     }
 
@@ -108,7 +136,9 @@ impl ProxyError {
             })
         };
         match self {
-            Self::ClientIo(_) | Self::ClientGone | Self::StartupTimeout => None,
+            // A bad PROXY header comes from a misconfigured load balancer, which would not
+            // understand a Postgres message either.
+            Self::ClientIo(_) | Self::ClientGone | Self::StartupTimeout | Self::ProxyHeader(_) => None,
             Self::Wire(WireError::UnsupportedProtocol { major, minor }) => r(
                 "0A000",
                 format!("unsupported frontend protocol {major}.{minor}: only protocol 3 is supported"),
@@ -130,7 +160,7 @@ impl ProxyError {
             Self::UnknownEndpoint(id) => r("3D000", format!("endpoint \"{id}\" does not exist"), None),
             Self::Wake { endpoint, source } => {
                 let code = match source {
-                    WakeError::QueueFull => "53300",
+                    WakeError::QueueFull | WakeError::RateLimited => "53300",
                     WakeError::ShuttingDown => "57P01",
                     e if e.retryable() => "57P03",
                     _ => "08006",
@@ -143,6 +173,26 @@ impl ProxyError {
                 None,
             ),
             Self::TooManyConnections => r("53300", "too many connections to the proxy".into(), None),
+            Self::RateLimited => r(
+                "53300",
+                "too many new connections from this address; retry later".into(),
+                None,
+            ),
+            Self::NotAllowed(id) => r(
+                "28000",
+                format!("endpoint \"{id}\": connections from this address are not allowed"),
+                None,
+            ),
+            Self::EndpointFull(id) => r(
+                "53300",
+                format!("endpoint \"{id}\": too many connections"),
+                None,
+            ),
+            Self::ComputeProtocol { endpoint, .. } => r(
+                "08006",
+                format!("endpoint \"{endpoint}\": the compute closed the connection during start-up"),
+                None,
+            ),
         }
     }
 }

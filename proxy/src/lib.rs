@@ -1,16 +1,23 @@
 //! The front door: accepts client connections, speaks the startup phase of the Postgres protocol,
 //! finds the endpoint, asks the compute manager for a running compute and relays bytes.
 
+pub mod admin;
+pub mod cancel;
 mod config;
 mod conn;
 mod error;
+pub mod limits;
 mod metrics;
 pub mod options;
 pub mod passthrough;
+pub mod proxy_protocol;
 mod server;
 pub mod wire;
 
+pub use admin::Health;
 pub use config::ProxyConfig;
 pub use error::{ClientResponse, ProxyError};
+pub use limits::LimitsConfig;
 pub use metrics::ProxyMetrics;
+pub use proxy_protocol::ProxyProtocolMode;
 pub use server::Proxy;

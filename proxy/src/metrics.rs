@@ -9,6 +9,7 @@ pub struct ProxyMetrics {
     pub closed: IntCounterVec,
     pub errors: IntCounterVec,
     pub bytes: IntCounterVec,
+    pub cancels: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -37,7 +38,12 @@ impl ProxyMetrics {
                 Opts::new("pgwake_forwarded_bytes_total", "Bytes relayed"),
                 &["direction"],
             )?,
+            cancels: IntCounterVec::new(
+                Opts::new("pgwake_cancel_requests_total", "Cancel requests by outcome"),
+                &["outcome"],
+            )?,
         };
+        registry.register(Box::new(m.cancels.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;
         registry.register(Box::new(m.active.clone()))?;
         registry.register(Box::new(m.closed.clone()))?;

@@ -12,7 +12,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{error, info, warn, Instrument};
 
+use crate::admin::Health;
+use crate::cancel::CancelMap;
 use crate::error::ProxyError;
+use crate::limits::{Limits, LimitsConfig};
 use crate::wire::encode_error_response;
 use crate::{conn, ProxyConfig, ProxyMetrics};
 
@@ -22,6 +25,9 @@ pub struct Proxy {
     pub(crate) table: Arc<RoutingTable>,
     pub(crate) manager: Arc<Manager>,
     pub(crate) metrics: ProxyMetrics,
+    pub(crate) limits: Limits,
+    pub(crate) cancels: Arc<CancelMap>,
+    pub(crate) health: Arc<Health>,
     sessions: AtomicU64,
     limit: Arc<Semaphore>,
 }
@@ -32,6 +38,8 @@ impl Proxy {
         table: Arc<RoutingTable>,
         manager: Arc<Manager>,
         metrics: ProxyMetrics,
+        limits: LimitsConfig,
+        health: Arc<Health>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
         Arc::new(Self {
@@ -39,6 +47,9 @@ impl Proxy {
             table,
             manager,
             metrics,
+            limits: Limits::new(limits),
+            cancels: CancelMap::new(),
+            health,
             sessions: AtomicU64::new(0),
             limit,
         })
@@ -48,6 +59,7 @@ impl Proxy {
     /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.health.set_ready(true);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -61,6 +73,8 @@ impl Proxy {
                 },
             }
         }
+        // Not ready from the first moment of the drain, so a load balancer stops sending.
+        self.health.set_ready(false);
         drop(listener);
         let total = self.cfg.max_connections as u32;
         let live = total as usize - self.limit.available_permits();

@@ -198,8 +198,14 @@ mod tests {
     #[test]
     fn allowlist_matches_cidrs_and_mapped_v4() {
         let mut r = Route::from(local("a"));
-        assert!(r.allows("203.0.113.9".parse().unwrap()), "empty list allows all");
-        r.allow = vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        assert!(
+            r.allows("203.0.113.9".parse().unwrap()),
+            "empty list allows all"
+        );
+        r.allow = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
         assert!(r.allows("10.1.2.3".parse().unwrap()));
         assert!(r.allows("::ffff:10.1.2.3".parse().unwrap()));
         assert!(r.allows("2001:db8::1".parse().unwrap()));

@@ -21,9 +21,10 @@ pub struct Env {
     pub addr: SocketAddr,
 }
 
-/// Config text for tests: port 0, a private data root, small Postgres settings.
+/// Config text for tests: port 0, a private data root, small Postgres settings, with `extra`
+/// (TOML tables) merged over those defaults, then the `[[endpoint]]` entries.
 pub fn config_text(dir: &std::path::Path, extra: &str, endpoints: &str) -> String {
-    format!(
+    let base = format!(
         r#"
 [proxy]
 listen = "127.0.0.1:0"
@@ -31,17 +32,32 @@ startup_timeout = "2s"
 drain_timeout = "5s"
 [compute]
 wake_timeout = "60s"
-{extra}
 [local]
 data_root = "{root}"
 initdb_args = ["--no-sync"]
 [local.settings]
 shared_buffers = "16MB"
 max_connections = "250"
-{endpoints}
 "#,
         root = dir.join("data").display()
-    )
+    );
+    let mut merged: toml::Table = base.parse().unwrap();
+    let extra: toml::Table = extra
+        .parse()
+        .unwrap_or_else(|e| panic!("test config extra: {e}"));
+    merge(&mut merged, extra);
+    format!("{}\n{endpoints}", toml::to_string(&merged).unwrap())
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 pub fn tempdir() -> TempDir {
@@ -58,9 +74,13 @@ pub fn tempdir() -> TempDir {
 pub const DEMO: &str = "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\n";
 
 impl Env {
-    pub async fn start(compute_extra: &str, endpoints: &str) -> Env {
+    pub async fn start(extra: &str, endpoints: &str) -> Env {
+        Self::start_with(extra, endpoints).await
+    }
+
+    pub async fn start_with(extra: &str, endpoints: &str) -> Env {
         let dir = tempdir();
-        let text = config_text(dir.path(), compute_extra, endpoints);
+        let text = config_text(dir.path(), extra, endpoints);
         let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
         let pgwake = Pgwake::start(config).await.unwrap();
         let addr = pgwake.local_addr();

@@ -1,0 +1,101 @@
+//! The operators' HTTP listener: `GET /metrics` (Prometheus text), `GET /healthz` (the process
+//! is alive) and `GET /readyz` (accepting new connections; false from the moment a drain
+//! starts, so a load balancer stops sending new clients before any is refused).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+/// Readiness, shared by the admin listener and whoever starts a drain.
+#[derive(Debug)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            ready: AtomicBool::new(true),
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let health = Arc::clone(&health);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = respond(&req, &registry, &health);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("static response")
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let enc = TextEncoder::new();
+            let mut buf = Vec::new();
+            if enc.encode(&registry.gather(), &mut buf).is_err() {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
+            }
+            Response::builder()
+                .header("content-type", enc.format_type())
+                .body(Full::new(Bytes::from(buf)))
+                .expect("metrics response")
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
