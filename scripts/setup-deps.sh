@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgwake's demo and tests need on a fresh Debian machine, and nothing that is
-# already there: PostgreSQL server + client (postgres, initdb, psql, pgbench) and psycopg for
+# already there: PostgreSQL server + client (postgres, initdb, psql, pgbench), haproxy (the
+# PROXY-protocol test's load balancer) and psycopg for
 # the third-driver test. Safe to run again.
 set -euo pipefail
 
@@ -10,12 +11,13 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 have_server() {
   command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
-if ! have_server || ! command -v psql >/dev/null 2>&1 || ! command -v pgbench >/dev/null 2>&1; then
-  echo "setup-deps: installing postgresql" >&2
+if ! have_server || ! command -v psql >/dev/null 2>&1 || ! command -v pgbench >/dev/null 2>&1 \
+  || ! command -v haproxy >/dev/null 2>&1; then
+  echo "setup-deps: installing postgresql and haproxy" >&2
   $SUDO apt-get update -qq
   # The package's postinst may fail to start its own cluster in a container; pgwake does not
   # use that cluster, so that is fine.
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql postgresql-client postgresql-contrib >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql postgresql-client postgresql-contrib haproxy >/dev/null
 fi
 
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/null 2>&1; then

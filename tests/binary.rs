@@ -116,3 +116,96 @@ async fn sighup_reloads_endpoints_and_sigterm_stops_cleanly() {
     assert!(!demo_dir.join("postmaster.pid").exists());
     assert!(!dir.path().join("data/second/postmaster.pid").exists());
 }
+
+/// The real client address through a real haproxy (Debian's package) with `send-proxy-v2`:
+/// pgwake in `required` mode accepts the connection and logs the client's own address, not
+/// haproxy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_send_proxy_v2_address_reaches_the_logs() {
+    let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(haproxy) = haproxy else {
+        assert!(
+            std::env::var_os("PGWAKE_REQUIRE_DRIVERS").is_none(),
+            "haproxy is required in CI (apt-get install haproxy)"
+        );
+        eprintln!("SKIPPED: haproxy not installed");
+        return;
+    };
+    let dir = tempdir();
+    let port = free_port();
+    let cfg_path = dir.path().join("pgwake.toml");
+    let text = config_text(dir.path(), "[proxy]\nproxy_protocol = \"required\"", DEMO)
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg_path, text).unwrap();
+    let log_path = dir.path().join("pgwake.log");
+    let _pgwake = Proc(
+        Command::new(env!("CARGO_BIN_EXE_pgwake"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--log-json")
+            .stdout(std::fs::File::create(&log_path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lb_port = free_port();
+    let hacfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &hacfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend fe\n  bind 127.0.0.1:{lb_port}\n  default_backend be\n\
+             backend be\n  server pgwake 127.0.0.1:{port} send-proxy-v2\n"
+        ),
+    )
+    .unwrap();
+    let _haproxy = Proc(
+        Command::new(haproxy)
+            .args(["-db", "-f"])
+            .arg(&hacfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", lb_port)).is_ok()
+    })
+    .await
+    .expect("pgwake and haproxy listening");
+
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", lb_port))
+        .await
+        .unwrap();
+    let client_addr = stream.local_addr().unwrap();
+    let cfg: tokio_postgres::Config = conn(lb_port, "demo").parse().unwrap();
+    let (client, c) = cfg
+        .connect_raw(stream, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(c);
+    let v: i32 = client.query_one("select 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5);
+    drop(client);
+    let _ = conn_task.await;
+    // The session's closing line carries the span's client field.
+    let needle = format!("\"client\":\"{client_addr}\"");
+    wait_until(LONG, || {
+        std::fs::read_to_string(&log_path).is_ok_and(|l| {
+            l.lines()
+                .any(|l| l.contains("session closed") && l.contains(&needle))
+        })
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no session log with {needle}:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    });
+    // Directly, without the header, required mode refuses.
+    assert!(!psql(&conn(port, "demo"), "select 1").status.success());
+}

@@ -28,6 +28,7 @@ pub(crate) async fn handle(
     peer: SocketAddr,
 ) -> Result<Transferred, ProxyError> {
     let _ = client.set_nodelay(true);
+    let started = std::time::Instant::now();
     let cfg = &proxy.cfg;
     let (client_addr, first) = tokio::time::timeout(cfg.startup_timeout, async {
         let real = proxy_protocol::read_header(client, cfg.proxy_protocol)
@@ -102,11 +103,19 @@ pub(crate) async fn handle(
         .bytes
         .with_label_values(&["compute_to_client"])
         .inc_by(bytes.compute_to_client);
+    // One line per session (the access log); the span adds session, client and endpoint.
+    let (c2s, s2c, ms) = (
+        bytes.client_to_compute,
+        bytes.compute_to_client,
+        started.elapsed().as_millis() as u64,
+    );
     match outcome.result {
-        Ok(()) => debug!(mode = ?outcome.mode, "session ended"),
+        Ok(()) => info!(mode = ?outcome.mode, c2s, s2c, ms, cold = lease.cold, "session closed"),
         // Mid-session there is no protocol state in which an ErrorResponse from us would make
         // sense to the client, so a broken side just ends the session.
-        Err(e) => info!(error = %e, mode = ?outcome.mode, "session ended by an error"),
+        Err(e) => {
+            info!(error = %e, mode = ?outcome.mode, c2s, s2c, ms, "session ended by an error")
+        }
     }
     drop(lease);
     Ok(bytes)
