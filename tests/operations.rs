@@ -249,6 +249,20 @@ async fn metrics_health_and_limits() {
     assert_eq!(
         metric(
             &text,
+            "pgwake_endpoint_state{endpoint=\"demo\",state=\"running\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "pgwake_endpoint_state{endpoint=\"demo\",state=\"suspended\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &text,
             "pgwake_connection_errors_total{kind=\"endpoint_full\",side=\"client\"}"
         ),
         1.0

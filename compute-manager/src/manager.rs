@@ -582,20 +582,25 @@ impl Manager {
     }
 
     fn update_phase_gauges(&self) {
-        let mut counts = [0i64; 5];
-        for s in self.slots.iter() {
-            counts[s.lock().state.phase() as usize] += 1;
-        }
-        for (p, c) in [
+        const ALL: [Phase; 5] = [
             Phase::Suspended,
             Phase::Starting,
             Phase::Running,
             Phase::Suspending,
             Phase::Failed,
-        ]
-        .into_iter()
-        .zip(counts)
-        {
+        ];
+        let mut counts = [0i64; 5];
+        for s in self.slots.iter() {
+            let phase = s.lock().state.phase();
+            counts[phase as usize] += 1;
+            for p in ALL {
+                self.metrics
+                    .endpoint_state
+                    .with_label_values(&[s.id.as_str(), p.as_str()])
+                    .set(i64::from(p == phase));
+            }
+        }
+        for (p, c) in ALL.into_iter().zip(counts) {
             self.metrics
                 .computes
                 .with_label_values(&[p.as_str()])

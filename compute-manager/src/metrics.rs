@@ -14,6 +14,9 @@ pub struct ManagerMetrics {
     pub crashes: IntCounterVec,
     pub held_clients: IntGauge,
     pub computes: IntGaugeVec,
+    /// 1 for the endpoint's current state, 0 for the others (the usual Prometheus "enum"
+    /// pattern); endpoints are bounded by the routing table.
+    pub endpoint_state: IntGaugeVec,
 }
 
 impl ManagerMetrics {
@@ -60,7 +63,15 @@ impl ManagerMetrics {
                 Opts::new("pgwake_computes", "Managed computes by state"),
                 &["state"],
             )?,
+            endpoint_state: IntGaugeVec::new(
+                Opts::new(
+                    "pgwake_endpoint_state",
+                    "State of each managed endpoint's compute",
+                ),
+                &["endpoint", "state"],
+            )?,
         };
+        registry.register(Box::new(m.endpoint_state.clone()))?;
         registry.register(Box::new(m.wakes.clone()))?;
         registry.register(Box::new(m.wake_seconds.clone()))?;
         registry.register(Box::new(m.starts.clone()))?;
