@@ -11,6 +11,7 @@ mod metrics;
 pub mod options;
 pub mod passthrough;
 pub mod proxy_protocol;
+pub mod tls;
 mod server;
 pub mod wire;
 
