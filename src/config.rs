@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgwake_compute_manager::{LocalConfig, ManagerConfig};
+use pgwake_proxy::tls::TlsConfig;
 use pgwake_proxy::{LimitsConfig, ProxyConfig};
 use pgwake_router::{EndpointConfig, RoutingTable};
 use serde::Deserialize;
@@ -22,6 +23,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -123,7 +126,10 @@ impl Config {
                 .unwrap_or(toml::Value::Table(Default::default()))
         };
         for key in raw.keys() {
-            if !["proxy", "compute", "local", "limits", "admin", "endpoint"].contains(&key.as_str())
+            if ![
+                "proxy", "compute", "local", "limits", "admin", "tls", "endpoint",
+            ]
+            .contains(&key.as_str())
             {
                 errors.push(format!("unknown section or key {key:?}"));
             }
@@ -161,6 +167,14 @@ impl Config {
                 .map_err(|e| errors.push(format!("[admin]: {}", e.message())))
                 .ok()
         });
+        let tls = take("tls", &mut errors).and_then(|v| {
+            v.try_into::<TlsConfig>()
+                .map_err(|e| errors.push(format!("[tls]: {}", e.message())))
+                .ok()
+        });
+        if let Some(t) = &tls {
+            errors.extend(t.validate().into_iter().map(|e| format!("[tls]: {e}")));
+        }
         let mut endpoints = Vec::new();
         match raw.get("endpoint") {
             None => {}
@@ -217,17 +231,24 @@ impl Config {
                 errors.push("[limits]: rates must not be negative".into());
             }
         }
-        match (proxy, compute, local, limits, admin, errors.is_empty()) {
-            (Some(proxy), Some(compute), Some(local), Some(limits), Some(admin), true) => {
-                Ok(Config {
-                    proxy,
-                    compute,
-                    local,
-                    limits,
-                    admin,
-                    endpoints,
-                })
-            }
+        match (proxy, compute, local, limits, admin, tls, errors.is_empty()) {
+            (
+                Some(proxy),
+                Some(compute),
+                Some(local),
+                Some(limits),
+                Some(admin),
+                Some(tls),
+                true,
+            ) => Ok(Config {
+                proxy,
+                compute,
+                local,
+                limits,
+                admin,
+                tls,
+                endpoints,
+            }),
             _ => Err(ConfigErrors(errors)),
         }
     }

@@ -9,12 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pgwake_compute_manager::{BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics};
+use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigErrors};
 
@@ -30,6 +31,8 @@ pub enum StartError {
     Backend(#[from] BackendError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("TLS certificates: {0}")]
+    Tls(#[from] pgwake_proxy::tls::LoadErrors),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -39,6 +42,7 @@ pub struct Pgwake {
     pub local: Arc<LocalBackend>,
     pub registry: prometheus::Registry,
     pub health: Arc<Health>,
+    pub certs: Option<Arc<CertStore>>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
@@ -59,6 +63,15 @@ impl Pgwake {
             ManagerMetrics::new(&registry)?,
         );
         let health = Health::new();
+        let certs = if config.tls.enabled() {
+            let store = Arc::new(CertStore::load(config.tls.certificates.clone())?);
+            for d in store.uncovered_domains(&config.tls.domains) {
+                warn!(domain = %d, "no certificate covers *.{d}; clients verifying the host name will fail");
+            }
+            Some(store)
+        } else {
+            None
+        };
         let proxy = Proxy::new(
             config.proxy.clone(),
             Arc::clone(&table),
@@ -66,7 +79,12 @@ impl Pgwake {
             ProxyMetrics::new(&registry)?,
             config.limits.clone(),
             Arc::clone(&health),
+            config.tls.clone(),
+            certs.as_ref().map(|s| TlsAcceptor::new(Arc::clone(s))),
         );
+        if let Some(store) = &certs {
+            tokio::spawn(watch_certificates(Arc::downgrade(store)));
+        }
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -109,6 +127,7 @@ impl Pgwake {
             local,
             registry,
             health,
+            certs,
             addr,
             admin_addr,
             stop: Some(tx),
@@ -127,6 +146,12 @@ impl Pgwake {
     /// Re-reads the endpoints from `path`. A file with any error changes nothing, and every
     /// error is returned (and logged by the caller); live sessions are never touched.
     pub fn reload(&self, path: &Path) -> Result<TableDiff, ConfigErrors> {
+        if let Some(store) = &self.certs {
+            match store.reload() {
+                Ok(()) => info!("TLS certificates reloaded"),
+                Err(e) => error!("TLS certificate reload failed; keeping the current ones: {e}"),
+            }
+        }
         let config = Config::load(path)?;
         let diff = self
             .table
@@ -152,6 +177,24 @@ impl Pgwake {
             error!(error = %e, "proxy task failed");
         }
         self.manager.shutdown().await;
+    }
+}
+
+/// Reloads certificates when their files change (renewals by cert-manager or certbot land
+/// without a SIGHUP). Ends when the store is dropped.
+async fn watch_certificates(store: std::sync::Weak<CertStore>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        if store.changed_since_last_load() {
+            let s = Arc::clone(&store);
+            match tokio::task::spawn_blocking(move || s.reload()).await {
+                Ok(Ok(())) => info!("TLS certificate files changed; reloaded"),
+                Ok(Err(e)) => error!("TLS certificate files changed but reload failed; keeping the current ones: {e}"),
+                Err(e) => error!(error = %e, "certificate reload task failed"),
+            }
+        }
     }
 }
 

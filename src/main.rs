@@ -42,6 +42,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.check_config {
         return match Config::load(path) {
             Ok(c) => {
+                if c.tls.enabled() {
+                    if let Err(e) = pgwake_proxy::tls::CertStore::load(c.tls.certificates.clone()) {
+                        eprintln!("{}: [tls]: {e}", path.display());
+                        std::process::exit(1);
+                    }
+                }
                 println!("{}: ok ({} endpoints)", path.display(), c.endpoints.len());
                 Ok(())
             }

@@ -60,6 +60,19 @@ pub enum ProxyError {
     NotAllowed(EndpointId),
     #[error("endpoint {0}: connection limit reached")]
     EndpointFull(EndpointId),
+    #[error("TLS: {0}")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("SNI: {0}")]
+    Sni(#[from] crate::tls::SniError),
+    #[error("endpoint {sni} from SNI differs from endpoint {options} in options")]
+    EndpointConflict {
+        sni: EndpointId,
+        options: EndpointId,
+    },
+    #[error("plaintext connection refused: TLS is required")]
+    TlsRequired,
+    #[error("SSLRequest or GSSENCRequest inside TLS")]
+    NegotiationInTls,
     #[error("endpoint {endpoint}: compute protocol: {source}")]
     ComputeProtocol {
         endpoint: EndpointId,
@@ -85,7 +98,12 @@ impl ProxyError {
             | Self::ProxyHeader(_)
             | Self::RateLimited
             | Self::NotAllowed(_)
-            | Self::EndpointFull(_) => ErrorSource::Client,
+            | Self::EndpointFull(_)
+            | Self::Sni(_)
+            | Self::EndpointConflict { .. }
+            | Self::TlsRequired
+            | Self::NegotiationInTls => ErrorSource::Client,
+            Self::Tls(e) => e.source_side(),
             Self::Wake { source, .. } => source.source_side(),
             Self::ComputeConnect { .. } | Self::ComputeProtocol { .. } => ErrorSource::Compute,
         }
@@ -124,6 +142,11 @@ impl ProxyError {
             Self::NotAllowed(_) => "not_allowed",
             Self::EndpointFull(_) => "endpoint_full",
             Self::ComputeProtocol { .. } => "compute_protocol",
+            Self::Tls(e) => e.kind(),
+            Self::Sni(_) => "bad_sni",
+            Self::EndpointConflict { .. } => "endpoint_conflict",
+            Self::TlsRequired => "tls_required",
+            Self::NegotiationInTls => "protocol",
         }
     }
 
@@ -138,7 +161,22 @@ impl ProxyError {
         match self {
             // A bad PROXY header comes from a misconfigured load balancer, which would not
             // understand a Postgres message either.
-            Self::ClientIo(_) | Self::ClientGone | Self::StartupTimeout | Self::ProxyHeader(_) => None,
+            // A failed TLS handshake leaves no channel a Postgres message could go through.
+            Self::ClientIo(_)
+            | Self::ClientGone
+            | Self::StartupTimeout
+            | Self::ProxyHeader(_)
+            | Self::Tls(_) => None,
+            Self::Sni(e) => r("08004", format!("{e}"), None),
+            Self::EndpointConflict { sni, options } => r(
+                "08004",
+                format!(
+                    "the host name selects endpoint \"{sni}\" but options select endpoint \"{options}\""
+                ),
+                Some("Remove endpoint= from options, or connect to the endpoint's own host name."),
+            ),
+            Self::TlsRequired => r("28000", "this server requires TLS (sslmode=require)".into(), None),
+            Self::NegotiationInTls => r("08P01", "encryption negotiation inside TLS".into(), None),
             Self::Wire(WireError::UnsupportedProtocol { major, minor }) => r(
                 "0A000",
                 format!("unsupported frontend protocol {major}.{minor}: only protocol 3 is supported"),
@@ -151,8 +189,9 @@ impl ProxyError {
                 "08004",
                 "endpoint ID is not specified".into(),
                 Some(
-                    "Pass it in the options connection parameter, e.g. \
-                     options='endpoint=<id>' in the connection string or PGOPTIONS='endpoint=<id>'.",
+                    "Connect to the endpoint's host name (<id>.<domain>) with TLS so the proxy \
+                     sees it via SNI, or pass options='endpoint=<id>' in the connection string \
+                     (PGOPTIONS='endpoint=<id>').",
                 ),
             ),
             Self::InvalidEndpoint(e) => r("08004", format!("invalid endpoint ID: {e}"), None),

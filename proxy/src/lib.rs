@@ -2,6 +2,7 @@
 //! finds the endpoint, asks the compute manager for a running compute and relays bytes.
 
 pub mod admin;
+mod auth;
 pub mod cancel;
 mod config;
 mod conn;
@@ -11,8 +12,9 @@ mod metrics;
 pub mod options;
 pub mod passthrough;
 pub mod proxy_protocol;
-pub mod tls;
 mod server;
+mod stream;
+pub mod tls;
 pub mod wire;
 
 pub use admin::Health;

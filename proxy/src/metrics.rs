@@ -10,6 +10,7 @@ pub struct ProxyMetrics {
     pub errors: IntCounterVec,
     pub bytes: IntCounterVec,
     pub cancels: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -42,7 +43,12 @@ impl ProxyMetrics {
                 Opts::new("pgwake_cancel_requests_total", "Cancel requests by outcome"),
                 &["outcome"],
             )?,
+            tls_handshakes: IntCounterVec::new(
+                Opts::new("pgwake_tls_handshakes_total", "TLS handshakes by outcome"),
+                &["outcome"],
+            )?,
         };
+        registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.cancels.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;
         registry.register(Box::new(m.active.clone()))?;

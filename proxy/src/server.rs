@@ -16,6 +16,8 @@ use crate::admin::Health;
 use crate::cancel::CancelMap;
 use crate::error::ProxyError;
 use crate::limits::{Limits, LimitsConfig};
+use crate::stream::ClientStream;
+use crate::tls::{TlsAcceptor, TlsConfig};
 use crate::wire::encode_error_response;
 use crate::{conn, ProxyConfig, ProxyMetrics};
 
@@ -28,6 +30,8 @@ pub struct Proxy {
     pub(crate) limits: Limits,
     pub(crate) cancels: Arc<CancelMap>,
     pub(crate) health: Arc<Health>,
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) tls_cfg: TlsConfig,
     sessions: AtomicU64,
     limit: Arc<Semaphore>,
 }
@@ -40,6 +44,8 @@ impl Proxy {
         metrics: ProxyMetrics,
         limits: LimitsConfig,
         health: Arc<Health>,
+        tls_cfg: TlsConfig,
+        tls: Option<TlsAcceptor>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
         Arc::new(Self {
@@ -50,6 +56,8 @@ impl Proxy {
             limits: Limits::new(limits),
             cancels: CancelMap::new(),
             health,
+            tls,
+            tls_cfg,
             sessions: AtomicU64::new(0),
             limit,
         })
@@ -90,7 +98,7 @@ impl Proxy {
         }
     }
 
-    fn spawn_connection(self: &Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted.inc();
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let span =
@@ -99,6 +107,7 @@ impl Proxy {
         let permit = Arc::clone(&self.limit).try_acquire_owned();
         tokio::spawn(
             async move {
+                let mut stream = ClientStream::Plain(stream);
                 let Ok(_permit) = permit else {
                     this.finish(&mut stream, Err(ProxyError::TooManyConnections))
                         .await;
@@ -113,7 +122,7 @@ impl Proxy {
         );
     }
 
-    async fn finish(&self, stream: &mut TcpStream, res: Result<(), ProxyError>) {
+    async fn finish(&self, stream: &mut ClientStream, res: Result<(), ProxyError>) {
         let err = match res {
             Ok(()) => {
                 self.metrics.closed.with_label_values(&["ok"]).inc();
