@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use pgwake_compute_manager::{BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics};
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
-use pgwake_proxy::{Health, Proxy, ProxyMetrics};
+use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -72,16 +72,16 @@ impl Pgwake {
         } else {
             None
         };
-        let proxy = Proxy::new(
-            config.proxy.clone(),
-            Arc::clone(&table),
-            Arc::clone(&manager),
-            ProxyMetrics::new(&registry)?,
-            config.limits.clone(),
-            Arc::clone(&health),
-            config.tls.clone(),
-            certs.as_ref().map(|s| TlsAcceptor::new(Arc::clone(s))),
-        );
+        let proxy = Proxy::new(ProxyParts {
+            cfg: config.proxy.clone(),
+            table: Arc::clone(&table),
+            manager: Arc::clone(&manager),
+            metrics: ProxyMetrics::new(&registry)?,
+            limits: config.limits.clone(),
+            health: Arc::clone(&health),
+            tls_cfg: config.tls.clone(),
+            tls: certs.as_ref().map(|s| TlsAcceptor::new(Arc::clone(s))),
+        });
         if let Some(store) = &certs {
             tokio::spawn(watch_certificates(Arc::downgrade(store)));
         }

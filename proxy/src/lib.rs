@@ -23,4 +23,4 @@ pub use error::{ClientResponse, ProxyError};
 pub use limits::LimitsConfig;
 pub use metrics::ProxyMetrics;
 pub use proxy_protocol::ProxyProtocolMode;
-pub use server::Proxy;
+pub use server::{Proxy, ProxyParts};

@@ -36,28 +36,32 @@ pub struct Proxy {
     limit: Arc<Semaphore>,
 }
 
+/// What a [`Proxy`] is built from; the binary assembles it from the config file.
+pub struct ProxyParts {
+    pub cfg: ProxyConfig,
+    pub table: Arc<RoutingTable>,
+    pub manager: Arc<Manager>,
+    pub metrics: ProxyMetrics,
+    pub limits: LimitsConfig,
+    pub health: Arc<Health>,
+    pub tls_cfg: TlsConfig,
+    /// `None` when no certificates are configured: SSLRequest is answered 'N'.
+    pub tls: Option<TlsAcceptor>,
+}
+
 impl Proxy {
-    pub fn new(
-        cfg: ProxyConfig,
-        table: Arc<RoutingTable>,
-        manager: Arc<Manager>,
-        metrics: ProxyMetrics,
-        limits: LimitsConfig,
-        health: Arc<Health>,
-        tls_cfg: TlsConfig,
-        tls: Option<TlsAcceptor>,
-    ) -> Arc<Self> {
-        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    pub fn new(p: ProxyParts) -> Arc<Self> {
+        let limit = Arc::new(Semaphore::new(p.cfg.max_connections));
         Arc::new(Self {
-            cfg,
-            table,
-            manager,
-            metrics,
-            limits: Limits::new(limits),
+            cfg: p.cfg,
+            table: p.table,
+            manager: p.manager,
+            metrics: p.metrics,
+            limits: Limits::new(p.limits),
             cancels: CancelMap::new(),
-            health,
-            tls,
-            tls_cfg,
+            health: p.health,
+            tls: p.tls,
+            tls_cfg: p.tls_cfg,
             sessions: AtomicU64::new(0),
             limit,
         })
