@@ -20,10 +20,10 @@ if ! have_server || ! command -v psql >/dev/null 2>&1 || ! command -v pgbench >/
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql postgresql-client postgresql-contrib haproxy >/dev/null
 fi
 
-if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+if command -v python3 >/dev/null 2>&1 && ! PSYCOPG_IMPL=binary python3 -c 'import psycopg' >/dev/null 2>&1; then
   echo "setup-deps: installing psycopg" >&2
-  python3 -m pip install --quiet --disable-pip-version-check psycopg \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages psycopg
+  python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "psycopg[binary]"
 fi
 
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then

@@ -79,7 +79,11 @@ impl Env {
     }
 
     pub async fn start_with(extra: &str, endpoints: &str) -> Env {
-        let dir = tempdir();
+        Self::start_in(tempdir(), extra, endpoints).await
+    }
+
+    /// For tests that put files (certificates) in the directory before starting.
+    pub async fn start_in(dir: TempDir, extra: &str, endpoints: &str) -> Env {
         let text = config_text(dir.path(), extra, endpoints);
         let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
         let pgwake = Pgwake::start(config).await.unwrap();
