@@ -25,6 +25,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    #[serde(default)]
+    pub manager: ManagerServiceConfig,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -50,6 +52,19 @@ pub struct ComputeConfig {
     pub max_waiting_per_endpoint: usize,
     #[serde(default)]
     pub max_starts_per_minute: u32,
+    /// A shared compute manager service (`http://host:port`). Unset: the in-process manager
+    /// (the embedded default). When set, this pgwake never starts computes itself.
+    #[serde(default)]
+    pub manager_url: Option<String>,
+}
+
+/// The `[manager]` table: serve the compute manager's HTTP API to other pgwake proxies.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerServiceConfig {
+    /// Unset: no API listener.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 fn d_wake_timeout() -> Duration {
@@ -69,6 +84,7 @@ impl Default for ComputeConfig {
             idle_timeout: d_idle_timeout(),
             max_waiting_per_endpoint: d_max_waiting(),
             max_starts_per_minute: 0,
+            manager_url: None,
         }
     }
 }
@@ -127,7 +143,7 @@ impl Config {
         };
         for key in raw.keys() {
             if ![
-                "proxy", "compute", "local", "limits", "admin", "tls", "endpoint",
+                "proxy", "compute", "local", "limits", "admin", "tls", "manager", "endpoint",
             ]
             .contains(&key.as_str())
             {
@@ -172,6 +188,20 @@ impl Config {
                 .map_err(|e| errors.push(format!("[tls]: {}", e.message())))
                 .ok()
         });
+        let manager = take("manager", &mut errors).and_then(|v| {
+            v.try_into::<ManagerServiceConfig>()
+                .map_err(|e| errors.push(format!("[manager]: {}", e.message())))
+                .ok()
+        });
+        if let Some(c) = &compute {
+            if let Some(u) = &c.manager_url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    errors.push(format!(
+                        "[compute]: manager_url {u:?} must be an http:// URL"
+                    ));
+                }
+            }
+        }
         if let Some(t) = &tls {
             errors.extend(t.validate().into_iter().map(|e| format!("[tls]: {e}")));
         }
@@ -231,7 +261,7 @@ impl Config {
                 errors.push("[limits]: rates must not be negative".into());
             }
         }
-        match (proxy, compute, local, limits, admin, tls, errors.is_empty()) {
+        match (proxy, compute, local, limits, admin, tls, manager) {
             (
                 Some(proxy),
                 Some(compute),
@@ -239,14 +269,15 @@ impl Config {
                 Some(limits),
                 Some(admin),
                 Some(tls),
-                true,
-            ) => Ok(Config {
+                Some(manager),
+            ) if errors.is_empty() => Ok(Config {
                 proxy,
                 compute,
                 local,
                 limits,
                 admin,
                 tls,
+                manager,
                 endpoints,
             }),
             _ => Err(ConfigErrors(errors)),

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use pgwake_compute_manager::{BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics};
+use pgwake_compute_manager::{
+    BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
+};
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
@@ -33,6 +35,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("TLS certificates: {0}")]
     Tls(#[from] pgwake_proxy::tls::LoadErrors),
+    #[error("compute manager client: {0}")]
+    Manager(String),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -45,6 +49,7 @@ pub struct Pgwake {
     pub certs: Option<Arc<CertStore>>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    manager_api_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     serve: JoinHandle<()>,
 }
@@ -72,10 +77,20 @@ impl Pgwake {
         } else {
             None
         };
+        let waker: Arc<dyn Waker> = match &config.compute.manager_url {
+            Some(url) => {
+                info!(%url, "using the shared compute manager");
+                Arc::new(
+                    RemoteManager::new(url, config.compute.wake_timeout)
+                        .map_err(|e| StartError::Manager(e.to_string()))?,
+                )
+            }
+            None => Arc::new(Arc::clone(&manager)),
+        };
         let proxy = Proxy::new(ProxyParts {
             cfg: config.proxy.clone(),
             table: Arc::clone(&table),
-            manager: Arc::clone(&manager),
+            manager: waker,
             metrics: ProxyMetrics::new(&registry)?,
             limits: config.limits.clone(),
             health: Arc::clone(&health),
@@ -97,6 +112,25 @@ impl Pgwake {
         })?;
         info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
         let (tx, rx) = oneshot::channel();
+        let manager_api_addr = match config.manager.listen {
+            Some(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: a, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr: a, source })?;
+                info!(addr = %bound, "compute manager API listening");
+                tokio::spawn(pgwake_compute_manager::service::serve_api(
+                    l,
+                    Arc::clone(&manager),
+                    Arc::clone(&table),
+                    std::future::pending(),
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
         let admin_addr = match config.admin.listen {
             Some(a) => {
                 let l = TcpListener::bind(a)
@@ -130,6 +164,7 @@ impl Pgwake {
             certs,
             addr,
             admin_addr,
+            manager_api_addr,
             stop: Some(tx),
             serve,
         })
@@ -141,6 +176,10 @@ impl Pgwake {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    pub fn manager_api_addr(&self) -> Option<SocketAddr> {
+        self.manager_api_addr
     }
 
     /// Re-reads the endpoints from `path`. A file with any error changes nothing, and every

@@ -341,10 +341,9 @@ async fn wake_rate_limit_refuses_with_53300() {
         DEMO,
     )
     .await;
-    let id = pgwake_router::EndpointId::parse("demo").unwrap();
     drop(env.client("demo").await);
     env.wait_detached("demo", LONG).await;
-    assert!(env.pgwake().manager.suspend(&id).await);
+    env.suspend("demo").await;
     env.wait_phase("demo", Phase::Suspended, LONG).await;
     let err = tokio_postgres::connect(&env.conn_str("demo"), tokio_postgres::NoTls)
         .await

@@ -52,4 +52,11 @@ pub trait RunningCompute: Send + Sync + 'static {
     /// Resolves when the compute has gone away, whoever stopped it: lets the manager notice a
     /// crash without waiting for the next client to fail.
     async fn exited(&self);
+
+    /// Client sessions connected to the compute, as the compute itself counts them, or `None`
+    /// when it cannot be asked. Checked before every idle suspend, so that clients the manager
+    /// holds no guard for (other proxy replicas, direct connections) keep the compute up.
+    async fn client_connections(&self) -> Option<usize> {
+        None
+    }
 }

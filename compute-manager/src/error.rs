@@ -74,6 +74,11 @@ pub enum WakeError {
     RateLimited,
     #[error("compute manager is shutting down")]
     ShuttingDown,
+    #[error("compute manager unreachable: {0}")]
+    ManagerUnavailable(String),
+    /// A failure reported by a remote manager; `message` is already client-safe.
+    #[error("compute manager: {message}")]
+    Remote { retryable: bool, message: String },
 }
 
 impl WakeError {
@@ -82,14 +87,20 @@ impl WakeError {
             Self::Backend(e) if e.kind() == "misconfigured" => ErrorSource::Internal,
             Self::Backend(_) | Self::Timeout(_) => ErrorSource::Compute,
             Self::QueueFull | Self::RateLimited => ErrorSource::Client,
-            Self::ShuttingDown => ErrorSource::Internal,
+            Self::ShuttingDown | Self::ManagerUnavailable(_) => ErrorSource::Internal,
+            Self::Remote { .. } => ErrorSource::Compute,
         }
     }
 
     pub fn retryable(&self) -> bool {
         match self {
             Self::Backend(e) => e.retryable(),
-            Self::Timeout(_) | Self::QueueFull | Self::RateLimited | Self::ShuttingDown => true,
+            Self::Timeout(_)
+            | Self::QueueFull
+            | Self::RateLimited
+            | Self::ShuttingDown
+            | Self::ManagerUnavailable(_) => true,
+            Self::Remote { retryable, .. } => *retryable,
         }
     }
 
@@ -100,6 +111,8 @@ impl WakeError {
             Self::QueueFull => "queue_full",
             Self::RateLimited => "rate_limited",
             Self::ShuttingDown => "shutting_down",
+            Self::ManagerUnavailable(_) => "manager_unavailable",
+            Self::Remote { .. } => "remote",
         }
     }
 
@@ -116,6 +129,10 @@ impl WakeError {
                 "the endpoint was started too often recently; retry in a minute".into()
             }
             Self::ShuttingDown => "the proxy is shutting down".into(),
+            Self::ManagerUnavailable(_) => {
+                "the compute manager is not reachable; retry shortly".into()
+            }
+            Self::Remote { message, .. } => message.clone(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod local;
 mod manager;
 mod metrics;
 mod probe;
+pub mod service;
 
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
 pub use error::{BackendError, ErrorSource, WakeError};
@@ -17,3 +18,4 @@ pub use manager::{
 };
 pub use metrics::ManagerMetrics;
 pub use probe::{probe_ready, ProbeResult};
+pub use service::{RemoteManager, Waker};

@@ -348,6 +348,7 @@ impl ComputeBackend for LocalBackend {
                         child,
                         addr,
                         self.cfg.stop_timeout,
+                        self.cfg.superuser.clone(),
                     )?));
                 }
                 Err(ReadyError::PortTaken) => {
@@ -368,6 +369,7 @@ impl ComputeBackend for LocalBackend {
 
 struct LocalCompute {
     addr: ComputeAddr,
+    superuser: String,
     pid: Pid,
     exited: watch::Receiver<Option<ExitStatus>>,
     stop_timeout: Duration,
@@ -378,6 +380,7 @@ impl LocalCompute {
         mut child: Child,
         addr: SocketAddr,
         stop_timeout: Duration,
+        superuser: String,
     ) -> Result<Self, BackendError> {
         let pid = child.id().ok_or_else(|| BackendError::StartFailed {
             status: "exited".into(),
@@ -400,6 +403,7 @@ impl LocalCompute {
         });
         Ok(Self {
             addr: ComputeAddr::new(addr.to_string()),
+            superuser,
             pid: Pid::from_raw(pid as i32),
             exited: rx,
             stop_timeout,
@@ -450,6 +454,39 @@ impl RunningCompute for LocalCompute {
     async fn exited(&self) {
         let mut rx = self.exited.clone();
         let _ = rx.wait_for(|s| s.is_some()).await;
+    }
+
+    async fn client_connections(&self) -> Option<usize> {
+        // As the bootstrap superuser over loopback (trust by default). With password auth this
+        // returns None and the proxy's guards alone decide, as in the embedded setup.
+        let conn = format!(
+            "host={} port={} user={} dbname=postgres application_name=pgwake-monitor connect_timeout=5",
+            self.addr.as_str().rsplit_once(':').map(|(h, _)| h).unwrap_or("127.0.0.1"),
+            self.addr.as_str().rsplit_once(':').map(|(_, p)| p).unwrap_or("5432"),
+            self.superuser
+        );
+        let work = async {
+            let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            let task = tokio::spawn(connection);
+            let n: i64 = client
+                .query_one(
+                    "select count(*) from pg_stat_activity \
+                     where backend_type = 'client backend' and pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            drop(client);
+            let _ = task.await;
+            usize::try_from(n).ok()
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .ok()
+            .flatten()
     }
 }
 

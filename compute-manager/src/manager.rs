@@ -6,7 +6,7 @@ use dashmap::DashMap;
 use pgwake_router::{BackendSpec, EndpointId, Route};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::{BackendError, ComputeAddr, ComputeBackend, ManagerMetrics, RunningCompute, WakeError};
 
@@ -84,6 +84,8 @@ pub struct EndpointStats {
     pub start_failures: u64,
     pub suspends: u64,
     pub crashes: u64,
+    /// Suspends called off because the compute itself still had client sessions.
+    pub busy_deferrals: u64,
     pub addr: Option<ComputeAddr>,
 }
 
@@ -158,6 +160,7 @@ struct Slot {
     start_failures: AtomicU64,
     suspends: AtomicU64,
     crashes: AtomicU64,
+    busy_deferrals: AtomicU64,
 }
 
 impl Slot {
@@ -184,6 +187,14 @@ pub struct Lease {
 /// Held by every proxied connection. The last one dropped starts the idle timer.
 pub struct ActivityGuard {
     slot: Option<Arc<Slot>>,
+}
+
+impl ActivityGuard {
+    /// A guard that tracks nothing: for computes whose activity is known another way (a
+    /// remote manager watches the compute's own client count).
+    pub fn detached() -> Self {
+        Self { slot: None }
+    }
 }
 
 impl Drop for ActivityGuard {
@@ -265,6 +276,7 @@ impl Manager {
                 start_failures: AtomicU64::new(0),
                 suspends: AtomicU64::new(0),
                 crashes: AtomicU64::new(0),
+                busy_deferrals: AtomicU64::new(0),
             })
         });
         Arc::clone(&slot)
@@ -497,6 +509,26 @@ impl Manager {
 
     /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
     async fn try_suspend(&self, slot: &Slot, attempt: Option<u64>, reason: SuspendReason) -> bool {
+        // Proxies of other replicas (or anything connected straight to the compute) hold no
+        // guard here, so an idle or requested suspend also asks the compute itself. Done
+        // before taking the decision under the lock, and the idle condition is checked again
+        // after it: a wake in between restarts the timer and cancels the suspend.
+        if reason != SuspendReason::Shutdown {
+            let running = match &slot.lock().state {
+                State::Running { compute, .. } => Some(Arc::clone(compute)),
+                _ => None,
+            };
+            let Some(running) = running else { return false };
+            if let Some(n) = running.client_connections().await {
+                if n > 0 {
+                    debug!(endpoint = %slot.id, clients = n, "compute has clients; not suspending");
+                    slot.busy_deferrals.fetch_add(1, Ordering::Relaxed);
+                    slot.lock().idle_since = Instant::now();
+                    slot.notify();
+                    return false;
+                }
+            }
+        }
         let compute = {
             let mut st = slot.lock();
             let compute = match &st.state {
@@ -548,6 +580,13 @@ impl Manager {
             .await
     }
 
+    /// Endpoints the manager has seen (woken at least once).
+    pub fn endpoints(&self) -> Vec<EndpointId> {
+        let mut ids: Vec<EndpointId> = self.slots.iter().map(|s| s.key().clone()).collect();
+        ids.sort();
+        ids
+    }
+
     pub fn stats(&self, id: &EndpointId) -> Option<EndpointStats> {
         let slot = self.slots.get(id)?;
         let st = slot.lock();
@@ -559,6 +598,7 @@ impl Manager {
             start_failures: slot.start_failures.load(Ordering::Relaxed),
             suspends: slot.suspends.load(Ordering::Relaxed),
             crashes: slot.crashes.load(Ordering::Relaxed),
+            busy_deferrals: slot.busy_deferrals.load(Ordering::Relaxed),
             addr: match &st.state {
                 State::Running { compute, .. } => Some(compute.addr().clone()),
                 _ => None,

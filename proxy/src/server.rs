@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pgwake_compute_manager::{ErrorSource, Manager};
+use pgwake_compute_manager::{ErrorSource, Waker};
 use pgwake_router::RoutingTable;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +25,7 @@ use crate::{conn, ProxyConfig, ProxyMetrics};
 pub struct Proxy {
     pub(crate) cfg: ProxyConfig,
     pub(crate) table: Arc<RoutingTable>,
-    pub(crate) manager: Arc<Manager>,
+    pub(crate) manager: Arc<dyn Waker>,
     pub(crate) metrics: ProxyMetrics,
     pub(crate) limits: Limits,
     pub(crate) cancels: Arc<CancelMap>,
@@ -40,7 +40,8 @@ pub struct Proxy {
 pub struct ProxyParts {
     pub cfg: ProxyConfig,
     pub table: Arc<RoutingTable>,
-    pub manager: Arc<Manager>,
+    /// The in-process manager, or a client of a remote one (`[compute] manager_url`).
+    pub manager: Arc<dyn Waker>,
     pub metrics: ProxyMetrics,
     pub limits: LimitsConfig,
     pub health: Arc<Health>,

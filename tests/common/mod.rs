@@ -148,6 +148,22 @@ impl Env {
             .unwrap_or_else(|_| panic!("{id} still attached: {:?}", self.stats(id)));
     }
 
+    /// Suspends `id` as an operator would, once the compute has no client sessions left
+    /// (a session closed by a client ends on the compute a moment later).
+    pub async fn suspend(&self, id: &str) {
+        let m = &self.pgwake().manager;
+        let id = EndpointId::parse(id).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !m.suspend(&id).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} not suspendable: {:?}",
+                m.stats(&id)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(p) = self.pgwake.take() {
             p.shutdown().await;

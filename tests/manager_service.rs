@@ -1,0 +1,130 @@
+//! The compute manager as a shared service: proxies configured with `manager_url` wake through
+//! its HTTP API, several proxy replicas share one compute, and idle suspension follows the
+//! compute's own client sessions rather than any one proxy's view.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use pgwake_compute_manager::Phase;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+const ENDPOINTS: &str = "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nidle_timeout = \"1s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_share_one_manager_and_idle_follows_the_computes_clients() {
+    let manager = Env::start("[manager]\nlisten = \"127.0.0.1:0\"", ENDPOINTS).await;
+    let api = manager.pgwake().manager_api_addr().unwrap();
+    let remote = format!("[compute]\nmanager_url = \"http://{api}\"");
+    let proxy_a = Env::start(&remote, ENDPOINTS).await;
+    let proxy_b = Env::start(&remote, ENDPOINTS).await;
+
+    // A client through replica A: cold start happens in the manager, not in the proxy.
+    let a = proxy_a.client("demo").await;
+    assert_eq!(
+        a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+    assert_eq!(manager.stats("demo").unwrap().starts, 1);
+    assert!(
+        proxy_a.stats("demo").is_none(),
+        "the proxy never starts computes itself"
+    );
+    // Replica B reaches the same compute.
+    let b_out = proxy_b.psql("demo", "select current_setting('port')");
+    let a_port: String = a
+        .query_one("select current_setting('port')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stdout(&b_out), a_port);
+    assert_eq!(manager.stats("demo").unwrap().starts, 1);
+
+    // The manager holds no guard for A's session, and idle_timeout is 1 s: its idle checks
+    // find a client on the compute and keep deferring. Wait for two of them.
+    wait_until(LONG, || manager.stats("demo").unwrap().busy_deferrals >= 2)
+        .await
+        .expect("idle checks ran");
+    assert_eq!(manager.stats("demo").unwrap().phase, Phase::Running);
+    assert_eq!(
+        a.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0),
+        2,
+        "session intact"
+    );
+
+    // The API: status, a refused suspend while the client is attached, unknown endpoints.
+    let (code, body) = http(api, "GET", "/v1/endpoints/demo").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"phase\":\"running\""), "{body}");
+    let (code, body) = http(api, "POST", "/v1/endpoints/demo/suspend").await;
+    assert_eq!((code, body.as_str()), (200, "{\"suspended\":false}"));
+    assert_eq!(http(api, "POST", "/v1/endpoints/nope/wake").await.0, 404);
+    let (code, body) = http(api, "GET", "/v1/endpoints").await;
+    assert_eq!(code, 200);
+    assert!(
+        body.starts_with('[') && body.contains("\"endpoint\":\"demo\""),
+        "{body}"
+    );
+
+    // The last client leaves: the compute is suspended by the manager's idle timer.
+    drop(a);
+    manager.wait_phase("demo", Phase::Suspended, LONG).await;
+    // And the next client through B wakes it again through the API.
+    assert_eq!(stdout(&proxy_b.psql("demo", "select 'again'")), "again");
+    assert_eq!(manager.stats("demo").unwrap().starts, 2);
+
+    proxy_a.stop().await;
+    proxy_b.stop().await;
+    manager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_manager_is_a_retryable_error_for_the_client() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Env::start(
+        &format!("[compute]\nmanager_url = \"http://{closed}\""),
+        ENDPOINTS,
+    )
+    .await;
+    let err = tokio_postgres::connect(&proxy.conn_str("demo"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .unwrap();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "57P03");
+    assert!(db.message().contains("not reachable"), "{}", db.message());
+    assert!(
+        !db.message().contains(&closed.to_string()),
+        "address leaked: {}",
+        db.message()
+    );
+    proxy.stop().await;
+}
