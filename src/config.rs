@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use pgwake_compute_manager::kubernetes::KubernetesConfig;
 use pgwake_compute_manager::{LocalConfig, ManagerConfig};
 use pgwake_proxy::tls::TlsConfig;
 use pgwake_proxy::{LimitsConfig, ProxyConfig};
@@ -27,6 +28,10 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub manager: ManagerServiceConfig,
+    /// Present: the Kubernetes backend is enabled (and, unless `watch_endpoints = false`,
+    /// `PgwakeEndpoint` resources feed the routing table).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -115,6 +120,17 @@ const ENDPOINT_KEYS: &[&str] = &[
     "address",
     "allow",
     "max_connections",
+    // backend = "kubernetes"
+    "image",
+    "port",
+    "command",
+    "args",
+    "env",
+    "env_secret",
+    "requests",
+    "limits",
+    "storage",
+    "storage_class",
 ];
 
 impl Config {
@@ -143,7 +159,15 @@ impl Config {
         };
         for key in raw.keys() {
             if ![
-                "proxy", "compute", "local", "limits", "admin", "tls", "manager", "endpoint",
+                "proxy",
+                "compute",
+                "local",
+                "limits",
+                "admin",
+                "tls",
+                "manager",
+                "kubernetes",
+                "endpoint",
             ]
             .contains(&key.as_str())
             {
@@ -202,6 +226,23 @@ impl Config {
                 }
             }
         }
+        let kubernetes = match raw.get("kubernetes") {
+            None => Some(None),
+            Some(v) => match v.clone().try_into::<KubernetesConfig>() {
+                Ok(k) => {
+                    errors.extend(
+                        k.validate()
+                            .into_iter()
+                            .map(|e| format!("[kubernetes]: {e}")),
+                    );
+                    Some(Some(k))
+                }
+                Err(e) => {
+                    errors.push(format!("[kubernetes]: {}", e.message()));
+                    None
+                }
+            },
+        };
         if let Some(t) = &tls {
             errors.extend(t.validate().into_iter().map(|e| format!("[tls]: {e}")));
         }
@@ -261,7 +302,9 @@ impl Config {
                 errors.push("[limits]: rates must not be negative".into());
             }
         }
-        match (proxy, compute, local, limits, admin, tls, manager) {
+        match (
+            proxy, compute, local, limits, admin, tls, manager, kubernetes,
+        ) {
             (
                 Some(proxy),
                 Some(compute),
@@ -270,6 +313,7 @@ impl Config {
                 Some(admin),
                 Some(tls),
                 Some(manager),
+                Some(kubernetes),
             ) if errors.is_empty() => Ok(Config {
                 proxy,
                 compute,
@@ -278,6 +322,7 @@ impl Config {
                 admin,
                 tls,
                 manager,
+                kubernetes,
                 endpoints,
             }),
             _ => Err(ConfigErrors(errors)),

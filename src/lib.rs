@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use pgwake_compute_manager::kubernetes::KubernetesBackend;
 use pgwake_compute_manager::{
-    BackendError, LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
+    BackendError, Backends, ComputeBackend, LocalBackend, Manager, ManagerConfig, ManagerMetrics,
+    RemoteManager, Waker,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
@@ -62,9 +64,32 @@ impl Pgwake {
             .replace_all(config.endpoints.clone())
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
+        let kubernetes = match &config.kubernetes {
+            Some(k) => {
+                let backend = KubernetesBackend::from_env(k.clone()).await?;
+                info!(
+                    namespace = backend.namespace(),
+                    "Kubernetes backend enabled"
+                );
+                if k.watch_endpoints {
+                    let (_store, source) = pgwake_router::crd::crd_source(
+                        backend.client(),
+                        backend.namespace(),
+                        k.endpoint_selector.as_deref(),
+                        Arc::clone(&table),
+                    );
+                    tokio::spawn(source);
+                }
+                Some(Arc::new(backend) as Arc<dyn ComputeBackend>)
+            }
+            None => None,
+        };
         let manager = Manager::new(
             ManagerConfig::from(&config.compute),
-            Arc::clone(&local) as _,
+            Backends {
+                local: Some(Arc::clone(&local) as _),
+                kubernetes,
+            },
             ManagerMetrics::new(&registry)?,
         );
         let health = Health::new();

@@ -4,6 +4,7 @@
 
 mod backend;
 mod error;
+pub mod kubernetes;
 pub mod local;
 mod manager;
 mod metrics;
@@ -12,9 +13,10 @@ pub mod service;
 
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
 pub use error::{BackendError, ErrorSource, WakeError};
+pub use kubernetes::{KubernetesBackend, KubernetesConfig};
 pub use local::{LocalBackend, LocalConfig};
 pub use manager::{
-    ActivityGuard, EndpointStats, Lease, Manager, ManagerConfig, Phase, SuspendReason,
+    ActivityGuard, Backends, EndpointStats, Lease, Manager, ManagerConfig, Phase, SuspendReason,
 };
 pub use metrics::ManagerMetrics;
 pub use probe::{probe_ready, ProbeResult};

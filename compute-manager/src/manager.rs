@@ -228,23 +228,53 @@ impl Drop for WaitingGuard<'_> {
     }
 }
 
+/// The backends a manager can start computes with, by the kind a route names.
+#[derive(Clone, Default)]
+pub struct Backends {
+    pub local: Option<Arc<dyn ComputeBackend>>,
+    pub kubernetes: Option<Arc<dyn ComputeBackend>>,
+}
+
+impl Backends {
+    /// One backend for every kind (tests, and single-backend setups).
+    pub fn all(backend: Arc<dyn ComputeBackend>) -> Self {
+        Self {
+            local: Some(Arc::clone(&backend)),
+            kubernetes: Some(backend),
+        }
+    }
+
+    fn for_spec(&self, spec: &BackendSpec) -> Result<&Arc<dyn ComputeBackend>, BackendError> {
+        let (backend, section) = match spec {
+            BackendSpec::Local { .. } => (&self.local, "[local]"),
+            BackendSpec::Kubernetes { .. } => (&self.kubernetes, "[kubernetes]"),
+            BackendSpec::Static { .. } => {
+                return Err(BackendError::Config(
+                    "static endpoints are never started".into(),
+                ))
+            }
+        };
+        backend.as_ref().ok_or_else(|| {
+            BackendError::Config(format!(
+                "endpoint needs the {section} backend, which is not configured"
+            ))
+        })
+    }
+}
+
 pub struct Manager {
     cfg: ManagerConfig,
-    local: Arc<dyn ComputeBackend>,
+    backends: Backends,
     slots: DashMap<EndpointId, Arc<Slot>>,
     metrics: ManagerMetrics,
     closing: AtomicBool,
 }
 
 impl Manager {
-    pub fn new(
-        cfg: ManagerConfig,
-        local: Arc<dyn ComputeBackend>,
-        metrics: ManagerMetrics,
-    ) -> Arc<Self> {
+    pub fn new(cfg: ManagerConfig, backends: Backends, metrics: ManagerMetrics) -> Arc<Self> {
         Arc::new(Self {
             cfg,
-            local,
+            backends,
             slots: DashMap::new(),
             metrics,
             closing: AtomicBool::new(false),
@@ -403,9 +433,12 @@ impl Manager {
                 slot.starts.fetch_add(1, Ordering::Relaxed);
                 // A start that outlives every client's wait is pointless and would hold the
                 // endpoint in Starting forever if the backend hangs.
-                let res = match tokio::time::timeout(this.cfg.wake_timeout, this.local.start(&route)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(BackendError::StartTimeout(this.cfg.wake_timeout)),
+                let res = match this.backends.for_spec(&route.backend) {
+                    Ok(backend) => match tokio::time::timeout(this.cfg.wake_timeout, backend.start(&route)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(BackendError::StartTimeout(this.cfg.wake_timeout)),
+                    },
+                    Err(e) => Err(e),
                 };
                 let idle_timeout = route.idle_timeout.unwrap_or(this.cfg.idle_timeout);
                 match res {

@@ -107,7 +107,7 @@ fn route(id: &str, idle: Option<Duration>) -> Arc<Route> {
 
 fn manager(backend: Arc<FakeBackend>, cfg: ManagerConfig) -> Arc<Manager> {
     let metrics = ManagerMetrics::new(&prometheus::Registry::new()).unwrap();
-    Manager::new(cfg, backend, metrics)
+    Manager::new(cfg, Backends::all(backend), metrics)
 }
 
 fn cfg() -> ManagerConfig {

@@ -1,6 +1,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -39,6 +39,38 @@ pub enum BackendSpec {
     },
     /// An always-on Postgres at a fixed `host:port`; never woken or suspended.
     Static { address: String },
+    /// A compute run in Kubernetes as a StatefulSet scaled between 0 and 1 replicas (see the
+    /// compute manager's `kubernetes` module). Written in the config file, or converted from a
+    /// `PgwakeEndpoint` resource by [`crate::crd`].
+    Kubernetes {
+        /// Container image; it must run Postgres listening on `port`.
+        image: String,
+        /// Postgres's port inside the pod; unset uses the `[kubernetes]` default (5432).
+        #[serde(default)]
+        port: Option<u16>,
+        /// Overrides the image's entrypoint / arguments.
+        #[serde(default)]
+        command: Vec<String>,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// A Secret in the compute's namespace whose keys become environment variables (for
+        /// `POSTGRES_PASSWORD` and the like, which should not sit in the config).
+        #[serde(default)]
+        env_secret: Option<String>,
+        /// Resource requests and limits, as Kubernetes quantities: `{ cpu = "250m" }`.
+        #[serde(default)]
+        requests: BTreeMap<String, String>,
+        #[serde(default)]
+        limits: BTreeMap<String, String>,
+        /// Size of the PersistentVolumeClaim that keeps the data directory across suspends
+        /// (`"1Gi"`); none for stateless computes whose data lives elsewhere (Neon).
+        #[serde(default)]
+        storage: Option<String>,
+        #[serde(default)]
+        storage_class: Option<String>,
+    },
 }
 
 /// What the table answers for an id. Shared as `Arc<Route>` so a reload that replaces an entry
@@ -101,6 +133,9 @@ pub struct TableDiff {
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     routes: DashMap<EndpointId, Arc<Route>>,
+    /// Ids the config file defines. A reload replaces exactly these, so endpoints another
+    /// source added (the Kubernetes CRD reflector) survive it, and the file wins a conflict.
+    file_owned: Mutex<HashSet<EndpointId>>,
 }
 
 impl RoutingTable {
@@ -128,6 +163,34 @@ impl RoutingTable {
         self.routes.remove(id).map(|(_, r)| r)
     }
 
+    fn file_ids(&self) -> MutexGuard<'_, HashSet<EndpointId>> {
+        self.file_owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_file_owned(&self, id: &EndpointId) -> bool {
+        self.file_ids().contains(id)
+    }
+
+    /// For sources other than the config file: inserts or replaces `route` unless the config
+    /// file defines the id. Returns whether it did.
+    pub fn upsert_unless_file_owned(&self, route: Route) -> bool {
+        let owned = self.file_ids();
+        if owned.contains(&route.endpoint) {
+            return false;
+        }
+        self.upsert(route);
+        true
+    }
+
+    /// For sources other than the config file: removes `id` unless the config file defines it.
+    pub fn remove_unless_file_owned(&self, id: &EndpointId) -> Option<Arc<Route>> {
+        let owned = self.file_ids();
+        if owned.contains(id) {
+            return None;
+        }
+        self.remove(id)
+    }
+
     /// Checks a full set of endpoint definitions, reporting every problem at once.
     pub fn validate(configs: &[EndpointConfig]) -> Vec<RouteError> {
         let mut errors = Vec::new();
@@ -151,7 +214,8 @@ impl RoutingTable {
         errors
     }
 
-    /// Makes the table hold exactly `configs`, or nothing changes if they are invalid.
+    /// Makes the config file's part of the table hold exactly `configs` (entries from other
+    /// sources stay), or changes nothing if they are invalid.
     pub fn replace_all(&self, configs: Vec<EndpointConfig>) -> Result<TableDiff, Vec<RouteError>> {
         let errors = Self::validate(&configs);
         if !errors.is_empty() {
@@ -159,6 +223,7 @@ impl RoutingTable {
         }
         let mut diff = TableDiff::default();
         let keep: HashSet<EndpointId> = configs.iter().map(|c| c.id.clone()).collect();
+        let mut owned = self.file_ids();
         for c in configs {
             let route = Route::from(c);
             match self.routes.get(&route.endpoint) {
@@ -168,13 +233,12 @@ impl RoutingTable {
             }
             self.upsert(route);
         }
-        self.routes.retain(|id, _| {
-            let k = keep.contains(id);
-            if !k {
+        for id in owned.difference(&keep) {
+            if self.routes.remove(id).is_some() {
                 diff.removed += 1;
             }
-            k
-        });
+        }
+        *owned = keep;
         Ok(diff)
     }
 }
@@ -252,6 +316,37 @@ mod tests {
             }
         );
         assert!(t.lookup(&EndpointId::parse("a").unwrap()).is_none());
+    }
+
+    #[test]
+    fn reload_leaves_other_sources_alone_and_the_file_wins() {
+        let t = RoutingTable::new();
+        t.replace_all(vec![local("a")]).unwrap();
+        assert!(t.upsert_unless_file_owned(Route::from(local("crd"))));
+        assert!(
+            !t.upsert_unless_file_owned(Route::from(local("a"))),
+            "the file owns a"
+        );
+        let d = t.replace_all(vec![local("b")]).unwrap();
+        assert_eq!(
+            d,
+            TableDiff {
+                added: 1,
+                changed: 0,
+                removed: 1
+            }
+        );
+        assert!(
+            t.lookup(&EndpointId::parse("crd").unwrap()).is_some(),
+            "survives reload"
+        );
+        assert!(t
+            .remove_unless_file_owned(&EndpointId::parse("b").unwrap())
+            .is_none());
+        assert!(t.lookup(&EndpointId::parse("b").unwrap()).is_some());
+        assert!(t
+            .remove_unless_file_owned(&EndpointId::parse("crd").unwrap())
+            .is_some());
     }
 
     #[test]

@@ -1,0 +1,168 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The `[kubernetes]` table: how computes are run as StatefulSets, and where the
+/// `PgwakeEndpoint` resources are watched.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Namespace of the computes and of the `PgwakeEndpoint` resources; unset uses the
+    /// client's default (the pod's own namespace in a cluster, else the kubeconfig context's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// StatefulSets are named `<name_prefix><endpoint id>` (shortened with a hash when that
+    /// would be longer than Kubernetes allows).
+    #[serde(default = "d_name_prefix")]
+    pub name_prefix: String,
+    /// Postgres's port in compute pods; an endpoint's `port` overrides it.
+    #[serde(default = "d_port")]
+    pub port: u16,
+    /// Extra labels on every StatefulSet and pod (not part of the selector, so they may change).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where an endpoint's persistent volume is mounted. With the `postgres` image, set
+    /// `PGDATA` to a directory below it (the volume's root may hold `lost+found`).
+    #[serde(default = "d_data_path")]
+    pub data_path: String,
+    /// The compute container's readiness probe (exec); `{port}` is replaced by the port. The
+    /// pod counts as running once it succeeds, so it must mean "accepts queries".
+    #[serde(default = "d_readiness_command")]
+    pub readiness_command: Vec<String>,
+    /// Service account of compute pods; unset uses the namespace's default. Compute pods get no
+    /// API token either way.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Image pull secrets for compute images in private registries.
+    #[serde(default)]
+    pub image_pull_secrets: Vec<String>,
+    /// How long Postgres gets to shut down cleanly (write its checkpoint) before it is killed.
+    #[serde(default = "d_termination_grace", with = "humantime_serde")]
+    pub termination_grace: Duration,
+    /// How long a suspend waits for the pod to be gone.
+    #[serde(default = "d_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// A running compute whose pod stays not-ready this long counts as gone (the next client
+    /// waits for it to be ready again instead of being sent to it).
+    #[serde(default = "d_not_ready_grace", with = "humantime_serde")]
+    pub not_ready_grace: Duration,
+    /// Failed API calls (5xx, 429, connection errors) that scaling a StatefulSet, or waiting
+    /// for its pod (in a row), tolerates before the wake or suspend gives up; the wait between
+    /// tries starts at `retry_backoff` and doubles up to 5 s. A wake is bounded by
+    /// `compute.wake_timeout` as well.
+    #[serde(default = "d_api_retries")]
+    pub api_retries: u32,
+    #[serde(default = "d_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Write state, address and last activity to the `PgwakeEndpoint`'s status.
+    #[serde(default = "d_true")]
+    pub update_status: bool,
+    /// Route the `PgwakeEndpoint` resources of the namespace (in addition to the config
+    /// file's endpoints).
+    #[serde(default = "d_true")]
+    pub watch_endpoints: bool,
+    /// Only route `PgwakeEndpoint`s matching this label selector (`tier=dev`), e.g. to run
+    /// several pgwake installations in one namespace.
+    #[serde(default)]
+    pub endpoint_selector: Option<String>,
+}
+
+fn d_name_prefix() -> String {
+    "pgwake-".into()
+}
+fn d_port() -> u16 {
+    5432
+}
+fn d_data_path() -> String {
+    "/var/lib/postgresql/data".into()
+}
+fn d_readiness_command() -> Vec<String> {
+    ["pg_isready", "-h", "127.0.0.1", "-p", "{port}", "-q"]
+        .map(String::from)
+        .to_vec()
+}
+fn d_termination_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_stop_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_not_ready_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_api_retries() -> u32 {
+    5
+}
+fn d_retry_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            name_prefix: d_name_prefix(),
+            port: d_port(),
+            labels: BTreeMap::new(),
+            data_path: d_data_path(),
+            readiness_command: d_readiness_command(),
+            service_account: None,
+            node_selector: BTreeMap::new(),
+            image_pull_secrets: Vec::new(),
+            termination_grace: d_termination_grace(),
+            stop_timeout: d_stop_timeout(),
+            not_ready_grace: d_not_ready_grace(),
+            api_retries: d_api_retries(),
+            retry_backoff: d_retry_backoff(),
+            update_status: true,
+            watch_endpoints: true,
+            endpoint_selector: None,
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// Every problem at once, one line each.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.port == 0 {
+            errors.push("kubernetes.port must not be 0".to_string());
+        }
+        let p = &self.name_prefix;
+        if p.len() > 20
+            || !p.starts_with(|c: char| c.is_ascii_lowercase())
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            errors.push(format!(
+                "kubernetes.name_prefix {p:?}: up to 20 of [a-z0-9-], starting with a letter"
+            ));
+        }
+        if !self.data_path.starts_with('/') {
+            errors.push(format!(
+                "kubernetes.data_path {:?} must be absolute",
+                self.data_path
+            ));
+        }
+        if self.readiness_command.is_empty() {
+            errors.push("kubernetes.readiness_command must not be empty".to_string());
+        }
+        if self.termination_grace.is_zero() || self.stop_timeout < self.termination_grace {
+            errors.push(
+                "kubernetes.stop_timeout must be at least termination_grace, which must be more than 0"
+                    .to_string(),
+            );
+        }
+        if self.retry_backoff.is_zero() {
+            errors.push("kubernetes.retry_backoff must be more than 0".to_string());
+        }
+        errors
+    }
+}

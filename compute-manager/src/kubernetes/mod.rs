@@ -1,0 +1,600 @@
+//! Computes as Kubernetes workloads: one StatefulSet per endpoint, scaled between 0 and 1.
+//!
+//! # Why a StatefulSet at 0/1 replicas, not a Pod created from a template
+//! - **Data survives a suspend.** The StatefulSet's volume claim template gives the endpoint one
+//!   PersistentVolumeClaim that outlives its pod (`whenScaled: Retain`), bound to the same
+//!   volume on every wake. With bare pods, pgwake would create, find and garbage-collect claims
+//!   itself.
+//! - **Stable identity.** The pod is always `<name>-0`, so a wake knows which pod to watch
+//!   before it exists, and two pods of one endpoint never run at once (the controller starts
+//!   the new pod only after the old one is gone), which one data directory requires.
+//! - **Idempotent under races.** "Scale to 1" is a single field with optimistic concurrency
+//!   (`resourceVersion`): several managers waking the same endpoint converge on one pod; a
+//!   "create a pod" race needs deterministic names and delete-on-conflict handling instead.
+//! - **Operable with stock tools.** `kubectl scale statefulset/pgwake-x --replicas=1` is a manual
+//!   wake, `kubectl get sts` shows what runs, and the controller restarts a crashed pod.
+//!
+//! The cost is the controller's reaction time (a few hundred ms to create the pod), which is
+//! small next to image start and Postgres recovery.
+//!
+//! # Protocol
+//! - **wake**: read the StatefulSet; create it (replicas 1) if absent; if it is at 0, merge-patch
+//!   `replicas: 1` with its `resourceVersion` (409 → read again). Then watch (list + watch,
+//!   not polling) pod `<name>-0` until it is Ready with an IP, and answer `podIP:port`. Failing
+//!   containers (bad image, missing secret, crash loop) end the wait early with their reason.
+//! - **stop**: merge-patch `replicas: 0` the same way, then watch until the pod is gone. The
+//!   kubelet sends the image's stop signal (`postgres` images: SIGINT, a fast shutdown that
+//!   writes a checkpoint) and waits `termination_grace` before killing.
+//! - **exited**: a watch on the pod (started when the manager first asks) fires when it is
+//!   deleted, replaced (new uid or IP), its container restarts, or it stays not-ready for
+//!   `not_ready_grace`.
+//! - API errors (5xx, 429, connection failures) are retried with exponential backoff, at most
+//!   `api_retries` times per step; 4xx other than 404/409 fail at once as misconfiguration.
+//! - A wake that fails or is abandoned (the manager's `wake_timeout`) scales the StatefulSet
+//!   back to 0, so no compute runs that no manager tracks. With several managers for one
+//!   endpoint, this can stop a pod another manager is waiting for: run one manager (or one
+//!   leader) per endpoint.
+
+mod config;
+mod workload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, watch_object};
+use kube::{Api, Client};
+use pgwake_router::crd::{EndpointState, PgwakeEndpoint, PgwakeEndpointStatus};
+use pgwake_router::{BackendSpec, EndpointId, Route};
+use serde_json::json;
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute};
+
+pub use config::KubernetesConfig;
+pub use workload::{
+    desired_statefulset, pod_name, pod_state, workload_name, PodIdentity, PodState,
+    ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY,
+};
+
+/// The name pgwake's changes carry in `managedFields`.
+pub const FIELD_MANAGER: &str = "pgwake";
+/// Longest wait between two tries of a failed API call.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Conflicts (another writer got there first) in a row before giving up; each one means
+/// progress by someone, so this only guards against a livelock.
+const MAX_CONFLICTS: u32 = 10;
+
+/// Runs computes as StatefulSets in one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct KubernetesBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cfg: KubernetesConfig,
+    client: Client,
+    namespace: String,
+    statefulsets: Api<StatefulSet>,
+    pods: Api<Pod>,
+    endpoints: Api<PgwakeEndpoint>,
+}
+
+impl KubernetesBackend {
+    /// A backend using `client`; `cfg.namespace` unset means the client's default namespace.
+    pub fn new(client: Client, cfg: KubernetesConfig) -> Result<Self, BackendError> {
+        let errors = cfg.validate();
+        if !errors.is_empty() {
+            return Err(BackendError::Config(errors.join("; ")));
+        }
+        let namespace = cfg
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        Ok(Self {
+            shared: Arc::new(Shared {
+                statefulsets: Api::namespaced(client.clone(), &namespace),
+                pods: Api::namespaced(client.clone(), &namespace),
+                endpoints: Api::namespaced(client.clone(), &namespace),
+                client,
+                namespace,
+                cfg,
+            }),
+        })
+    }
+
+    /// A backend with the client inferred from the environment: the pod's service account in a
+    /// cluster, else `KUBECONFIG` / `~/.kube/config`.
+    pub async fn from_env(cfg: KubernetesConfig) -> Result<Self, BackendError> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| BackendError::Config(format!("kubernetes client: {e}")))?;
+        Self::new(client, cfg)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.shared.namespace
+    }
+
+    /// The client, to share with the router's `crd_source` (one connection pool).
+    pub fn client(&self) -> Client {
+        self.shared.client.clone()
+    }
+
+    pub fn config(&self) -> &KubernetesConfig {
+        &self.shared.cfg
+    }
+
+    /// The StatefulSet that runs `id`'s compute.
+    pub fn workload_name(&self, id: &EndpointId) -> String {
+        workload_name(&self.shared.cfg.name_prefix, id)
+    }
+}
+
+#[async_trait]
+impl ComputeBackend for KubernetesBackend {
+    async fn start(&self, route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
+        let s = &self.shared;
+        if !matches!(route.backend, BackendSpec::Kubernetes { .. }) {
+            return Err(BackendError::Config(format!(
+                "endpoint {} is not a kubernetes endpoint",
+                route.endpoint
+            )));
+        }
+        let desired = desired_statefulset(&s.cfg, &s.namespace, route)?;
+        let name = self.workload_name(&route.endpoint);
+        let pod = pod_name(&name);
+        let port = workload::compute_port(&s.cfg, route);
+        let scaled = s.scale(&name, 1, Some(&desired)).await?;
+        // Armed until the compute is handed over: a start that fails or is abandoned from here
+        // on scales back down.
+        let mut cleanup = ScaleDownOnDrop {
+            shared: Some(Arc::clone(s)),
+            name: name.clone(),
+            id: route.endpoint.clone(),
+        };
+        if scaled == Scaled::Changed {
+            s.set_status(&route.endpoint, EndpointState::Starting, None)
+                .await;
+        }
+        let identity = s.wait_ready(&pod, port).await?;
+        let addr = ComputeAddr::new(identity.addr.to_string());
+        s.set_status(&route.endpoint, EndpointState::Running, Some(&addr))
+            .await;
+        cleanup.shared = None;
+        info!(endpoint = %route.endpoint, pod, addr = %addr, "compute pod ready");
+        Ok(Box::new(PodCompute {
+            shared: Arc::clone(s),
+            id: route.endpoint.clone(),
+            name,
+            addr,
+            identity,
+        }))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scaled {
+    /// It already had the wanted replicas (or, scaling down, did not exist).
+    Already,
+    Changed,
+}
+
+/// Counts failures of API calls in a row and sleeps between tries.
+struct Retry<'a> {
+    cfg: &'a KubernetesConfig,
+    failures: u32,
+    conflicts: u32,
+}
+
+impl<'a> Retry<'a> {
+    fn new(cfg: &'a KubernetesConfig) -> Self {
+        Self {
+            cfg,
+            failures: 0,
+            conflicts: 0,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Sleeps before the next try, or says why there is none.
+    async fn failed(&mut self, what: &str, error: ApiError) -> Result<(), BackendError> {
+        match error {
+            ApiError::Transient(e) => {
+                self.failures += 1;
+                if self.failures > self.cfg.api_retries {
+                    return Err(BackendError::io(
+                        format!("kubernetes: {what} (gave up after {} tries)", self.failures),
+                        std::io::Error::other(e),
+                    ));
+                }
+                let backoff = backoff(self.cfg, self.failures);
+                warn!(error = %e, attempt = self.failures, ?backoff, "kubernetes: {what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                Ok(())
+            }
+            ApiError::Conflict => {
+                self.conflicts += 1;
+                if self.conflicts > MAX_CONFLICTS {
+                    return Err(BackendError::io(
+                        format!(
+                            "kubernetes: {what}: still conflicting after {MAX_CONFLICTS} tries"
+                        ),
+                        std::io::Error::other("conflict"),
+                    ));
+                }
+                debug!("kubernetes: {what}: conflict; reading again");
+                Ok(())
+            }
+            ApiError::Permanent(e) => Err(BackendError::Config(format!("kubernetes: {what}: {e}"))),
+        }
+    }
+}
+
+/// The wait before try `failures + 1`: `retry_backoff` doubled per failure, at most 5 s.
+fn backoff(cfg: &KubernetesConfig, failures: u32) -> Duration {
+    cfg.retry_backoff
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// How an API failure is handled.
+enum ApiError {
+    /// Someone else changed (or created, or deleted) the object: read it again and redo.
+    Conflict,
+    /// Might work if tried again: 5xx, 429, timeouts, connection errors.
+    Transient(String),
+    /// Will not work until an operator changes something: RBAC, invalid object, bad request.
+    Permanent(String),
+}
+
+impl From<kube::Error> for ApiError {
+    fn from(e: kube::Error) -> Self {
+        match &e {
+            kube::Error::Api(s) if s.code == 409 || s.code == 404 => ApiError::Conflict,
+            kube::Error::Api(s) if s.code == 429 || s.code >= 500 => {
+                ApiError::Transient(e.to_string())
+            }
+            kube::Error::Api(_)
+            | kube::Error::SerdeError(_)
+            | kube::Error::BuildRequest(_)
+            | kube::Error::InferConfig(_) => ApiError::Permanent(e.to_string()),
+            _ => ApiError::Transient(e.to_string()),
+        }
+    }
+}
+
+impl From<watcher::Error> for ApiError {
+    fn from(e: watcher::Error) -> Self {
+        match e {
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => match ApiError::from(e) {
+                // A 404/409 on list or watch is not a write conflict: nothing to re-read.
+                ApiError::Conflict => ApiError::Transient("list/watch conflict".into()),
+                other => other,
+            },
+            // Includes 410 Gone (watch too old): the watcher re-lists on the next poll.
+            watcher::Error::WatchError(s) if s.code == 403 || s.code == 401 => {
+                ApiError::Permanent(s.to_string())
+            }
+            other => ApiError::Transient(other.to_string()),
+        }
+    }
+}
+
+impl Shared {
+    /// Makes the StatefulSet `name` have `replicas` (creating it from `desired` if absent and
+    /// `desired` is given).
+    async fn scale(
+        &self,
+        name: &str,
+        replicas: i32,
+        desired: Option<&StatefulSet>,
+    ) -> Result<Scaled, BackendError> {
+        let mut retry = Retry::new(&self.cfg);
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        loop {
+            let current = match self.statefulsets.get_opt(name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    retry.failed("read statefulset", e.into()).await?;
+                    continue;
+                }
+            };
+            // No `retry.succeeded()` here: a read that works followed by a write that fails,
+            // again and again, must still run out of tries.
+            let Some(current) = current else {
+                let Some(desired) = desired else {
+                    return Ok(Scaled::Already);
+                };
+                info!(statefulset = name, "creating compute statefulset");
+                let post = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                };
+                match self.statefulsets.create(&post, desired).await {
+                    Ok(_) => return Ok(Scaled::Changed),
+                    Err(e) => {
+                        retry.failed("create statefulset", e.into()).await?;
+                        continue;
+                    }
+                }
+            };
+            let have = current.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            if (replicas == 0) == (have == 0) {
+                if let (Some(d), true) = (desired, have > 0) {
+                    if workload::template_hash(d) != workload::template_hash(&current) {
+                        info!(statefulset = name, "compute is running an older template; it changes at the next wake from suspended");
+                    }
+                }
+                return Ok(Scaled::Already);
+            }
+            let Some(rv) = current.metadata.resource_version.as_deref() else {
+                return Err(BackendError::Config(format!(
+                    "statefulset {name} has no resourceVersion"
+                )));
+            };
+            let new_template =
+                desired.filter(|d| workload::template_hash(d) != workload::template_hash(&current));
+            let patch = workload::scale_patch(rv, replicas, new_template);
+            info!(
+                statefulset = name,
+                replicas,
+                template_changed = new_template.is_some(),
+                "scaling compute"
+            );
+            match self
+                .statefulsets
+                .patch(name, &pp, &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(Scaled::Changed),
+                Err(e) => retry.failed("scale statefulset", e.into()).await?,
+            }
+        }
+    }
+
+    /// The pod's states as a watch sees them (`None`: it does not exist). Boxed, so that the
+    /// watcher's machinery is compiled once for all three users rather than once each.
+    fn pod_events(&self, pod: &str) -> BoxStream<'static, watcher::Result<Option<Pod>>> {
+        watch_object(self.pods.clone(), pod).boxed()
+    }
+
+    /// Watches pod `pod` until it is ready, or its containers are failing.
+    async fn wait_ready(&self, pod: &str, port: u16) -> Result<PodIdentity, BackendError> {
+        let mut retry = Retry::new(&self.cfg);
+        let mut events = self.pod_events(pod);
+        let mut last_logged = None;
+        loop {
+            match next(&mut events).await? {
+                Err(e) => retry.failed("watch compute pod", e.into()).await?,
+                Ok(None) => retry.succeeded(),
+                Ok(Some(p)) => {
+                    retry.succeeded();
+                    match pod_state(&p, port) {
+                        PodState::Ready(identity) => return Ok(identity),
+                        PodState::Failing { reason, message } => {
+                            return Err(BackendError::StartFailed {
+                                status: reason,
+                                log_tail: message,
+                            })
+                        }
+                        PodState::NotReady => {
+                            let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                            if phase != last_logged {
+                                debug!(pod, ?phase, "waiting for compute pod");
+                                last_logged = phase;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches pod `pod` until it is gone.
+    async fn wait_gone(&self, pod: &str) -> Result<(), BackendError> {
+        let mut retry = Retry::new(&self.cfg);
+        let mut events = self.pod_events(pod);
+        loop {
+            match next(&mut events).await? {
+                Err(e) => retry.failed("watch compute pod", e.into()).await?,
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => retry.succeeded(),
+            }
+        }
+    }
+
+    /// Best effort: the status is for people, so a failure is logged and the wake goes on.
+    /// Endpoints from the config file have no resource; their 404 is expected.
+    async fn set_status(&self, id: &EndpointId, state: EndpointState, addr: Option<&ComputeAddr>) {
+        if !self.cfg.update_status {
+            return;
+        }
+        let status = PgwakeEndpointStatus {
+            state,
+            address: addr.map(|a| a.to_string()),
+            last_activity: Some(k8s_openapi::jiff::Timestamp::now().to_string()),
+        };
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let patch = Patch::Merge(json!({ "status": status }));
+        match self.endpoints.patch_status(id.as_str(), &pp, &patch).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                debug!(endpoint = %id, "no PgwakeEndpoint to write status to");
+            }
+            Err(e) => warn!(endpoint = %id, error = %e, "could not update PgwakeEndpoint status"),
+        }
+    }
+
+    async fn stop(&self, id: &EndpointId, name: &str) -> Result<(), BackendError> {
+        if self.scale(name, 0, None).await? == Scaled::Changed {
+            self.set_status(id, EndpointState::Suspending, None).await;
+        }
+        let pod = pod_name(name);
+        match tokio::time::timeout(self.cfg.stop_timeout, self.wait_gone(&pod)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(BackendError::io(
+                    format!(
+                        "kubernetes: pod {pod} still there after {:?}",
+                        self.cfg.stop_timeout
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ))
+            }
+        }
+        self.set_status(id, EndpointState::Suspended, None).await;
+        Ok(())
+    }
+}
+
+/// The next item of a watch stream; the watcher's streams never end, so an end is a bug.
+async fn next<S, T>(events: &mut S) -> Result<T, BackendError>
+where
+    S: Stream<Item = T> + Unpin,
+{
+    events.next().await.ok_or_else(|| {
+        BackendError::io(
+            "kubernetes: watch",
+            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+        )
+    })
+}
+
+/// Scales the StatefulSet back to 0 when dropped while armed (a failed or abandoned start).
+struct ScaleDownOnDrop {
+    shared: Option<Arc<Shared>>,
+    name: String,
+    id: EndpointId,
+}
+
+impl Drop for ScaleDownOnDrop {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (name, id) = (std::mem::take(&mut self.name), self.id.clone());
+        rt.spawn(
+            async move {
+                warn!("compute start failed or was abandoned; scaling it back to 0");
+                match shared.scale(&name, 0, None).await {
+                    Ok(_) => shared.set_status(&id, EndpointState::Suspended, None).await,
+                    Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
+                }
+            }
+            .instrument(tracing::info_span!("abandoned_start", endpoint = %self.id)),
+        );
+    }
+}
+
+/// A running compute pod.
+struct PodCompute {
+    shared: Arc<Shared>,
+    id: EndpointId,
+    name: String,
+    addr: ComputeAddr,
+    identity: PodIdentity,
+}
+
+#[async_trait]
+impl RunningCompute for PodCompute {
+    fn addr(&self) -> &ComputeAddr {
+        &self.addr
+    }
+
+    async fn stop(&self) -> Result<(), BackendError> {
+        self.shared.stop(&self.id, &self.name).await
+    }
+
+    async fn exited(&self) {
+        let pod = pod_name(&self.name);
+        let why = monitor_pod(&self.shared, &pod, &self.identity)
+            .instrument(tracing::info_span!("compute_pod", endpoint = %self.id))
+            .await;
+        info!(endpoint = %self.id, pod, why, "compute pod gone");
+    }
+}
+
+/// Resolves, with the reason, once the pod that was ready as `identity` is no longer usable.
+/// Watch errors are retried with backoff for as long as it takes: an unreachable API server
+/// says nothing about the pod.
+async fn monitor_pod(shared: &Shared, pod: &str, identity: &PodIdentity) -> String {
+    let grace = shared.cfg.not_ready_grace;
+    let mut events = shared.pod_events(pod);
+    let mut not_ready_since: Option<Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        let deadline = not_ready_since.map(|t| t + grace);
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = sleep_until_opt(deadline) => return format!("not ready for {grace:?}"),
+        };
+        if !matches!(event, Some(Err(_))) {
+            failures = 0;
+        }
+        match event {
+            None => return "watch ended".into(),
+            Some(Err(e)) => {
+                failures += 1;
+                let backoff = backoff(&shared.cfg, failures);
+                warn!(error = %e, ?backoff, "watching compute pod failed; retrying");
+                tokio::time::sleep(backoff).await;
+            }
+            Some(Ok(None)) => return "pod deleted".into(),
+            Some(Ok(Some(p))) => {
+                if p.metadata.uid.as_deref() != Some(identity.uid.as_str()) {
+                    return "pod replaced".into();
+                }
+                if p.metadata.deletion_timestamp.is_some() {
+                    return "pod terminating".into();
+                }
+                match pod_state(&p, identity.addr.port()) {
+                    PodState::Ready(now) if now.addr != identity.addr => {
+                        return format!("pod address changed to {}", now.addr)
+                    }
+                    PodState::Ready(now) if now.restarts != identity.restarts => {
+                        return "container restarted".into()
+                    }
+                    PodState::Ready(_) => not_ready_since = None,
+                    PodState::Failing { reason, .. } => return reason,
+                    PodState::NotReady => {
+                        not_ready_since.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod deploy_tests;

@@ -1,0 +1,985 @@
+//! The backend against kube's mock API service: each test plays the API server's side of one
+//! scenario with real Kubernetes JSON objects, and checks every request the backend makes
+//! (method, path, query, body) in order.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use kube::Client;
+use pgwake_router::{BackendSpec, EndpointId, Route};
+use serde_json::{json, Value};
+use tower_test::mock;
+
+use super::*;
+
+const NS: &str = "pgwake";
+const STS: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets";
+const STS_DEMO: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo";
+const PATCH_QUERY: &str = "?&fieldManager=pgwake";
+const STATUS_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status";
+const PODS_LIST: &str =
+    "/api/v1/namespaces/pgwake/pods?&fieldSelector=metadata.name%3Dpgwake-demo-0&limit=500";
+const POD_IP: &str = "10.244.0.17";
+
+fn pods_watch(rv: &str) -> String {
+    format!(
+        "/api/v1/namespaces/pgwake/pods?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Dpgwake-demo-0&allowWatchBookmarks=true&resourceVersion={rv}"
+    )
+}
+
+/// The API server's side of the conversation.
+struct ApiServer {
+    handle: mock::Handle<Request<Body>, Response<Body>>,
+}
+
+/// One request the backend made, waiting for its answer.
+struct Call {
+    body: Value,
+    respond: mock::SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn reply(self, code: u16, body: Value) {
+        self.respond.send_response(
+            Response::builder()
+                .status(StatusCode::from_u16(code).unwrap())
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    fn ok(self, body: Value) {
+        self.reply(200, body)
+    }
+
+    /// A watch response: one JSON event per line, then the end of the stream (the watcher
+    /// then starts a new watch from the last resourceVersion it saw).
+    fn events(self, events: &[(&str, Value)]) {
+        let mut text = String::new();
+        for (kind, object) in events {
+            text.push_str(&json!({ "type": kind, "object": object }).to_string());
+            text.push('\n');
+        }
+        self.respond.send_response(
+            Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from(text.into_bytes()))
+                .unwrap(),
+        );
+    }
+
+    fn fail(self, code: u16, reason: &str) {
+        self.reply(code, status_failure(code, reason));
+    }
+}
+
+impl ApiServer {
+    fn new() -> (Client, Self) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(service, "default"), Self { handle })
+    }
+
+    /// Takes the next request and checks its method and URI; a patch must be a merge patch.
+    async fn expect(&mut self, method: Method, uri: &str) -> Call {
+        let (req, respond) =
+            tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("no request; expected {method} {uri}"))
+                .expect("client gone");
+        assert_eq!(
+            (req.method(), req.uri().to_string().as_str()),
+            (&method, uri),
+            "unexpected request"
+        );
+        if method == Method::PATCH {
+            assert_eq!(
+                req.headers()["content-type"],
+                "application/merge-patch+json"
+            );
+        }
+        let bytes = req.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        Call { body, respond }
+    }
+
+    /// No further request arrives (within a second of the test's clock).
+    async fn expect_quiet(&mut self) {
+        if let Ok(Some((req, _))) =
+            tokio::time::timeout(Duration::from_millis(200), self.handle.next_request()).await
+        {
+            panic!("unexpected request {} {}", req.method(), req.uri());
+        }
+    }
+
+    async fn get_sts(&mut self, reply: Value) {
+        let call = self.expect(Method::GET, STS_DEMO).await;
+        assert_eq!(call.body, Value::Null);
+        call.ok(reply);
+    }
+
+    /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time.
+    async fn status(&mut self, state: &str, address: Option<&str>) {
+        let call = self
+            .expect(Method::PATCH, &format!("{STATUS_DEMO}{PATCH_QUERY}"))
+            .await;
+        let status = &call.body["status"];
+        assert_eq!(status["state"], state, "{}", call.body);
+        assert_eq!(status["address"], json!(address), "{}", call.body);
+        let ts = status["lastActivity"].as_str().expect("lastActivity");
+        ts.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+        assert_eq!(
+            call.body.as_object().unwrap().len(),
+            1,
+            "only status is patched"
+        );
+        let mut ep = endpoint_json();
+        ep["status"] = status.clone();
+        call.ok(ep);
+    }
+}
+
+fn status_failure(code: u16, reason: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": format!("{reason} (test)"),
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn cfg() -> KubernetesConfig {
+    KubernetesConfig {
+        namespace: Some(NS.into()),
+        ..KubernetesConfig::default()
+    }
+}
+
+fn route() -> Route {
+    Route {
+        endpoint: EndpointId::parse("demo").unwrap(),
+        backend: BackendSpec::Kubernetes {
+            image: "postgres:16".into(),
+            port: None,
+            command: vec![],
+            args: vec![],
+            env: BTreeMap::from([(
+                "PGDATA".to_string(),
+                "/var/lib/postgresql/data/pgdata".to_string(),
+            )]),
+            env_secret: Some("demo-postgres".into()),
+            requests: BTreeMap::from([("cpu".to_string(), "250m".to_string())]),
+            limits: BTreeMap::new(),
+            storage: Some("1Gi".into()),
+            storage_class: None,
+        },
+        idle_timeout: None,
+        allow: vec![],
+        max_connections: None,
+    }
+}
+
+fn desired_hash() -> String {
+    let d = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    workload::template_hash(&d).unwrap().to_string()
+}
+
+/// A StatefulSet as the API server returns it.
+fn sts_json(replicas: i32, rv: &str, hash: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": "pgwake-demo",
+            "namespace": NS,
+            "uid": "5b0e1c6e-2d7f-4a3e-9a51-0d6f2f1c9a10",
+            "resourceVersion": rv,
+            "generation": 3,
+            "creationTimestamp": "2026-11-20T10:00:00Z",
+            "labels": {
+                "app.kubernetes.io/managed-by": "pgwake",
+                "app.kubernetes.io/name": "pgwake-compute",
+                "pgwake.io/endpoint": "demo"
+            },
+            "annotations": { "pgwake.io/template-hash": hash }
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": {
+                "app.kubernetes.io/managed-by": "pgwake",
+                "pgwake.io/endpoint": "demo"
+            }},
+            "serviceName": "pgwake-demo",
+            "podManagementPolicy": "Parallel",
+            "template": {
+                "metadata": { "labels": {
+                    "app.kubernetes.io/managed-by": "pgwake",
+                    "app.kubernetes.io/name": "pgwake-compute",
+                    "pgwake.io/endpoint": "demo"
+                }},
+                "spec": { "containers": [{ "name": "postgres", "image": "postgres:16" }] }
+            },
+            "updateStrategy": { "type": "RollingUpdate", "rollingUpdate": { "partition": 0 } },
+            "revisionHistoryLimit": 10
+        },
+        "status": {
+            "observedGeneration": 3,
+            "replicas": replicas,
+            "availableReplicas": replicas,
+            "currentRevision": "pgwake-demo-7d9c8b6f5",
+            "updateRevision": "pgwake-demo-7d9c8b6f5",
+            "collisionCount": 0
+        }
+    })
+}
+
+const POD_UID: &str = "a3c1f9d2-41b8-4c55-8e0f-3b7e2f6d9c01";
+
+/// Pod `pgwake-demo-0` in one of the phases a start goes through.
+fn pod_json(rv: &str, stage: &str) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "pgwake-demo-0",
+            "generateName": "pgwake-demo-",
+            "namespace": NS,
+            "uid": POD_UID,
+            "resourceVersion": rv,
+            "creationTimestamp": "2026-11-25T12:00:00Z",
+            "labels": {
+                "app.kubernetes.io/managed-by": "pgwake",
+                "pgwake.io/endpoint": "demo",
+                "apps.kubernetes.io/pod-index": "0",
+                "controller-revision-hash": "pgwake-demo-7d9c8b6f5",
+                "statefulset.kubernetes.io/pod-name": "pgwake-demo-0"
+            },
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "StatefulSet", "name": "pgwake-demo",
+                "uid": "5b0e1c6e-2d7f-4a3e-9a51-0d6f2f1c9a10",
+                "controller": true, "blockOwnerDeletion": true
+            }]
+        },
+        "spec": {
+            "containers": [{ "name": "postgres", "image": "postgres:16",
+                             "ports": [{ "name": "postgres", "containerPort": 5432, "protocol": "TCP" }] }],
+            "hostname": "pgwake-demo-0",
+            "subdomain": "pgwake-demo",
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 60
+        },
+        "status": { "phase": "Pending", "qosClass": "Burstable" }
+    });
+    let cond = |t: &str, s: bool| {
+        json!({ "type": t, "status": if s { "True" } else { "False" },
+                                          "lastTransitionTime": "2026-11-25T12:00:01Z" })
+    };
+    let container = |ready: bool, state: Value, restarts: i32| {
+        json!({
+            "name": "postgres", "image": "docker.io/library/postgres:16",
+            "imageID": "docker.io/library/postgres@sha256:4ec37d2a07a0067f176fdcc9d4bb633a5724d2cc4f892c7a2046d054bb6939e5",
+            "ready": ready, "restartCount": restarts, "started": ready, "state": state
+        })
+    };
+    let status = &mut pod["status"];
+    match stage {
+        "pending" => {
+            status["conditions"] = json!([cond("PodScheduled", false)]);
+        }
+        "creating" => {
+            status["conditions"] = json!([cond("PodScheduled", true), cond("Ready", false)]);
+            status["hostIP"] = json!("172.18.0.2");
+            status["containerStatuses"] = json!([container(
+                false,
+                json!({ "waiting": { "reason": "ContainerCreating" } }),
+                0
+            )]);
+        }
+        "starting" => {
+            status["phase"] = json!("Running");
+            status["conditions"] = json!([
+                cond("PodScheduled", true),
+                cond("Initialized", true),
+                cond("ContainersReady", false),
+                cond("Ready", false)
+            ]);
+            status["hostIP"] = json!("172.18.0.2");
+            status["podIP"] = json!(POD_IP);
+            status["podIPs"] = json!([{ "ip": POD_IP }]);
+            status["containerStatuses"] = json!([container(
+                false,
+                json!({ "running": { "startedAt": "2026-11-25T12:00:02Z" } }),
+                0
+            )]);
+        }
+        "ready" | "restarted" => {
+            status["phase"] = json!("Running");
+            status["conditions"] = json!([
+                cond("PodScheduled", true),
+                cond("Initialized", true),
+                cond("ContainersReady", true),
+                cond("Ready", true)
+            ]);
+            status["hostIP"] = json!("172.18.0.2");
+            status["podIP"] = json!(POD_IP);
+            status["podIPs"] = json!([{ "ip": POD_IP }]);
+            status["containerStatuses"] = json!([container(
+                true,
+                json!({ "running": { "startedAt": "2026-11-25T12:00:02Z" } }),
+                if stage == "restarted" { 1 } else { 0 }
+            )]);
+        }
+        "imagepull" => {
+            status["conditions"] = json!([cond("PodScheduled", true), cond("Ready", false)]);
+            status["containerStatuses"] = json!([container(
+                false,
+                json!({ "waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": "Back-off pulling image \"postgres:61\": ErrImagePull: not found"
+                }}),
+                0
+            )]);
+        }
+        "terminating" => {
+            pod["metadata"]["deletionTimestamp"] = json!("2026-11-25T12:10:00Z");
+            pod["metadata"]["deletionGracePeriodSeconds"] = json!(60);
+            return pod_json_with(pod, "ready");
+        }
+        other => panic!("unknown stage {other}"),
+    }
+    pod
+}
+
+fn pod_json_with(mut base: Value, stage: &str) -> Value {
+    base["status"] = pod_json("0", stage)["status"].clone();
+    base
+}
+
+fn pod_list(rv: &str, items: Vec<Value>) -> Value {
+    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": { "resourceVersion": rv }, "items": items })
+}
+
+fn endpoint_json() -> Value {
+    json!({
+        "apiVersion": "pgwake.io/v1",
+        "kind": "PgwakeEndpoint",
+        "metadata": { "name": "demo", "namespace": NS, "uid": "0d9f...", "resourceVersion": "77" },
+        "spec": { "compute": { "image": "postgres:16" } }
+    })
+}
+
+fn backend(client: Client) -> KubernetesBackend {
+    KubernetesBackend::new(client, cfg()).unwrap()
+}
+
+/// The API server's side of waking a StatefulSet that is at 0 with an older template, up to
+/// the pod being ready.
+async fn serve_wake_from_zero(api: &mut ApiServer) {
+    api.get_sts(sts_json(0, "1000", "0000000000000000")).await;
+
+    let patch = api
+        .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await;
+    let desired = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    assert_eq!(
+        patch.body,
+        json!({
+            "metadata": {
+                "resourceVersion": "1000",
+                "annotations": { "pgwake.io/template-hash": desired_hash() },
+            },
+            "spec": { "replicas": 1, "template": desired.spec.unwrap().template },
+        })
+    );
+    patch.ok(sts_json(1, "1001", &desired_hash()));
+    api.status("Starting", None).await;
+
+    api.expect(Method::GET, PODS_LIST)
+        .await
+        .ok(pod_list("1001", vec![]));
+    api.expect(Method::GET, &pods_watch("1001")).await.events(&[
+        ("ADDED", pod_json("1002", "pending")),
+        ("MODIFIED", pod_json("1003", "creating")),
+    ]);
+    // The first watch ended (as API servers end them at timeoutSeconds); the next one resumes.
+    api.expect(Method::GET, &pods_watch("1003")).await.events(&[
+        ("MODIFIED", pod_json("1004", "starting")),
+        ("MODIFIED", pod_json("1005", "ready")),
+    ]);
+    api.status("Running", Some("10.244.0.17:5432")).await;
+}
+
+#[tokio::test]
+async fn wake_from_zero_patches_then_watches_until_ready() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        serve_wake_from_zero(&mut api).await;
+        api.expect_quiet().await;
+    });
+    let compute = b.start(&route()).await.unwrap();
+    assert_eq!(compute.addr().as_str(), "10.244.0.17:5432");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn wake_when_already_running_makes_no_change() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "2000", &desired_hash())).await;
+        // No patch and no "Starting": the list already shows the ready pod.
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("2001", vec![pod_json("1999", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    let compute = b.start(&route()).await.unwrap();
+    assert_eq!(compute.addr().as_str(), "10.244.0.17:5432");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn wake_creates_a_missing_statefulset() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_DEMO)
+            .await
+            .fail(404, "NotFound");
+        let create = api
+            .expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
+            .await;
+        let desired =
+            serde_json::to_value(desired_statefulset(&cfg(), NS, &route()).unwrap()).unwrap();
+        assert_eq!(create.body, desired);
+        assert_eq!(create.body["spec"]["replicas"], 1);
+        assert_eq!(
+            create.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]
+                ["storage"],
+            "1Gi"
+        );
+        create.reply(201, sts_json(1, "3000", &desired_hash()));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("3001", vec![pod_json("3001", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    b.start(&route()).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn conflict_is_read_again_and_retried() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "4000", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        // Template unchanged: only the replicas, conditional on the version read.
+        assert_eq!(
+            patch.body,
+            json!({ "metadata": { "resourceVersion": "4000" }, "spec": { "replicas": 1 } })
+        );
+        patch.fail(409, "Conflict");
+        // Someone changed it in between (here: its status); still at 0, so patch again.
+        api.get_sts(sts_json(0, "4002", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(
+            patch.body,
+            json!({ "metadata": { "resourceVersion": "4002" }, "spec": { "replicas": 1 } })
+        );
+        patch.ok(sts_json(1, "4003", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("4004", vec![pod_json("4004", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    b.start(&route()).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn racing_managers_converge_on_one_pod() {
+    // Another manager creates the StatefulSet between our read and our create: our create
+    // gets 409 AlreadyExists, we read again, see replicas 1, and only wait.
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_DEMO)
+            .await
+            .fail(404, "NotFound");
+        api.expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
+            .await
+            .fail(409, "AlreadyExists");
+        api.get_sts(sts_json(1, "5001", &desired_hash())).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("5002", vec![pod_json("5002", "creating")]));
+        api.expect(Method::GET, &pods_watch("5002"))
+            .await
+            .events(&[("MODIFIED", pod_json("5003", "ready"))]);
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    b.start(&route()).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_errors_are_retried_with_backoff_then_the_wake_gives_up() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(
+        client,
+        KubernetesConfig {
+            api_retries: 3,
+            retry_backoff: Duration::from_millis(100),
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let server = tokio::spawn(async move {
+        let mut at = Vec::new();
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..4 {
+            api.expect(Method::GET, STS_DEMO)
+                .await
+                .fail(500, "InternalError");
+            at.push(t0.elapsed());
+        }
+        // Nothing was changed, so there is nothing to undo.
+        api.expect_quiet().await;
+        at
+    });
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("wake succeeded against a failing API"),
+    };
+    assert!(err.retryable(), "{err}");
+    assert_eq!(err.kind(), "io");
+    assert!(err.to_string().contains("gave up after 4 tries"), "{err}");
+    let at = server.await.unwrap();
+    // Exponential backoff between the tries: 100, 200, 400 ms.
+    let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    assert_eq!(gaps, [100, 200, 400]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
+    // The API server keeps failing the pod watch; the manager's wake_timeout (here a plain
+    // timeout) drops the start, and the backend undoes its scale-up.
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "6000", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "6001", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("6002", vec![pod_json("6002", "pending")]));
+        // The watch request is never answered: the wake hangs until it is dropped.
+        let hanging = api.expect(Method::GET, &pods_watch("6002")).await;
+        api.get_sts(sts_json(1, "6003", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(
+            patch.body,
+            json!({ "metadata": { "resourceVersion": "6003" }, "spec": { "replicas": 0 } })
+        );
+        patch.ok(sts_json(0, "6004", &hash));
+        api.status("Suspended", None).await;
+        drop(hanging);
+        api.expect_quiet().await;
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_container_ends_the_wake_early_with_its_reason() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "7000", &hash)).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7001", vec![pod_json("7001", "imagepull")]));
+        // The failed start is undone.
+        api.get_sts(sts_json(1, "7001", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "7002", &hash));
+        api.status("Suspended", None).await;
+        api.expect_quiet().await;
+    });
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("wake succeeded with a failing image"),
+    };
+    assert_eq!(err.kind(), "start_failed");
+    assert!(err.to_string().contains("ImagePullBackOff"), "{err}");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn permanent_errors_fail_at_once_as_misconfiguration() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_DEMO)
+            .await
+            .fail(403, "Forbidden");
+        api.expect_quiet().await;
+    });
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("wake succeeded without permission"),
+    };
+    assert_eq!(err.kind(), "misconfigured");
+    assert!(!err.retryable());
+    server.await.unwrap();
+}
+
+/// Wakes an already-running compute (the shortest conversation) for the tests that need one.
+async fn running(api: &mut ApiServer, b: &KubernetesBackend) -> Box<dyn RunningCompute> {
+    let (compute, ()) = tokio::join!(async { b.start(&route()).await.unwrap() }, async {
+        api.get_sts(sts_json(1, "8000", &desired_hash())).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8001", vec![pod_json("8001", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+    });
+    compute
+}
+
+#[tokio::test]
+async fn suspend_scales_to_zero_and_waits_until_the_pod_is_gone() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "8100", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(
+            patch.body,
+            json!({ "metadata": { "resourceVersion": "8100" }, "spec": { "replicas": 0 } })
+        );
+        patch.ok(sts_json(0, "8101", &hash));
+        api.status("Suspending", None).await;
+        let terminating = pod_json("8102", "terminating");
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8102", vec![terminating.clone()]));
+        api.expect(Method::GET, &pods_watch("8102"))
+            .await
+            .events(&[("DELETED", terminating)]);
+        api.status("Suspended", None).await;
+        api.expect_quiet().await;
+    });
+    compute.stop().await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn suspend_of_an_already_stopped_compute_only_waits() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "8200", &desired_hash())).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8201", vec![]));
+        api.status("Suspended", None).await;
+        api.expect_quiet().await;
+    });
+    compute.stop().await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn exited_fires_when_the_pod_is_deleted() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8300", vec![pod_json("8300", "ready")]));
+        api.expect(Method::GET, &pods_watch("8300"))
+            .await
+            .events(&[("DELETED", pod_json("8301", "terminating"))]);
+    });
+    tokio::time::timeout(Duration::from_secs(10), compute.exited())
+        .await
+        .expect("exited did not fire");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn exited_fires_when_the_container_restarts() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8400", vec![pod_json("8400", "ready")]));
+        api.expect(Method::GET, &pods_watch("8400"))
+            .await
+            .events(&[("MODIFIED", pod_json("8401", "restarted"))]);
+    });
+    tokio::time::timeout(Duration::from_secs(10), compute.exited())
+        .await
+        .expect("exited did not fire");
+    server.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn exited_fires_after_not_ready_grace_but_not_on_a_blip() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8500", vec![pod_json("8500", "ready")]));
+        // Not ready for 10 s, then ready again: not an exit.
+        api.expect(Method::GET, &pods_watch("8500"))
+            .await
+            .events(&[("MODIFIED", pod_json("8501", "starting"))]);
+        let w = api.expect(Method::GET, &pods_watch("8501")).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        w.events(&[("MODIFIED", pod_json("8502", "ready"))]);
+        // Not ready for good.
+        api.expect(Method::GET, &pods_watch("8502"))
+            .await
+            .events(&[("MODIFIED", pod_json("8503", "starting"))]);
+        let t0 = tokio::time::Instant::now();
+        let _hang = api.expect(Method::GET, &pods_watch("8503")).await;
+        tx.send(t0).unwrap();
+        std::future::pending::<()>().await;
+    });
+    compute.exited().await;
+    let not_ready_at = rx.recv().await.unwrap();
+    let waited = not_ready_at.elapsed();
+    assert_eq!(
+        waited.as_secs(),
+        cfg().not_ready_grace.as_secs(),
+        "{waited:?}"
+    );
+    server.abort();
+}
+
+#[test]
+fn statefulset_names_fit_kubernetes_limits_and_stay_distinct() {
+    let id = |s: &str| EndpointId::parse(s).unwrap();
+    assert_eq!(workload_name("pgwake-", &id("demo")), "pgwake-demo");
+    let long_a = "a".repeat(63);
+    let long_b = format!("{}b", "a".repeat(62));
+    let (a, b) = (
+        workload_name("pgwake-", &id(&long_a)),
+        workload_name("pgwake-", &id(&long_b)),
+    );
+    assert!(a.len() <= 52 && b.len() <= 52, "{a} {b}");
+    assert_ne!(a, b);
+    assert_eq!(a, workload_name("pgwake-", &id(&long_a)), "stable");
+    assert_eq!(pod_name("pgwake-demo"), "pgwake-demo-0");
+}
+
+#[test]
+fn desired_statefulset_carries_the_endpoint_template() {
+    let sts = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let v = serde_json::to_value(&sts).unwrap();
+    let c = &v["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "postgres:16");
+    assert_eq!(
+        c["env"],
+        json!([{ "name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata" }])
+    );
+    assert_eq!(
+        c["envFrom"],
+        json!([{ "secretRef": { "name": "demo-postgres" } }])
+    );
+    assert_eq!(c["resources"]["requests"]["cpu"], "250m");
+    assert_eq!(
+        c["readinessProbe"]["exec"]["command"],
+        json!(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"])
+    );
+    assert_eq!(
+        c["volumeMounts"][0]["mountPath"],
+        "/var/lib/postgresql/data"
+    );
+    assert_eq!(
+        v["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"],
+        "Retain"
+    );
+    assert_eq!(
+        v["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+    assert_eq!(v["metadata"]["namespace"], NS);
+    // The hash follows the template, and only the template.
+    let mut other = route();
+    if let BackendSpec::Kubernetes { image, .. } = &mut other.backend {
+        *image = "postgres:17".into();
+    }
+    let sts2 = desired_statefulset(&cfg(), NS, &other).unwrap();
+    assert_ne!(
+        workload::template_hash(&sts),
+        workload::template_hash(&sts2)
+    );
+    assert_eq!(
+        workload::template_hash(&sts),
+        workload::template_hash(&desired_statefulset(&cfg(), NS, &route()).unwrap())
+    );
+}
+
+#[test]
+fn a_bad_quantity_is_a_configuration_error() {
+    let mut r = route();
+    if let BackendSpec::Kubernetes { storage, .. } = &mut r.backend {
+        *storage = Some("lots".into());
+    }
+    // Quantities are strings to the API types, so this passes here and the API server rejects
+    // it (422) at create time, which the backend reports as misconfiguration.
+    assert!(desired_statefulset(&cfg(), NS, &r).is_ok());
+    let local = Route {
+        backend: BackendSpec::Local {
+            settings: BTreeMap::new(),
+        },
+        ..route()
+    };
+    assert_eq!(
+        desired_statefulset(&cfg(), NS, &local).unwrap_err().kind(),
+        "misconfigured"
+    );
+}
+
+#[test]
+fn config_parses_with_defaults_and_rejects_unknown_keys() {
+    let c: KubernetesConfig = toml::from_str("namespace = \"db\"\nport = 55433\n").unwrap();
+    assert_eq!(c.namespace.as_deref(), Some("db"));
+    assert_eq!(c.port, 55433);
+    assert_eq!(c.name_prefix, "pgwake-");
+    assert!(c.validate().is_empty());
+    assert!(toml::from_str::<KubernetesConfig>("nmespace = \"db\"").is_err());
+    let bad = KubernetesConfig {
+        port: 0,
+        name_prefix: "Bad_".into(),
+        ..KubernetesConfig::default()
+    };
+    assert_eq!(bad.validate().len(), 2, "{:?}", bad.validate());
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_manager_a_hanging_start_ends_in_wake_timeout_and_is_undone() {
+    use crate::{Backends, Manager, ManagerConfig, ManagerMetrics, WakeError};
+    let (client, mut api) = ApiServer::new();
+    let manager = Manager::new(
+        ManagerConfig {
+            wake_timeout: Duration::from_secs(5),
+            ..ManagerConfig::default()
+        },
+        Backends {
+            local: None,
+            kubernetes: Some(Arc::new(backend(client))),
+        },
+        ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "9000", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "9001", &hash));
+        api.status("Starting", None).await;
+        // Unschedulable, say: the pod stays pending and the watch sees nothing new.
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9002", vec![pod_json("9002", "pending")]));
+        let _hanging = api.expect(Method::GET, &pods_watch("9002")).await;
+        // At wake_timeout the manager drops the start; the backend scales back to 0.
+        api.get_sts(sts_json(1, "9003", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(patch.body["spec"]["replicas"], 0);
+        patch.ok(sts_json(0, "9004", &hash));
+        api.status("Suspended", None).await;
+    });
+    let err = match manager.wake(&Arc::new(route())).await {
+        Err(e) => e,
+        Ok(_) => panic!("woke a compute that never got ready"),
+    };
+    assert!(matches!(err, WakeError::Timeout(_)), "{err:?}");
+    assert!(err.retryable());
+    assert_eq!(
+        err.user_message(),
+        "the compute did not become ready within 5s"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_keeps_failing_runs_out_of_tries_though_reads_work() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(
+        client,
+        KubernetesConfig {
+            api_retries: 2,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        for rv in ["100", "101", "102"] {
+            api.get_sts(sts_json(0, rv, &hash)).await;
+            api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+                .await
+                .fail(503, "ServiceUnavailable");
+        }
+        api.expect_quiet().await;
+    });
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("wake succeeded against a failing API"),
+    };
+    assert!(
+        err.to_string()
+            .contains("scale statefulset (gave up after 3 tries)"),
+        "{err}"
+    );
+    server.await.unwrap();
+}

@@ -1,0 +1,302 @@
+//! Pure functions: the StatefulSet an endpoint should have, and what a Pod's status means. No
+//! API calls here, so all of it is tested with plain values.
+
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use pgwake_router::{BackendSpec, EndpointId, Route};
+use serde_json::{json, Value};
+
+use super::KubernetesConfig;
+use crate::BackendError;
+
+pub const LABEL_ENDPOINT: &str = "pgwake.io/endpoint";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+/// Hash of the pod template the StatefulSet was last scaled up with; a different hash on the
+/// next wake from zero replaces the template (changes never restart a running compute).
+pub const ANNOTATION_TEMPLATE_HASH: &str = "pgwake.io/template-hash";
+pub const CONTAINER: &str = "postgres";
+
+/// StatefulSet names longer than this break the `controller-revision-hash` label that the
+/// StatefulSet controller puts on pods (63 characters, of which it appends 11).
+const MAX_NAME: usize = 52;
+
+/// `<prefix><id>`, or when that is too long, a prefix of it plus a hash of the id, so distinct
+/// ids never share a StatefulSet.
+pub fn workload_name(prefix: &str, id: &EndpointId) -> String {
+    let full = format!("{prefix}{id}");
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let hash = format!("{:08x}", fnv1a(id.as_str().as_bytes()) as u32);
+    let keep = MAX_NAME - hash.len() - 1;
+    let head = full[..keep].trim_end_matches('-');
+    format!("{head}-{hash}")
+}
+
+/// The single pod of the StatefulSet.
+pub fn pod_name(workload: &str) -> String {
+    format!("{workload}-0")
+}
+
+/// FNV-1a: stable across Rust versions and processes (unlike `DefaultHasher`), which matters
+/// because several pgwake replicas compare the hashes they wrote.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The port Postgres listens on in the pod.
+pub fn compute_port(cfg: &KubernetesConfig, route: &Route) -> u16 {
+    match &route.backend {
+        BackendSpec::Kubernetes { port: Some(p), .. } => *p,
+        _ => cfg.port,
+    }
+}
+
+/// What the backend wants the StatefulSet to be, with `replicas: 1`. The template hash is
+/// already in its annotations.
+pub fn desired_statefulset(
+    cfg: &KubernetesConfig,
+    namespace: &str,
+    route: &Route,
+) -> Result<StatefulSet, BackendError> {
+    let BackendSpec::Kubernetes {
+        image,
+        port: _,
+        command,
+        args,
+        env,
+        env_secret,
+        requests,
+        limits,
+        storage,
+        storage_class,
+    } = &route.backend
+    else {
+        return Err(BackendError::Config(format!(
+            "endpoint {} is not a kubernetes endpoint",
+            route.endpoint
+        )));
+    };
+    let id = route.endpoint.as_str();
+    let name = workload_name(&cfg.name_prefix, &route.endpoint);
+    let port = compute_port(cfg, route);
+    let selector = json!({ LABEL_ENDPOINT: id, LABEL_MANAGED_BY: "pgwake" });
+    let mut labels = selector.clone();
+    labels[LABEL_NAME] = json!("pgwake-compute");
+    for (k, v) in &cfg.labels {
+        labels[k] = json!(v);
+    }
+
+    let mut container = json!({
+        "name": CONTAINER,
+        "image": image,
+        "ports": [{ "name": "postgres", "containerPort": port, "protocol": "TCP" }],
+        "env": env.iter().map(|(k, v)| json!({ "name": k, "value": v })).collect::<Vec<_>>(),
+        // exec, not tcpSocket: Postgres accepts TCP before it accepts queries (57P03), and
+        // the postgres image's first-boot initdb runs a server on the socket only.
+        "readinessProbe": {
+            "exec": { "command": cfg.readiness_command.iter()
+                .map(|a| a.replace("{port}", &port.to_string())).collect::<Vec<_>>() },
+            "periodSeconds": 1,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+    });
+    if !command.is_empty() {
+        container["command"] = json!(command);
+    }
+    if !args.is_empty() {
+        container["args"] = json!(args);
+    }
+    if let Some(secret) = env_secret {
+        container["envFrom"] = json!([{ "secretRef": { "name": secret } }]);
+    }
+    if !requests.is_empty() || !limits.is_empty() {
+        container["resources"] = json!({ "requests": requests, "limits": limits });
+    }
+    if storage.is_some() {
+        container["volumeMounts"] = json!([{ "name": "data", "mountPath": cfg.data_path }]);
+    }
+
+    let mut pod_spec = json!({
+        "containers": [container],
+        "terminationGracePeriodSeconds": cfg.termination_grace.as_secs(),
+        // The compute talks to no Kubernetes API, and service links would put one variable per
+        // Service of the namespace into its environment.
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+    });
+    if let Some(sa) = &cfg.service_account {
+        pod_spec["serviceAccountName"] = json!(sa);
+    }
+    if !cfg.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(cfg.node_selector);
+    }
+    if !cfg.image_pull_secrets.is_empty() {
+        pod_spec["imagePullSecrets"] = cfg
+            .image_pull_secrets
+            .iter()
+            .map(|s| json!({ "name": s }))
+            .collect();
+    }
+    let template = json!({ "metadata": { "labels": labels }, "spec": pod_spec });
+    let hash = format!(
+        "{:016x}",
+        fnv1a(
+            serde_json::to_string(&template)
+                .unwrap_or_default()
+                .as_bytes()
+        )
+    );
+
+    let mut spec = json!({
+        "replicas": 1,
+        "selector": { "matchLabels": selector },
+        "serviceName": name,
+        // One pod; Parallel skips the ordered-start bookkeeping.
+        "podManagementPolicy": "Parallel",
+        // Scaling to zero must keep the claim: it is the data.
+        "persistentVolumeClaimRetentionPolicy": { "whenScaled": "Retain", "whenDeleted": "Retain" },
+        "template": template,
+    });
+    if let Some(size) = storage {
+        let mut claim = json!({
+            "metadata": { "name": "data", "labels": { LABEL_ENDPOINT: id } },
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": { "requests": { "storage": size } },
+            },
+        });
+        if let Some(class) = storage_class {
+            claim["spec"]["storageClassName"] = json!(class);
+        }
+        spec["volumeClaimTemplates"] = json!([claim]);
+    }
+    let sts = json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": { ANNOTATION_TEMPLATE_HASH: hash },
+        },
+        "spec": spec,
+    });
+    // From a string rather than the `Value`: kube parses responses with `from_str`, so this
+    // shares that (large) monomorphization of StatefulSet's deserializer.
+    serde_json::from_str(&sts.to_string()).map_err(|e| {
+        BackendError::Config(format!(
+            "endpoint {id}: cannot build its StatefulSet (bad resource quantity?): {e}"
+        ))
+    })
+}
+
+/// The template hash recorded on a StatefulSet.
+pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
+    sts.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TEMPLATE_HASH)
+        .map(String::as_str)
+}
+
+/// The merge patch that scales to `replicas`, conditional on `resource_version` (409 if the
+/// object changed since it was read). From zero, it also brings the template up to date.
+pub fn scale_patch(
+    resource_version: &str,
+    replicas: i32,
+    new_template: Option<&StatefulSet>,
+) -> Value {
+    let mut patch = json!({
+        "metadata": { "resourceVersion": resource_version },
+        "spec": { "replicas": replicas },
+    });
+    if let Some(desired) = new_template {
+        let template = desired.spec.as_ref().map(|s| &s.template);
+        patch["spec"]["template"] = json!(template);
+        patch["metadata"]["annotations"] = json!({
+            ANNOTATION_TEMPLATE_HASH: template_hash(desired),
+        });
+    }
+    patch
+}
+
+/// What a Pod's status says about the compute in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodState {
+    /// Ready and addressable.
+    Ready(PodIdentity),
+    /// Not ready yet (or any more), being replaced, or not scheduled yet.
+    NotReady,
+    /// It will not become ready without someone fixing something (bad image, missing secret,
+    /// crash loop): `reason` and Kubernetes' message.
+    Failing { reason: String, message: String },
+}
+
+/// Identifies one incarnation of the compute: a new pod, address or container restart means
+/// the connections to the old one are gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub uid: String,
+    pub addr: SocketAddr,
+    pub restarts: i32,
+}
+
+/// Container "waiting" reasons that mean the start has failed.
+const FAILING_REASONS: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+];
+
+pub fn pod_state(pod: &Pod, port: u16) -> PodState {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return PodState::NotReady;
+    }
+    let Some(status) = &pod.status else {
+        return PodState::NotReady;
+    };
+    let container = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER);
+    if let Some(waiting) = container
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.waiting.as_ref())
+    {
+        let reason = waiting.reason.clone().unwrap_or_default();
+        if FAILING_REASONS.contains(&reason.as_str()) {
+            return PodState::Failing {
+                reason,
+                message: waiting.message.clone().unwrap_or_default(),
+            };
+        }
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let ip = status
+        .pod_ip
+        .as_deref()
+        .and_then(|ip| ip.parse::<IpAddr>().ok());
+    match (ready, ip, &pod.metadata.uid) {
+        (true, Some(ip), Some(uid)) => PodState::Ready(PodIdentity {
+            uid: uid.clone(),
+            addr: SocketAddr::new(ip, port),
+            restarts: container.map_or(0, |c| c.restart_count),
+        }),
+        _ => PodState::NotReady,
+    }
+}

@@ -1,0 +1,5 @@
+//! Prints the `PgwakeEndpoint` CRD as YAML: `cargo run -p pgwake-router --bin crdgen > deploy/crd.yaml`.
+
+fn main() {
+    print!("{}", pgwake_router::crd::crd_yaml());
+}

@@ -1,0 +1,428 @@
+//! Endpoints as Kubernetes objects: the `PgwakeEndpoint` custom resource (`pgwake.io/v1`), its
+//! conversion into an [`EndpointConfig`], and a reflector-based source that keeps the routing
+//! table in step with the resources in one namespace, so every proxy replica routes the same
+//! endpoints without a restart.
+//!
+//! The resource's name is the endpoint id. Its status subresource (state, address, last
+//! activity) is written by the compute manager's Kubernetes backend, never by the router.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, CustomResource, CustomResourceExt, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::{BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, Route, RoutingTable};
+
+/// Environment variables a Neon compute gets from `spec.neon` (the names Neon's own compute
+/// wrapper reads).
+pub const NEON_TENANT_ENV: &str = "TENANT_ID";
+pub const NEON_TIMELINE_ENV: &str = "TIMELINE_ID";
+pub const NEON_PAGESERVER_ENV: &str = "PAGESERVER_CONNSTRING";
+
+/// What the endpoint runs and who may connect to it.
+// The printer columns repeat `type_ = ...`, which the lint takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "pgwake.io",
+    version = "v1",
+    kind = "PgwakeEndpoint",
+    namespaced,
+    status = "PgwakeEndpointStatus",
+    shortname = "pgwe",
+    derive = "PartialEq",
+    doc = "A Postgres endpoint that pgwake starts on the first connection and suspends when idle. The name is the endpoint id that clients pass (options=endpoint=NAME).",
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Address", type_ = "string", json_path = ".status.address"),
+    printcolumn(
+        name = "Last-Activity",
+        type_ = "date",
+        json_path = ".status.lastActivity"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PgwakeEndpointSpec {
+    /// How the compute's pod is built.
+    pub compute: ComputeTemplate,
+    /// How long the compute may sit with no client before it is suspended ("90s", "5m");
+    /// unset uses pgwake's `compute.idle_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// Client networks allowed to connect ("10.0.0.0/8", "192.0.2.7"); empty allows all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowlist: Vec<String>,
+    /// Client connections to this endpoint at once; unset uses the proxy's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// For a Neon compute: the timeline it serves, passed to the container as environment
+    /// variables TENANT_ID, TIMELINE_ID and PAGESERVER_CONNSTRING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neon: Option<NeonTimeline>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeTemplate {
+    /// Container image that runs Postgres, e.g. "postgres:16".
+    pub image: String,
+    /// Postgres's port in the container; unset uses pgwake's `kubernetes.port` (5432).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Overrides the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Overrides the image's arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables of the Postgres container.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Name of a Secret in this namespace whose keys become environment variables (for
+    /// POSTGRES_PASSWORD and the like).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_secret: Option<String>,
+    /// Resource requests and limits, as Kubernetes quantities.
+    #[serde(default, skip_serializing_if = "ComputeResources::is_empty")]
+    pub resources: ComputeResources,
+    /// A PersistentVolumeClaim that keeps the data directory across suspends. Leave it out
+    /// only for computes whose data lives elsewhere (Neon): without it, a suspend loses the
+    /// data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<ComputeStorage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ComputeResources {
+    /// e.g. {"cpu": "250m", "memory": "256Mi"}
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+impl ComputeResources {
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty() && self.limits.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeStorage {
+    /// Size of the volume, e.g. "1Gi". Changing it later has no effect on an existing claim.
+    pub size: String,
+    /// StorageClass of the claim; unset uses the cluster's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NeonTimeline {
+    pub tenant_id: String,
+    pub timeline_id: String,
+    /// e.g. "postgresql://no_user@pageserver:6400"
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pageserver_connstring: Option<String>,
+}
+
+/// What the compute manager last did with the endpoint. Every field is always written (a
+/// `null` clears it), so a merge patch of the whole status replaces it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PgwakeEndpointStatus {
+    /// Suspended, Starting, Running or Suspending.
+    #[serde(default)]
+    pub state: EndpointState,
+    /// Where the running compute accepts connections (pod IP and port).
+    pub address: Option<String>,
+    /// When a client last woke the compute or the compute was last suspended (RFC 3339).
+    pub last_activity: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum EndpointState {
+    #[default]
+    Suspended,
+    Starting,
+    Running,
+    Suspending,
+}
+
+/// Why a resource cannot be routed. Reported all at once, one line each, in the source's log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrdError {
+    #[error("name {name:?} is not a valid endpoint id: {reason}")]
+    BadName {
+        name: String,
+        reason: InvalidEndpointId,
+    },
+    #[error("spec.compute.image is empty")]
+    NoImage,
+    #[error("spec.idleTimeout {value:?}: {reason}")]
+    BadIdleTimeout { value: String, reason: String },
+    #[error("spec.allowlist entry {0:?} is neither a network (10.0.0.0/8) nor an address")]
+    BadNetwork(String),
+    #[error("spec.compute.env sets {0}, which spec.neon also sets")]
+    EnvConflict(&'static str),
+}
+
+impl PgwakeEndpoint {
+    /// The endpoint id: the resource's name.
+    pub fn endpoint_id(&self) -> Result<EndpointId, CrdError> {
+        let name = self.name_any();
+        EndpointId::parse(&name).map_err(|reason| CrdError::BadName { name, reason })
+    }
+
+    /// The routing entry for this resource, or every reason it has none.
+    pub fn endpoint_config(&self) -> Result<EndpointConfig, Vec<CrdError>> {
+        let mut errors = Vec::new();
+        let spec = &self.spec;
+        let id = self.endpoint_id().map_err(|e| errors.push(e)).ok();
+        if spec.compute.image.trim().is_empty() {
+            errors.push(CrdError::NoImage);
+        }
+        let idle_timeout = match &spec.idle_timeout {
+            None => None,
+            Some(v) => match humantime_serde::re::humantime::parse_duration(v) {
+                Ok(d) if d > Duration::ZERO => Some(d),
+                Ok(_) => {
+                    errors.push(CrdError::BadIdleTimeout {
+                        value: v.clone(),
+                        reason: "must be more than zero".into(),
+                    });
+                    None
+                }
+                Err(e) => {
+                    errors.push(CrdError::BadIdleTimeout {
+                        value: v.clone(),
+                        reason: e.to_string(),
+                    });
+                    None
+                }
+            },
+        };
+        let allow = spec
+            .allowlist
+            .iter()
+            .filter_map(|s| match parse_network(s) {
+                Some(n) => Some(n),
+                None => {
+                    errors.push(CrdError::BadNetwork(s.clone()));
+                    None
+                }
+            })
+            .collect();
+        let mut env = spec.compute.env.clone();
+        if let Some(neon) = &spec.neon {
+            let vars = [
+                (NEON_TENANT_ENV, Some(&neon.tenant_id)),
+                (NEON_TIMELINE_ENV, Some(&neon.timeline_id)),
+                (NEON_PAGESERVER_ENV, neon.pageserver_connstring.as_ref()),
+            ];
+            for (name, value) in vars {
+                let Some(value) = value else { continue };
+                if env.insert(name.to_string(), value.clone()).is_some() {
+                    errors.push(CrdError::EnvConflict(name));
+                }
+            }
+        }
+        let (Some(id), true) = (id, errors.is_empty()) else {
+            return Err(errors);
+        };
+        let c = &spec.compute;
+        Ok(EndpointConfig {
+            id,
+            backend: BackendSpec::Kubernetes {
+                image: c.image.clone(),
+                port: c.port,
+                command: c.command.clone(),
+                args: c.args.clone(),
+                env,
+                env_secret: c.env_secret.clone(),
+                requests: c.resources.requests.clone(),
+                limits: c.resources.limits.clone(),
+                storage: c.storage.as_ref().map(|s| s.size.clone()),
+                storage_class: c.storage.as_ref().and_then(|s| s.storage_class.clone()),
+            },
+            idle_timeout,
+            allow,
+            max_connections: spec.max_connections.map(|n| n as usize),
+        })
+    }
+}
+
+/// "10.0.0.0/8" or a bare address, which means just that host.
+fn parse_network(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// The CRD as YAML, exactly as committed in `deploy/crd.yaml` (a test keeps the two equal).
+pub fn crd_yaml() -> String {
+    let crd = PgwakeEndpoint::crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes");
+    format!(
+        "# Generated from router/src/crd.rs by `cargo run -p pgwake-router --bin crdgen`; do not edit.\n{body}"
+    )
+}
+
+/// Applies watcher events to a routing table. Only ids this source put in the table are ever
+/// changed or removed: an id the config file already routes wins, and the resource is skipped
+/// with a warning.
+#[derive(Debug, Default)]
+pub struct CrdSync {
+    owned: HashSet<EndpointId>,
+    /// Ids seen since the last `Init` (a re-list), to drop the ones deleted while the watch
+    /// was down once the list is complete.
+    relisted: Option<HashSet<EndpointId>>,
+}
+
+impl CrdSync {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The ids this source currently routes.
+    pub fn owned(&self) -> impl Iterator<Item = &EndpointId> {
+        self.owned.iter()
+    }
+
+    pub fn apply(&mut self, table: &RoutingTable, event: watcher::Event<PgwakeEndpoint>) {
+        match event {
+            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::InitApply(ep) => {
+                if let Some(id) = self.upsert(table, &ep) {
+                    if let Some(seen) = &mut self.relisted {
+                        seen.insert(id);
+                    }
+                }
+            }
+            watcher::Event::InitDone => {
+                let Some(seen) = self.relisted.take() else {
+                    return;
+                };
+                let gone: Vec<EndpointId> = self.owned.difference(&seen).cloned().collect();
+                for id in gone {
+                    info!(endpoint = %id, "PgwakeEndpoint gone; endpoint removed");
+                    table.remove_unless_file_owned(&id);
+                    self.owned.remove(&id);
+                }
+            }
+            watcher::Event::Apply(ep) => {
+                self.upsert(table, &ep);
+            }
+            watcher::Event::Delete(ep) => {
+                let Ok(id) = ep.endpoint_id() else { return };
+                if self.owned.remove(&id) {
+                    info!(endpoint = %id, "PgwakeEndpoint deleted; endpoint removed");
+                    table.remove_unless_file_owned(&id);
+                }
+            }
+        }
+    }
+
+    /// Returns the id if the resource is (still) routed by this source.
+    fn upsert(&mut self, table: &RoutingTable, ep: &PgwakeEndpoint) -> Option<EndpointId> {
+        let name = ep.name_any();
+        let config = match ep.endpoint_config() {
+            Ok(c) => c,
+            Err(errors) => {
+                for e in &errors {
+                    warn!(resource = %name, error = %e, "PgwakeEndpoint not routed");
+                }
+                // Like a bad config file on reload: the last good definition stays in force.
+                let id = ep.endpoint_id().ok()?;
+                return self.owned.contains(&id).then_some(id);
+            }
+        };
+        let route = Route::from(config);
+        let id = route.endpoint.clone();
+        if table.is_file_owned(&id) {
+            warn!(endpoint = %id, "PgwakeEndpoint skipped: the config file already defines this endpoint");
+            self.owned.remove(&id);
+            return None;
+        }
+        match table.lookup(&id) {
+            Some(old) if *old == route => return Some(id),
+            Some(_) => info!(endpoint = %id, "PgwakeEndpoint changed"),
+            None => info!(endpoint = %id, "PgwakeEndpoint added"),
+        }
+        if !table.upsert_unless_file_owned(route) {
+            self.owned.remove(&id);
+            return None;
+        }
+        self.owned.insert(id.clone());
+        Some(id)
+    }
+}
+
+/// Watches the `PgwakeEndpoint`s in `namespace` (optionally only those matching
+/// `label_selector`) and keeps their routes in `table`. Returns the reflector's store (the
+/// resources as last seen; `store.wait_until_ready()` resolves after the first full list) and
+/// the future that does the work, to be spawned; it runs until dropped. API errors are retried
+/// with the watcher's default backoff and logged, and the table keeps its last routes meanwhile.
+pub fn crd_source(
+    client: Client,
+    namespace: &str,
+    label_selector: Option<&str>,
+    table: Arc<RoutingTable>,
+) -> (
+    Store<PgwakeEndpoint>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let api: Api<PgwakeEndpoint> = Api::namespaced(client, namespace);
+    let mut cfg = watcher::Config::default();
+    if let Some(sel) = label_selector {
+        cfg = cfg.labels(sel);
+    }
+    let (reader, writer) = reflector::store();
+    let events = watcher(api, cfg).default_backoff().reflect(writer);
+    let ns = namespace.to_string();
+    let run = async move {
+        let mut sync = CrdSync::new();
+        let mut events = std::pin::pin!(events);
+        info!(namespace = %ns, "watching PgwakeEndpoints");
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => sync.apply(&table, event),
+                Err(e) => {
+                    warn!(namespace = %ns, error = %e, "watching PgwakeEndpoints failed; retrying")
+                }
+            }
+        }
+        debug!("PgwakeEndpoint watch ended");
+    };
+    (reader, run)
+}
+
+/// [`crd_source`] for callers that do not need the store.
+pub async fn run_crd_source(
+    client: Client,
+    namespace: &str,
+    label_selector: Option<&str>,
+    table: Arc<RoutingTable>,
+) {
+    crd_source(client, namespace, label_selector, table).1.await
+}
+
+#[cfg(test)]
+#[path = "crd_tests.rs"]
+mod tests;

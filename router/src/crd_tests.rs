@@ -1,0 +1,280 @@
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use kube::runtime::watcher::Event;
+use serde_json::{json, Value};
+use tower_test::mock;
+
+use super::*;
+
+fn endpoint(name: &str, spec: Value) -> PgwakeEndpoint {
+    serde_json::from_value(json!({
+        "apiVersion": "pgwake.io/v1",
+        "kind": "PgwakeEndpoint",
+        "metadata": { "name": name, "namespace": "pgwake", "uid": format!("uid-{name}"),
+                      "resourceVersion": "1", "generation": 1 },
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn simple(name: &str, image: &str) -> PgwakeEndpoint {
+    endpoint(name, json!({ "compute": { "image": image } }))
+}
+
+fn id(s: &str) -> EndpointId {
+    EndpointId::parse(s).unwrap()
+}
+
+#[test]
+fn converts_a_full_resource_into_a_kubernetes_route() {
+    let ep = endpoint(
+        "neon-main",
+        json!({
+            "compute": {
+                "image": "neondatabase/compute-node-v16:latest",
+                "port": 55433,
+                "command": ["/shell/compute.sh"],
+                "env": { "PG_VERSION": "16" },
+                "envSecret": "neon-compute",
+                "resources": { "requests": { "cpu": "500m" }, "limits": { "memory": "1Gi" } },
+                "storage": { "size": "2Gi", "storageClass": "fast" }
+            },
+            "idleTimeout": "5m",
+            "allowlist": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"],
+            "maxConnections": 50,
+            "neon": {
+                "tenantId": "de200bd42b49cc1814412c7e592dd6e9",
+                "timelineId": "0d8f5a0e5c2b1e4f8f6a3b2c1d0e9f8a",
+                "pageserverConnstring": "postgresql://no_user@pageserver:6400"
+            }
+        }),
+    );
+    let c = ep.endpoint_config().unwrap();
+    assert_eq!(c.id, id("neon-main"));
+    assert_eq!(c.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(c.max_connections, Some(50));
+    assert_eq!(
+        c.allow,
+        ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"].map(|n| n.parse::<IpNet>().unwrap())
+    );
+    let env: BTreeMap<String, String> = [
+        ("PG_VERSION", "16"),
+        ("TENANT_ID", "de200bd42b49cc1814412c7e592dd6e9"),
+        ("TIMELINE_ID", "0d8f5a0e5c2b1e4f8f6a3b2c1d0e9f8a"),
+        (
+            "PAGESERVER_CONNSTRING",
+            "postgresql://no_user@pageserver:6400",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(
+        c.backend,
+        BackendSpec::Kubernetes {
+            image: "neondatabase/compute-node-v16:latest".into(),
+            port: Some(55433),
+            command: vec!["/shell/compute.sh".into()],
+            args: vec![],
+            env,
+            env_secret: Some("neon-compute".into()),
+            requests: BTreeMap::from([("cpu".into(), "500m".into())]),
+            limits: BTreeMap::from([("memory".into(), "1Gi".into())]),
+            storage: Some("2Gi".into()),
+            storage_class: Some("fast".into()),
+        }
+    );
+    let route = Route::from(c);
+    assert!(route.allows("10.1.2.3".parse().unwrap()));
+    assert!(!route.allows("192.0.2.8".parse().unwrap()));
+}
+
+#[test]
+fn reports_every_problem_of_a_resource_at_once() {
+    let ep = endpoint(
+        "Bad_Name",
+        json!({
+            "compute": { "image": " ", "env": { "TENANT_ID": "x" } },
+            "idleTimeout": "soon",
+            "allowlist": ["10.0.0.0/33", "localhost"],
+            "neon": { "tenantId": "t", "timelineId": "l" }
+        }),
+    );
+    let errors = ep.endpoint_config().unwrap_err();
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors.len(), 6, "{text:#?}");
+    assert!(matches!(errors[0], CrdError::BadName { .. }));
+    assert_eq!(errors[1], CrdError::NoImage);
+    assert!(matches!(errors[2], CrdError::BadIdleTimeout { .. }));
+    assert_eq!(errors[3], CrdError::BadNetwork("10.0.0.0/33".into()));
+    assert_eq!(errors[4], CrdError::BadNetwork("localhost".into()));
+    assert_eq!(errors[5], CrdError::EnvConflict("TENANT_ID"));
+}
+
+#[test]
+fn sync_applies_adds_changes_and_deletes() {
+    let table = RoutingTable::new();
+    let mut sync = CrdSync::new();
+    sync.apply(&table, Event::Apply(simple("a", "postgres:16")));
+    let before = table.lookup(&id("a")).unwrap();
+    // The same object again (a resync or a status change) keeps the route's Arc.
+    sync.apply(&table, Event::Apply(simple("a", "postgres:16")));
+    assert!(Arc::ptr_eq(&before, &table.lookup(&id("a")).unwrap()));
+    sync.apply(&table, Event::Apply(simple("a", "postgres:17")));
+    assert!(matches!(
+        &table.lookup(&id("a")).unwrap().backend,
+        BackendSpec::Kubernetes { image, .. } if image == "postgres:17"
+    ));
+    // An invalid update keeps the last good route, as a bad config file does on reload.
+    sync.apply(&table, Event::Apply(simple("a", "")));
+    assert!(matches!(
+        &table.lookup(&id("a")).unwrap().backend,
+        BackendSpec::Kubernetes { image, .. } if image == "postgres:17"
+    ));
+    sync.apply(&table, Event::Delete(simple("a", "postgres:17")));
+    assert!(table.lookup(&id("a")).is_none());
+    assert_eq!(sync.owned().count(), 0);
+}
+
+#[test]
+fn sync_relist_drops_what_was_deleted_while_disconnected() {
+    let table = RoutingTable::new();
+    let mut sync = CrdSync::new();
+    for ev in [
+        Event::Init,
+        Event::InitApply(simple("a", "postgres:16")),
+        Event::InitApply(simple("b", "postgres:16")),
+        Event::InitDone,
+    ] {
+        sync.apply(&table, ev);
+    }
+    assert_eq!(table.len(), 2);
+    // The watch broke; on the re-list only "b" and a new "c" exist.
+    sync.apply(&table, Event::Init);
+    sync.apply(&table, Event::InitApply(simple("b", "postgres:16")));
+    // Until the list is complete nothing is removed.
+    assert!(table.lookup(&id("a")).is_some());
+    sync.apply(&table, Event::InitApply(simple("c", "postgres:16")));
+    sync.apply(&table, Event::InitDone);
+    assert!(table.lookup(&id("a")).is_none());
+    assert!(table.lookup(&id("b")).is_some());
+    assert!(table.lookup(&id("c")).is_some());
+}
+
+#[test]
+fn sync_never_touches_endpoints_of_the_config_file() {
+    let table = RoutingTable::new();
+    table
+        .replace_all(vec![crate::EndpointConfig {
+            id: id("cfg"),
+            backend: BackendSpec::Static {
+                address: "db:5432".into(),
+            },
+            idle_timeout: None,
+            allow: vec![],
+            max_connections: None,
+        }])
+        .unwrap();
+    let mut sync = CrdSync::new();
+    sync.apply(&table, Event::Apply(simple("cfg", "postgres:16")));
+    sync.apply(&table, Event::Delete(simple("cfg", "postgres:16")));
+    sync.apply(&table, Event::Init);
+    sync.apply(&table, Event::InitDone);
+    assert!(matches!(
+        table.lookup(&id("cfg")).unwrap().backend,
+        BackendSpec::Static { .. }
+    ));
+}
+
+#[test]
+fn committed_crd_matches_the_rust_type() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed == crd_yaml(),
+        "deploy/crd.yaml is stale: run `cargo run -p pgwake-router --bin crdgen > deploy/crd.yaml`"
+    );
+}
+
+#[test]
+fn crd_has_the_status_subresource_and_round_trips() {
+    let crd = PgwakeEndpoint::crd();
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("pgwakeendpoints.pgwake.io")
+    );
+    let v = &crd.spec.versions[0];
+    assert!(v.subresources.as_ref().unwrap().status.is_some());
+    let mut ep = simple("demo", "postgres:16");
+    ep.status = Some(PgwakeEndpointStatus {
+        state: EndpointState::Running,
+        address: Some("10.0.0.5:5432".into()),
+        last_activity: Some("2026-11-25T12:00:00Z".into()),
+    });
+    let json = serde_json::to_value(&ep).unwrap();
+    assert_eq!(json["status"]["state"], "Running");
+    assert_eq!(json["status"]["lastActivity"], "2026-11-25T12:00:00Z");
+    assert_eq!(serde_json::from_value::<PgwakeEndpoint>(json).unwrap(), ep);
+}
+
+/// The source against kube's mock API: a list with two endpoints, then a watch in which one
+/// is deleted and one added.
+#[tokio::test]
+async fn source_keeps_the_table_in_sync_through_the_reflector() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let table = Arc::new(RoutingTable::new());
+    let (store, run) = crd_source(client, "pgwake", Some("tier=dev"), Arc::clone(&table));
+    let task = tokio::spawn(run);
+
+    let reply = |send: mock::SendResponse<Response<Body>>, body: String| {
+        send.send_response(
+            Response::builder()
+                .body(Body::from(body.into_bytes()))
+                .unwrap(),
+        )
+    };
+    let obj = |ep: PgwakeEndpoint| serde_json::to_value(ep).unwrap();
+
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.method(), http::Method::GET);
+    assert_eq!(
+        req.uri().to_string(),
+        "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints?&labelSelector=tier%3Ddev&limit=500"
+    );
+    let list = json!({
+        "apiVersion": "pgwake.io/v1", "kind": "PgwakeEndpointList",
+        "metadata": { "resourceVersion": "10" },
+        "items": [obj(simple("a", "postgres:16")), obj(simple("b", "postgres:16"))],
+    });
+    reply(send, list.to_string());
+    store.wait_until_ready().await.unwrap();
+    assert_eq!(table.len(), 2);
+
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.uri().to_string(),
+        "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints?&watch=true&timeoutSeconds=290&labelSelector=tier%3Ddev&allowWatchBookmarks=true&resourceVersion=10"
+    );
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty());
+    let events = [
+        json!({ "type": "DELETED", "object": obj(simple("a", "postgres:16")) }),
+        json!({ "type": "ADDED", "object": obj(simple("c", "postgres:17")) }),
+    ];
+    reply(
+        send,
+        events.iter().map(|e| format!("{e}\n")).collect::<String>(),
+    );
+    // The next watch request means both events were applied.
+    let (req, _hold) = handle.next_request().await.unwrap();
+    assert!(req.uri().to_string().contains("watch=true"));
+    assert!(table.lookup(&id("a")).is_none());
+    assert!(table.lookup(&id("b")).is_some());
+    assert!(table.lookup(&id("c")).is_some());
+    assert_eq!(store.state().len(), 2);
+    task.abort();
+}
