@@ -100,6 +100,9 @@ pub struct LocalBackend {
 /// How often a starting compute is probed. The gap between "port open" and "ready" is ~15 ms
 /// on a warm cache, so a coarser poll would add most of its period to every cold start.
 const PROBE_INTERVAL: Duration = Duration::from_millis(2);
+/// How often `postmaster.pid` is read while waiting for the "ready" status: a small file
+/// read, far cheaper than a probe connection, so it can be frequent.
+const PID_FILE_INTERVAL: Duration = Duration::from_millis(1);
 /// Attempts at picking a free port, for the race where another process binds it first.
 const PORT_ATTEMPTS: usize = 3;
 
@@ -290,14 +293,23 @@ enum ReadyError {
     Other(BackendError),
 }
 
+/// The postmaster's own state from line 8 of `postmaster.pid` ("starting", "ready", ...).
+/// `None` while the file is not (fully) written yet.
+fn pm_status(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    text.lines().nth(7).map(|l| l.trim().to_string())
+}
+
 async fn wait_ready(
     child: &mut Child,
+    dir: &Path,
     addr: SocketAddr,
     superuser: &str,
     log: &Path,
     log_start: u64,
 ) -> Result<(), ReadyError> {
     let mut probes = 0u32;
+    let mut polls = 0u32;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
@@ -314,6 +326,16 @@ async fn wait_ready(
             }
             Ok(None) => {}
             Err(e) => return Err(ReadyError::Other(BackendError::io("wait for postgres", e))),
+        }
+        // Each protocol probe forks a backend on the starting server; the postmaster announces
+        // "ready" in its lock file first, so probe only then (or, for a server that never
+        // writes the status line, after a while anyway).
+        polls += 1;
+        let status = pm_status(dir);
+        let announced = matches!(status.as_deref(), Some("ready" | "standby"));
+        if !announced && polls < 2500 {
+            tokio::time::sleep(PID_FILE_INTERVAL).await;
+            continue;
         }
         probes += 1;
         match probe_ready(addr, superuser, Duration::from_secs(2)).await {
@@ -342,7 +364,7 @@ impl ComputeBackend for LocalBackend {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
             let mut child = self.spawn_postgres(route, &dir, &bins, port, &log).await?;
-            match wait_ready(&mut child, addr, &self.cfg.superuser, &log, log_start).await {
+            match wait_ready(&mut child, &dir, addr, &self.cfg.superuser, &log, log_start).await {
                 Ok(()) => {
                     return Ok(Box::new(LocalCompute::watch(
                         child,

@@ -10,7 +10,7 @@ use pgwake_router::RoutingTable;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::admin::Health;
 use crate::cancel::CancelMap;
@@ -146,6 +146,10 @@ impl Proxy {
             .with_label_values(&[err.kind(), side])
             .inc();
         match err.source_side() {
+            // Load balancers' TCP health checks connect and close without a byte: not news.
+            ErrorSource::Client if matches!(err, ProxyError::ClientGone) => {
+                debug!(kind = err.kind(), "client closed before startup")
+            }
             ErrorSource::Client => info!(error = %err, kind = err.kind(), "connection refused"),
             _ => {
                 warn!(error = %err, kind = err.kind(), retryable = err.retryable(), "connection failed")
