@@ -127,7 +127,7 @@ def main():
     a = ap.parse_args()
 
     if not a.pgwake_bin:
-        for b in ("/work/target-bench/release/pgwake", os.path.join(HERE, "..", "target", "release", "pgwake")):
+        for b in (os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target")), "release", "pgwake"),):
             if os.access(b, os.X_OK):
                 a.pgwake_bin = b
                 break

@@ -16,7 +16,7 @@
 #
 # Options (the rest goes to compare.sh unchanged, e.g. -T 10, --tests, --out DIR):
 #   --pgwake-bin PATH  pgwake binary (default $PGWAKE_BIN, else
-#                      /work/target-bench/release/pgwake, else target/release/pgwake)
+#                      $CARGO_TARGET_DIR or target/release/pgwake)
 #   --port P           pgwake listen port (default 55436)
 #   --pgwake-log LVL   PGWAKE_LOG filter (default info)
 # compare.sh's --out (default /tmp/bench-results/pgwake-<timestamp>) gets report.md,
@@ -47,11 +47,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$PGWAKE_BIN" ]; then
-  for b in /work/target-bench/release/pgwake "$HERE/../target/release/pgwake"; do
+  for b in "${CARGO_TARGET_DIR:-$HERE/../target}/release/pgwake"; do
     [ -x "$b" ] && { PGWAKE_BIN=$b; break; }
   done
 fi
-[ -x "${PGWAKE_BIN:-}" ] || die "no pgwake binary; build it (CARGO_TARGET_DIR=/work/target-bench cargo build --release) or pass --pgwake-bin"
+[ -x "${PGWAKE_BIN:-}" ] || die "no pgwake binary; build it (cargo build --release) or pass --pgwake-bin"
 [ "$HAVE_PEERS" = 1 ] || PASS+=(--peers haproxy,pgbouncer)
 OUT=${OUT:-/tmp/bench-results/pgwake-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
