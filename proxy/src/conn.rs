@@ -5,22 +5,16 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use pgwake_compute_manager::Lease;
-use pgwake_router::EndpointId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::cancel::{self, CancelGuard, CancelTarget};
 use crate::error::ProxyError;
-use crate::options::extract_endpoint;
+use crate::handshake::{read_startup, take_endpoint, First};
 use crate::passthrough::{self, Transferred};
 use crate::proxy_protocol;
-use crate::wire::{read_startup_packet, ReadError, StartupMessage, StartupPacket};
 use crate::Proxy;
-
-/// At most this many SSLRequest/GSSENCRequest packets before the StartupMessage; libpq sends
-/// at most one of each, and an unbounded loop would let a client hold a slot forever.
-const MAX_NEGOTIATIONS: usize = 2;
 
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
@@ -119,37 +113,6 @@ pub(crate) async fn handle(
     }
     drop(lease);
     Ok(bytes)
-}
-
-enum First {
-    Startup(StartupMessage),
-    Cancel { pid: i32, secret: Vec<u8> },
-}
-
-async fn read_startup(client: &mut TcpStream) -> Result<First, ProxyError> {
-    let mut negotiations = 0;
-    loop {
-        let packet = read_startup_packet(client).await.map_err(|e| match e {
-            ReadError::Eof => ProxyError::ClientGone,
-            ReadError::Io(e) => ProxyError::ClientIo(e),
-            ReadError::Wire(w) => ProxyError::Wire(w),
-        })?;
-        match packet {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                negotiations += 1;
-                if negotiations > MAX_NEGOTIATIONS {
-                    return Err(ProxyError::NegotiationLoop);
-                }
-                // 'N': no encryption here; libpq then sends its StartupMessage in the clear
-                // (or gives up if it required encryption).
-                client.write_all(b"N").await.map_err(ProxyError::ClientIo)?;
-            }
-            StartupPacket::CancelRequest { pid, secret } => {
-                return Ok(First::Cancel { pid, secret })
-            }
-            StartupPacket::Startup(m) => return Ok(First::Startup(m)),
-        }
-    }
 }
 
 /// Forwards a CancelRequest to the compute that issued the key, or drops it without a word
@@ -285,23 +248,6 @@ async fn read_message<R: AsyncRead + Unpin>(
     Ok((head[0], body))
 }
 
-/// Takes the endpoint id out of the startup's `options`, leaving every other option for the
-/// compute.
-fn take_endpoint(startup: &mut StartupMessage) -> Result<EndpointId, ProxyError> {
-    let Some(options) = startup.get("options") else {
-        return Err(ProxyError::NoEndpoint);
-    };
-    let extracted = extract_endpoint(options)?;
-    match extracted.rest {
-        Some(rest) => startup.set("options", rest),
-        None => {
-            startup.remove("options");
-        }
-    }
-    let id = extracted.endpoint.ok_or(ProxyError::NoEndpoint)?;
-    Ok(EndpointId::parse(&id)?)
-}
-
 /// Attempts at wake+connect. A compute that crashed a moment ago is still "running" to the
 /// manager until its exit is reaped; a refused connect then means "wake again".
 const CONNECT_ATTEMPTS: usize = 3;
@@ -347,46 +293,4 @@ async fn connect_compute(
         }
     }
     Err(last_err.expect("at least one attempt"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn startup(params: &[(&str, &str)]) -> StartupMessage {
-        StartupMessage {
-            major: 3,
-            minor: 0,
-            params: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn endpoint_is_taken_and_other_options_kept() {
-        let mut s = startup(&[("user", "u"), ("options", "-c geqo=off endpoint=ep-1")]);
-        assert_eq!(take_endpoint(&mut s).unwrap().as_str(), "ep-1");
-        assert_eq!(s.get("options"), Some("-c geqo=off"));
-
-        let mut s = startup(&[("user", "u"), ("options", "--endpoint=ep-1")]);
-        take_endpoint(&mut s).unwrap();
-        assert_eq!(s.get("options"), None);
-    }
-
-    #[test]
-    fn endpoint_errors() {
-        let mut s = startup(&[("user", "u")]);
-        assert!(matches!(take_endpoint(&mut s), Err(ProxyError::NoEndpoint)));
-        let mut s = startup(&[("user", "u"), ("options", "-c geqo=off")]);
-        assert!(matches!(take_endpoint(&mut s), Err(ProxyError::NoEndpoint)));
-        let mut s = startup(&[("user", "u"), ("options", "endpoint=Bad_Id")]);
-        assert!(matches!(
-            take_endpoint(&mut s),
-            Err(ProxyError::InvalidEndpoint(_))
-        ));
-        let mut s = startup(&[("user", "u"), ("options", "endpoint=a endpoint=b")]);
-        assert!(matches!(take_endpoint(&mut s), Err(ProxyError::Options(_))));
-    }
 }
