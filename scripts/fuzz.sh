@@ -41,7 +41,7 @@ for t in "${targets[@]}"; do
     # -rss_limit_mb: every parser caps its buffers at a few KiB, so a lot of memory is a bug.
     if ! cargo "${toolchain[@]}" fuzz run "$t" "$work" -- \
         -max_total_time="$secs" -max_len=12000 -rss_limit_mb=512 -print_final_stats=1 \
-        2>&1 | tee "fuzz/artifacts/$t/last-run.log" | grep -E '^(#[0-9]+ +DONE|Done|stat::|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written)'; then
+        2>&1 | tee "fuzz/artifacts/$t/last-run.log" | grep -E '^(#[0-9]+\s+DONE|Done|stat::|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written)'; then
         :
     fi
     if grep -qE 'Test unit written|panicked|SUMMARY: ' "fuzz/artifacts/$t/last-run.log"; then

@@ -171,6 +171,12 @@ async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
 
 fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     use ppp::v1::{Addresses, Header};
+    // The v1 header is US-ASCII by spec. Checking that here, rather than only UTF-8, also keeps
+    // ppp 2.3 from panicking: it slices the line two bytes past the first '\r', which is not a
+    // char boundary when a multi-byte character follows a stray '\r' (found by fuzzing).
+    if !line.is_ascii() {
+        return Err(ProxyHeaderError::Malformed("not ASCII".into()));
+    }
     let text =
         std::str::from_utf8(line).map_err(|_| ProxyHeaderError::Malformed("not ASCII".into()))?;
     let h = Header::try_from(text).map_err(|e| ProxyHeaderError::Malformed(e.to_string()))?;
@@ -319,6 +325,11 @@ mod tests {
 
         for bad in [
             b"PROXY TCP4 nonsense here 1 2\r\n".to_vec(),
+            // A stray CR before a multi-byte character used to panic inside ppp.
+            b"PRUN\x011.\r\xd9\xa8n\r\n".to_vec(),
+            "PROXY TCP4 1.2.3.4 \r\u{e9} 5.6.7.8 1 2\r\n"
+                .as_bytes()
+                .to_vec(),
             [b'P'; 200].to_vec(),
             b"PROXY TCP4 1.2.3.4".to_vec(),
             b"\r\n\r\n\0\r\nQUIX\n\x21\x11\x00\x0c".to_vec(),
