@@ -56,6 +56,9 @@ pub struct Args {
     /// Where results.json and latency.svg are written.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Redraw the table and latency.svg from an earlier results.json (into --out); runs nothing.
+    #[arg(long)]
+    replot: Option<PathBuf>,
     /// Longest any single client may take to connect and get its first result.
     #[arg(long, value_parser = humantime_parse, default_value = "120s")]
     timeout: Duration,
@@ -88,6 +91,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(path) = &args.replot {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        return write_results(&args, &serde_json::from_str(&text)?);
+    }
     let max_parallel = args.parallel.iter().copied().max().unwrap_or(0);
     let target = match args.proxy {
         Some(addr) => target::Target::external(addr, args.admin, args.endpoints.clone())?,
@@ -97,13 +105,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let results = phases::run_all(&args, &target).await;
     target.stop().await;
-    let results = results?;
+    write_results(&args, &results?)
+}
+
+fn write_results(args: &Args, results: &phases::Results) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let json = args.out.join("results.json");
     let svg = args.out.join("latency.svg");
-    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
-    std::fs::write(&svg, report::svg(&results))?;
-    print!("{}", report::table(&results));
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)?;
+    std::fs::write(&svg, report::svg(results))?;
+    print!("{}", report::table(results));
     println!("\nwrote {} and {}", json.display(), svg.display());
     Ok(())
 }

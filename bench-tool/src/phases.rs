@@ -6,19 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::target::Target;
 use crate::Args;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub machine: Machine,
     pub mode: String,
     pub phases: Vec<PhaseResult>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
@@ -26,12 +26,12 @@ pub struct Machine {
     pub postgres: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PhaseResult {
     pub name: String,
     pub what: String,
     /// Latencies in milliseconds (empty for throughput, where they are summarized only).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples_ms: Vec<f64>,
     pub summary: Summary,
     pub errors: usize,
@@ -42,7 +42,7 @@ pub struct PhaseResult {
     pub starts: Option<u64>,
 }
 
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
 pub struct Summary {
     pub n: usize,
     pub min: f64,

@@ -47,7 +47,7 @@ pub fn table(r: &Results) -> String {
 const W: f64 = 820.0;
 const H: f64 = 480.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 200.0;
+const RIGHT: f64 = 230.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 8] = [
@@ -92,7 +92,8 @@ pub fn svg(r: &Results) -> String {
         LEFT + pw / 2.0,
         r.machine.cpus
     );
-    // Grid and ticks.
+    // Grid at 1-2-5 steps; labels on 2 and 5 too only when few decades leave room for them.
+    let label_all = (hi / lo).log10() <= 3.0;
     let mut decade = lo;
     while decade <= hi * 1.0001 {
         for m in [1.0, 2.0, 5.0] {
@@ -106,12 +107,14 @@ pub fn svg(r: &Results) -> String {
                 r##"<line x1="{xv:.1}" y1="{TOP}" x2="{xv:.1}" y2="{}" stroke="#ddd"/>"##,
                 TOP + ph
             );
-            let _ = writeln!(
-                o,
-                r#"<text x="{xv:.1}" y="{}" text-anchor="middle">{}</text>"#,
-                TOP + ph + 16.0,
-                fmt_ms(v)
-            );
+            if m == 1.0 || label_all {
+                let _ = writeln!(
+                    o,
+                    r#"<text x="{xv:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                    TOP + ph + 16.0,
+                    fmt_ms(v)
+                );
+            }
         }
         decade *= 10.0;
     }
@@ -195,9 +198,21 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
+/// Three significant digits at most, without trailing zeros: 0.25, 4.15, 59.2, 181, 4200.
 fn trim(v: f64) -> String {
-    let s = format!("{v:.2}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+    let decimals = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -245,11 +260,21 @@ mod tests {
     }
 
     #[test]
+    fn short_numbers() {
+        assert_eq!(fmt_ms(180.99), "181ms");
+        assert_eq!(fmt_ms(59.16), "59.2ms");
+        assert_eq!(fmt_ms(4.15), "4.15ms");
+        assert_eq!(fmt_ms(4197.4), "4.2s");
+        assert_eq!(fmt_ms(1000.0), "1s");
+    }
+
+    #[test]
     fn svg_is_well_formed_and_has_a_line_per_phase() {
         let s = svg(&results());
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert_eq!(s.matches("<polyline").count(), 2);
         assert!(s.contains("cold (p50 150ms)"), "{s}");
+        assert!(s.contains("warm (p50 2ms)"), "{s}");
         // Axis spans the decades around the data: 1 ms .. 1 s.
         assert!(s.contains(">1ms<") && s.contains(">1s<"), "{s}");
     }
