@@ -39,12 +39,15 @@ for t in "${targets[@]}"; do
     cp -n fuzz/corpus/"$t"/* "$work"/ 2>/dev/null || true
     echo "+ cargo fuzz run $t for ${secs}s"
     # -rss_limit_mb: every parser caps its buffers at a few KiB, so a lot of memory is a bug.
-    if ! cargo "${toolchain[@]}" fuzz run "$t" "$work" -- \
+    # libFuzzer exits non-zero on a crash, a leak or a timeout; a build failure counts too.
+    status=0
+    cargo "${toolchain[@]}" fuzz run "$t" "$work" -- \
         -max_total_time="$secs" -max_len=12000 -rss_limit_mb=512 -print_final_stats=1 \
-        2>&1 | tee "fuzz/artifacts/$t/last-run.log" | grep -E '^(#[0-9]+\s+DONE|Done|stat::|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written)'; then
-        :
-    fi
-    if grep -qE 'Test unit written|panicked|SUMMARY: ' "fuzz/artifacts/$t/last-run.log"; then
+        >"fuzz/artifacts/$t/last-run.log" 2>&1 || status=$?
+    grep -aE '^(#[0-9]+\s+DONE|Done|stat::|==[0-9]+==|SUMMARY|thread .* panicked|Test unit written|error)' \
+        "fuzz/artifacts/$t/last-run.log" || true
+    if [ "$status" -ne 0 ]; then
+        echo "$t: exit status $status" >&2
         failed+=("$t")
     fi
 done

@@ -37,7 +37,7 @@ fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Field `n` (0-based, after the command name) of /proc/PID/stat: 0 is the state, 1 the ppid.
+/// Field `n` of /proc/PID/stat counted from 0 (0 pid, 1 comm, 2 state, 3 ppid); `n >= 2`.
 fn stat_field(pid: i32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may contain spaces.
