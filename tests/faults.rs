@@ -3,11 +3,10 @@
 //! garbage connections while real clients keep working. Every wait has a deadline; every
 //! test stops its pgwake (and so its computes) and removes its directories.
 //!
-//! Not here: "port taken" (the local backend picks a free port by binding port 0 and retries
-//! another if postgres then fails to bind; which port it gets cannot be predicted from outside,
-//! so a test that takes "its" port first would not be deterministic), and "manager restarted
-//! while clients are held" (the manager runs in-process; there is no separate manager service
-//! to restart yet).
+//! "Port taken" runs the local backend on its own, with its port picker made to hand out a
+//! port another program holds first (the kernel's choice for port 0 cannot be predicted from
+//! outside). Not here: "manager restarted while clients are held" (the manager runs
+//! in-process; there is no separate manager service to restart yet).
 
 mod common;
 
@@ -396,4 +395,85 @@ async fn a_thousand_garbage_connections_while_real_clients_keep_working() {
     assert_eq!(s.starts, 1, "{s:?}");
     eprintln!("{real} real round trips during 1000 garbage connections");
     env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_taken_by_another_program_is_retried_on_another_port() {
+    use pgwake_compute_manager::{ComputeBackend, LocalBackend, LocalConfig};
+    use std::sync::{Arc, Mutex};
+
+    // Another program on the port the backend will try first; it hangs up on everyone, so the
+    // readiness probe is told nothing useful there.
+    let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let squat = tokio::spawn(async move {
+        while let Ok((conn, _)) = squatter.accept().await {
+            drop(conn);
+        }
+    });
+
+    let dir = tempdir();
+    let cfg = LocalConfig {
+        data_root: dir.path().join("data"),
+        initdb_args: vec!["--no-sync".into()],
+        settings: [("shared_buffers".to_string(), "16MB".to_string())].into(),
+        ..LocalConfig::default()
+    };
+    let picked = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&picked);
+    let backend = LocalBackend::new(cfg).unwrap().with_port_picker(move || {
+        let mut log = log.lock().unwrap();
+        let port = if log.is_empty() {
+            taken
+        } else {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        log.push(port);
+        Ok(port)
+    });
+    let route = pgwake_router::Route {
+        endpoint: pgwake_router::EndpointId::parse("demo").unwrap(),
+        backend: pgwake_router::BackendSpec::Local {
+            settings: Default::default(),
+        },
+        idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
+    };
+    let compute = tokio::time::timeout(LONG, backend.start(&route))
+        .await
+        .expect("start within a minute")
+        .expect("started on another port");
+    let picked = picked.lock().unwrap().clone();
+    assert_eq!(picked.len(), 2, "one retry: {picked:?}");
+    assert_eq!(picked[0], taken);
+    let port: u16 = compute
+        .addr()
+        .as_str()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert_eq!(port, picked[1]);
+    let log_text = std::fs::read_to_string(dir.path().join("data/demo.log")).unwrap();
+    assert!(
+        log_text.contains("could not bind") || log_text.contains("already in use"),
+        "the first postgres failed for the port: {log_text}"
+    );
+
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let v: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 1);
+    drop(client);
+    let _ = conn.await;
+    compute.stop().await.unwrap();
+    squat.abort();
 }
