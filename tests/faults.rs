@@ -44,6 +44,22 @@ fn stat_field(pid: i32, n: usize) -> Option<String> {
     rest.split(' ').nth(n - 2).map(str::to_owned)
 }
 
+/// Every process of the cluster in `dir`, whoever its parent is now: each Postgres process
+/// runs with the data directory as its working directory.
+fn cluster_procs(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .filter(|p| !gone(*p))
+        .collect()
+}
+
 /// Gone, or a zombie waiting for a reaper that is not us: either way no longer running.
 fn gone(pid: i32) -> bool {
     !matches!(stat_field(pid, 2).as_deref(), Some(s) if s != "Z")
@@ -59,6 +75,28 @@ async fn connect_error(env: &Env, endpoint: &str) -> (String, String) {
         .as_db_error()
         .unwrap_or_else(|| panic!("expected an ErrorResponse, got {err:?}"));
     (db.code().code().to_owned(), db.message().to_owned())
+}
+
+/// `env.client`, but a failure shows the SQLSTATE, the message and the compute's last log
+/// lines instead of just "db error".
+async fn client_or_explain(env: &Env, endpoint: &str) -> tokio_postgres::Client {
+    match tokio_postgres::connect(&env.conn_str(endpoint), tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client
+        }
+        Err(e) => {
+            let log = std::fs::read_to_string(env.dir.path().join(format!("data/{endpoint}.log")))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            panic!(
+                "connect to {endpoint}: {e:?} {:?}\ncompute log (last lines first):\n{}\nstats: {:?}",
+                e.as_db_error().map(|d| (d.code().code(), d.message())),
+                tail.join("\n"),
+                env.stats(endpoint)
+            )
+        }
+    }
 }
 
 async fn select_one(env: &Env, endpoint: &str) -> i32 {
@@ -84,9 +122,8 @@ async fn compute_killed_mid_query_gives_a_clean_error_and_the_next_connect_wakes
         .unwrap()
         .get(0);
     let postmaster = postmaster_pid(&env.data_dir("demo")).unwrap();
-    let mut procs = children(postmaster);
-    assert!(procs.contains(&backend), "{backend} not in {procs:?}");
-    procs.push(postmaster);
+    assert!(children(postmaster).contains(&backend));
+    assert!(cluster_procs(&env.data_dir("demo")).contains(&postmaster));
 
     let query = tokio::spawn(async move {
         let r = client.query_one("select pg_sleep(60)", &[]).await;
@@ -131,15 +168,17 @@ async fn compute_killed_mid_query_gives_a_clean_error_and_the_next_connect_wakes
     // The manager notices the exit by itself and forgets the dead address.
     env.wait_phase("demo", Phase::Suspended, LONG).await;
     assert_eq!(env.stats("demo").unwrap().crashes, 1);
-    // The other processes of the dead compute go away (they watch the postmaster); a new
-    // postmaster would refuse to start while they still hold its shared memory.
-    wait_until(LONG, || procs.iter().all(|p| gone(*p)))
+    // The other processes of the dead compute (background workers, the watcher's backend)
+    // go away by themselves: they watch the postmaster. Until they have, a new postmaster
+    // would refuse to start while they still hold the old shared memory.
+    let dir = env.data_dir("demo");
+    wait_until(LONG, || cluster_procs(&dir).is_empty())
         .await
-        .unwrap_or_else(|_| panic!("old compute processes linger: {procs:?}"));
+        .unwrap_or_else(|_| panic!("old compute processes linger: {:?}", cluster_procs(&dir)));
     drop(watcher);
 
     // Next connect: a new compute, after crash recovery, with the committed row.
-    let client = env.client("demo").await;
+    let client = client_or_explain(&env, "demo").await;
     let n: i64 = client
         .query_one("select count(*) from t", &[])
         .await

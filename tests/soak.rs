@@ -149,9 +149,27 @@ async fn suspend_resume_soak() {
     assert_eq!(s.crashes, 0);
     let last = postmaster_pid(&env.data_dir("demo")).unwrap();
     let last_procs = with_children(last);
-    env.stop().await;
+    let data_dir = env.data_dir("demo");
+    // Stop pgwake (and its computes) but keep the directory until the leak check has run.
+    let mut env = env;
+    if let Some(p) = env.pgwake.take() {
+        p.shutdown().await;
+    }
     all_procs.extend(last_procs);
-    let leaked: Vec<i32> = all_procs.into_iter().filter(|p| running(*p)).collect();
+    let mut leaked: Vec<i32> = all_procs.into_iter().filter(|p| running(*p)).collect();
+    // And anything else still working in the data directory, whoever its parent is.
+    if let Ok(dir) = data_dir.canonicalize() {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cwd = std::fs::read_link(format!("/proc/{p}/cwd"));
+            if cwd.is_ok_and(|c| c == dir) && running(p) && !leaked.contains(&p) {
+                leaked.push(p);
+            }
+        }
+    }
+    drop(env);
     eprintln!("soak: leaked postgres processes after stop: {leaked:?}");
     assert!(leaked.is_empty(), "leaked processes: {leaked:?}");
     assert!(
