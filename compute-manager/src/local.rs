@@ -91,10 +91,14 @@ struct RunAs {
     gid: u32,
 }
 
+/// Where the port of the next `postgres` comes from.
+type PortPicker = Box<dyn Fn() -> Result<u16, BackendError> + Send + Sync>;
+
 pub struct LocalBackend {
     cfg: LocalConfig,
     run_as: Option<RunAs>,
     bins: OnceLock<Bins>,
+    pick_port: PortPicker,
 }
 
 /// How often a starting compute is probed. The gap between "port open" and "ready" is ~15 ms
@@ -144,7 +148,19 @@ impl LocalBackend {
             cfg,
             run_as,
             bins: OnceLock::new(),
+            pick_port: Box::new(free_port),
         })
+    }
+
+    /// Replaces how ports are picked (by default: whatever the kernel hands out for port 0).
+    /// For fault tests, which hand out a port another program holds to exercise the retry.
+    #[doc(hidden)]
+    pub fn with_port_picker(
+        mut self,
+        pick: impl Fn() -> Result<u16, BackendError> + Send + Sync + 'static,
+    ) -> Self {
+        self.pick_port = Box::new(pick);
+        self
     }
 
     pub fn config(&self) -> &LocalConfig {
@@ -360,7 +376,7 @@ impl ComputeBackend for LocalBackend {
         self.ensure_cluster(&dir, &bins).await?;
         let log = self.cfg.data_root.join(format!("{}.log", route.endpoint));
         for _ in 0..PORT_ATTEMPTS {
-            let port = free_port()?;
+            let port = (self.pick_port)()?;
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
             let mut child = self.spawn_postgres(route, &dir, &bins, port, &log).await?;

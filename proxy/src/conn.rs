@@ -15,16 +15,13 @@ use tracing::{debug, info, warn};
 use crate::auth::{authenticate, request_password, AuthOutcome, ProxyAuth};
 use crate::cancel::{self, CancelTarget};
 use crate::error::ProxyError;
-use crate::options::extract_endpoint;
+use crate::handshake::{read_startup, take_endpoint, Encryption, First};
 use crate::passthrough::{self, Transferred};
 use crate::stream::ClientStream;
 use crate::tls::{endpoint_from_sni, looks_like_tls, parse_password_endpoint, Negotiation};
-use crate::wire::{read_startup_packet, ReadError, StartupMessage, StartupPacket};
+use crate::wire::StartupMessage;
 use crate::{proxy_protocol, Proxy};
 
-/// At most this many SSLRequest/GSSENCRequest packets before the StartupMessage; libpq sends
-/// at most one of each, and an unbounded loop would let a client hold a slot forever.
-const MAX_NEGOTIATIONS: usize = 2;
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the startup phase found out.
@@ -163,37 +160,26 @@ async fn hello(
         }
     }
 
-    let mut negotiations = 0;
     loop {
-        let packet = read_startup_packet(client).await.map_err(|e| match e {
-            ReadError::Eof => ProxyError::ClientGone,
-            ReadError::Io(e) => ProxyError::ClientIo(e),
-            ReadError::Wire(w) => ProxyError::Wire(w),
-        })?;
-        match packet {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest if client.is_tls() => {
-                return Err(ProxyError::NegotiationInTls);
+        let encryption = match (&proxy.tls, client.is_tls()) {
+            (_, true) => Encryption::Established,
+            (Some(_), false) => Encryption::Available,
+            (None, false) => Encryption::Unavailable,
+        };
+        match read_startup(client, encryption).await? {
+            First::Tls => {
+                let acceptor = proxy
+                    .tls
+                    .as_ref()
+                    .expect("TLS offered only when configured");
+                client.write_all(b"S").await.map_err(ProxyError::ClientIo)?;
+                sni = upgrade(proxy, acceptor, client, Negotiation::SslRequest).await?;
             }
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                negotiations += 1;
-                if negotiations > MAX_NEGOTIATIONS {
-                    return Err(ProxyError::NegotiationLoop);
-                }
-                match (&proxy.tls, packet) {
-                    (Some(acceptor), StartupPacket::SslRequest) => {
-                        client.write_all(b"S").await.map_err(ProxyError::ClientIo)?;
-                        sni = upgrade(proxy, acceptor, client, Negotiation::SslRequest).await?;
-                    }
-                    // 'N': no encryption of this kind here; libpq then sends its
-                    // StartupMessage in the clear (or gives up if it required encryption).
-                    _ => client.write_all(b"N").await.map_err(ProxyError::ClientIo)?,
-                }
-            }
-            StartupPacket::CancelRequest { pid, secret } => {
+            First::Cancel { pid, secret } => {
                 cancel(proxy, pid, &secret).await;
                 return Ok(None);
             }
-            StartupPacket::Startup(startup) => {
+            First::Startup(startup) => {
                 if proxy.tls_cfg.require_tls && !client.is_tls() {
                     return Err(ProxyError::TlsRequired);
                 }
@@ -295,25 +281,6 @@ async fn cancel(proxy: &Arc<Proxy>, pid: i32, secret: &[u8]) {
     }
 }
 
-/// Takes the endpoint id out of the startup's `options`, leaving every other option for the
-/// compute.
-fn take_endpoint(startup: &mut StartupMessage) -> Result<Option<EndpointId>, ProxyError> {
-    let Some(options) = startup.get("options") else {
-        return Ok(None);
-    };
-    let extracted = extract_endpoint(options)?;
-    match extracted.rest {
-        Some(rest) => startup.set("options", rest),
-        None => {
-            startup.remove("options");
-        }
-    }
-    extracted
-        .endpoint
-        .map(|id| EndpointId::parse(&id).map_err(ProxyError::from))
-        .transpose()
-}
-
 /// Attempts at wake+connect. A compute that crashed a moment ago is still "running" to the
 /// manager until its exit is reaped; a refused connect then means "wake again".
 const CONNECT_ATTEMPTS: usize = 3;
@@ -359,46 +326,4 @@ async fn connect_compute(
         }
     }
     Err(last_err.expect("at least one attempt"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn startup(params: &[(&str, &str)]) -> StartupMessage {
-        StartupMessage {
-            major: 3,
-            minor: 0,
-            params: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn endpoint_is_taken_and_other_options_kept() {
-        let mut s = startup(&[("user", "u"), ("options", "-c geqo=off endpoint=ep-1")]);
-        assert_eq!(take_endpoint(&mut s).unwrap().unwrap().as_str(), "ep-1");
-        assert_eq!(s.get("options"), Some("-c geqo=off"));
-
-        let mut s = startup(&[("user", "u"), ("options", "--endpoint=ep-1")]);
-        take_endpoint(&mut s).unwrap();
-        assert_eq!(s.get("options"), None);
-    }
-
-    #[test]
-    fn endpoint_errors() {
-        let mut s = startup(&[("user", "u")]);
-        assert!(matches!(take_endpoint(&mut s), Ok(None)));
-        let mut s = startup(&[("user", "u"), ("options", "-c geqo=off")]);
-        assert!(matches!(take_endpoint(&mut s), Ok(None)));
-        let mut s = startup(&[("user", "u"), ("options", "endpoint=Bad_Id")]);
-        assert!(matches!(
-            take_endpoint(&mut s),
-            Err(ProxyError::InvalidEndpoint(_))
-        ));
-        let mut s = startup(&[("user", "u"), ("options", "endpoint=a endpoint=b")]);
-        assert!(matches!(take_endpoint(&mut s), Err(ProxyError::Options(_))));
-    }
 }

@@ -7,6 +7,9 @@ pub mod cancel;
 mod config;
 mod conn;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod handshake;
 pub mod limits;
 mod metrics;
 pub mod options;

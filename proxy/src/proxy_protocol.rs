@@ -40,6 +40,54 @@ const MAX_V1_LEN: usize = 107;
 /// v2 addresses are at most 216 bytes (UNIX); the rest is TLVs, which we do not use. A cap
 /// keeps a hostile 64 KiB length from costing memory per connection.
 const MAX_V2_PAYLOAD: usize = 1024;
+/// Signature, version/command, family/protocol and the 2-byte length.
+const V2_HEAD_LEN: usize = 16;
+
+/// What [`parse_header`] found at the start of a connection's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParsedHeader {
+    /// A header of `len` bytes; `client` as in [`read_header`].
+    Header {
+        client: Option<SocketAddr>,
+        len: usize,
+    },
+    /// The bytes do not start like a PROXY header (a Postgres startup or a TLS record).
+    NoHeader,
+}
+
+/// The same decisions as [`read_header`] in optional mode, as a pure function over the first
+/// bytes of a connection (for fuzzing and tests). `buf` is taken as everything the peer sent:
+/// a header cut short is reported as the socket reader would see it, `UnexpectedEof`.
+pub fn parse_header(buf: &[u8]) -> Result<ParsedHeader, ProxyHeaderError> {
+    let eof = || ProxyHeaderError::Io(std::io::ErrorKind::UnexpectedEof.into());
+    match buf.first() {
+        None => Err(eof()),
+        Some(b'\r') => {
+            let head: &[u8; V2_HEAD_LEN] = buf.first_chunk().ok_or_else(eof)?;
+            let len = V2_HEAD_LEN + v2_payload_len(head)?;
+            let header = buf.get(..len).ok_or_else(eof)?;
+            let client = parse_v2(header)?;
+            Ok(ParsedHeader::Header { client, len })
+        }
+        Some(b'P') => {
+            // As `read_v1`: the line ends at the first CRLF, and at most MAX_V1_LEN bytes are
+            // looked at.
+            let window = &buf[..buf.len().min(MAX_V1_LEN)];
+            match window.windows(2).position(|w| w == b"\r\n") {
+                Some(i) => {
+                    let len = i + 2;
+                    let client = parse_v1(&buf[..len])?;
+                    Ok(ParsedHeader::Header { client, len })
+                }
+                None if window.len() >= MAX_V1_LEN => {
+                    Err(ProxyHeaderError::Malformed("v1 line too long".into()))
+                }
+                None => Err(eof()),
+            }
+        }
+        Some(_) => Ok(ParsedHeader::NoHeader),
+    }
+}
 
 /// The client address as far as the header tells: `Some` for a proxied TCP connection, `None`
 /// when there is no header (optional mode) or the header is LOCAL/UNKNOWN (a load balancer's
@@ -69,8 +117,18 @@ pub async fn read_header(
 }
 
 async fn read_v2(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderError> {
-    let mut head = [0u8; 16];
+    let mut head = [0u8; V2_HEAD_LEN];
     stream.read_exact(&mut head).await?;
+    let len = v2_payload_len(&head)?;
+    let mut buf = Vec::with_capacity(V2_HEAD_LEN + len);
+    buf.extend_from_slice(&head);
+    buf.resize(V2_HEAD_LEN + len, 0);
+    stream.read_exact(&mut buf[V2_HEAD_LEN..]).await?;
+    parse_v2(&buf)
+}
+
+/// Checks the fixed 16-byte v2 head and returns the length of what follows it.
+fn v2_payload_len(head: &[u8; V2_HEAD_LEN]) -> Result<usize, ProxyHeaderError> {
     if head[..12] != V2_SIGNATURE {
         return Err(ProxyHeaderError::Malformed("bad v2 signature".into()));
     }
@@ -78,11 +136,7 @@ async fn read_v2(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
     if len > MAX_V2_PAYLOAD {
         return Err(ProxyHeaderError::TooLong);
     }
-    let mut buf = Vec::with_capacity(16 + len);
-    buf.extend_from_slice(&head);
-    buf.resize(16 + len, 0);
-    stream.read_exact(&mut buf[16..]).await?;
-    parse_v2(&buf)
+    Ok(len)
 }
 
 fn parse_v2(buf: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
@@ -117,6 +171,12 @@ async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
 
 fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     use ppp::v1::{Addresses, Header};
+    // The v1 header is US-ASCII by spec. Checking that here, rather than only UTF-8, also keeps
+    // ppp 2.3 from panicking: it slices the line two bytes past the first '\r', which is not a
+    // char boundary when a multi-byte character follows a stray '\r' (found by fuzzing).
+    if !line.is_ascii() {
+        return Err(ProxyHeaderError::Malformed("not ASCII".into()));
+    }
     let text =
         std::str::from_utf8(line).map_err(|_| ProxyHeaderError::Malformed("not ASCII".into()))?;
     let h = Header::try_from(text).map_err(|e| ProxyHeaderError::Malformed(e.to_string()))?;
@@ -179,6 +239,44 @@ mod tests {
         assert_eq!(r.unwrap(), Some("[2001:db8::7]:1234".parse().unwrap()));
     }
 
+    /// The pure parser and the socket reader agree on every case the socket tests use, and on
+    /// how many bytes the header took.
+    #[tokio::test]
+    async fn parse_header_agrees_with_read_header() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            v2("10.1.2.3:5555", "10.0.0.1:5432"),
+            v2("[2001:db8::7]:1234", "[2001:db8::1]:5432"),
+            b"PROXY TCP4 192.0.2.1 198.51.100.1 56324 5432\r\n".to_vec(),
+            b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\n".to_vec(),
+            b"PROXY UNKNOWN\r\n".to_vec(),
+            b"PROXY TCP4 nonsense here 1 2\r\n".to_vec(),
+            [b'P'; 200].to_vec(),
+            b"PROXY TCP4 1.2.3.4".to_vec(),
+            b"\r\n\r\n\0\r\nQUIX\n\x21\x11\x00\x0c".to_vec(),
+            vec![0, 0, 0, 8, 4, 210, 22, 47],
+            b"\r\n".to_vec(),
+        ];
+        let mut huge = V2_SIGNATURE.to_vec();
+        huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        cases.push(huge);
+        for case in cases {
+            let mut with_rest = case.clone();
+            with_rest.extend_from_slice(b"REST");
+            let pure = parse_header(&with_rest);
+            let (sock, rest) = run(with_rest.clone(), ProxyProtocolMode::Optional).await;
+            let what = String::from_utf8_lossy(&case).into_owned();
+            match (pure, sock) {
+                (Ok(ParsedHeader::Header { client, len }), Ok(c)) => {
+                    assert_eq!(client, c, "{what}");
+                    assert_eq!(&with_rest[len..], &rest[..], "{what}");
+                }
+                (Ok(ParsedHeader::NoHeader), Ok(None)) => assert_eq!(rest, with_rest),
+                (Err(_), Err(_)) => {}
+                (p, s) => panic!("{what}: pure {p:?} vs socket {s:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn v2_local_is_the_load_balancers_own_check() {
         let b = ppp::v2::Builder::new(
@@ -227,6 +325,11 @@ mod tests {
 
         for bad in [
             b"PROXY TCP4 nonsense here 1 2\r\n".to_vec(),
+            // A stray CR before a multi-byte character used to panic inside ppp.
+            b"PRUN\x011.\r\xd9\xa8n\r\n".to_vec(),
+            "PROXY TCP4 1.2.3.4 \r\u{e9} 5.6.7.8 1 2\r\n"
+                .as_bytes()
+                .to_vec(),
             [b'P'; 200].to_vec(),
             b"PROXY TCP4 1.2.3.4".to_vec(),
             b"\r\n\r\n\0\r\nQUIX\n\x21\x11\x00\x0c".to_vec(),

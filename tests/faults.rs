@@ -1,0 +1,518 @@
+//! Fault tests against real PostgreSQL: a compute killed mid-query, computes that cannot start
+//! (bad data directory, data root the compute user cannot enter, a full disk), and a flood of
+//! garbage connections while real clients keep working. Every wait has a deadline; every
+//! test stops its pgwake (and so its computes) and removes its directories.
+//!
+//! "Port taken" runs the local backend on its own, with its port picker made to hand out a
+//! port another program holds first (the kernel's choice for port 0 cannot be predicted from
+//! outside). Not here: "manager restarted while clients are held" (the manager runs
+//! in-process; there is no separate manager service to restart yet).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use pgwake_compute_manager::Phase;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Direct children of `pid`, from /proc.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| stat_field(*p, 3) == Some(pid.to_string()))
+        .collect()
+}
+
+/// Field `n` of /proc/PID/stat counted from 0 (0 pid, 1 comm, 2 state, 3 ppid); `n >= 2`.
+fn stat_field(pid: i32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(n - 2).map(str::to_owned)
+}
+
+/// Every process of the cluster in `dir`, whoever its parent is now: each Postgres process
+/// runs with the data directory as its working directory.
+fn cluster_procs(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .filter(|p| !gone(*p))
+        .collect()
+}
+
+/// Gone, or a zombie waiting for a reaper that is not us: either way no longer running.
+fn gone(pid: i32) -> bool {
+    !matches!(stat_field(pid, 2).as_deref(), Some(s) if s != "Z")
+}
+
+/// The first error a client gets from connecting through pgwake, with its SQLSTATE.
+async fn connect_error(env: &Env, endpoint: &str) -> (String, String) {
+    let err = match tokio_postgres::connect(&env.conn_str(endpoint), tokio_postgres::NoTls).await {
+        Ok(_) => panic!("connect to {endpoint} unexpectedly worked"),
+        Err(e) => e,
+    };
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {err:?}"));
+    (db.code().code().to_owned(), db.message().to_owned())
+}
+
+/// `env.client`, but a failure shows the SQLSTATE, the message and the compute's last log
+/// lines instead of just "db error".
+async fn client_or_explain(env: &Env, endpoint: &str) -> tokio_postgres::Client {
+    match tokio_postgres::connect(&env.conn_str(endpoint), tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client
+        }
+        Err(e) => {
+            let log = std::fs::read_to_string(env.dir.path().join(format!("data/{endpoint}.log")))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            panic!(
+                "connect to {endpoint}: {e:?} {:?}\ncompute log (last lines first):\n{}\nstats: {:?}",
+                e.as_db_error().map(|d| (d.code().code(), d.message())),
+                tail.join("\n"),
+                env.stats(endpoint)
+            )
+        }
+    }
+}
+
+async fn select_one(env: &Env, endpoint: &str) -> i32 {
+    env.client(endpoint)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_killed_mid_query_gives_a_clean_error_and_the_next_connect_wakes_a_new_one() {
+    let env = Env::start("", DEMO).await;
+    let client = env.client("demo").await;
+    client
+        .batch_execute("create table t (i int); insert into t values (1)")
+        .await
+        .unwrap();
+    let backend: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let postmaster = postmaster_pid(&env.data_dir("demo")).unwrap();
+    assert!(children(postmaster).contains(&backend));
+    assert!(cluster_procs(&env.data_dir("demo")).contains(&postmaster));
+
+    let query = tokio::spawn(async move {
+        let r = client.query_one("select pg_sleep(60)", &[]).await;
+        (r, client)
+    });
+    // The query must be running in the compute before the kill.
+    let watcher = env.client("demo").await;
+    let running = async {
+        loop {
+            let n: i64 = watcher
+                .query_one(
+                    "select count(*) from pg_stat_activity where pid = $1 and state = 'active'",
+                    &[&backend],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(LONG, running)
+        .await
+        .expect("query running");
+
+    // SIGKILL the postmaster and the query's backend: the compute dies without a word.
+    for pid in [postmaster, backend] {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let (res, _client) = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("the client hears about the dead compute promptly")
+        .unwrap();
+    let err = res.expect_err("the query cannot have succeeded");
+    // Either the connection just ends (SIGKILL leaves nobody to say goodbye) or, if the
+    // proxy got there first, an ErrorResponse; never a hang or a half-read message.
+    assert!(
+        err.is_closed() || err.as_db_error().is_some(),
+        "unexpected error: {err:?}"
+    );
+    // The manager notices the exit by itself and forgets the dead address.
+    env.wait_phase("demo", Phase::Suspended, LONG).await;
+    assert_eq!(env.stats("demo").unwrap().crashes, 1);
+    // The other processes of the dead compute (background workers, the watcher's backend)
+    // go away by themselves: they watch the postmaster. Until they have, a new postmaster
+    // would refuse to start while they still hold the old shared memory.
+    let dir = env.data_dir("demo");
+    wait_until(LONG, || cluster_procs(&dir).is_empty())
+        .await
+        .unwrap_or_else(|_| panic!("old compute processes linger: {:?}", cluster_procs(&dir)));
+    drop(watcher);
+
+    // Next connect: a new compute, after crash recovery, with the committed row.
+    let client = client_or_explain(&env, "demo").await;
+    let n: i64 = client
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let s = env.stats("demo").unwrap();
+    assert_eq!((s.starts, s.phase), (2, Phase::Running), "{s:?}");
+    assert_ne!(postmaster_pid(&env.data_dir("demo")), Some(postmaster));
+    drop(client);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_with_a_bad_data_directory_fails_cleanly_and_recovers_once_fixed() {
+    let env = Env::start("", DEMO).await;
+    let dir = env.data_dir("demo");
+    // 1. Not empty and not a data directory: refused before anything runs.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("stray-file"), "not postgres").unwrap();
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(msg.contains("endpoint \"demo\""), "{msg}");
+    assert!(
+        !msg.contains(&*dir.to_string_lossy()),
+        "leaks the path: {msg}"
+    );
+
+    // 2. Looks like one (PG_VERSION) but is not: postgres itself fails to start.
+    std::fs::remove_file(dir.join("stray-file")).unwrap();
+    std::fs::write(dir.join("PG_VERSION"), "15\n").unwrap();
+    if is_root() {
+        let st = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert!(["57P03", "08006"].contains(&code.as_str()), "{code} {msg}");
+    assert!(msg.contains("endpoint \"demo\""), "{msg}");
+    assert!(
+        !msg.contains(&*dir.to_string_lossy()),
+        "leaks the path: {msg}"
+    );
+    let s = env.stats("demo").unwrap();
+    assert_eq!((s.phase, s.start_failures), (Phase::Failed, 2), "{s:?}");
+
+    // Fixed by the operator: the next client gets a fresh cluster.
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(select_one(&env, "demo").await, 1);
+    assert_eq!(env.stats("demo").unwrap().phase, Phase::Running);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_root_the_compute_user_cannot_enter_fails_cleanly() {
+    if !is_root() {
+        eprintln!("skipped: needs root (computes run as another user only under root)");
+        return;
+    }
+    let env = Env::start("", DEMO).await;
+    let root = env.dir.path().join("data");
+    // Owned by root, closed to everyone else: pgwake (root) can create the endpoint's
+    // directory, but initdb, running as `postgres`, cannot reach it.
+    std::fs::create_dir(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(msg.contains("endpoint \"demo\""), "{msg}");
+    assert!(
+        !msg.contains(&*root.to_string_lossy()),
+        "leaks the path: {msg}"
+    );
+    assert_eq!(env.stats("demo").unwrap().phase, Phase::Failed);
+
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(select_one(&env, "demo").await, 1);
+    env.stop().await;
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_under_the_data_root_fails_cleanly_and_recovers_with_space() {
+    let env = Env::start("", DEMO).await;
+    let root = env.dir.path().join("data");
+    std::fs::create_dir(&root).unwrap();
+    // A 4 MiB filesystem: initdb needs ~40 MiB, so it runs out of space part-way.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0755", "pgwake-test-full"])
+        .arg(&root)
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "skipped: cannot mount a size-limited tmpfs here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            env.stop().await;
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run mount: {e}");
+            env.stop().await;
+            return;
+        }
+    }
+    let mount = Mount(root.clone());
+
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(msg.contains("endpoint \"demo\""), "{msg}");
+    assert_eq!(env.stats("demo").unwrap().phase, Phase::Failed);
+
+    // Space freed: initdb cleaned up after itself, and the next client gets a compute.
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    assert_eq!(select_one(&env, "demo").await, 1);
+    // Stop the computes, unmount, and only then remove the directory (`Env::stop` would remove
+    // it while the mount still sits on it). On a panic, `mount` drops before `env` too.
+    let mut env = env;
+    if let Some(p) = env.pgwake.take() {
+        p.shutdown().await;
+    }
+    drop(mount);
+    drop(env);
+}
+
+/// One garbage client: random bytes in one of a few shapes the proxy must survive. Returns
+/// what the proxy answered before it closed the connection.
+async fn garbage_client(addr: std::net::SocketAddr, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut bytes: Vec<u8> = Vec::new();
+    let random = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> {
+        (0..n).map(|_| rng.gen()).collect::<Vec<u8>>()
+    };
+    match seed % 5 {
+        // Pure noise.
+        0 => {
+            let n = rng.gen_range(0..300);
+            bytes = random(&mut rng, n);
+        }
+        // A plausible length, then noise (and less of it than promised, sometimes).
+        1 => {
+            let len = rng.gen_range(8u32..10_300);
+            bytes.extend_from_slice(&len.to_be_bytes());
+            let n = rng.gen_range(0..(len as usize).min(400));
+            bytes.extend(random(&mut rng, n));
+        }
+        // SSLRequest, then noise where the StartupMessage should be.
+        2 => {
+            bytes.extend_from_slice(&[0, 0, 0, 8, 4, 210, 22, 47]);
+            let n = rng.gen_range(0..200);
+            bytes.extend(random(&mut rng, n));
+        }
+        // A well-formed startup with a random endpoint option.
+        3 => {
+            let mut ep: String = (0..rng.gen_range(0..80))
+                .map(|_| rng.gen_range(b' '..=b'~') as char)
+                .collect();
+            if rng.gen() {
+                ep.insert_str(0, "endpoint=");
+            }
+            let mut body = vec![0, 3, 0, 0];
+            for (k, v) in [("user", "postgres"), ("options", ep.as_str())] {
+                body.extend_from_slice(k.as_bytes());
+                body.push(0);
+                body.extend(v.bytes().filter(|&b| b != 0));
+                body.push(0);
+            }
+            body.push(0);
+            bytes.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+            bytes.extend(body);
+        }
+        // A cancel request with a random key (never one pgwake issued).
+        _ => {
+            bytes.extend_from_slice(&[0, 0, 0, 16, 4, 210, 22, 46]);
+            bytes.extend(random(&mut rng, 8));
+        }
+    }
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The proxy may close before reading everything; that is fine.
+    let _ = s.write_all(&bytes).await;
+    let _ = s.shutdown().await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: proxy kept a garbage connection open"))
+        .ok();
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_garbage_connections_while_real_clients_keep_working() {
+    let env = Env::start("", DEMO).await;
+    let held = env.client("demo").await;
+    let addr = env.addr;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let flood = {
+        let done = std::sync::Arc::clone(&done);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let answers: Vec<(u64, Vec<u8>)> = futures::stream::iter(0..1000u64)
+                .map(|seed| async move { (seed, garbage_client(addr, seed).await) })
+                .buffer_unordered(50)
+                .collect()
+                .await;
+            done.store(true, std::sync::atomic::Ordering::Release);
+            answers
+        })
+    };
+    // Real clients, new connections and an established one, for as long as the flood lasts.
+    let mut real = 0u32;
+    while !done.load(std::sync::atomic::Ordering::Acquire) || real < 5 {
+        assert_eq!(select_one(&env, "demo").await, 1);
+        let v: i32 = held.query_one("select 2", &[]).await.unwrap().get(0);
+        assert_eq!(v, 2);
+        real += 1;
+    }
+    let answers = tokio::time::timeout(LONG, flood).await.unwrap().unwrap();
+    assert_eq!(answers.len(), 1000);
+    // Whatever the proxy said is protocol: 'N' to an SSLRequest, then at most an ErrorResponse.
+    for (seed, a) in &answers {
+        let rest = a.strip_prefix(b"N").unwrap_or(a);
+        assert!(
+            rest.is_empty() || rest[0] == b'E',
+            "seed {seed}: unexpected answer {a:?}"
+        );
+    }
+    // The flood left nothing attached, and the compute started once.
+    drop(held);
+    env.wait_detached("demo", LONG).await;
+    let s = env.stats("demo").unwrap();
+    assert_eq!(s.starts, 1, "{s:?}");
+    eprintln!("{real} real round trips during 1000 garbage connections");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_taken_by_another_program_is_retried_on_another_port() {
+    use pgwake_compute_manager::{ComputeBackend, LocalBackend, LocalConfig};
+    use std::sync::{Arc, Mutex};
+
+    // Another program on the port the backend will try first; it hangs up on everyone, so the
+    // readiness probe is told nothing useful there.
+    let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let squat = tokio::spawn(async move {
+        while let Ok((conn, _)) = squatter.accept().await {
+            drop(conn);
+        }
+    });
+
+    let dir = tempdir();
+    let cfg = LocalConfig {
+        data_root: dir.path().join("data"),
+        initdb_args: vec!["--no-sync".into()],
+        settings: [("shared_buffers".to_string(), "16MB".to_string())].into(),
+        ..LocalConfig::default()
+    };
+    let picked = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&picked);
+    let backend = LocalBackend::new(cfg).unwrap().with_port_picker(move || {
+        let mut log = log.lock().unwrap();
+        let port = if log.is_empty() {
+            taken
+        } else {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        log.push(port);
+        Ok(port)
+    });
+    let route = pgwake_router::Route {
+        endpoint: pgwake_router::EndpointId::parse("demo").unwrap(),
+        backend: pgwake_router::BackendSpec::Local {
+            settings: Default::default(),
+        },
+        idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
+    };
+    let compute = tokio::time::timeout(LONG, backend.start(&route))
+        .await
+        .expect("start within a minute")
+        .expect("started on another port");
+    let picked = picked.lock().unwrap().clone();
+    assert_eq!(picked.len(), 2, "one retry: {picked:?}");
+    assert_eq!(picked[0], taken);
+    let port: u16 = compute
+        .addr()
+        .as_str()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert_eq!(port, picked[1]);
+    let log_text = std::fs::read_to_string(dir.path().join("data/demo.log")).unwrap();
+    assert!(
+        log_text.contains("could not bind") || log_text.contains("already in use"),
+        "the first postgres failed for the port: {log_text}"
+    );
+
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let v: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 1);
+    drop(client);
+    let _ = conn.await;
+    compute.stop().await.unwrap();
+    squat.abort();
+}
