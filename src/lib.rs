@@ -64,6 +64,7 @@ impl Pgwake {
             .replace_all(config.endpoints.clone())
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
+        let health = Health::new();
         let kubernetes = match &config.kubernetes {
             Some(k) => {
                 let backend = KubernetesBackend::from_env(k.clone()).await?;
@@ -72,13 +73,24 @@ impl Pgwake {
                     "Kubernetes backend enabled"
                 );
                 if k.watch_endpoints {
-                    let (_store, source) = pgwake_router::crd::crd_source(
+                    let (store, source) = pgwake_router::crd::crd_source(
                         backend.client(),
                         backend.namespace(),
                         k.endpoint_selector.as_deref(),
                         Arc::clone(&table),
                     );
                     tokio::spawn(source);
+                    // Not ready (/readyz 503) until the first list of PgwakeEndpoints is in the
+                    // table: a replica that starts during a rollout, or while the API server is
+                    // unreachable, would otherwise take clients and call their endpoints unknown.
+                    health.set_routes_loaded(false);
+                    let h = Arc::clone(&health);
+                    tokio::spawn(async move {
+                        if store.wait_until_ready().await.is_ok() {
+                            info!("PgwakeEndpoints loaded");
+                            h.set_routes_loaded(true);
+                        }
+                    });
                 }
                 Some(Arc::new(backend) as Arc<dyn ComputeBackend>)
             }
@@ -92,7 +104,6 @@ impl Pgwake {
             },
             ManagerMetrics::new(&registry)?,
         );
-        let health = Health::new();
         let certs = if config.tls.enabled() {
             let store = Arc::new(CertStore::load(config.tls.certificates.clone())?);
             for d in store.uncovered_domains(&config.tls.domains) {

@@ -16,16 +16,22 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-/// Readiness, shared by the admin listener and whoever starts a drain.
+/// Readiness, shared by the admin listener, whoever starts a drain, and the routing table's
+/// source.
 #[derive(Debug)]
 pub struct Health {
     ready: AtomicBool,
+    /// False while the routing table waits for its first complete load from a watched source
+    /// (the `PgwakeEndpoint` resources): until then an endpoint that exists would be refused
+    /// as unknown, so a load balancer must not send clients yet.
+    routes_loaded: AtomicBool,
 }
 
 impl Health {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(true),
+            routes_loaded: AtomicBool::new(true),
         })
     }
 
@@ -33,8 +39,16 @@ impl Health {
         self.ready.store(ready, Ordering::Release);
     }
 
+    pub fn set_routes_loaded(&self, loaded: bool) {
+        self.routes_loaded.store(loaded, Ordering::Release);
+    }
+
+    pub fn routes_loaded(&self) -> bool {
+        self.routes_loaded.load(Ordering::Acquire)
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.routes_loaded()
     }
 }
 
@@ -95,7 +109,31 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if !health.routes_loaded() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "routing table not loaded yet\n",
+        ),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_needs_loaded_routes_and_no_drain() {
+        let h = Health::new();
+        assert!(h.is_ready());
+        h.set_routes_loaded(false);
+        assert!(!h.is_ready());
+        h.set_routes_loaded(true);
+        assert!(h.is_ready());
+        h.set_ready(false);
+        assert!(!h.is_ready());
+        // A drain wins over a late first load.
+        h.set_routes_loaded(true);
+        assert!(!h.is_ready());
     }
 }

@@ -1,45 +1,61 @@
 //! The manifests in `deploy/`: every document parses (as YAML and as its Kubernetes type), the
-//! example endpoints route, the ConfigMap's `[kubernetes]` table is valid, the RBAC rules are
-//! exactly what the code calls, and the objects refer to each other consistently.
+//! example endpoints route, the ConfigMaps' `[kubernetes]` tables are valid, each Role grants
+//! exactly the API calls its pods' code makes, and the objects refer to each other
+//! consistently. Two shapes are checked: the default scale-out one (`deploy/*.yaml`: proxy
+//! Deployment + compute manager Deployment) and the single-pod alternative
+//! (`deploy/single/`, with the namespace and CRD of `deploy/`). The root crate's
+//! `tests/deploy_config.rs` loads every shipped config with pgwake's own config loader.
+//!
+//! [`permission`] and [`granted`] are also used by the backend's API scenarios (`tests.rs`),
+//! which check that the manager's Roles allow every request the backend makes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
+use http::{Method, Request, Response};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::client::Body;
+use kube::Client;
 use pgwake_router::crd::PgwakeEndpoint;
-use pgwake_router::{EndpointConfig, Route};
+use pgwake_router::{EndpointId, Route, RoutingTable};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tower_test::mock;
 
 use super::{desired_statefulset, KubernetesConfig};
+
+type Docs = Vec<(String, Value)>;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-fn yaml_files() -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for dir in [deploy_dir(), deploy_dir().join("examples")] {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "yaml") {
-                files.push(p);
-            }
-        }
-    }
+fn yaml_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
     files.sort();
     files
 }
 
-/// Every document of every manifest, as JSON values, with the file it came from.
-fn documents() -> Vec<(String, Value)> {
+/// Every document of `files`, as JSON values, with the file it came from.
+fn load(files: &[PathBuf]) -> Docs {
     let mut docs = Vec::new();
-    for f in yaml_files() {
-        let text = std::fs::read_to_string(&f).unwrap();
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap();
         let name = f.strip_prefix(deploy_dir()).unwrap().display().to_string();
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -51,12 +67,71 @@ fn documents() -> Vec<(String, Value)> {
     docs
 }
 
+/// The default shape: what `kubectl apply -f deploy/` applies, and the examples.
+fn scale_out() -> Docs {
+    let mut files = yaml_in(&deploy_dir());
+    files.extend(yaml_in(&deploy_dir().join("examples")));
+    load(&files)
+}
+
+/// The single-pod alternative: `kubectl apply -f deploy/00-namespace.yaml -f deploy/crd.yaml
+/// -f deploy/single/`, and the examples.
+fn single() -> Docs {
+    let mut files = vec![
+        deploy_dir().join("00-namespace.yaml"),
+        deploy_dir().join("crd.yaml"),
+    ];
+    files.extend(yaml_in(&deploy_dir().join("single")));
+    files.extend(yaml_in(&deploy_dir().join("examples")));
+    load(&files)
+}
+
+/// Every manifest file under `deploy/`.
+fn every_document() -> Docs {
+    let mut files = yaml_in(&deploy_dir());
+    for sub in ["single", "examples"] {
+        files.extend(yaml_in(&deploy_dir().join(sub)));
+    }
+    load(&files)
+}
+
 fn typed<T: DeserializeOwned>(file: &str, v: &Value) -> T {
     serde_json::from_value(v.clone())
         .unwrap_or_else(|e| panic!("{file}: {} {}: {e}", v["kind"], v["metadata"]["name"]))
 }
 
-fn find<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+/// [`typed`], and nothing of the document is lost on the way: the typed object serializes back
+/// to every field the YAML has (serde would otherwise skip a misspelled or misplaced field,
+/// which the API server rejects or, worse, ignores too).
+fn strict<T: DeserializeOwned + Serialize>(file: &str, v: &Value) {
+    let back = serde_json::to_value(typed::<T>(file, v)).unwrap();
+    if let Err(path) = contained(v, &back, String::new()) {
+        panic!(
+            "{file}: {} {}: {path} is not a field of the type",
+            v["kind"], v["metadata"]["name"]
+        );
+    }
+}
+
+/// Whether every field and value of `a` is in `b`; else the path of the first that is not.
+fn contained(a: &Value, b: &Value, path: String) -> Result<(), String> {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => a.iter().try_for_each(|(k, v)| match b.get(k) {
+            Some(w) => contained(v, w, format!("{path}.{k}")),
+            None => Err(format!("{path}.{k}")),
+        }),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .try_for_each(|(i, (v, w))| contained(v, w, format!("{path}[{i}]"))),
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => Ok(()),
+        (a, b) if a == b => Ok(()),
+        _ => Err(path),
+    }
+}
+
+fn find<'a>(docs: &'a Docs, kind: &str, name: &str) -> &'a Value {
     &docs
         .iter()
         .find(|(_, v)| v["kind"] == kind && v["metadata"]["name"] == name)
@@ -64,11 +139,21 @@ fn find<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
         .1
 }
 
+fn all<T: DeserializeOwned>(docs: &Docs, kind: &str) -> Vec<T> {
+    docs.iter()
+        .filter(|(_, v)| v["kind"] == kind)
+        .map(|(f, v)| typed(f, v))
+        .collect()
+}
+
+fn get<T: DeserializeOwned>(docs: &Docs, kind: &str, name: &str) -> T {
+    typed(kind, find(docs, kind, name))
+}
+
 #[test]
 fn every_manifest_parses_as_its_kubernetes_type() {
-    let docs = documents();
-    assert!(docs.len() >= 10, "{} documents", docs.len());
-    let mut kinds = Vec::new();
+    let docs = every_document();
+    assert!(docs.len() >= 20, "{} documents", docs.len());
     for (file, v) in &docs {
         let kind = v["kind"]
             .as_str()
@@ -79,163 +164,604 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             assert_eq!(v["metadata"]["namespace"], "pgwake", "{file}: {kind}");
         }
         match kind {
-            "Namespace" => drop(typed::<Namespace>(file, v)),
-            "ServiceAccount" => drop(typed::<ServiceAccount>(file, v)),
-            "Role" => drop(typed::<Role>(file, v)),
-            "RoleBinding" => drop(typed::<RoleBinding>(file, v)),
-            "ConfigMap" => drop(typed::<ConfigMap>(file, v)),
-            "Deployment" => drop(typed::<Deployment>(file, v)),
-            "Service" => drop(typed::<Service>(file, v)),
-            "Secret" => drop(typed::<Secret>(file, v)),
-            "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(file, v)),
-            "PgwakeEndpoint" => drop(typed::<PgwakeEndpoint>(file, v)),
+            "Namespace" => strict::<Namespace>(file, v),
+            "ServiceAccount" => strict::<ServiceAccount>(file, v),
+            "Role" => strict::<Role>(file, v),
+            "RoleBinding" => strict::<RoleBinding>(file, v),
+            "ConfigMap" => strict::<ConfigMap>(file, v),
+            "Deployment" => strict::<Deployment>(file, v),
+            "Service" => strict::<Service>(file, v),
+            "NetworkPolicy" => strict::<NetworkPolicy>(file, v),
+            "PodDisruptionBudget" => strict::<PodDisruptionBudget>(file, v),
+            "Secret" => strict::<Secret>(file, v),
+            "CustomResourceDefinition" => strict::<CustomResourceDefinition>(file, v),
+            "PgwakeEndpoint" => strict::<PgwakeEndpoint>(file, v),
             other => panic!("{file}: unexpected kind {other}"),
         }
-        kinds.push(kind);
     }
-    for k in [
-        "Namespace",
-        "CustomResourceDefinition",
-        "Role",
-        "Deployment",
-        "Service",
+    let names = |docs: &Docs, kind: &str| -> Vec<String> {
+        let mut n: Vec<String> = docs
+            .iter()
+            .filter(|(_, v)| v["kind"] == kind)
+            .map(|(_, v)| v["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    let s = scale_out();
+    assert_eq!(names(&s, "Deployment"), ["pgwake-manager", "pgwake-proxy"]);
+    assert_eq!(names(&s, "Service"), ["pgwake", "pgwake-manager"]);
+    assert_eq!(
+        names(&s, "ServiceAccount"),
+        ["pgwake-manager", "pgwake-proxy"]
+    );
+    assert_eq!(names(&s, "Role"), ["pgwake-manager", "pgwake-proxy"]);
+    assert_eq!(
+        names(&s, "ConfigMap"),
+        ["pgwake-manager-config", "pgwake-proxy-config"]
+    );
+    assert_eq!(names(&s, "Namespace"), ["pgwake"]);
+    assert_eq!(names(&s, "CustomResourceDefinition").len(), 1);
+    let one = single();
+    assert_eq!(names(&one, "Deployment"), ["pgwake"]);
+    assert_eq!(names(&one, "Service"), ["pgwake"]);
+    assert_eq!(names(&one, "Role"), ["pgwake"]);
+    assert_eq!(names(&one, "ConfigMap"), ["pgwake-config"]);
+    assert_eq!(names(&one, "CustomResourceDefinition").len(), 1);
+}
+
+/// The `pgwake.toml` of ConfigMap `name`.
+fn config_toml(docs: &Docs, name: &str) -> toml::Table {
+    let cm: ConfigMap = get(docs, "ConfigMap", name);
+    let data = cm.data.unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["pgwake.toml"], "{name}");
+    toml::from_str(&data["pgwake.toml"]).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn kubernetes_config(docs: &Docs, configmap: &str) -> KubernetesConfig {
+    let t = config_toml(docs, configmap);
+    let k: KubernetesConfig = t["kubernetes"]
+        .clone()
+        .try_into()
+        .unwrap_or_else(|e| panic!("{configmap}: {e}"));
+    assert!(k.validate().is_empty(), "{configmap}: {:?}", k.validate());
+    k
+}
+
+#[test]
+fn every_config_has_a_valid_kubernetes_table_that_watches_the_endpoints() {
+    for (docs, cm) in [
+        (scale_out(), "pgwake-proxy-config"),
+        (scale_out(), "pgwake-manager-config"),
+        (single(), "pgwake-config"),
     ] {
-        assert!(kinds.contains(&k), "no {k}");
+        let k = kubernetes_config(&docs, cm);
+        assert_eq!(k.namespace.as_deref(), Some("pgwake"), "{cm}");
+        // Every pgwake routes from the PgwakeEndpoints: the proxies to accept clients, the
+        // manager to look the endpoint of a wake up (`service::route_request`).
+        assert!(k.watch_endpoints, "{cm}");
+    }
+    // Endpoints live in PgwakeEndpoints: a config-file endpoint would have to be in both
+    // files of the scale-out shape.
+    for cm in ["pgwake-proxy-config", "pgwake-manager-config"] {
+        assert!(
+            !config_toml(&scale_out(), cm).contains_key("endpoint"),
+            "{cm}"
+        );
     }
 }
 
 #[test]
 fn example_endpoints_route_and_build_statefulsets() {
-    let docs = documents();
-    let cfg = configmap_kubernetes_config(&docs);
-    let mut ids = Vec::new();
-    for (file, v) in &docs {
-        if v["kind"] != "PgwakeEndpoint" {
-            continue;
+    for (docs, cm) in [
+        (scale_out(), "pgwake-manager-config"),
+        (single(), "pgwake-config"),
+    ] {
+        let cfg = kubernetes_config(&docs, cm);
+        let mut ids = Vec::new();
+        for (file, v) in &docs {
+            if v["kind"] != "PgwakeEndpoint" {
+                continue;
+            }
+            let ep: PgwakeEndpoint = typed(file, v);
+            let c = ep
+                .endpoint_config()
+                .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+            ids.push(c.id.to_string());
+            let sts = desired_statefulset(&cfg, "pgwake", &Route::from(c)).unwrap();
+            assert!(sts.metadata.name.unwrap().starts_with("pgwake-"));
         }
-        let ep: PgwakeEndpoint = typed(file, v);
-        let c = ep
-            .endpoint_config()
-            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
-        ids.push(c.id.to_string());
-        let sts = desired_statefulset(&cfg, "pgwake", &Route::from(c)).unwrap();
-        assert!(sts.metadata.name.unwrap().starts_with("pgwake-"));
+        ids.sort();
+        assert_eq!(ids, ["demo", "neon-main"]);
+        // The demo's secret is in the same file, as envSecret says.
+        let demo = find(&docs, "PgwakeEndpoint", "demo");
+        let secret = demo["spec"]["compute"]["envSecret"].as_str().unwrap();
+        find(&docs, "Secret", secret);
     }
-    ids.sort();
-    assert_eq!(ids, ["demo", "neon-main"]);
-    // The demo's secret is in the same file, as envSecret says.
-    let demo = find(&docs, "PgwakeEndpoint", "demo");
-    let secret = demo["spec"]["compute"]["envSecret"].as_str().unwrap();
-    find(&docs, "Secret", secret);
 }
 
-fn configmap_toml(docs: &[(String, Value)]) -> toml::Table {
-    let cm = find(docs, "ConfigMap", "pgwake-config");
-    let text = cm["data"]["pgwake.toml"].as_str().unwrap();
-    toml::from_str(text).unwrap()
+/// One RBAC permission: API group ("" for the core group), resource (with its subresource,
+/// `pods/log`), verb.
+pub(super) type Permission = (String, String, String);
+
+/// The permission an API request needs, as the API server's authorizer derives it from the
+/// request: GET of one object is `get`, of a collection `list`, or `watch` with `watch=true`;
+/// POST `create`, PUT `update`, PATCH `patch`, DELETE `delete` / `deletecollection`.
+pub(super) fn permission(method: &Method, uri: &str) -> Permission {
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("not a Kubernetes API path: {uri}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [res] => (res.to_string(), false),
+        [res, _name] => (res.to_string(), true),
+        [res, _name, sub] => (format!("{res}/{sub}"), true),
+        _ => panic!("not a resource path: {uri}"),
+    };
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let verb = match (method.as_str(), named) {
+        ("GET", _) if watch => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", false) => "create",
+        ("PUT", true) => "update",
+        ("PATCH", true) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => panic!("unexpected request {method} {uri}"),
+    };
+    (group.to_string(), resource, verb.to_string())
 }
 
-fn configmap_kubernetes_config(docs: &[(String, Value)]) -> KubernetesConfig {
-    let t = configmap_toml(docs);
-    let k: KubernetesConfig = t["kubernetes"].clone().try_into().unwrap();
-    assert!(k.validate().is_empty(), "{:?}", k.validate());
-    k
+/// What Role `name` (searched in every manifest under `deploy/`) allows, one permission each.
+pub(super) fn granted(name: &str) -> BTreeSet<Permission> {
+    static ROLES: OnceLock<BTreeMap<String, BTreeSet<Permission>>> = OnceLock::new();
+    let roles = ROLES.get_or_init(|| {
+        let mut roles = BTreeMap::new();
+        for role in all::<Role>(&every_document(), "Role") {
+            let mut set = BTreeSet::new();
+            for rule in role.rules.unwrap_or_default() {
+                assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+                for group in rule.api_groups.unwrap_or_default() {
+                    for res in rule.resources.clone().unwrap_or_default() {
+                        for verb in &rule.verbs {
+                            assert!(
+                                ![&group, &res, verb].contains(&&"*".to_string()),
+                                "wildcard in Role {:?}",
+                                role.metadata.name
+                            );
+                            set.insert((group.clone(), res.clone(), verb.clone()));
+                        }
+                    }
+                }
+            }
+            let name = role.metadata.name.unwrap();
+            assert!(
+                roles.insert(name.clone(), set).is_none(),
+                "two Roles {name}"
+            );
+        }
+        roles
+    });
+    roles
+        .get(name)
+        .unwrap_or_else(|| panic!("no Role {name} in deploy/"))
+        .clone()
 }
 
+fn permissions(rules: &[(&str, &str, &str)]) -> BTreeSet<Permission> {
+    rules
+        .iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .split(',')
+                .map(|v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// The Roles, written out with the code that makes each call. `tests.rs` checks that the
+/// backend's requests in every API scenario are granted by the manager's Roles (and that a
+/// wake and a suspend need all of the backend's rules); `the_proxy_role_is_what_the_reflector_uses`
+/// below runs the reflector against a mock API server.
 #[test]
-fn configmap_holds_a_valid_config() {
-    let docs = documents();
-    let t = configmap_toml(&docs);
-    let k = configmap_kubernetes_config(&docs);
-    assert_eq!(k.namespace.as_deref(), Some("pgwake"));
-    // The commented-out endpoint is what a config-file Kubernetes endpoint looks like: keep it
-    // parseable.
-    let cm = find(&docs, "ConfigMap", "pgwake-config");
-    let text = cm["data"]["pgwake.toml"].as_str().unwrap();
-    let example: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("# [[endpoint]]"))
-        .map(|l| l.trim_start_matches("# "))
-        .collect::<Vec<_>>()
-        .join("\n");
-    #[derive(Deserialize)]
-    struct F {
-        endpoint: Vec<EndpointConfig>,
+fn roles_grant_exactly_what_the_code_uses() {
+    let reflector = [
+        // pgwake_router::crd::crd_source: a kube-runtime reflector (watcher::Config::default:
+        // paged list, then watch from its resourceVersion; no get).
+        ("pgwake.io", "pgwakeendpoints", "list,watch"),
+    ];
+    let backend = [
+        // Shared::scale: statefulsets.get_opt, statefulsets.create (absent), statefulsets.patch
+        // (replicas, and the template on a wake from 0); no scale subresource.
+        ("apps", "statefulsets", "get,create,patch"),
+        // Shared::pod_events: watch_object (a list and a watch with a field selector).
+        ("", "pods", "list,watch"),
+        // Shared::set_status: endpoints.patch_status.
+        ("pgwake.io", "pgwakeendpoints/status", "patch"),
+    ];
+    let proxy = permissions(&reflector);
+    let manager: BTreeSet<Permission> = permissions(&reflector)
+        .into_iter()
+        .chain(permissions(&backend))
+        .collect();
+    assert_eq!(granted("pgwake-proxy"), proxy);
+    assert_eq!(granted("pgwake-manager"), manager);
+    // The single pod is proxy and manager in one.
+    assert_eq!(granted("pgwake"), manager);
+
+    // Each RoleBinding gives its Role to the one ServiceAccount of the same name, and each
+    // ServiceAccount gets exactly one Role.
+    for docs in [scale_out(), single()] {
+        let sas: Vec<ServiceAccount> = all(&docs, "ServiceAccount");
+        let bindings: Vec<RoleBinding> = all(&docs, "RoleBinding");
+        assert_eq!(bindings.len(), sas.len());
+        for rb in bindings {
+            let name = rb.metadata.name.unwrap();
+            assert_eq!(rb.role_ref.kind, "Role");
+            assert_eq!(rb.role_ref.api_group, "rbac.authorization.k8s.io");
+            assert_eq!(rb.role_ref.name, name);
+            let subjects = rb.subjects.unwrap();
+            assert_eq!(subjects.len(), 1, "{name}");
+            assert_eq!(subjects[0].kind, "ServiceAccount");
+            assert_eq!(subjects[0].name, name);
+            assert_eq!(subjects[0].namespace.as_deref(), Some("pgwake"));
+            find(&docs, "ServiceAccount", &name);
+            find(&docs, "Role", &name);
+        }
     }
-    let f: F = toml::from_str(&example).unwrap_or_else(|e| panic!("{example}\n{e}"));
-    assert_eq!(f.endpoint[0].id.as_str(), "from-config");
-    // The Deployment's ports are the ones the config listens on.
-    let listen = t["proxy"]["listen"].as_str().unwrap();
-    let admin = t["admin"]["listen"].as_str().unwrap();
-    let d = find(&docs, "Deployment", "pgwake");
-    let ports = &d["spec"]["template"]["spec"]["containers"][0]["ports"];
-    let port = |name: &str| {
-        ports
-            .as_array()
+}
+
+/// The requests the routing table's reflector makes, against a mock API server that lists
+/// the example endpoints and then ends each watch at once.
+pub(super) async fn reflector_permissions() -> BTreeSet<Permission> {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let table = Arc::new(RoutingTable::new());
+    let (_store, run) = pgwake_router::crd::crd_source(
+        Client::new(service, "default"),
+        "pgwake",
+        None,
+        Arc::clone(&table),
+    );
+    let task = tokio::spawn(run);
+    let items: Vec<Value> = scale_out()
+        .into_iter()
+        .filter(|(_, v)| v["kind"] == "PgwakeEndpoint")
+        .map(|(_, v)| v)
+        .collect();
+    let mut seen = BTreeSet::new();
+    // The list, a watch, and the watch that follows the end of the first one.
+    for _ in 0..3 {
+        let (req, send) = handle.next_request().await.expect("reflector request");
+        let uri = req.uri().to_string();
+        assert!(uri.starts_with("/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints"));
+        seen.insert(permission(req.method(), &uri));
+        let body = if uri.contains("watch=true") {
+            String::new()
+        } else {
+            json!({
+                "apiVersion": "pgwake.io/v1", "kind": "PgwakeEndpointList",
+                "metadata": { "resourceVersion": "10" }, "items": items,
+            })
+            .to_string()
+        };
+        send.send_response(Response::new(Body::from(body.into_bytes())));
+    }
+    task.abort();
+    assert!(table.lookup(&EndpointId::parse("demo").unwrap()).is_some());
+    seen
+}
+
+#[tokio::test]
+async fn the_proxy_role_is_what_the_reflector_uses() {
+    let used = reflector_permissions().await;
+    assert_eq!(used, granted("pgwake-proxy"));
+    assert!(used.is_subset(&granted("pgwake-manager")));
+    assert!(used.is_subset(&granted("pgwake")));
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn match_labels(s: &LabelSelector) -> BTreeMap<String, String> {
+    assert!(s.match_expressions.is_none());
+    s.match_labels.clone().unwrap_or_default()
+}
+
+/// A Deployment's pod labels, pod spec and its one container, checked against its selector.
+fn pods(d: &Deployment) -> (BTreeMap<String, String>, PodSpec, Container) {
+    let spec = d.spec.clone().unwrap();
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert!(selects(&match_labels(&spec.selector), &labels));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.containers.len(), 1);
+    let c = pod.containers[0].clone();
+    (labels, pod, c)
+}
+
+fn container_port(c: &Container, name: &str) -> i32 {
+    c.ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no container port {name}"))
+        .container_port
+}
+
+fn port_of(addr: &str) -> i32 {
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+fn named_port(p: &IntOrString) -> &str {
+    match p {
+        IntOrString::String(s) => s,
+        IntOrString::Int(i) => panic!("port {i}: use the container port's name"),
+    }
+}
+
+/// Every Deployment runs pgwake with its own ServiceAccount and its own ConfigMap, its
+/// `--config` is the mounted key, and the ports it declares are the ones its config listens
+/// on. Returns each Deployment's name with its parsed config.
+fn check_deployments(docs: &Docs) -> BTreeMap<String, toml::Table> {
+    let mut configs = BTreeMap::new();
+    for d in all::<Deployment>(docs, "Deployment") {
+        let name = d.metadata.name.clone().unwrap();
+        let (_, pod, c) = pods(&d);
+        let sa = pod.service_account_name.clone().unwrap();
+        find(docs, "ServiceAccount", &sa);
+        assert_ne!(pod.automount_service_account_token, Some(false), "{name}");
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.config_map.is_some())
+            .unwrap();
+        let cm_name = vol.config_map.unwrap().name;
+        let mount = c
+            .volume_mounts
+            .as_ref()
             .unwrap()
             .iter()
-            .find(|p| p["name"] == name)
-            .unwrap()["containerPort"]
-            .as_u64()
+            .find(|m| m.name == vol.name)
             .unwrap()
-    };
-    assert!(listen.ends_with(&format!(":{}", port("postgres"))));
-    assert!(admin.ends_with(&format!(":{}", port("admin"))));
+            .mount_path
+            .clone();
+        let args = c.args.clone().unwrap();
+        let i = args.iter().position(|a| a == "--config").unwrap();
+        let key = args[i + 1]
+            .strip_prefix(&format!("{mount}/"))
+            .unwrap_or_else(|| panic!("{name}: --config is not in {mount}"));
+        let t = config_toml(docs, &cm_name);
+        assert_eq!(key, "pgwake.toml");
+        for probe in [&c.readiness_probe, &c.liveness_probe] {
+            let port = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(named_port(&port.port), "admin", "{name}");
+        }
+        let admin = t["admin"]["listen"].as_str().unwrap();
+        assert!(admin.starts_with("0.0.0.0:"), "{name}");
+        assert_eq!(port_of(admin), container_port(&c, "admin"), "{name}");
+        let listen = t["proxy"]["listen"].as_str().unwrap();
+        let declared: Vec<&str> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.name.as_deref())
+            .collect();
+        if declared.contains(&"postgres") {
+            assert!(listen.starts_with("0.0.0.0:"), "{name}");
+            assert_eq!(port_of(listen), container_port(&c, "postgres"), "{name}");
+        } else {
+            // Not exposed: the manager's Postgres listener stays on loopback.
+            assert!(listen.starts_with("127.0.0.1:"), "{name}");
+        }
+        if declared.contains(&"manager") {
+            let l = t["manager"]["listen"].as_str().unwrap();
+            assert_eq!(port_of(l), container_port(&c, "manager"), "{name}");
+        } else {
+            assert!(!t.contains_key("manager"), "{name}: serves the manager API");
+        }
+        configs.insert(name, t);
+    }
+    configs
 }
 
-#[test]
-fn rbac_grants_exactly_what_the_backend_and_the_source_use() {
-    let docs = documents();
-    let role: Role = typed("10-rbac.yaml", find(&docs, "Role", "pgwake"));
-    let mut granted = BTreeMap::new();
-    for rule in role.rules.unwrap() {
-        for group in rule.api_groups.unwrap() {
-            for res in rule.resources.clone().unwrap() {
-                granted.insert(format!("{group}/{res}"), rule.verbs.join(","));
+/// The Deployment whose pods `selector` selects; exactly one must.
+fn selected<'a>(
+    deployments: &'a [Deployment],
+    selector: &BTreeMap<String, String>,
+) -> &'a Deployment {
+    let mut hits = deployments.iter().filter(|d| selects(selector, &pods(d).0));
+    let d = hits
+        .next()
+        .unwrap_or_else(|| panic!("{selector:?} selects no Deployment"));
+    assert!(
+        hits.next().is_none(),
+        "{selector:?} selects two Deployments"
+    );
+    d
+}
+
+/// Services, PodDisruptionBudgets and NetworkPolicies select the pods of exactly one
+/// Deployment (never a compute's), by ports it declares.
+fn check_selectors(docs: &Docs) {
+    let deployments: Vec<Deployment> = all(docs, "Deployment");
+    let cfg = KubernetesConfig {
+        namespace: Some("pgwake".into()),
+        ..KubernetesConfig::default()
+    };
+    let mut computes = Vec::new();
+    for (file, v) in docs.iter().filter(|(_, v)| v["kind"] == "PgwakeEndpoint") {
+        let ep: PgwakeEndpoint = typed(file, v);
+        let route = Route::from(ep.endpoint_config().unwrap());
+        let sts = desired_statefulset(&cfg, "pgwake", &route).unwrap();
+        computes.push(sts.spec.unwrap().template.metadata.unwrap().labels.unwrap());
+    }
+    let mut selectors = Vec::new();
+    for svc in all::<Service>(docs, "Service") {
+        let spec = svc.spec.unwrap();
+        let sel = spec.selector.unwrap();
+        let (_, _, c) = pods(selected(&deployments, &sel));
+        for p in spec.ports.unwrap() {
+            container_port(&c, named_port(p.target_port.as_ref().unwrap()));
+        }
+        selectors.push(sel);
+    }
+    for pdb in all::<PodDisruptionBudget>(docs, "PodDisruptionBudget") {
+        let sel = match_labels(&pdb.spec.unwrap().selector.unwrap());
+        selected(&deployments, &sel);
+        selectors.push(sel);
+    }
+    for np in all::<NetworkPolicy>(docs, "NetworkPolicy") {
+        let spec = np.spec.unwrap();
+        let sel = match_labels(&spec.pod_selector.unwrap());
+        let (_, _, c) = pods(selected(&deployments, &sel));
+        for rule in spec.ingress.unwrap() {
+            for p in rule.ports.unwrap() {
+                container_port(&c, named_port(p.port.as_ref().unwrap()));
+            }
+            for peer in rule.from.unwrap_or_default() {
+                let from = match_labels(peer.pod_selector.as_ref().unwrap());
+                selected(&deployments, &from);
+                selectors.push(from);
             }
         }
+        selectors.push(sel);
     }
-    let expected = BTreeMap::from(
-        [
-            // get_opt, create, patch (replicas, template)
-            ("apps/statefulsets", "get,create,patch"),
-            // watch_object: list + watch
-            ("/pods", "list,watch"),
-            // the reflector in pgwake_router::crd
-            ("pgwake.io/pgwakeendpoints", "list,watch"),
-            ("pgwake.io/pgwakeendpoints/status", "patch"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    assert_eq!(granted, expected);
+    for sel in &selectors {
+        for labels in &computes {
+            assert!(!selects(sel, labels), "{sel:?} selects compute pods");
+        }
+    }
 }
 
 #[test]
-fn objects_refer_to_each_other() {
-    let docs = documents();
-    let d: Deployment = typed("30-proxy.yaml", find(&docs, "Deployment", "pgwake"));
-    let spec = d.spec.unwrap();
-    let pod = spec.template.spec.unwrap();
-    let sa = pod.service_account_name.unwrap();
-    find(&docs, "ServiceAccount", &sa);
-    let rb: RoleBinding = typed("10-rbac.yaml", find(&docs, "RoleBinding", "pgwake"));
-    assert_eq!(rb.subjects.unwrap()[0].name, sa);
-    let cm_name = pod
-        .volumes
+fn scale_out_proxies_reach_the_one_manager_through_its_service() {
+    let docs = scale_out();
+    let configs = check_deployments(&docs);
+    check_selectors(&docs);
+
+    // The manager: one replica, never two during a rollout (no leader election), the only
+    // one with the manager API and the compute settings.
+    let manager: Deployment = get(&docs, "Deployment", "pgwake-manager");
+    let spec = manager.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+    let (manager_labels, pod, c) = pods(&manager);
+    assert_eq!(pod.service_account_name.as_deref(), Some("pgwake-manager"));
+    let mt = &configs["pgwake-manager"];
+    assert!(mt["compute"].get("manager_url").is_none());
+    let api_port = port_of(mt["manager"]["listen"].as_str().unwrap());
+    assert!(mt["manager"]["listen"]
+        .as_str()
         .unwrap()
-        .into_iter()
-        .find_map(|v| v.config_map)
+        .starts_with("0.0.0.0:"));
+    // Long enough to suspend what it runs on SIGTERM.
+    let k = kubernetes_config(&docs, "pgwake-manager-config");
+    assert!(pod.termination_grace_period_seconds.unwrap() as u64 > k.stop_timeout.as_secs());
+
+    // The proxies: several, rolled one at a time, waking through the manager's Service.
+    let proxy: Deployment = get(&docs, "Deployment", "pgwake-proxy");
+    let spec = proxy.spec.clone().unwrap();
+    assert!(spec.replicas.unwrap() >= 2);
+    let strategy = spec.strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(
+        strategy.rolling_update.unwrap().max_unavailable,
+        Some(IntOrString::Int(0))
+    );
+    let (proxy_labels, pod, _) = pods(&proxy);
+    assert_eq!(pod.service_account_name.as_deref(), Some("pgwake-proxy"));
+    let pt = &configs["pgwake-proxy"];
+    let url = pt["compute"]["manager_url"].as_str().unwrap();
+    let host_port = url.strip_prefix("http://").unwrap().trim_end_matches('/');
+    let (host, port) = host_port.rsplit_once(':').unwrap();
+    assert_eq!(host, "pgwake-manager.pgwake.svc");
+    let svc: Service = get(&docs, "Service", "pgwake-manager");
+    let svc = svc.spec.unwrap();
+    assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(svc.selector.as_ref().unwrap(), &manager_labels);
+    let sp = svc.ports.unwrap().into_iter().next().unwrap();
+    assert_eq!(sp.port, port.parse::<i32>().unwrap());
+    assert_eq!(
+        container_port(&c, named_port(sp.target_port.as_ref().unwrap())),
+        api_port
+    );
+    // A proxy holds a client as long as the manager may take to wake its compute.
+    let wake = |t: &toml::Table| {
+        humantime_serde::re::humantime::parse_duration(
+            t["compute"]["wake_timeout"].as_str().unwrap(),
+        )
         .unwrap()
-        .name;
-    find(&docs, "ConfigMap", &cm_name);
+    };
+    assert!(wake(pt) >= wake(mt));
+
+    // Only the proxies may call the manager API.
+    let np: NetworkPolicy = get(&docs, "NetworkPolicy", "pgwake-manager");
+    let np = np.spec.unwrap();
+    assert_eq!(
+        match_labels(np.pod_selector.as_ref().unwrap()),
+        manager_labels
+    );
+    let rules = np.ingress.unwrap();
+    let api_rule = rules
+        .iter()
+        .find(|r| {
+            r.ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| named_port(p.port.as_ref().unwrap()) == "manager")
+        })
+        .unwrap();
+    let from = api_rule.from.as_ref().unwrap();
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        match_labels(from[0].pod_selector.as_ref().unwrap()),
+        proxy_labels
+    );
+
+    // The clients' door: a load balancer in front of the proxies, with client-IP affinity
+    // so that a CancelRequest reaches the replica that holds its session.
+    let lb: Service = get(&docs, "Service", "pgwake");
+    let lb = lb.spec.unwrap();
+    assert_eq!(lb.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(lb.selector.unwrap(), proxy_labels);
+    assert_eq!(lb.session_affinity.as_deref(), Some("ClientIP"));
+    let pdb: PodDisruptionBudget = get(&docs, "PodDisruptionBudget", "pgwake-proxy");
+    assert_eq!(
+        match_labels(&pdb.spec.unwrap().selector.unwrap()),
+        proxy_labels
+    );
+}
+
+#[test]
+fn single_pod_runs_proxy_and_manager_in_one() {
+    let docs = single();
+    let configs = check_deployments(&docs);
+    check_selectors(&docs);
+    let d: Deployment = get(&docs, "Deployment", "pgwake");
+    let spec = d.spec.clone().unwrap();
     // One replica that is never doubled during a rollout: the embedded manager is the only one.
     assert_eq!(spec.replicas, Some(1));
     assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
-    let svc: Service = typed("30-proxy.yaml", find(&docs, "Service", "pgwake"));
+    let (labels, pod, _) = pods(&d);
+    assert_eq!(pod.service_account_name.as_deref(), Some("pgwake"));
+    let t = &configs["pgwake"];
+    assert!(t["compute"].get("manager_url").is_none());
+    let svc: Service = get(&docs, "Service", "pgwake");
     let svc = svc.spec.unwrap();
     assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
-    assert_eq!(
-        svc.selector.unwrap(),
-        spec.template.metadata.unwrap().labels.unwrap()
-    );
+    assert_eq!(svc.selector.unwrap(), labels);
 }

@@ -2,7 +2,7 @@
 //! scenario with real Kubernetes JSON objects, and checks every request the backend makes
 //! (method, path, query, body) in order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -13,6 +13,7 @@ use pgwake_router::{BackendSpec, EndpointId, Route};
 use serde_json::{json, Value};
 use tower_test::mock;
 
+use super::deploy_tests::{granted, permission, reflector_permissions, Permission};
 use super::*;
 
 const NS: &str = "pgwake";
@@ -30,9 +31,15 @@ fn pods_watch(rv: &str) -> String {
     )
 }
 
+/// The Roles in deploy/ whose pods run the Kubernetes backend: the compute manager and the
+/// single pod.
+const BACKEND_ROLES: [&str; 2] = ["pgwake-manager", "pgwake"];
+
 /// The API server's side of the conversation.
 struct ApiServer {
     handle: mock::Handle<Request<Body>, Response<Body>>,
+    /// The permissions the requests so far needed.
+    seen: BTreeSet<Permission>,
 }
 
 /// One request the backend made, waiting for its answer.
@@ -80,7 +87,13 @@ impl Call {
 impl ApiServer {
     fn new() -> (Client, Self) {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        (Client::new(service, "default"), Self { handle })
+        (
+            Client::new(service, "default"),
+            Self {
+                handle,
+                seen: BTreeSet::new(),
+            },
+        )
     }
 
     /// Takes the next request and checks its method and URI; a patch must be a merge patch.
@@ -95,6 +108,15 @@ impl ApiServer {
             (&method, uri),
             "unexpected request"
         );
+        // The Roles in deploy/ that run the backend must allow it.
+        let needed = permission(&method, uri);
+        for role in BACKEND_ROLES {
+            assert!(
+                granted(role).contains(&needed),
+                "Role {role} in deploy/ does not allow {method} {uri} ({needed:?})"
+            );
+        }
+        self.seen.insert(needed);
         if method == Method::PATCH {
             assert_eq!(
                 req.headers()["content-type"],
@@ -707,6 +729,53 @@ async fn suspend_scales_to_zero_and_waits_until_the_pod_is_gone() {
     });
     compute.stop().await.unwrap();
     server.await.unwrap();
+}
+
+/// A wake that creates the StatefulSet, then a suspend, make every call of the backend: with
+/// the routing table's reflector, that is exactly what the manager's Roles in deploy/ allow.
+#[tokio::test]
+async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_and_the_reflector_use() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let (compute, api) = tokio::join!(async { b.start(&route()).await.unwrap() }, async move {
+        api.expect(Method::GET, STS_DEMO)
+            .await
+            .fail(404, "NotFound");
+        api.expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
+            .await
+            .reply(201, sts_json(1, "9000", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9001", vec![]));
+        api.expect(Method::GET, &pods_watch("9001"))
+            .await
+            .events(&[("ADDED", pod_json("9002", "ready"))]);
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api
+    });
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        let mut api = api;
+        api.get_sts(sts_json(1, "9100", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "9101", &hash));
+        api.status("Suspending", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9102", vec![]));
+        api.status("Suspended", None).await;
+        api.expect_quiet().await;
+        api.seen
+    });
+    compute.stop().await.unwrap();
+    let mut used = server.await.unwrap();
+    used.extend(reflector_permissions().await);
+    for role in BACKEND_ROLES {
+        assert_eq!(used, granted(role), "Role {role}");
+    }
 }
 
 #[tokio::test]

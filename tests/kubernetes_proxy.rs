@@ -1,0 +1,161 @@
+//! A scale-out proxy pod starting, against a fake Kubernetes API server: with the proxy config
+//! shipped in deploy/20-config.yaml, pgwake lists and then watches the PgwakeEndpoints (and
+//! makes no other API call: the proxy Role allows nothing else), answers /readyz 503 until
+//! the list is in its routing table, then is ready and routes the endpoint.
+//!
+//! Its own test binary: it points KUBECONFIG at the fake server for the whole process.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwake::{Config, Pgwake};
+use pgwake_router::EndpointId;
+use serde_yaml::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+
+const LIST: &str = r#"{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpointList","metadata":{"resourceVersion":"7"},"items":[{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpoint","metadata":{"name":"demo","namespace":"pgwake","resourceVersion":"7"},"spec":{"compute":{"image":"postgres:16"}}}]}"#;
+
+/// Serves one request after another on each connection: records "METHOD uri", answers a list
+/// once `release` is notified, and holds a watch open without an event.
+async fn fake_api(
+    listener: TcpListener,
+    seen: mpsc::UnboundedSender<String>,
+    release: Arc<Notify>,
+) {
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (seen, release) = (seen.clone(), Arc::clone(&release));
+        tokio::spawn(async move {
+            let mut conn = BufReader::new(stream);
+            loop {
+                let mut request_line = String::new();
+                if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                loop {
+                    let mut header = String::new();
+                    conn.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" {
+                        break;
+                    }
+                }
+                let mut parts = request_line.split_whitespace();
+                let (method, uri) = (parts.next().unwrap(), parts.next().unwrap());
+                seen.send(format!("{method} {uri}")).unwrap();
+                if uri.contains("watch=true") {
+                    std::future::pending::<()>().await;
+                }
+                release.notified().await;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{LIST}",
+                    LIST.len()
+                );
+                conn.get_mut().write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = buf.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+/// The proxies' pgwake.toml from deploy/20-config.yaml.
+fn shipped_proxy_config() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/20-config.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["metadata"]["name"].as_str() == Some("pgwake-proxy-config") {
+            return v["data"]["pgwake.toml"].as_str().unwrap().to_string();
+        }
+    }
+    panic!("no pgwake-proxy-config in deploy/20-config.yaml");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_role_allows() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    tokio::spawn(fake_api(listener, tx, Arc::clone(&release)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n"
+        ),
+    )
+    .unwrap();
+    // The only test in this binary: nothing else reads the environment meanwhile.
+    std::env::set_var("KUBECONFIG", &kubeconfig);
+    std::env::remove_var("KUBERNETES_SERVICE_HOST");
+
+    let mut config = Config::parse(&shipped_proxy_config()).unwrap();
+    assert!(config.compute.manager_url.is_some());
+    config.proxy.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    let pgwake = Pgwake::start(config).await.unwrap();
+    let admin = pgwake.admin_addr().unwrap();
+
+    // The list is held: not ready, and the endpoint is unknown so far.
+    let first = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("no API request")
+        .unwrap();
+    assert_eq!(
+        first,
+        "GET /apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints?&limit=500"
+    );
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "routing table not loaded yet\n")
+    );
+    let demo = EndpointId::parse("demo").unwrap();
+    assert!(pgwake.table.lookup(&demo).is_none());
+
+    release.notify_one();
+    let second = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("no watch")
+        .unwrap();
+    assert_eq!(
+        second,
+        "GET /apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=7"
+    );
+    let mut ready = false;
+    for _ in 0..100 {
+        if http_get(admin, "/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "/readyz never turned 200");
+    assert!(pgwake.table.lookup(&demo).is_some());
+
+    // A list and a watch of pgwakeendpoints, nothing else: the proxy Role in
+    // deploy/10-rbac.yaml.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(seen.try_recv().is_err(), "unexpected API request");
+    pgwake.shutdown().await;
+}
