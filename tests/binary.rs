@@ -37,9 +37,11 @@ fn conn(port: u16, endpoint: &str) -> String {
 async fn sighup_reloads_endpoints_and_sigterm_stops_cleanly() {
     let dir = tempdir();
     let port = free_port();
+    let admin_port = free_port();
     let cfg_path = dir.path().join("pgwake.toml");
     let write_cfg = |endpoints: &str| {
-        let text = config_text(dir.path(), "", endpoints)
+        let extra = format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"");
+        let text = config_text(dir.path(), &extra, endpoints)
             .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
         std::fs::write(&cfg_path, text).unwrap();
     };
@@ -94,10 +96,31 @@ async fn sighup_reloads_endpoints_and_sigterm_stops_cleanly() {
     assert_eq!(v, 3, "live session survives reloads");
     assert_eq!(stdout(&psql(&conn(port, "second"), "select 4")), "4");
 
-    drop(client);
     let demo_dir = dir.path().join("data/demo");
     assert!(demo_dir.join("postmaster.pid").exists());
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    // SIGTERM with a session open: readyz turns 503 at once, and the session keeps working
+    // while pgwake drains (drain_timeout is 5 s in the test config).
     unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(admin).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.starts_with("HTTP/1.1 503")
+        })
+    })
+    .await
+    .expect("readyz 503 after SIGTERM");
+    let v: i32 = client.query_one("select 6", &[]).await.unwrap().get(0);
+    assert_eq!(v, 6, "a live session runs on during the drain");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the listener is closed while draining"
+    );
+    drop(client);
     let status = {
         let deadline = std::time::Instant::now() + LONG;
         loop {

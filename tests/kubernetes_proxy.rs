@@ -5,7 +5,8 @@
 //!
 //! Its own test binary: it points KUBECONFIG at the fake server for the whole process.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +14,8 @@ use std::time::Duration;
 use pgwake::{Config, Pgwake};
 use pgwake_router::EndpointId;
 use serde_yaml::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
 const LIST: &str = r#"{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpointList","metadata":{"resourceVersion":"7"},"items":[{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpoint","metadata":{"name":"demo","namespace":"pgwake","resourceVersion":"7"},"spec":{"compute":{"image":"postgres:16"}}}]}"#;
@@ -58,18 +59,6 @@ async fn fake_api(
             }
         });
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = buf.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
 }
 
 /// The proxies' pgwake.toml from deploy/20-config.yaml.
@@ -125,7 +114,7 @@ async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_
         first,
         "GET /apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints?&limit=500"
     );
-    let (status, body) = http_get(admin, "/readyz").await;
+    let (status, body) = common::http_get(admin, "/readyz").await;
     assert_eq!(
         (status, body.as_str()),
         (503, "routing table not loaded yet\n")
@@ -144,7 +133,7 @@ async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_
     );
     let mut ready = false;
     for _ in 0..100 {
-        if http_get(admin, "/readyz").await.0 == 200 {
+        if common::http_get(admin, "/readyz").await.0 == 200 {
             ready = true;
             break;
         }

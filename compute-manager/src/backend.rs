@@ -59,4 +59,10 @@ pub trait RunningCompute: Send + Sync + 'static {
     async fn client_connections(&self) -> Option<usize> {
         None
     }
+
+    /// Whether the manager must stop this compute when it shuts down: true for processes
+    /// that would otherwise be orphaned; false for computes another manager can take over.
+    fn stop_on_shutdown(&self) -> bool {
+        false
+    }
 }

@@ -494,6 +494,11 @@ impl RunningCompute for LocalCompute {
         let _ = rx.wait_for(|s| s.is_some()).await;
     }
 
+    fn stop_on_shutdown(&self) -> bool {
+        // Our child process: it must not outlive pgwake holding the data directory's lock.
+        true
+    }
+
     async fn client_connections(&self) -> Option<usize> {
         // As the bootstrap superuser over loopback (trust by default). With password auth this
         // returns None and the proxy's guards alone decide, as in the embedded setup.

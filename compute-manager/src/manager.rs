@@ -681,11 +681,20 @@ impl Manager {
         }
     }
 
-    /// Refuses new wakes and stops every running compute, attached or not: the local backend's
-    /// computes are this process's children and must not outlive it.
+    /// Refuses new wakes and stops the computes that cannot outlive this process (the local
+    /// backend's `postgres` children). Others (Kubernetes workloads) keep running for the next
+    /// manager, which finds them already up at the next wake.
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
-        let slots: Vec<Arc<Slot>> = self.slots.iter().map(|s| Arc::clone(&s)).collect();
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .iter()
+            .map(|s| Arc::clone(&s))
+            .filter(|s| match &s.lock().state {
+                State::Running { compute, .. } => compute.stop_on_shutdown(),
+                _ => false,
+            })
+            .collect();
         let stops = slots
             .iter()
             .map(|s| self.try_suspend(s, None, SuspendReason::Shutdown));

@@ -14,6 +14,7 @@ struct Script {
     start_delay: Duration,
     stop_delay: Duration,
     fail: bool,
+    stop_on_shutdown: bool,
 }
 
 struct FakeBackend {
@@ -45,6 +46,7 @@ impl FakeBackend {
 
 struct FakeCompute {
     addr: ComputeAddr,
+    stop_on_shutdown: bool,
     stop_delay: Duration,
     stops: Arc<AtomicUsize>,
     exited: watch::Sender<bool>,
@@ -67,8 +69,10 @@ impl ComputeBackend for FakeBackend {
         }
         let (tx, _) = watch::channel(false);
         *self.last.lock().unwrap() = Some(tx.clone());
+        let stop_on_shutdown = self.script.lock().unwrap().stop_on_shutdown;
         Ok(Box::new(FakeCompute {
             addr: ComputeAddr::new(format!("127.0.0.1:{}", 10000 + n)),
+            stop_on_shutdown,
             stop_delay,
             stops: Arc::clone(&self.stops),
             exited: tx,
@@ -80,6 +84,9 @@ impl ComputeBackend for FakeBackend {
 impl RunningCompute for FakeCompute {
     fn addr(&self) -> &ComputeAddr {
         &self.addr
+    }
+    fn stop_on_shutdown(&self) -> bool {
+        self.stop_on_shutdown
     }
     async fn stop(&self) -> Result<(), BackendError> {
         tokio::time::sleep(self.stop_delay).await;
@@ -351,8 +358,11 @@ async fn static_routes_bypass_the_state_machine() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_stops_everything_and_refuses_new_wakes() {
-    let b = FakeBackend::new(Script::default());
+async fn shutdown_stops_own_processes_and_refuses_new_wakes() {
+    let b = FakeBackend::new(Script {
+        stop_on_shutdown: true,
+        ..Default::default()
+    });
     let m = manager(Arc::clone(&b), cfg());
     let _held = m.wake(&route("a", None)).await.unwrap();
     drop(m.wake(&route("b", None)).await.unwrap());
@@ -385,4 +395,17 @@ async fn start_rate_is_limited_per_endpoint() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     drop(m.wake(&r).await.unwrap());
     assert_eq!(b.starts.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_leaves_computes_another_manager_can_take_over() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    drop(m.wake(&route("a", None)).await.unwrap());
+    m.shutdown().await;
+    assert_eq!(b.stops.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        m.stats(&EndpointId::parse("a").unwrap()).unwrap().phase,
+        Phase::Running
+    );
 }
