@@ -132,6 +132,14 @@ impl Pgwake {
             health: Arc::clone(&health),
             tls_cfg: config.tls.clone(),
             tls: certs.as_ref().map(|s| TlsAcceptor::new(Arc::clone(s))),
+            compute_tls: if config.tls.compute_tls {
+                Some(
+                    pgwake_proxy::tls::client_config(config.tls.compute_ca.as_deref())
+                        .map_err(|e| StartError::Tls(pgwake_proxy::tls::LoadErrors(vec![e])))?,
+                )
+            } else {
+                None
+            },
         });
         if let Some(store) = &certs {
             tokio::spawn(watch_certificates(Arc::downgrade(store)));

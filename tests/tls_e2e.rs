@@ -361,3 +361,73 @@ async fn password_endpoint_answers_scram_for_the_client_and_never_in_plaintext()
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_tls_verifies_the_compute_against_the_ca_bundle() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "compute CA");
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    // Local computes listen on 127.0.0.1, which is the name pgwake verifies.
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca_path, cert_path, key_path) = (
+        dir.path().join("cca.pem"),
+        dir.path().join("compute.pem"),
+        dir.path().join("compute.key"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    // Postgres insists its key is private to the user it runs as.
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        let out = std::process::Command::new("id")
+            .args(["-u", "postgres"])
+            .output()
+            .unwrap();
+        let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        std::os::unix::fs::chown(&key_path, Some(uid), None).unwrap();
+    }
+    let extra = format!(
+        "[tls]\ncompute_tls = true\ncompute_ca = \"{}\"\n",
+        ca_path.display()
+    );
+    let endpoints = format!(
+        "[[endpoint]]\nid = \"secure\"\nbackend = \"local\"\nsettings = {{ ssl = \"on\", ssl_cert_file = \"{}\", ssl_key_file = \"{}\" }}\n\
+         [[endpoint]]\nid = \"plain\"\nbackend = \"local\"\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let env = Env::start_in(dir, &extra, &endpoints).await;
+    let client = env.client("secure").await;
+    let row = client
+        .query_one(
+            "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the proxy-to-compute leg is TLS");
+    assert!(
+        row.get::<_, String>(1).starts_with("TLSv1."),
+        "{}",
+        row.get::<_, String>(1)
+    );
+    drop(client);
+    // A compute that does not speak TLS is refused rather than used in the clear.
+    let err = tokio_postgres::connect(&env.conn_str("plain"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("plaintext compute refused");
+    assert_eq!(err.as_db_error().unwrap().code().code(), "08006");
+    env.stop().await;
+}

@@ -10,7 +10,6 @@ use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::cancel::{CancelGuard, CancelMap, CancelTarget};
 use crate::error::ProxyError;
@@ -67,13 +66,17 @@ pub(crate) async fn request_password<C: AsyncRead + AsyncWrite + Unpin>(
     String::from_utf8(body[..end].to_vec()).map_err(|_| ProxyError::NoEndpoint)
 }
 
-pub(crate) async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn authenticate<C, K>(
     cancels: &Arc<CancelMap>,
     client: &mut C,
-    compute: &mut TcpStream,
+    compute: &mut K,
     mut target: CancelTarget,
     proxy_auth: Option<ProxyAuth>,
-) -> Result<AuthOutcome, ProxyError> {
+) -> Result<AuthOutcome, ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    K: AsyncRead + AsyncWrite + Unpin,
+{
     let endpoint = target.endpoint.clone();
     let compute_err = |source| ProxyError::ComputeProtocol {
         endpoint: endpoint.clone(),

@@ -17,7 +17,7 @@ use crate::cancel::{self, CancelTarget};
 use crate::error::ProxyError;
 use crate::handshake::{read_startup, take_endpoint, Encryption, First};
 use crate::passthrough::{self, Transferred};
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, ComputeStream};
 use crate::tls::{endpoint_from_sni, looks_like_tls, parse_password_endpoint, Negotiation};
 use crate::wire::StartupMessage;
 use crate::{proxy_protocol, Proxy};
@@ -70,8 +70,19 @@ pub(crate) async fn handle(
         .limits
         .acquire_endpoint(&endpoint, route.max_connections)
         .ok_or_else(|| ProxyError::EndpointFull(endpoint.clone()))?;
-    let (lease, mut compute) = connect_compute(proxy, &route).await?;
+    let (lease, compute) = connect_compute(proxy, &route).await?;
     debug!(addr = %lease.addr, cold = lease.cold, "connected to compute");
+    let mut compute = match &proxy.compute_tls {
+        Some(connector) => {
+            compute_tls(connector, compute, &lease.addr)
+                .await
+                .map_err(|source| ProxyError::ComputeProtocol {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?
+        }
+        None => ComputeStream::Plain(compute),
+    };
 
     let mut buf = BytesMut::with_capacity(256);
     startup.encode(&mut buf);
@@ -97,10 +108,10 @@ pub(crate) async fn handle(
         };
 
     let tls = client.is_tls();
-    let outcome = match client {
+    let outcome = match (client, &mut compute) {
         // Zero-copy only where both sides are plain TCP: splice cannot see through rustls.
-        ClientStream::Plain(tcp) => passthrough::relay(tcp, &mut compute).await,
-        other => passthrough::relay_copy(other, &mut compute).await,
+        (ClientStream::Plain(tcp), ComputeStream::Plain(c)) => passthrough::relay(tcp, c).await,
+        (client, compute) => passthrough::relay_copy(client, compute).await,
     };
     let bytes = outcome.bytes;
     let m = &proxy.metrics;
@@ -250,6 +261,38 @@ async fn find_endpoint(
         }
         (None, None) => Err(ProxyError::NoEndpoint),
     }
+}
+
+/// SSLRequest to the compute, then a TLS handshake verified against `[tls] compute_ca`, with
+/// the compute's host (name or IP) as the server name.
+async fn compute_tls(
+    connector: &tokio_rustls::TlsConnector,
+    mut tcp: TcpStream,
+    addr: &pgwake_compute_manager::ComputeAddr,
+) -> std::io::Result<ComputeStream> {
+    use tokio::io::AsyncReadExt;
+    let mut req = BytesMut::with_capacity(8);
+    req.extend_from_slice(&8u32.to_be_bytes());
+    req.extend_from_slice(&crate::wire::SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "compute does not accept TLS",
+        ));
+    }
+    let host = addr
+        .as_str()
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr.as_str());
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let tls = connector.connect(name, tcp).await?;
+    Ok(ComputeStream::Tls(Box::new(tls)))
 }
 
 /// Forwards a CancelRequest to the compute that issued the key, or drops it without a word

@@ -32,6 +32,7 @@ pub struct Proxy {
     pub(crate) health: Arc<Health>,
     pub(crate) tls: Option<TlsAcceptor>,
     pub(crate) tls_cfg: TlsConfig,
+    pub(crate) compute_tls: Option<tokio_rustls::TlsConnector>,
     sessions: AtomicU64,
     limit: Arc<Semaphore>,
 }
@@ -48,6 +49,8 @@ pub struct ProxyParts {
     pub tls_cfg: TlsConfig,
     /// `None` when no certificates are configured: SSLRequest is answered 'N'.
     pub tls: Option<TlsAcceptor>,
+    /// `Some` when `[tls] compute_tls` is on.
+    pub compute_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Proxy {
@@ -63,6 +66,7 @@ impl Proxy {
             health: p.health,
             tls: p.tls,
             tls_cfg: p.tls_cfg,
+            compute_tls: p.compute_tls.map(tokio_rustls::TlsConnector::from),
             sessions: AtomicU64::new(0),
             limit,
         })

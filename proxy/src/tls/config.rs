@@ -36,6 +36,13 @@ pub struct TlsConfig {
     /// (`endpoint=ID;PASSWORD` or `endpoint=ID$PASSWORD`), over TLS only.
     #[serde(default)]
     pub allow_password_endpoint: bool,
+    /// Speak TLS to computes too (SSLRequest, then a verified handshake). Off by default:
+    /// computes usually sit on the same private network as the proxy.
+    #[serde(default)]
+    pub compute_tls: bool,
+    /// CA bundle (PEM) that compute certificates must chain to; unset uses the system bundle.
+    #[serde(default)]
+    pub compute_ca: Option<PathBuf>,
 }
 
 /// One certificate chain and its private key, both PEM. They may be the same file.
