@@ -192,6 +192,7 @@ mod tests {
             ],
             require_tls: true,
             allow_password_endpoint: true,
+            ..TlsConfig::default()
         };
         let errors = c.validate();
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
