@@ -144,26 +144,12 @@ impl Pgwake {
         if let Some(store) = &certs {
             tokio::spawn(watch_certificates(Arc::downgrade(store)));
         }
-        let listener = TcpListener::bind(config.proxy.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.proxy.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.proxy.listen,
-            source,
-        })?;
+        let (listener, addr) = bind(config.proxy.listen).await?;
         info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
         let (tx, rx) = oneshot::channel();
         let manager_api_addr = match config.manager.listen {
             Some(a) => {
-                let l = TcpListener::bind(a)
-                    .await
-                    .map_err(|source| StartError::Bind { addr: a, source })?;
-                let bound = l
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr: a, source })?;
+                let (l, bound) = bind(a).await?;
                 info!(addr = %bound, "compute manager API listening");
                 tokio::spawn(pgwake_compute_manager::service::serve_api(
                     l,
@@ -177,12 +163,7 @@ impl Pgwake {
         };
         let admin_addr = match config.admin.listen {
             Some(a) => {
-                let l = TcpListener::bind(a)
-                    .await
-                    .map_err(|source| StartError::Bind { addr: a, source })?;
-                let bound = l
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr: a, source })?;
+                let (l, bound) = bind(a).await?;
                 info!(addr = %bound, "admin listening (/metrics, /healthz, /readyz)");
                 // Lives until the process exits: health checks must keep answering (readyz
                 // false) for the whole drain.
@@ -261,6 +242,14 @@ impl Pgwake {
         }
         self.manager.shutdown().await;
     }
+}
+
+/// Binds a listener and reports the address it got (port 0 in tests and configs).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 /// Reloads certificates when their files change (renewals by cert-manager or certbot land
