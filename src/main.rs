@@ -64,7 +64,20 @@ fn main() -> anyhow::Result<()> {
         config.proxy.listen = listen;
     }
     match pgwake::raise_fd_limit() {
-        Ok(n) => info!(open_files = n, "file descriptor limit"),
+        Ok(n) => {
+            info!(open_files = n, "file descriptor limit");
+            // Every proxied session holds two sockets (client and compute); past the limit
+            // accepts and compute connects fail with EMFILE long before max_connections.
+            let needed = 2 * config.proxy.max_connections as u64 + 64;
+            if n < needed {
+                warn!(
+                    open_files = n,
+                    max_connections = config.proxy.max_connections,
+                    sessions_that_fit = n.saturating_sub(64) / 2,
+                    "the file descriptor limit is below 2 x max_connections; raise the hard limit (LimitNOFILE, ulimit -Hn)"
+                );
+            }
+        }
         Err(e) => warn!(error = %e, "could not raise the file descriptor limit"),
     }
     tokio::runtime::Runtime::new()

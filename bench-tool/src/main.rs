@@ -2,6 +2,7 @@
 //! parallel wakes, steady throughput). `main` parses flags and wires the pieces; see
 //! benches/README-tools.md for what each phase measures and how to run it.
 
+mod hold;
 mod phases;
 mod report;
 mod target;
@@ -50,6 +51,13 @@ pub struct Args {
     /// Length of the throughput phase.
     #[arg(long, value_parser = humantime_parse, default_value = "10s")]
     duration: Duration,
+    /// Sessions to open at once and keep idle, measuring the proxy's RSS per session
+    /// (comma-separated counts, e.g. 5000,10000; off by default). Needs `--proxy-pid`.
+    #[arg(long, value_delimiter = ',')]
+    hold: Vec<usize>,
+    /// Process id of the `--proxy` pgwake, for the hold phases' RSS and fd readings.
+    #[arg(long, requires = "proxy")]
+    proxy_pid: Option<u32>,
     /// Phases to skip (comma-separated: cold, warm, stampede, parallel, throughput).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::hold::HoldMemory;
 use crate::target::Target;
 use crate::Args;
 
@@ -40,6 +41,9 @@ pub struct PhaseResult {
     pub queries_per_sec: Option<f64>,
     /// Compute starts the phase caused, where the tool can see them (in-process).
     pub starts: Option<u64>,
+    /// The proxy's memory around a hold phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<HoldMemory>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -122,6 +126,9 @@ pub async fn run_all(args: &Args, target: &Target) -> anyhow::Result<Results> {
     if args.runs("throughput") {
         phases.push(throughput(args, target, &main).await?);
     }
+    for &n in &args.hold {
+        phases.push(crate::hold::hold(args, target, n).await?);
+    }
     if !suspend_ok {
         eprintln!("no --admin: cold, stampede and parallel phases skipped");
     }
@@ -150,6 +157,7 @@ async fn cold(args: &Args, target: &Target, ep: &str) -> anyhow::Result<PhaseRes
         wall_ms: None,
         queries_per_sec: None,
         starts: delta(before, target.starts(ep)),
+        memory: None,
     })
 }
 
@@ -172,6 +180,7 @@ async fn warm(args: &Args, target: &Target, ep: &str) -> anyhow::Result<PhaseRes
         wall_ms: None,
         queries_per_sec: None,
         starts: delta(before, target.starts(ep)),
+        memory: None,
     })
 }
 
@@ -235,6 +244,7 @@ async fn stampede(args: &Args, target: &Target, ep: &str) -> anyhow::Result<Phas
         wall_ms: Some(Summary::of(&walls).p50),
         queries_per_sec: None,
         starts,
+        memory: None,
     })
 }
 
@@ -258,6 +268,7 @@ async fn parallel(args: &Args, target: &Target, ids: &[String]) -> anyhow::Resul
         wall_ms: Some(wall),
         queries_per_sec: None,
         starts: delta(before, after),
+        memory: None,
     })
 }
 
@@ -311,6 +322,7 @@ async fn throughput(args: &Args, target: &Target, ep: &str) -> anyhow::Result<Ph
         errors,
         wall_ms: Some(secs * 1000.0),
         starts: None,
+        memory: None,
     })
 }
 

@@ -41,6 +41,31 @@ pub fn table(r: &Results) -> String {
             p.errors
         );
     }
+    let held: Vec<_> = r
+        .phases
+        .iter()
+        .filter_map(|p| Some((p, p.memory?)))
+        .collect();
+    if !held.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| phase | proxy RSS before KiB | held KiB | after close KiB | fds before | fds held | KiB per session |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        for (p, m) in held {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {:.1} |",
+                p.name,
+                m.rss_kib_before,
+                m.rss_kib_held,
+                m.rss_kib_after,
+                m.fds_before,
+                m.fds_held,
+                m.kib_per_session
+            );
+        }
+    }
     out
 }
 
@@ -68,7 +93,8 @@ pub fn svg(r: &Results) -> String {
         })
         .collect();
     let all = series.iter().flat_map(|(_, s)| s.iter().copied());
-    let lo = all.clone().fold(f64::INFINITY, f64::min).max(0.01);
+    // No samples at all would leave the axis infinite and the tick loop below endless.
+    let lo = all.clone().fold(f64::INFINITY, f64::min).clamp(0.01, 1e9);
     let hi = all.fold(0.0, f64::max).max(lo * 10.0);
     // Decade bounds so ticks fall on 1-2-5 values.
     let (lo, hi) = (
@@ -236,6 +262,7 @@ mod tests {
             wall_ms: None,
             queries_per_sec: None,
             starts: Some(1),
+            memory: None,
         };
         Results {
             machine: Machine {
@@ -257,6 +284,13 @@ mod tests {
         let t = table(&results());
         assert!(t.contains("| cold | 3 | 150.00 |"), "{t}");
         assert!(t.contains("| warm | 4 | 2.00 |"), "{t}");
+    }
+
+    #[test]
+    fn svg_without_samples_is_still_drawn() {
+        let mut r = results();
+        r.phases.iter_mut().for_each(|p| p.samples_ms.clear());
+        assert!(svg(&r).ends_with("</svg>\n"));
     }
 
     #[test]
