@@ -671,8 +671,8 @@ impl Manager {
         true
     }
 
-    /// Suspends `id` now if no client is attached or waiting (the operator's or a test's way to
-    /// do what the idle timer does). Returns whether a compute was stopped.
+    /// Suspends `id` now if no client is attached or waiting, reported by a proxy replica, or
+    /// connected to the compute (the operator's or a test's way to do what the idle timer does). Returns whether a compute was stopped.
     pub async fn suspend(&self, id: &EndpointId) -> bool {
         let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
             return false;

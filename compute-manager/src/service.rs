@@ -7,7 +7,7 @@
 //! - `POST /v1/endpoints/{id}/wake` → `{"address": "host:port", "cold": bool}`, or an error
 //!   `{"kind", "retryable", "message"}` with 404 (unknown), 429 (limits), 503 (not ready).
 //! - `POST /v1/endpoints/{id}/suspend` → `{"suspended": bool}` (refused while clients are
-//!   attached; see `Manager::suspend`).
+//!   attached, reported or on the compute; see `Manager::suspend`).
 //! - `GET /v1/endpoints/{id}` → status; `GET /v1/endpoints` → status of every endpoint.
 //! - `POST /v1/activity` with `{"replica": "<id>", "ttl_ms": n, "endpoints": {"<id>": n}}` →
 //!   `{"recorded": n}`: a proxy replica's live sessions per endpoint (see below). At most
@@ -16,7 +16,7 @@
 //! Idle suspension in this mode: the manager holds no guard for the proxies' sessions (a
 //! proxy's connection outlives the wake request), so three things stand in for one. A wake
 //! counts as activity (it restarts the idle timer). Every replica counts its own sessions per
-//! endpoint ([`RemoteManager::wake`] returns a counting guard) and reports the counts every
+//! endpoint (the guard in a [`RemoteManager`] lease counts) and reports the counts every
 //! `activity_interval` ([`RemoteManager::run_reports`]); each report holds for a ttl of three
 //! intervals, so a replica that dies stops holding computes soon after, while one lost report
 //! does not let a busy compute go. While any replica's unexpired count is above 0 the manager
@@ -24,7 +24,8 @@
 //! before suspending the manager still asks the compute itself whether any client backend is
 //! connected (`RunningCompute::client_connections`, `pg_stat_activity` for local computes;
 //! Kubernetes computes cannot be asked, so for them the reports are the guard). A client
-//! attached through any replica therefore keeps its compute.
+//! attached through any replica therefore keeps its compute, as long as that replica's
+//! reports reach the manager.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
