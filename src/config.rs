@@ -61,6 +61,12 @@ pub struct ComputeConfig {
     /// (the embedded default). When set, this pgwake never starts computes itself.
     #[serde(default)]
     pub manager_url: Option<String>,
+    /// With `manager_url`: how often this proxy reports its live sessions per endpoint to the
+    /// manager, which keeps their computes from an idle suspend (each report holds for three
+    /// intervals). Keep it well under the smallest `idle_timeout`: a new session is only
+    /// covered by its wake until the next report.
+    #[serde(default = "d_activity_interval", with = "humantime_serde")]
+    pub activity_interval: Duration,
 }
 
 /// The `[manager]` table: serve the compute manager's HTTP API to other pgwake proxies.
@@ -78,6 +84,9 @@ fn d_wake_timeout() -> Duration {
 fn d_idle_timeout() -> Duration {
     ManagerConfig::default().idle_timeout
 }
+fn d_activity_interval() -> Duration {
+    Duration::from_secs(5)
+}
 fn d_max_waiting() -> usize {
     ManagerConfig::default().max_waiting_per_endpoint
 }
@@ -90,6 +99,7 @@ impl Default for ComputeConfig {
             max_waiting_per_endpoint: d_max_waiting(),
             max_starts_per_minute: 0,
             manager_url: None,
+            activity_interval: d_activity_interval(),
         }
     }
 }
@@ -280,6 +290,7 @@ impl Config {
             for (name, d) in [
                 ("wake_timeout", c.wake_timeout),
                 ("idle_timeout", c.idle_timeout),
+                ("activity_interval", c.activity_interval),
             ] {
                 if d.is_zero() {
                     errors.push(format!("[compute]: {name} must be more than 0"));
@@ -351,6 +362,7 @@ mod tests {
             listen = "not an address"
             [compute]
             idle_timeout = "0s"
+            activity_interval = "0s"
             [local]
             colour = "blue"
             [[endpoint]]
@@ -373,6 +385,7 @@ mod tests {
             "bogus",
             "[proxy]",
             "idle_timeout must",
+            "activity_interval must",
             "colour",
             "\"Bad\"",
             "nohost",
@@ -389,6 +402,7 @@ mod tests {
         assert_eq!(c.proxy.startup_timeout, Duration::from_secs(10));
         assert_eq!(c.compute.wake_timeout, Duration::from_secs(30));
         assert_eq!(c.compute.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.compute.activity_interval, Duration::from_secs(5));
         assert!(c.endpoints.is_empty());
     }
 }

@@ -54,6 +54,8 @@ pub struct Pgwake {
     manager_api_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     serve: JoinHandle<()>,
+    /// With `manager_url`: stops the activity reports, and the task that sends them.
+    reports: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Pgwake {
@@ -113,13 +115,25 @@ impl Pgwake {
         } else {
             None
         };
+        let (reports_stop, reports_stopped) = oneshot::channel::<()>();
+        let mut reports = None;
         let waker: Arc<dyn Waker> = match &config.compute.manager_url {
             Some(url) => {
-                info!(%url, "using the shared compute manager");
-                Arc::new(
+                let remote = Arc::new(
                     RemoteManager::new(url, config.compute.wake_timeout)
                         .map_err(|e| StartError::Manager(e.to_string()))?,
-                )
+                );
+                info!(%url, replica = remote.replica_id(), "using the shared compute manager");
+                // The manager cannot see this proxy's sessions; these reports are how it
+                // learns not to suspend their computes.
+                let (r, interval) = (Arc::clone(&remote), config.compute.activity_interval);
+                reports = Some(tokio::spawn(async move {
+                    r.run_reports(interval, async {
+                        let _ = reports_stopped.await;
+                    })
+                    .await
+                }));
+                remote
             }
             None => Arc::new(Arc::clone(&manager)),
         };
@@ -192,6 +206,7 @@ impl Pgwake {
             manager_api_addr,
             stop: Some(tx),
             serve,
+            reports: reports.map(|task| (reports_stop, task)),
         })
     }
 
@@ -239,6 +254,13 @@ impl Pgwake {
         }
         if let Err(e) = (&mut self.serve).await {
             error!(error = %e, "proxy task failed");
+        }
+        // After the drain, so that the last report tells the manager these sessions are gone.
+        if let Some((stop, task)) = self.reports.take() {
+            let _ = stop.send(());
+            if let Err(e) = task.await {
+                error!(error = %e, "activity report task failed");
+            }
         }
         self.manager.shutdown().await;
     }

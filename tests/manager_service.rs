@@ -1,6 +1,7 @@
 //! The compute manager as a shared service: proxies configured with `manager_url` wake through
 //! its HTTP API, several proxy replicas share one compute, and idle suspension follows the
-//! compute's own client sessions rather than any one proxy's view.
+//! sessions the replicas report and the compute's own client count rather than any one
+//! proxy's view.
 
 mod common;
 
@@ -17,7 +18,9 @@ const ENDPOINTS: &str = "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nidle_
 async fn proxies_share_one_manager_and_idle_follows_the_computes_clients() {
     let manager = Env::start("[manager]\nlisten = \"127.0.0.1:0\"", ENDPOINTS).await;
     let api = manager.pgwake().manager_api_addr().unwrap();
-    let remote = format!("[compute]\nmanager_url = \"http://{api}\"");
+    // Reports less often than idle_timeout (1 s), so that idle checks run in between and the
+    // deferrals below are seen.
+    let remote = format!("[compute]\nmanager_url = \"http://{api}\"\nactivity_interval = \"2s\"");
     let proxy_a = Env::start(&remote, ENDPOINTS).await;
     let proxy_b = Env::start(&remote, ENDPOINTS).await;
 
@@ -41,9 +44,14 @@ async fn proxies_share_one_manager_and_idle_follows_the_computes_clients() {
         .get(0);
     assert_eq!(stdout(&b_out), a_port);
     assert_eq!(manager.stats("demo").unwrap().starts, 1);
+    // A reports its open session; B's psql has ended, so B reports (at most) a last 0.
+    wait_until(LONG, || manager.stats("demo").unwrap().remote_sessions == 1)
+        .await
+        .expect("replica A's session reported");
 
     // The manager holds no guard for A's session, and idle_timeout is 1 s: its idle checks
-    // find a client on the compute and keep deferring. Wait for two of them.
+    // find A's reported session (and a client on the compute) and keep deferring. Wait for
+    // two of them.
     wait_until(LONG, || manager.stats("demo").unwrap().busy_deferrals >= 2)
         .await
         .expect("idle checks ran");
@@ -58,6 +66,7 @@ async fn proxies_share_one_manager_and_idle_follows_the_computes_clients() {
     let (code, body) = http(api, "GET", "/v1/endpoints/demo").await;
     assert_eq!(code, 200);
     assert!(body.contains("\"phase\":\"running\""), "{body}");
+    assert!(body.contains("\"remote_sessions\":1"), "{body}");
     let (code, body) = http(api, "POST", "/v1/endpoints/demo/suspend").await;
     assert_eq!((code, body.as_str()), (200, "{\"suspended\":false}"));
     assert_eq!(http(api, "POST", "/v1/endpoints/nope/wake").await.0, 404);
@@ -68,8 +77,12 @@ async fn proxies_share_one_manager_and_idle_follows_the_computes_clients() {
         "{body}"
     );
 
-    // The last client leaves: the compute is suspended by the manager's idle timer.
+    // The last client leaves: A reports its 0, and the manager's idle timer suspends the
+    // compute.
     drop(a);
+    wait_until(LONG, || manager.stats("demo").unwrap().remote_sessions == 0)
+        .await
+        .expect("replica A's 0 reported");
     manager.wait_phase("demo", Phase::Suspended, LONG).await;
     // And the next client through B wakes it again through the API.
     assert_eq!(stdout(&proxy_b.psql("demo", "select 'again'")), "again");

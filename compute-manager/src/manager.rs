@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -84,9 +85,30 @@ pub struct EndpointStats {
     pub start_failures: u64,
     pub suspends: u64,
     pub crashes: u64,
-    /// Suspends called off because the compute itself still had client sessions.
+    /// Suspends called off because the compute still had client sessions (by the compute's own
+    /// count, or by unexpired reports from proxy replicas).
     pub busy_deferrals: u64,
+    /// Sessions that proxy replicas reported attached to this compute (unexpired reports only).
+    pub remote_sessions: usize,
     pub addr: Option<ComputeAddr>,
+}
+
+/// At most this many replicas are remembered per endpoint: a report from one more (all others
+/// still unexpired) is ignored, so a misbehaving client of the API cannot grow the map without
+/// bound. Far more than any real deployment runs.
+const MAX_REPLICAS_PER_ENDPOINT: usize = 1024;
+
+/// The longest a report counts: a replica that vanishes without a last report of 0 (killed,
+/// partitioned) holds its computes up at most this long, whatever ttl it asked for.
+const MAX_REPORT_TTL: Duration = Duration::from_secs(600);
+
+/// One proxy replica's last word about an endpoint.
+#[derive(Debug, Clone, Copy)]
+struct RemoteReport {
+    sessions: usize,
+    /// A replica that dies stops reporting; its sessions died with it, so its count only
+    /// holds until then.
+    expires_at: Instant,
 }
 
 enum State {
@@ -124,6 +146,10 @@ struct Inner {
     attached: usize,
     /// Clients held in `wake` for this endpoint.
     waiting: usize,
+    /// Sessions attached through proxy replicas that hold no guard here (manager service
+    /// mode), by replica id: counts above 0 only (a 0 removes the entry); expired entries
+    /// count for nothing and are purged when the map is full.
+    remote: HashMap<String, RemoteReport>,
     idle_since: Instant,
     attempt: u64,
     /// Start tokens left and when they were last counted (see `max_starts_per_minute`).
@@ -132,6 +158,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// Sessions that unexpired replica reports count at `now`.
+    fn remote_sessions(&self, now: Instant) -> usize {
+        self.remote
+            .values()
+            .filter(|r| r.expires_at > now)
+            .fold(0, |n, r| n.saturating_add(r.sessions))
+    }
+
     fn take_start_token(&mut self, per_minute: u32) -> bool {
         if per_minute == 0 {
             return true;
@@ -187,13 +221,32 @@ pub struct Lease {
 /// Held by every proxied connection. The last one dropped starts the idle timer.
 pub struct ActivityGuard {
     slot: Option<Arc<Slot>>,
+    /// Through a remote manager the session is counted in this proxy instead (and reported to
+    /// the manager); held only for its drop, which does the uncounting.
+    _remote: Option<crate::service::SessionGuard>,
 }
 
 impl ActivityGuard {
-    /// A guard that tracks nothing: for computes whose activity is known another way (a
-    /// remote manager watches the compute's own client count).
+    /// A guard that tracks nothing: for computes that are never suspended (static routes).
     pub fn detached() -> Self {
-        Self { slot: None }
+        Self {
+            slot: None,
+            _remote: None,
+        }
+    }
+
+    fn local(slot: Arc<Slot>) -> Self {
+        Self {
+            slot: Some(slot),
+            _remote: None,
+        }
+    }
+
+    pub(crate) fn remote(session: crate::service::SessionGuard) -> Self {
+        Self {
+            slot: None,
+            _remote: Some(session),
+        }
     }
 }
 
@@ -296,6 +349,7 @@ impl Manager {
                     state: State::Suspended,
                     attached: 0,
                     waiting: 0,
+                    remote: HashMap::new(),
                     idle_since: Instant::now(),
                     attempt: 0,
                     start_tokens: f64::from(self.cfg.max_starts_per_minute),
@@ -323,7 +377,7 @@ impl Manager {
             self.metrics.wakes.with_label_values(&["warm"]).inc();
             return Ok(Lease {
                 addr: ComputeAddr::new(address.as_str()),
-                guard: ActivityGuard { slot: None },
+                guard: ActivityGuard::detached(),
                 cold: false,
             });
         }
@@ -367,9 +421,7 @@ impl Manager {
                         drop(st);
                         return Ok(Lease {
                             addr,
-                            guard: ActivityGuard {
-                                slot: Some(Arc::clone(&slot)),
-                            },
+                            guard: ActivityGuard::local(Arc::clone(&slot)),
                             cold: joined.is_some() || waiting.is_some(),
                         });
                     }
@@ -543,23 +595,37 @@ impl Manager {
     /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
     async fn try_suspend(&self, slot: &Slot, attempt: Option<u64>, reason: SuspendReason) -> bool {
         // Proxies of other replicas (or anything connected straight to the compute) hold no
-        // guard here, so an idle or requested suspend also asks the compute itself. Done
-        // before taking the decision under the lock, and the idle condition is checked again
-        // after it: a wake in between restarts the timer and cancels the suspend.
+        // guard here, so an idle or requested suspend also looks at the replicas' activity
+        // reports and asks the compute itself. Done before taking the decision under the lock,
+        // and the idle condition is checked again after it: a wake or report in between
+        // restarts the timer and cancels the suspend.
         if reason != SuspendReason::Shutdown {
-            let running = match &slot.lock().state {
-                State::Running { compute, .. } => Some(Arc::clone(compute)),
-                _ => None,
+            let (running, remote) = {
+                let st = slot.lock();
+                let running = match &st.state {
+                    State::Running { compute, .. } => Some(Arc::clone(compute)),
+                    _ => None,
+                };
+                (running, st.remote_sessions(Instant::now()))
             };
             let Some(running) = running else { return false };
-            if let Some(n) = running.client_connections().await {
-                if n > 0 {
-                    debug!(endpoint = %slot.id, clients = n, "compute has clients; not suspending");
-                    slot.busy_deferrals.fetch_add(1, Ordering::Relaxed);
-                    slot.lock().idle_since = Instant::now();
-                    slot.notify();
-                    return false;
-                }
+            // Replica reports first: they are free to check, and they are the only guard for
+            // computes that cannot count their own clients (Kubernetes).
+            let clients = if remote > 0 {
+                Some(("proxy replicas", remote))
+            } else {
+                running
+                    .client_connections()
+                    .await
+                    .filter(|n| *n > 0)
+                    .map(|n| ("compute", n))
+            };
+            if let Some((source, n)) = clients {
+                debug!(endpoint = %slot.id, clients = n, source, "compute has clients; not suspending");
+                slot.busy_deferrals.fetch_add(1, Ordering::Relaxed);
+                slot.lock().idle_since = Instant::now();
+                slot.notify();
+                return false;
             }
         }
         let compute = {
@@ -570,7 +636,9 @@ impl Manager {
                     compute,
                     idle_timeout,
                 } if attempt.is_none_or(|x| x == *a) => {
-                    let busy = st.attached > 0 || st.waiting > 0;
+                    // A report can land while the compute was being asked above.
+                    let busy =
+                        st.attached > 0 || st.waiting > 0 || st.remote_sessions(Instant::now()) > 0;
                     let idle_enough = reason != SuspendReason::Idle
                         || Instant::now() >= st.idle_since + *idle_timeout;
                     if (busy && reason != SuspendReason::Shutdown) || !idle_enough {
@@ -603,14 +671,76 @@ impl Manager {
         true
     }
 
-    /// Suspends `id` now if no client is attached or waiting (the operator's or a test's way to
-    /// do what the idle timer does). Returns whether a compute was stopped.
+    /// Suspends `id` now if no client is attached or waiting, reported by a proxy replica, or
+    /// connected to the compute (the operator's or a test's way to do what the idle timer does). Returns whether a compute was stopped.
     pub async fn suspend(&self, id: &EndpointId) -> bool {
         let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
             return false;
         };
         self.try_suspend(&slot, None, SuspendReason::Requested)
             .await
+    }
+
+    /// Records what proxy replica `replica` says about its sessions: `(endpoint, sessions)`
+    /// pairs, each valid for `ttl` (the replica repeats the report well within it). A count
+    /// above 0 is activity, like a wake, and keeps the compute from an idle or requested
+    /// suspend until a report of 0 or the expiry; 0 forgets the replica's entry and, like the
+    /// last guard dropped, restarts the idle timer.
+    ///
+    /// Endpoints the manager has never woken are skipped: they have no compute to keep, and
+    /// the replica repeats the report, so it counts from the first one after the next wake.
+    /// The caller (the API) drops ids that are not in the routing table. Returns how many
+    /// counts were recorded.
+    pub fn report_activity(
+        &self,
+        replica: &str,
+        counts: impl IntoIterator<Item = (EndpointId, usize)>,
+        ttl: Duration,
+    ) -> usize {
+        let now = Instant::now();
+        let expires_at = now + ttl.min(MAX_REPORT_TTL);
+        let mut recorded = 0;
+        for (id, sessions) in counts {
+            let Some(slot) = self.slots.get(&id).map(|s| Arc::clone(&s)) else {
+                continue;
+            };
+            let mut st = slot.lock();
+            if sessions == 0 {
+                // The replica's last session closed: like the last guard dropped, that starts
+                // the idle time (an expired entry already stopped counting long ago).
+                if st
+                    .remote
+                    .remove(replica)
+                    .is_some_and(|r| r.expires_at > now)
+                {
+                    st.idle_since = now;
+                    drop(st);
+                    slot.notify();
+                }
+                recorded += 1;
+                continue;
+            }
+            if !st.remote.contains_key(replica) && st.remote.len() >= MAX_REPLICAS_PER_ENDPOINT {
+                st.remote.retain(|_, r| r.expires_at > now);
+                if st.remote.len() >= MAX_REPLICAS_PER_ENDPOINT {
+                    drop(st);
+                    warn!(endpoint = %id, replica, "too many proxy replicas reporting; report ignored");
+                    continue;
+                }
+            }
+            st.remote.insert(
+                replica.to_owned(),
+                RemoteReport {
+                    sessions,
+                    expires_at,
+                },
+            );
+            st.idle_since = now;
+            drop(st);
+            slot.notify();
+            recorded += 1;
+        }
+        recorded
     }
 
     /// Endpoints the manager has seen (woken at least once).
@@ -632,6 +762,7 @@ impl Manager {
             suspends: slot.suspends.load(Ordering::Relaxed),
             crashes: slot.crashes.load(Ordering::Relaxed),
             busy_deferrals: slot.busy_deferrals.load(Ordering::Relaxed),
+            remote_sessions: st.remote_sessions(Instant::now()),
             addr: match &st.state {
                 State::Running { compute, .. } => Some(compute.addr().clone()),
                 _ => None,

@@ -409,3 +409,121 @@ async fn shutdown_leaves_computes_another_manager_can_take_over() {
         Phase::Running
     );
 }
+
+fn report(m: &Manager, replica: &str, id: &EndpointId, sessions: usize, ttl: Duration) -> usize {
+    m.report_activity(replica, [(id.clone(), sessions)], ttl)
+}
+
+// The fake compute cannot count its clients (like a Kubernetes one): only the replica reports
+// stand between a session held through another proxy and an idle suspend.
+#[tokio::test(start_paused = true)]
+async fn remote_sessions_keep_a_compute_that_cannot_count_its_clients() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    // The remote manager's wake: the guard goes at once.
+    drop(m.wake(&r).await.unwrap());
+    let ttl = Duration::from_secs(60);
+    report(&m, "replica-a", &r.endpoint, 1, ttl);
+    // A requested suspend is refused too.
+    assert!(!m.suspend(&r.endpoint).await);
+    // Reports less often than idle_timeout, but within their ttl: the idle timer fires in
+    // between and must be deferred by the reports alone.
+    for _ in 0..5 {
+        assert_eq!(report(&m, "replica-a", &r.endpoint, 1, ttl), 1);
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    }
+    let st = m.stats(&r.endpoint).unwrap();
+    assert!(st.busy_deferrals >= 5, "{st:?}");
+    assert_eq!(st.remote_sessions, 1);
+    // The last session through the replica closes: its 0 releases the compute, which then
+    // goes after idle_timeout (counted from the report), not before.
+    let t0 = Instant::now();
+    report(&m, "replica-a", &r.endpoint, 0, ttl);
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 0);
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(30)).await;
+    assert!(
+        t0.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_stops_reporting_holds_its_computes_only_until_the_ttl() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    drop(m.wake(&r).await.unwrap());
+    let t0 = Instant::now();
+    report(&m, "gone", &r.endpoint, 3, Duration::from_secs(45));
+    // Busy for the ttl, idle checks deferring meanwhile...
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.phase, st.remote_sessions), (Phase::Running, 3));
+    assert!(st.busy_deferrals >= 1, "{st:?}");
+    // ...then the next idle check after the expiry suspends it.
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(30)).await;
+    assert!(
+        t0.elapsed() >= Duration::from_secs(45),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_reports_do_not_block_a_suspend() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    report(&m, "a", &r.endpoint, 1, Duration::from_secs(5));
+    report(&m, "b", &r.endpoint, 2, Duration::from_secs(10));
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 3);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 2);
+    assert!(!m.suspend(&r.endpoint).await);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 0);
+    assert!(m.suspend(&r.endpoint).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reports_count_per_replica_and_skip_endpoints_never_woken() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    let ttl = Duration::from_secs(30);
+    let other = EndpointId::parse("never-woken").unwrap();
+    assert_eq!(
+        m.report_activity("a", [(r.endpoint.clone(), 2), (other.clone(), 5)], ttl),
+        1
+    );
+    assert!(
+        m.stats(&other).is_none(),
+        "no state for endpoints never woken"
+    );
+    // A newer report from the same replica replaces its count; another replica adds to it.
+    report(&m, "a", &r.endpoint, 1, ttl);
+    report(&m, "b", &r.endpoint, 4, ttl);
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 5);
+    report(&m, "b", &r.endpoint, 0, ttl);
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 1);
+    // Each replica id is a map entry: past the cap, a new replica is ignored while the
+    // others are unexpired, and accepted once they have expired.
+    for i in 0..MAX_REPLICAS_PER_ENDPOINT - 1 {
+        report(&m, &format!("r{i}"), &r.endpoint, 1, ttl);
+    }
+    assert_eq!(report(&m, "late", &r.endpoint, 1, ttl), 0);
+    assert_eq!(
+        m.stats(&r.endpoint).unwrap().remote_sessions,
+        MAX_REPLICAS_PER_ENDPOINT
+    );
+    tokio::time::sleep(ttl).await;
+    assert_eq!(report(&m, "late", &r.endpoint, 1, ttl), 1);
+    assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 1);
+}

@@ -7,29 +7,42 @@
 //! - `POST /v1/endpoints/{id}/wake` → `{"address": "host:port", "cold": bool}`, or an error
 //!   `{"kind", "retryable", "message"}` with 404 (unknown), 429 (limits), 503 (not ready).
 //! - `POST /v1/endpoints/{id}/suspend` → `{"suspended": bool}` (refused while clients are
-//!   attached; see `Manager::suspend`).
+//!   attached, reported or on the compute; see `Manager::suspend`).
 //! - `GET /v1/endpoints/{id}` → status; `GET /v1/endpoints` → status of every endpoint.
+//! - `POST /v1/activity` with `{"replica": "<id>", "ttl_ms": n, "endpoints": {"<id>": n}}` →
+//!   `{"recorded": n}`: a proxy replica's live sessions per endpoint (see below). At most
+//!   [`MAX_REPORT_BYTES`]; malformed bodies get 400 with the error body above.
 //!
-//! Idle suspension in this mode: the manager cannot see the proxies' connections, so a wake
-//! counts as activity (it restarts the idle timer) and, before suspending, the manager asks
-//! the compute itself whether any client backend is connected (`RunningCompute::
-//! client_connections`). A client attached through any replica therefore keeps its compute.
+//! Idle suspension in this mode: the manager holds no guard for the proxies' sessions (a
+//! proxy's connection outlives the wake request), so three things stand in for one. A wake
+//! counts as activity (it restarts the idle timer). Every replica counts its own sessions per
+//! endpoint (the guard in a [`RemoteManager`] lease counts) and reports the counts every
+//! `activity_interval` ([`RemoteManager::run_reports`]); each report holds for a ttl of three
+//! intervals, so a replica that dies stops holding computes soon after, while one lost report
+//! does not let a busy compute go. While any replica's unexpired count is above 0 the manager
+//! neither idles nor suspends on request (`Manager::report_activity`). As a second guard,
+//! before suspending the manager still asks the compute itself whether any client backend is
+//! connected (`RunningCompute::client_connections`, `pg_stat_activity` for local computes;
+//! Kubernetes computes cannot be asked, so for them the reports are the guard). A client
+//! attached through any replica therefore keeps its compute, as long as that replica's
+//! reports reach the manager.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use pgwake_router::{EndpointId, Route, RoutingTable};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{ActivityGuard, ComputeAddr, EndpointStats, Lease, Manager, WakeError};
 
@@ -60,6 +73,25 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// The most an activity report may be: some 20,000 endpoints at once, far beyond one proxy's
+/// working set, and small enough that a bad client cannot make the manager buffer much.
+pub const MAX_REPORT_BYTES: usize = 1 << 20;
+
+/// Replica ids are opaque labels for logs and the per-endpoint map; longer ones are refused
+/// so that one report cannot fill the manager's memory with keys.
+const MAX_REPLICA_ID_LEN: usize = 128;
+
+/// `POST /v1/activity`: one proxy replica's live sessions per endpoint.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ActivityReport {
+    /// Chosen at random when the replica starts: a restarted replica is a new one, and the
+    /// old one's counts expire with their ttl.
+    pub replica: String,
+    /// How long the counts hold without a newer report.
+    pub ttl_ms: u64,
+    pub endpoints: HashMap<String, usize>,
+}
+
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatusBody {
     pub endpoint: String,
@@ -71,6 +103,9 @@ pub struct StatusBody {
     pub suspends: u64,
     pub crashes: u64,
     pub busy_deferrals: u64,
+    /// Sessions proxy replicas report attached to the compute (`POST /v1/activity`).
+    #[serde(default)]
+    pub remote_sessions: usize,
     pub address: Option<String>,
 }
 
@@ -86,6 +121,7 @@ impl StatusBody {
             suspends: s.suspends,
             crashes: s.crashes,
             busy_deferrals: s.busy_deferrals,
+            remote_sessions: s.remote_sessions,
             address: s.addr.map(|a| a.to_string()),
         }
     }
@@ -164,6 +200,7 @@ async fn route_request(
                 .collect();
             json(StatusCode::OK, &all)
         }
+        (Method::POST, ["v1", "activity"]) => report_activity(req, manager, table).await,
         (method, ["v1", "endpoints", id, rest @ ..]) => {
             let Ok(id) = EndpointId::parse(id) else {
                 return error(
@@ -184,8 +221,8 @@ async fn route_request(
             match (method, rest) {
                 (Method::POST, ["wake"]) => match manager.wake(&route).await {
                     // The proxy's connection is not ours to track: dropping the guard now
-                    // restarts the idle timer, and the compute's own client count guards the
-                    // session from here on.
+                    // restarts the idle timer, and from here on the proxy's activity reports
+                    // (and the compute's own client count) guard the session.
                     Ok(lease) => json(
                         StatusCode::OK,
                         &WakeResponse {
@@ -234,11 +271,83 @@ async fn route_request(
     }
 }
 
+async fn report_activity(
+    req: Request<Incoming>,
+    manager: &Manager,
+    table: &RoutingTable,
+) -> Response<Full<Bytes>> {
+    let bad = |message: String| error(StatusCode::BAD_REQUEST, "bad_report", false, message);
+    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return bad(format!("unreadable body: {e}")),
+    };
+    let report: ActivityReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("invalid activity report: {e}")),
+    };
+    if report.replica.is_empty() || report.replica.len() > MAX_REPLICA_ID_LEN {
+        return bad(format!(
+            "replica must be 1 to {MAX_REPLICA_ID_LEN} bytes long"
+        ));
+    }
+    // Only endpoints in the routing table: the manager keeps per-endpoint state for each, so
+    // made-up ids must not create any.
+    let counts = report.endpoints.into_iter().filter_map(|(id, n)| {
+        let id = EndpointId::parse(&id).ok()?;
+        table.lookup(&id).is_some().then_some((id, n))
+    });
+    let recorded = manager.report_activity(
+        &report.replica,
+        counts,
+        Duration::from_millis(report.ttl_ms),
+    );
+    json(StatusCode::OK, &serde_json::json!({ "recorded": recorded }))
+}
+
+/// Sessions one proxy replica holds, per endpoint, for its activity reports. An endpoint whose
+/// count drops to 0 stays in the map until a report has carried that 0 to the manager.
+#[derive(Default)]
+struct Sessions(Mutex<HashMap<EndpointId, usize>>);
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EndpointId, usize>> {
+        // Plain counters: carrying on after a panic elsewhere beats losing every report.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open(self: &Arc<Self>, endpoint: &EndpointId) -> SessionGuard {
+        *self.lock().entry(endpoint.clone()).or_insert(0) += 1;
+        SessionGuard {
+            sessions: Arc::clone(self),
+            endpoint: endpoint.clone(),
+        }
+    }
+}
+
+/// One proxied session counted in its replica's reports, uncounted on drop.
+pub(crate) struct SessionGuard {
+    sessions: Arc<Sessions>,
+    endpoint: EndpointId,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.sessions.lock().get_mut(&self.endpoint) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// The proxy's side of the API.
 pub struct RemoteManager {
     base: String,
     http: reqwest::Client,
     wake_timeout: Duration,
+    replica: String,
+    sessions: Arc<Sessions>,
 }
 
 impl RemoteManager {
@@ -251,7 +360,90 @@ impl RemoteManager {
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
             wake_timeout,
+            replica: format!("{:016x}", rand::random::<u64>()),
+            sessions: Arc::default(),
         })
+    }
+
+    /// This replica's id in activity reports.
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    /// Sessions this replica holds on `endpoint` (woken through it and not yet closed).
+    pub fn sessions(&self, endpoint: &EndpointId) -> usize {
+        self.sessions.lock().get(endpoint).copied().unwrap_or(0)
+    }
+
+    /// Reports this replica's sessions every `interval` until `shutdown` resolves, then once
+    /// more (by then the proxy has drained, so that last report releases its computes at once
+    /// instead of after the ttl). A failed report is logged and the next tick carries the
+    /// counts again; sessions never wait on reports.
+    pub async fn run_reports(&self, interval: Duration, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        // `interval` panics on zero; the config refuses 0, this keeps the library total.
+        let interval = interval.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        loop {
+            let last = tokio::select! {
+                _ = &mut shutdown => true,
+                _ = tick.tick() => false,
+            };
+            match self.report_activity(interval).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    // One miss is covered by the ttl; a run of them may let computes go idle.
+                    if failures >= 2 {
+                        warn!(error = %e, failures, "activity report to the compute manager failed");
+                    } else {
+                        debug!(error = %e, "activity report to the compute manager failed");
+                    }
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Sends one report: every endpoint with sessions, and a 0 for each that dropped to none
+    /// since the last report that got through. Nothing is sent when there is nothing to say.
+    pub async fn report_activity(&self, interval: Duration) -> Result<(), reqwest::Error> {
+        let counts: Vec<(EndpointId, usize)> = self
+            .sessions
+            .lock()
+            .iter()
+            .map(|(id, n)| (id.clone(), *n))
+            .collect();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let report = ActivityReport {
+            replica: self.replica.clone(),
+            ttl_ms: u64::try_from(interval.saturating_mul(3).as_millis()).unwrap_or(u64::MAX),
+            endpoints: counts.iter().map(|(id, n)| (id.to_string(), *n)).collect(),
+        };
+        self.http
+            .post(format!("{}/v1/activity", self.base))
+            // Bounded so that a hung manager delays the next report by at most about one
+            // interval (but never so short that a busy loopback times out).
+            .timeout(interval.max(Duration::from_secs(1)))
+            .json(&report)
+            .send()
+            .await?
+            .error_for_status()?;
+        // The manager has the 0s now. An endpoint that went to 0 after the snapshot keeps its
+        // entry, so the next report carries that 0.
+        let mut live = self.sessions.lock();
+        for (id, sent) in counts {
+            if sent == 0 && live.get(&id) == Some(&0) {
+                live.remove(&id);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -276,7 +468,7 @@ impl Waker for RemoteManager {
                 .map_err(|e| WakeError::ManagerUnavailable(format!("bad wake response: {e}")))?;
             return Ok(Lease {
                 addr: ComputeAddr::new(w.address),
-                guard: ActivityGuard::detached(),
+                guard: ActivityGuard::remote(self.sessions.open(&route.endpoint)),
                 cold: w.cold,
             });
         }
@@ -294,3 +486,7 @@ impl Waker for RemoteManager {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

@@ -1,0 +1,262 @@
+//! The API and [`RemoteManager`] over real HTTP on port 0, against a compute that cannot count
+//! its own clients (as a Kubernetes one): the activity reports alone must keep it up. Real
+//! time with short durations; every wait is for a condition, with a deadline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pgwake_router::BackendSpec;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::*;
+use crate::{
+    BackendError, Backends, ComputeBackend, ManagerConfig, ManagerMetrics, Phase, RunningCompute,
+};
+
+const IDLE: Duration = Duration::from_millis(300);
+const INTERVAL: Duration = Duration::from_millis(50);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Backend {
+    stops: Arc<AtomicUsize>,
+}
+
+struct Compute {
+    addr: ComputeAddr,
+    stops: Arc<AtomicUsize>,
+    exited: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl ComputeBackend for Backend {
+    async fn start(&self, _route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
+        Ok(Box::new(Compute {
+            addr: ComputeAddr::new("127.0.0.1:1"),
+            stops: Arc::clone(&self.stops),
+            exited: watch::channel(false).0,
+        }))
+    }
+}
+
+// `client_connections` keeps its default: None, the compute cannot be asked.
+#[async_trait]
+impl RunningCompute for Compute {
+    fn addr(&self) -> &ComputeAddr {
+        &self.addr
+    }
+    async fn stop(&self) -> Result<(), BackendError> {
+        self.stops.fetch_add(1, Ordering::SeqCst);
+        self.exited.send_replace(true);
+        Ok(())
+    }
+    async fn exited(&self) {
+        let _ = self.exited.subscribe().wait_for(|e| *e).await;
+    }
+}
+
+struct Harness {
+    manager: Arc<Manager>,
+    backend: Arc<Backend>,
+    api: SocketAddr,
+    route: Arc<Route>,
+    _stop_api: oneshot::Sender<()>,
+}
+
+async fn harness() -> Harness {
+    let backend = Arc::new(Backend::default());
+    let manager = Manager::new(
+        ManagerConfig {
+            idle_timeout: IDLE,
+            ..ManagerConfig::default()
+        },
+        Backends::all(Arc::clone(&backend) as _),
+        ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let table = Arc::new(RoutingTable::new());
+    let route = Route {
+        endpoint: EndpointId::parse("ep").unwrap(),
+        // The kind only picks the backend; `Backends::all` gives the same fake for each.
+        backend: BackendSpec::Local {
+            settings: BTreeMap::new(),
+        },
+        idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
+    };
+    table.upsert(route.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve_api(
+        listener,
+        Arc::clone(&manager),
+        table,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Harness {
+        manager,
+        backend,
+        api,
+        route: Arc::new(route),
+        _stop_api: stop,
+    }
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_held_through_a_remote_manager_keeps_its_compute() {
+    let h = harness().await;
+    let id = h.route.endpoint.clone();
+    let remote = Arc::new(RemoteManager::new(&format!("http://{}", h.api), DEADLINE).unwrap());
+    let (stop_reports, reports_stopped) = oneshot::channel::<()>();
+    let r = Arc::clone(&remote);
+    let reports = tokio::spawn(async move {
+        r.run_reports(INTERVAL, async move {
+            let _ = reports_stopped.await;
+        })
+        .await
+    });
+
+    let lease = remote.wake(&h.route).await.unwrap();
+    assert_eq!(remote.sessions(&id), 1);
+    until("the manager counts the session", || {
+        h.manager.stats(&id).unwrap().remote_sessions == 1
+    })
+    .await;
+    // Several idle timeouts with the session open: never suspended.
+    let t0 = Instant::now();
+    while t0.elapsed() < IDLE * 4 {
+        assert_eq!(h.manager.stats(&id).unwrap().phase, Phase::Running);
+        tokio::time::sleep(INTERVAL).await;
+    }
+    assert_eq!(h.backend.stops.load(Ordering::SeqCst), 0);
+    // A requested suspend through the API is refused as well.
+    let refused: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/endpoints/ep/suspend", h.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(refused, serde_json::json!({ "suspended": false }));
+
+    // The session ends: the next report carries its 0 and the idle timer takes the compute.
+    drop(lease);
+    assert_eq!(remote.sessions(&id), 0);
+    tokio::time::timeout(DEADLINE, h.manager.wait_for_phase(&id, Phase::Suspended))
+        .await
+        .unwrap_or_else(|_| panic!("not suspended: {:?}", h.manager.stats(&id)));
+    let st = h.manager.stats(&id).unwrap();
+    assert_eq!((st.suspends, st.remote_sessions), (1, 0));
+    assert_eq!(h.backend.stops.load(Ordering::SeqCst), 1);
+    let _ = stop_reports.send(());
+    tokio::time::timeout(DEADLINE, reports)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_report_on_shutdown_releases_the_compute_at_once() {
+    let h = harness().await;
+    let id = h.route.endpoint.clone();
+    let remote = Arc::new(RemoteManager::new(&format!("http://{}", h.api), DEADLINE).unwrap());
+    let lease = remote.wake(&h.route).await.unwrap();
+    // An interval far beyond the test: only explicit reports and the last one are sent.
+    let hour = Duration::from_secs(3600);
+    remote.report_activity(hour).await.unwrap();
+    assert_eq!(h.manager.stats(&id).unwrap().remote_sessions, 1);
+    let (stop_reports, reports_stopped) = oneshot::channel::<()>();
+    let r = Arc::clone(&remote);
+    let reports = tokio::spawn(async move {
+        r.run_reports(hour, async move {
+            let _ = reports_stopped.await;
+        })
+        .await
+    });
+    drop(lease);
+    let _ = stop_reports.send(());
+    tokio::time::timeout(DEADLINE, reports)
+        .await
+        .unwrap()
+        .unwrap();
+    // Well before the hour-long ttl: the shutdown report carried the 0.
+    assert_eq!(h.manager.stats(&id).unwrap().remote_sessions, 0);
+    // And the 0 went out once: nothing is left to report.
+    assert!(remote.sessions.lock().is_empty());
+}
+
+#[tokio::test]
+async fn bad_activity_reports_are_refused_and_unknown_endpoints_ignored() {
+    let h = harness().await;
+    let url = format!("http://{}/v1/activity", h.api);
+    let http = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        http.post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, needle) in [
+        (b"{not json".to_vec(), "invalid activity report"),
+        (br#"{"replica": "r", "ttl_ms": 1}"#.to_vec(), "endpoints"),
+        (
+            format!(
+                r#"{{"replica": "{}", "ttl_ms": 1, "endpoints": {{}}}}"#,
+                "x".repeat(200)
+            )
+            .into_bytes(),
+            "replica must be",
+        ),
+        (
+            br#"{"replica": "", "ttl_ms": 1, "endpoints": {}}"#.to_vec(),
+            "replica must be",
+        ),
+        (vec![b' '; MAX_REPORT_BYTES + 1], "unreadable body"),
+    ] {
+        let resp = post(body).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: ErrorBody = resp.json().await.unwrap();
+        assert_eq!(e.kind, "bad_report");
+        assert!(
+            e.message.contains(needle),
+            "{needle:?} not in {:?}",
+            e.message
+        );
+    }
+    // Woken, unknown and invalid ids in one report: only the routed one is recorded.
+    drop(h.manager.wake(&h.route).await.unwrap());
+    let resp = post(
+        br#"{"replica": "r", "ttl_ms": 60000, "endpoints": {"ep": 2, "nope": 1, "Bad Id!": 1}}"#
+            .to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v, serde_json::json!({ "recorded": 1 }));
+    let nope = EndpointId::parse("nope").unwrap();
+    assert!(h.manager.stats(&nope).is_none());
+    let status: StatusBody = http
+        .get(format!("http://{}/v1/endpoints/ep", h.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status.remote_sessions, 2);
+}
