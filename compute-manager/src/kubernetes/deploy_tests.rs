@@ -389,15 +389,25 @@ fn roles_grant_exactly_what_the_code_uses() {
         // Shared::set_status: endpoints.patch_status.
         ("pgwake.io", "pgwakeendpoints/status", "patch"),
     ];
+    let election = [
+        // leader::LeaderElector: get, create when absent, replace (take over, renew, release).
+        ("coordination.k8s.io", "leases", "get,create,update"),
+    ];
     let proxy = permissions(&reflector);
-    let manager: BTreeSet<Permission> = permissions(&reflector)
+    let single_pod: BTreeSet<Permission> = permissions(&reflector)
         .into_iter()
         .chain(permissions(&backend))
         .collect();
+    let manager: BTreeSet<Permission> = single_pod
+        .iter()
+        .cloned()
+        .chain(permissions(&election))
+        .collect();
     assert_eq!(granted("pgwake-proxy"), proxy);
+    // The manager replicas elect a leader (leader_tests.rs checks the elector's requests).
     assert_eq!(granted("pgwake-manager"), manager);
-    // The single pod is proxy and manager in one.
-    assert_eq!(granted("pgwake"), manager);
+    // The single pod is proxy and manager in one, and the only one: no election.
+    assert_eq!(granted("pgwake"), single_pod);
 
     // Each RoleBinding gives its Role to the one ServiceAccount of the same name, and each
     // ServiceAccount gets exactly one Role.

@@ -36,6 +36,7 @@
 //!   leader) per endpoint.
 
 mod config;
+pub mod leader;
 mod workload;
 
 use std::sync::Arc;
@@ -58,6 +59,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute};
 
 pub use config::KubernetesConfig;
+pub use leader::{LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership};
 pub use workload::{
     desired_statefulset, pod_name, pod_state, workload_name, PodIdentity, PodState,
     ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY,
