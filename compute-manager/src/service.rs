@@ -9,6 +9,9 @@
 //! - `POST /v1/endpoints/{id}/suspend` → `{"suspended": bool}` (refused while clients are
 //!   attached; see `Manager::suspend`).
 //! - `GET /v1/endpoints/{id}` → status; `GET /v1/endpoints` → status of every endpoint.
+//! - Every path answers 503 `{"kind": "not_leader", "retryable": true}` while this manager is on
+//!   standby (leader election): only the leader may wake or suspend, and a standby's status
+//!   would describe computes it does not run.
 //!
 //! Idle suspension in this mode: the manager cannot see the proxies' connections, so a wake
 //! counts as activity (it restarts the idle timer) and, before suspending, the manager asks
@@ -31,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{ActivityGuard, ComputeAddr, EndpointStats, Lease, Manager, WakeError};
+use crate::{ActivityGuard, ComputeAddr, EndpointStats, Leadership, Lease, Manager, WakeError};
 
 /// What the proxy needs from a compute manager, in-process or remote.
 #[async_trait]
@@ -43,6 +46,23 @@ pub trait Waker: Send + Sync + 'static {
 impl Waker for Arc<Manager> {
     async fn wake(&self, route: &Arc<Route>) -> Result<Lease, WakeError> {
         Manager::wake(self, route).await
+    }
+}
+
+/// The in-process manager of a process that elects a leader: wakes only while leading, like
+/// its API.
+pub struct LeaderOnly {
+    pub manager: Arc<Manager>,
+    pub leadership: Leadership,
+}
+
+#[async_trait]
+impl Waker for LeaderOnly {
+    async fn wake(&self, route: &Arc<Route>) -> Result<Lease, WakeError> {
+        if !self.leadership.is_leader() {
+            return Err(WakeError::NotLeader);
+        }
+        Manager::wake(&self.manager, route).await
     }
 }
 
@@ -91,11 +111,13 @@ impl StatusBody {
     }
 }
 
-/// Serves the API until `shutdown` resolves.
+/// Serves the API until `shutdown` resolves; while `leadership` is not leading, every request
+/// is refused with 503 `not_leader` ([`Leadership::always`] for a manager without election).
 pub async fn serve_api(
     listener: TcpListener,
     manager: Arc<Manager>,
     table: Arc<RoutingTable>,
+    leadership: Leadership,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -110,11 +132,23 @@ pub async fn serve_api(
                 }
             },
         };
-        let (m, t) = (Arc::clone(&manager), Arc::clone(&table));
+        let (m, t, l) = (Arc::clone(&manager), Arc::clone(&table), leadership.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let (m, t) = (Arc::clone(&m), Arc::clone(&t));
-                async move { Ok::<_, Infallible>(route_request(req, &m, &t).await) }
+                let leading = l.is_leader();
+                async move {
+                    if !leading {
+                        let e = WakeError::NotLeader;
+                        return Ok::<_, Infallible>(error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            e.kind(),
+                            e.retryable(),
+                            e.user_message(),
+                        ));
+                    }
+                    Ok(route_request(req, &m, &t).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -287,10 +321,94 @@ impl Waker for RemoteManager {
             "queue_full" => WakeError::QueueFull,
             "rate_limited" => WakeError::RateLimited,
             "shutting_down" => WakeError::ShuttingDown,
+            "not_leader" => WakeError::NotLeader,
             _ => WakeError::Remote {
                 retryable: e.retryable,
                 message: e.message,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Backends, LeaderState, ManagerConfig, ManagerMetrics};
+
+    async fn call(http: &reqwest::Client, method: &str, url: &str) -> (u16, serde_json::Value) {
+        let resp = http
+            .request(method.parse().unwrap(), url)
+            .send()
+            .await
+            .unwrap();
+        let code = resp.status().as_u16();
+        (code, resp.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_standby_manager_refuses_every_request_as_retryable_until_it_leads() {
+        let manager = Manager::new(
+            ManagerConfig::default(),
+            Backends {
+                local: None,
+                kubernetes: None,
+            },
+            ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (state, leadership) = Leadership::manual(LeaderState::Standby);
+        tokio::spawn(serve_api(
+            listener,
+            manager,
+            Arc::new(RoutingTable::new()),
+            leadership,
+            std::future::pending(),
+        ));
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+
+        for (method, path) in [
+            ("POST", "/v1/endpoints/demo/wake"),
+            ("POST", "/v1/endpoints/demo/suspend"),
+            ("GET", "/v1/endpoints/demo"),
+            ("GET", "/v1/endpoints"),
+        ] {
+            let (code, body) = call(&http, method, &format!("{base}{path}")).await;
+            assert_eq!(code, 503, "{method} {path}");
+            assert_eq!(body["kind"], "not_leader", "{body}");
+            assert_eq!(body["retryable"], true, "{body}");
+            assert!(
+                body["message"].as_str().unwrap().contains("retry"),
+                "{body}"
+            );
+        }
+        // What a proxy makes of it: a retryable error, not a failed compute.
+        let remote = RemoteManager::new(&base, Duration::from_secs(5)).unwrap();
+        let route = Arc::new(Route {
+            endpoint: EndpointId::parse("demo").unwrap(),
+            backend: pgwake_router::BackendSpec::Static {
+                address: "127.0.0.1:5432".into(),
+            },
+            idle_timeout: None,
+            allow: Vec::new(),
+            max_connections: None,
+        });
+        let err = remote.wake(&route).await.err().expect("refused");
+        assert!(matches!(err, WakeError::NotLeader), "{err:?}");
+        assert!(err.retryable());
+
+        // Leader now: requests reach the manager (an unknown endpoint is its answer).
+        state.send_replace(LeaderState::Leading);
+        let (code, body) = call(&http, "GET", &format!("{base}/v1/endpoints")).await;
+        assert_eq!((code, body), (200, serde_json::json!([])));
+        let (code, body) = call(&http, "POST", &format!("{base}/v1/endpoints/demo/wake")).await;
+        assert_eq!(code, 404);
+        assert_eq!(body["kind"], "unknown_endpoint");
+
+        // Deposed: refused again at once.
+        state.send_replace(LeaderState::Lost);
+        let (code, body) = call(&http, "GET", &format!("{base}/v1/endpoints")).await;
+        assert_eq!((code, body["kind"].as_str()), (503, Some("not_leader")));
     }
 }
