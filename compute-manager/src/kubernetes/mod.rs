@@ -33,7 +33,7 @@
 //! - A wake that fails or is abandoned (the manager's `wake_timeout`) scales the StatefulSet
 //!   back to 0, so no compute runs that no manager tracks. With several managers for one
 //!   endpoint, this can stop a pod another manager is waiting for: run one manager (or one
-//!   leader) per endpoint.
+//!   leader, `leader::LeaderElector`) per endpoint.
 
 mod config;
 pub mod leader;
