@@ -4,8 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use pgwake_compute_manager::kubernetes::leader::{
+    DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_RENEW_DEADLINE, DEFAULT_RETRY_PERIOD,
+};
 use pgwake_compute_manager::kubernetes::KubernetesConfig;
-use pgwake_compute_manager::{LocalConfig, ManagerConfig};
+use pgwake_compute_manager::{LeaderConfig, LocalConfig, ManagerConfig};
 use pgwake_proxy::tls::TlsConfig;
 use pgwake_proxy::{LimitsConfig, ProxyConfig};
 use pgwake_router::{EndpointConfig, RoutingTable};
@@ -70,12 +73,74 @@ pub struct ComputeConfig {
 }
 
 /// The `[manager]` table: serve the compute manager's HTTP API to other pgwake proxies.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerServiceConfig {
     /// Unset: no API listener.
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
+    /// Several manager replicas, one leader (a `coordination.k8s.io` Lease in the
+    /// `[kubernetes]` namespace): the others refuse wakes and report not ready until they win
+    /// the Lease. Needs `listen` and `[kubernetes]`.
+    #[serde(default)]
+    pub leader_election: bool,
+    #[serde(default = "d_lease_name")]
+    pub lease_name: String,
+    /// This replica's name in the Lease; unset: the `HOSTNAME` environment variable (the pod
+    /// name in Kubernetes).
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default = "d_lease_duration", with = "humantime_serde")]
+    pub lease_duration: Duration,
+    #[serde(default = "d_renew_deadline", with = "humantime_serde")]
+    pub renew_deadline: Duration,
+    #[serde(default = "d_retry_period", with = "humantime_serde")]
+    pub retry_period: Duration,
+}
+
+fn d_lease_name() -> String {
+    DEFAULT_LEASE_NAME.into()
+}
+fn d_lease_duration() -> Duration {
+    DEFAULT_LEASE_DURATION
+}
+fn d_renew_deadline() -> Duration {
+    DEFAULT_RENEW_DEADLINE
+}
+fn d_retry_period() -> Duration {
+    DEFAULT_RETRY_PERIOD
+}
+
+impl Default for ManagerServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            leader_election: false,
+            lease_name: d_lease_name(),
+            identity: None,
+            lease_duration: d_lease_duration(),
+            renew_deadline: d_renew_deadline(),
+            retry_period: d_retry_period(),
+        }
+    }
+}
+
+impl ManagerServiceConfig {
+    /// The elector's settings; `hostname` (the `HOSTNAME` variable) names this replica unless
+    /// `identity` does.
+    pub fn leader_config(&self, hostname: Option<String>) -> Result<LeaderConfig, String> {
+        let identity = self.identity.clone().or(hostname).ok_or_else(|| {
+            "[manager]: leader_election needs identity or the HOSTNAME environment variable"
+                .to_string()
+        })?;
+        Ok(LeaderConfig {
+            lease_name: self.lease_name.clone(),
+            lease_duration: self.lease_duration,
+            renew_deadline: self.renew_deadline,
+            retry_period: self.retry_period,
+            ..LeaderConfig::new(identity)
+        })
+    }
 }
 
 fn d_wake_timeout() -> Duration {
@@ -256,6 +321,31 @@ impl Config {
         if let Some(t) = &tls {
             errors.extend(t.validate().into_iter().map(|e| format!("[tls]: {e}")));
         }
+        if let Some(m) = manager.as_ref().filter(|m| m.leader_election) {
+            if !matches!(kubernetes, Some(Some(_))) {
+                errors.push(
+                    "[manager]: leader_election needs a [kubernetes] section (the Lease lives in its namespace)"
+                        .into(),
+                );
+            }
+            if m.listen.is_none() {
+                errors.push(
+                    "[manager]: leader_election is for compute manager replicas: set listen".into(),
+                );
+            }
+            if compute.as_ref().is_some_and(|c| c.manager_url.is_some()) {
+                errors.push(
+                    "[manager]: leader_election with [compute] manager_url: this pgwake wakes nothing itself"
+                        .into(),
+                );
+            }
+            // The identity comes from the environment at start; check everything else now.
+            let placeholder = Some("identity-from-hostname".to_string());
+            match m.leader_config(placeholder) {
+                Ok(l) => errors.extend(l.validate().into_iter().map(|e| format!("[manager]: {e}"))),
+                Err(e) => errors.push(e),
+            }
+        }
         let mut endpoints = Vec::new();
         match raw.get("endpoint") {
             None => {}
@@ -393,6 +483,39 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn leader_election_needs_kubernetes_and_a_manager_listener() {
+        let all = Config::parse("[manager]\nleader_election = true\nrenew_deadline = \"20s\"\n")
+            .unwrap_err()
+            .0
+            .join("\n");
+        for needle in [
+            "[kubernetes]",
+            "set listen",
+            "renew_deadline must be shorter",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let c = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\nleader_election = true\nidentity = \"m-1\"\n\
+             [kubernetes]\nnamespace = \"pgwake\"\n",
+        )
+        .unwrap();
+        let l = c.manager.leader_config(Some("from-env".into())).unwrap();
+        assert_eq!(l.identity, "m-1");
+        assert_eq!(l.lease_name, "pgwake-manager");
+        assert_eq!(l.lease_duration, Duration::from_secs(15));
+        assert_eq!(l.renew_deadline, Duration::from_secs(10));
+        assert_eq!(l.retry_period, Duration::from_secs(2));
+        let mut m = c.manager.clone();
+        m.identity = None;
+        assert_eq!(
+            m.leader_config(Some("pod-a".into())).unwrap().identity,
+            "pod-a"
+        );
+        assert!(m.leader_config(None).unwrap_err().contains("HOSTNAME"));
     }
 
     #[test]

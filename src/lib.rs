@@ -9,9 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pgwake_compute_manager::kubernetes::KubernetesBackend;
+use pgwake_compute_manager::service::LeaderOnly;
 use pgwake_compute_manager::{
-    BackendError, Backends, ComputeBackend, LocalBackend, Manager, ManagerConfig, ManagerMetrics,
-    RemoteManager, Waker,
+    BackendError, Backends, ComputeBackend, LeaderElector, LeaderError, LeaderState, Leadership,
+    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
@@ -39,6 +40,8 @@ pub enum StartError {
     Tls(#[from] pgwake_proxy::tls::LoadErrors),
     #[error("compute manager client: {0}")]
     Manager(String),
+    #[error("leader election: {0}")]
+    LeaderElection(String),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -56,6 +59,14 @@ pub struct Pgwake {
     serve: JoinHandle<()>,
     /// With `manager_url`: stops the activity reports, and the task that sends them.
     reports: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    leadership: Leadership,
+    election: Option<Election>,
+}
+
+/// The running elector of a manager replica (`[manager] leader_election`).
+struct Election {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), LeaderError>>,
 }
 
 impl Pgwake {
@@ -67,9 +78,11 @@ impl Pgwake {
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
         let health = Health::new();
+        let mut kube_backend = None;
         let kubernetes = match &config.kubernetes {
             Some(k) => {
                 let backend = KubernetesBackend::from_env(k.clone()).await?;
+                kube_backend = Some(backend.clone());
                 info!(
                     namespace = backend.namespace(),
                     "Kubernetes backend enabled"
@@ -117,6 +130,27 @@ impl Pgwake {
         };
         let (reports_stop, reports_stopped) = oneshot::channel::<()>();
         let mut reports = None;
+        let (leadership, election) = if config.manager.leader_election {
+            let backend = kube_backend
+                .as_ref()
+                .expect("Config::parse requires [kubernetes] for leader election");
+            let cfg = config
+                .manager
+                .leader_config(std::env::var("HOSTNAME").ok())
+                .map_err(StartError::LeaderElection)?;
+            info!(lease = %cfg.lease_name, identity = %cfg.identity, "leader election enabled; standing by until leader");
+            let (elector, leadership) =
+                LeaderElector::new(backend.client(), backend.namespace(), cfg);
+            health.set_standby(true);
+            tokio::spawn(follow_leadership(leadership.clone(), Arc::clone(&health)));
+            let (stop, stopped) = oneshot::channel();
+            let task = tokio::spawn(elector.run(async {
+                let _ = stopped.await;
+            }));
+            (leadership, Some(Election { stop, task }))
+        } else {
+            (Leadership::always(), None)
+        };
         let waker: Arc<dyn Waker> = match &config.compute.manager_url {
             Some(url) => {
                 let remote = Arc::new(
@@ -135,6 +169,10 @@ impl Pgwake {
                 }));
                 remote
             }
+            None if election.is_some() => Arc::new(LeaderOnly {
+                manager: Arc::clone(&manager),
+                leadership: leadership.clone(),
+            }),
             None => Arc::new(Arc::clone(&manager)),
         };
         let proxy = Proxy::new(ProxyParts {
@@ -169,6 +207,7 @@ impl Pgwake {
                     l,
                     Arc::clone(&manager),
                     Arc::clone(&table),
+                    leadership.clone(),
                     std::future::pending(),
                 ));
                 Some(bound)
@@ -207,7 +246,23 @@ impl Pgwake {
             stop: Some(tx),
             serve,
             reports: reports.map(|task| (reports_stop, task)),
+            leadership,
+            election,
         })
+    }
+
+    /// Whether this process may wake and suspend computes (always, without leader election).
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    /// Resolves if this manager loses the Lease it held; never without leader election. The
+    /// caller must then stop at once, without [`Pgwake::shutdown`]: its idle timers and wakes
+    /// must not touch computes the new leader owns, and a clean shutdown would suspend them.
+    /// Ending the process is the only way to be sure none of that state acts again
+    /// (Kubernetes restarts it as a standby).
+    pub async fn lost_leadership(&self) {
+        self.leadership.lost().await
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -262,7 +317,34 @@ impl Pgwake {
                 error!(error = %e, "activity report task failed");
             }
         }
-        self.manager.shutdown().await;
+        // Suspend while still holding the Lease, and release it only then: a successor that
+        // took over earlier would wake computes this one is still stopping.
+        tokio::select! {
+            _ = self.manager.shutdown() => {}
+            _ = self.leadership.lost() => {
+                error!("lost leadership while suspending computes; leaving them to the new leader");
+            }
+        }
+        if let Some(e) = self.election.take() {
+            let _ = e.stop.send(());
+            match e.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "leader election"),
+                Err(e) => error!(error = %e, "leader election task failed"),
+            }
+        }
+    }
+}
+
+/// Readiness follows leadership: the manager Service then routes the proxies to the leader
+/// only. Ends when the elector does.
+async fn follow_leadership(mut leadership: Leadership, health: Arc<Health>) {
+    loop {
+        let state = leadership.state();
+        health.set_standby(state != LeaderState::Leading);
+        if state == LeaderState::Lost || leadership.changed().await.is_none() {
+            return;
+        }
     }
 }
 
@@ -310,4 +392,29 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_follows_leadership_and_stays_off_once_lost() {
+        let health = Health::new();
+        health.set_standby(true);
+        let (state, leadership) = Leadership::manual(LeaderState::Standby);
+        let task = tokio::spawn(follow_leadership(leadership, Arc::clone(&health)));
+        state.send_replace(LeaderState::Leading);
+        // Let the follower run (cooperative scheduling on this one thread, no clock involved).
+        for _ in 0..100 {
+            if health.is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(health.is_ready(), "the leader is ready");
+        state.send_replace(LeaderState::Lost);
+        task.await.unwrap();
+        assert!(!health.is_ready(), "a deposed leader is not");
+    }
 }

@@ -99,6 +99,13 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = pgwake.lost_leadership() => {
+                // No shutdown: it would suspend computes that the new leader now runs. Exiting
+                // drops every idle timer and wake of this process; Kubernetes restarts it as a
+                // standby.
+                error!("lost the compute manager lease; exiting so that this replica restarts as a standby");
+                anyhow::bail!("lost leadership of the compute manager lease");
+            }
         }
     }
     info!("shutting down");

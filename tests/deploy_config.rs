@@ -93,6 +93,15 @@ fn scale_out_proxies_wake_through_the_manager_service() {
     assert!(!proxy.proxy.listen.ip().is_loopback());
 
     assert_eq!(manager.compute.manager_url, None);
+    // Its replicas elect a leader; the proxies never do.
+    assert!(manager.manager.leader_election);
+    assert!(!proxy.manager.leader_election);
+    let lease = manager
+        .manager
+        .leader_config(Some("pgwake-manager-6d4f9-abcde".into()))
+        .unwrap();
+    assert_eq!(lease.lease_name, "pgwake-manager");
+    assert!(lease.validate().is_empty(), "{:?}", lease.validate());
     assert_eq!(
         manager.manager.listen.map(|a| a.to_string()).as_deref(),
         Some("0.0.0.0:9188")
@@ -110,6 +119,7 @@ fn the_single_pod_manages_computes_in_process() {
     let c = parse(&configs, name);
     assert_eq!(c.compute.manager_url, None);
     assert_eq!(c.manager.listen, None);
+    assert!(!c.manager.leader_election, "the only manager elects nobody");
 
     // Its commented-out [[endpoint]] is what a config-file Kubernetes endpoint looks like:
     // with it uncommented, the file still loads, with that endpoint.

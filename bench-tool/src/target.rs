@@ -32,7 +32,8 @@ pub struct Target {
 
 enum Kind {
     InProcess {
-        pgwake: Pgwake,
+        // Boxed: one Target per run, and clippy's variant-size rule is right in general.
+        pgwake: Box<Pgwake>,
         dir: tempfile::TempDir,
     },
     External {
@@ -79,7 +80,10 @@ max_connections = "{pgconn}"
         let pgwake = Pgwake::start(config).await?;
         let target = Target {
             addr: pgwake.local_addr(),
-            kind: Kind::InProcess { pgwake, dir },
+            kind: Kind::InProcess {
+                pgwake: Box::new(pgwake),
+                dir,
+            },
             main: MAIN.into(),
             pool,
         };

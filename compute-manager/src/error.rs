@@ -76,6 +76,9 @@ pub enum WakeError {
     ShuttingDown,
     #[error("compute manager unreachable: {0}")]
     ManagerUnavailable(String),
+    /// This manager is on standby (leader election): another one wakes computes.
+    #[error("compute manager is not the leader")]
+    NotLeader,
     /// A failure reported by a remote manager; `message` is already client-safe.
     #[error("compute manager: {message}")]
     Remote { retryable: bool, message: String },
@@ -87,7 +90,9 @@ impl WakeError {
             Self::Backend(e) if e.kind() == "misconfigured" => ErrorSource::Internal,
             Self::Backend(_) | Self::Timeout(_) => ErrorSource::Compute,
             Self::QueueFull | Self::RateLimited => ErrorSource::Client,
-            Self::ShuttingDown | Self::ManagerUnavailable(_) => ErrorSource::Internal,
+            Self::ShuttingDown | Self::ManagerUnavailable(_) | Self::NotLeader => {
+                ErrorSource::Internal
+            }
             Self::Remote { .. } => ErrorSource::Compute,
         }
     }
@@ -99,7 +104,8 @@ impl WakeError {
             | Self::QueueFull
             | Self::RateLimited
             | Self::ShuttingDown
-            | Self::ManagerUnavailable(_) => true,
+            | Self::ManagerUnavailable(_)
+            | Self::NotLeader => true,
             Self::Remote { retryable, .. } => *retryable,
         }
     }
@@ -112,6 +118,7 @@ impl WakeError {
             Self::RateLimited => "rate_limited",
             Self::ShuttingDown => "shutting_down",
             Self::ManagerUnavailable(_) => "manager_unavailable",
+            Self::NotLeader => "not_leader",
             Self::Remote { .. } => "remote",
         }
     }
@@ -132,6 +139,7 @@ impl WakeError {
             Self::ManagerUnavailable(_) => {
                 "the compute manager is not reachable; retry shortly".into()
             }
+            Self::NotLeader => "the compute manager is failing over; retry shortly".into(),
             Self::Remote { message, .. } => message.clone(),
         }
     }

@@ -13,7 +13,10 @@ pub mod service;
 
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
 pub use error::{BackendError, ErrorSource, WakeError};
-pub use kubernetes::{KubernetesBackend, KubernetesConfig};
+pub use kubernetes::{
+    KubernetesBackend, KubernetesConfig, LeaderConfig, LeaderElector, LeaderError, LeaderState,
+    Leadership,
+};
 pub use local::{LocalBackend, LocalConfig};
 pub use manager::{
     ActivityGuard, Backends, EndpointStats, Lease, Manager, ManagerConfig, Phase, SuspendReason,

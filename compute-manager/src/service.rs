@@ -12,6 +12,9 @@
 //! - `POST /v1/activity` with `{"replica": "<id>", "ttl_ms": n, "endpoints": {"<id>": n}}` →
 //!   `{"recorded": n}`: a proxy replica's live sessions per endpoint (see below). At most
 //!   [`MAX_REPORT_BYTES`]; malformed bodies get 400 with the error body above.
+//! - Every path answers 503 `{"kind": "not_leader", "retryable": true}` while this manager is on
+//!   standby (leader election): only the leader may wake or suspend, and a standby's status
+//!   would describe computes it does not run.
 //!
 //! Idle suspension in this mode: the manager holds no guard for the proxies' sessions (a
 //! proxy's connection outlives the wake request), so three things stand in for one. A wake
@@ -44,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{ActivityGuard, ComputeAddr, EndpointStats, Lease, Manager, WakeError};
+use crate::{ActivityGuard, ComputeAddr, EndpointStats, Leadership, Lease, Manager, WakeError};
 
 /// What the proxy needs from a compute manager, in-process or remote.
 #[async_trait]
@@ -56,6 +59,23 @@ pub trait Waker: Send + Sync + 'static {
 impl Waker for Arc<Manager> {
     async fn wake(&self, route: &Arc<Route>) -> Result<Lease, WakeError> {
         Manager::wake(self, route).await
+    }
+}
+
+/// The in-process manager of a process that elects a leader: wakes only while leading, like
+/// its API.
+pub struct LeaderOnly {
+    pub manager: Arc<Manager>,
+    pub leadership: Leadership,
+}
+
+#[async_trait]
+impl Waker for LeaderOnly {
+    async fn wake(&self, route: &Arc<Route>) -> Result<Lease, WakeError> {
+        if !self.leadership.is_leader() {
+            return Err(WakeError::NotLeader);
+        }
+        Manager::wake(&self.manager, route).await
     }
 }
 
@@ -127,11 +147,13 @@ impl StatusBody {
     }
 }
 
-/// Serves the API until `shutdown` resolves.
+/// Serves the API until `shutdown` resolves; while `leadership` is not leading, every request
+/// is refused with 503 `not_leader` ([`Leadership::always`] for a manager without election).
 pub async fn serve_api(
     listener: TcpListener,
     manager: Arc<Manager>,
     table: Arc<RoutingTable>,
+    leadership: Leadership,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -146,11 +168,23 @@ pub async fn serve_api(
                 }
             },
         };
-        let (m, t) = (Arc::clone(&manager), Arc::clone(&table));
+        let (m, t, l) = (Arc::clone(&manager), Arc::clone(&table), leadership.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let (m, t) = (Arc::clone(&m), Arc::clone(&t));
-                async move { Ok::<_, Infallible>(route_request(req, &m, &t).await) }
+                let leading = l.is_leader();
+                async move {
+                    if !leading {
+                        let e = WakeError::NotLeader;
+                        return Ok::<_, Infallible>(error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            e.kind(),
+                            e.retryable(),
+                            e.user_message(),
+                        ));
+                    }
+                    Ok(route_request(req, &m, &t).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -479,6 +513,7 @@ impl Waker for RemoteManager {
             "queue_full" => WakeError::QueueFull,
             "rate_limited" => WakeError::RateLimited,
             "shutting_down" => WakeError::ShuttingDown,
+            "not_leader" => WakeError::NotLeader,
             _ => WakeError::Remote {
                 retryable: e.retryable,
                 message: e.message,

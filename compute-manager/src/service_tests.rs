@@ -94,6 +94,7 @@ async fn harness() -> Harness {
         listener,
         Arc::clone(&manager),
         table,
+        crate::Leadership::always(),
         async move {
             let _ = stopped.await;
         },
@@ -259,4 +260,87 @@ async fn bad_activity_reports_are_refused_and_unknown_endpoints_ignored() {
         .await
         .unwrap();
     assert_eq!(status.remote_sessions, 2);
+}
+
+/// Leader election: a standby refuses everything as retryable until it leads.
+mod standby {
+    use super::*;
+    use crate::LeaderState;
+
+    async fn call(http: &reqwest::Client, method: &str, url: &str) -> (u16, serde_json::Value) {
+        let resp = http
+            .request(method.parse().unwrap(), url)
+            .send()
+            .await
+            .unwrap();
+        let code = resp.status().as_u16();
+        (code, resp.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_standby_manager_refuses_every_request_as_retryable_until_it_leads() {
+        let manager = Manager::new(
+            ManagerConfig::default(),
+            Backends {
+                local: None,
+                kubernetes: None,
+            },
+            ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (state, leadership) = Leadership::manual(LeaderState::Standby);
+        tokio::spawn(serve_api(
+            listener,
+            manager,
+            Arc::new(RoutingTable::new()),
+            leadership,
+            std::future::pending(),
+        ));
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+
+        for (method, path) in [
+            ("POST", "/v1/endpoints/demo/wake"),
+            ("POST", "/v1/endpoints/demo/suspend"),
+            ("GET", "/v1/endpoints/demo"),
+            ("GET", "/v1/endpoints"),
+        ] {
+            let (code, body) = call(&http, method, &format!("{base}{path}")).await;
+            assert_eq!(code, 503, "{method} {path}");
+            assert_eq!(body["kind"], "not_leader", "{body}");
+            assert_eq!(body["retryable"], true, "{body}");
+            assert!(
+                body["message"].as_str().unwrap().contains("retry"),
+                "{body}"
+            );
+        }
+        // What a proxy makes of it: a retryable error, not a failed compute.
+        let remote = RemoteManager::new(&base, Duration::from_secs(5)).unwrap();
+        let route = Arc::new(Route {
+            endpoint: EndpointId::parse("demo").unwrap(),
+            backend: pgwake_router::BackendSpec::Static {
+                address: "127.0.0.1:5432".into(),
+            },
+            idle_timeout: None,
+            allow: Vec::new(),
+            max_connections: None,
+        });
+        let err = remote.wake(&route).await.err().expect("refused");
+        assert!(matches!(err, WakeError::NotLeader), "{err:?}");
+        assert!(err.retryable());
+
+        // Leader now: requests reach the manager (an unknown endpoint is its answer).
+        state.send_replace(LeaderState::Leading);
+        let (code, body) = call(&http, "GET", &format!("{base}/v1/endpoints")).await;
+        assert_eq!((code, body), (200, serde_json::json!([])));
+        let (code, body) = call(&http, "POST", &format!("{base}/v1/endpoints/demo/wake")).await;
+        assert_eq!(code, 404);
+        assert_eq!(body["kind"], "unknown_endpoint");
+
+        // Deposed: refused again at once.
+        state.send_replace(LeaderState::Lost);
+        let (code, body) = call(&http, "GET", &format!("{base}/v1/endpoints")).await;
+        assert_eq!((code, body["kind"].as_str()), (503, Some("not_leader")));
+    }
 }

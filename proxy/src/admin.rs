@@ -25,6 +25,9 @@ pub struct Health {
     /// (the `PgwakeEndpoint` resources): until then an endpoint that exists would be refused
     /// as unknown, so a load balancer must not send clients yet.
     routes_loaded: AtomicBool,
+    /// True while this process is a standby compute manager (leader election): the manager
+    /// Service must send the proxies' wakes to the leader only.
+    standby: AtomicBool,
 }
 
 impl Health {
@@ -32,6 +35,7 @@ impl Health {
         Arc::new(Self {
             ready: AtomicBool::new(true),
             routes_loaded: AtomicBool::new(true),
+            standby: AtomicBool::new(false),
         })
     }
 
@@ -47,8 +51,16 @@ impl Health {
         self.routes_loaded.load(Ordering::Acquire)
     }
 
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Release);
+    }
+
+    pub fn standby(&self) -> bool {
+        self.standby.load(Ordering::Acquire)
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.routes_loaded()
+        self.ready.load(Ordering::Acquire) && self.routes_loaded() && !self.standby()
     }
 }
 
@@ -109,6 +121,10 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if health.standby() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: another compute manager is the leader\n",
+        ),
         "/readyz" if !health.routes_loaded() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "routing table not loaded yet\n",
@@ -135,5 +151,44 @@ mod tests {
         // A drain wins over a late first load.
         h.set_routes_loaded(true);
         assert!(!h.is_ready());
+    }
+
+    #[tokio::test]
+    async fn readyz_of_a_standby_manager_is_503_until_it_leads() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Health::new();
+        health.set_standby(true);
+        tokio::spawn(serve(
+            listener,
+            Registry::new(),
+            Arc::clone(&health),
+            std::future::pending(),
+        ));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("standby"), "{r}");
+        // Alive all the same: the liveness probe must not restart a standby.
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        health.set_standby(false);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn a_standby_manager_is_not_ready() {
+        let h = Health::new();
+        h.set_standby(true);
+        assert!(!h.is_ready());
+        h.set_standby(false);
+        assert!(h.is_ready());
     }
 }

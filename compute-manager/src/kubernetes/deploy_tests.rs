@@ -389,15 +389,25 @@ fn roles_grant_exactly_what_the_code_uses() {
         // Shared::set_status: endpoints.patch_status.
         ("pgwake.io", "pgwakeendpoints/status", "patch"),
     ];
+    let election = [
+        // leader::LeaderElector: get, create when absent, replace (take over, renew, release).
+        ("coordination.k8s.io", "leases", "get,create,update"),
+    ];
     let proxy = permissions(&reflector);
-    let manager: BTreeSet<Permission> = permissions(&reflector)
+    let single_pod: BTreeSet<Permission> = permissions(&reflector)
         .into_iter()
         .chain(permissions(&backend))
         .collect();
+    let manager: BTreeSet<Permission> = single_pod
+        .iter()
+        .cloned()
+        .chain(permissions(&election))
+        .collect();
     assert_eq!(granted("pgwake-proxy"), proxy);
+    // The manager replicas elect a leader (leader_tests.rs checks the elector's requests).
     assert_eq!(granted("pgwake-manager"), manager);
-    // The single pod is proxy and manager in one.
-    assert_eq!(granted("pgwake"), manager);
+    // The single pod is proxy and manager in one, and the only one: no election.
+    assert_eq!(granted("pgwake"), single_pod);
 
     // Each RoleBinding gives its Role to the one ServiceAccount of the same name, and each
     // ServiceAccount gets exactly one Role.
@@ -652,15 +662,40 @@ fn scale_out_proxies_reach_the_one_manager_through_its_service() {
     let configs = check_deployments(&docs);
     check_selectors(&docs);
 
-    // The manager: one replica, never two during a rollout (no leader election), the only
-    // one with the manager API and the compute settings.
+    // The manager: two replicas electing a leader, the only ones with the manager API and
+    // the compute settings.
     let manager: Deployment = get(&docs, "Deployment", "pgwake-manager");
     let spec = manager.spec.clone().unwrap();
-    assert_eq!(spec.replicas, Some(1));
-    assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+    assert_eq!(spec.replicas, Some(2));
     let (manager_labels, pod, c) = pods(&manager);
     assert_eq!(pod.service_account_name.as_deref(), Some("pgwake-manager"));
     let mt = &configs["pgwake-manager"];
+    assert_eq!(mt["manager"]["leader_election"].as_bool(), Some(true));
+    // Only the leader is Ready: a rollout that waited for new pods to be Ready would never
+    // end, so it replaces every pod at once (the Lease keeps leaders from overlapping).
+    let strategy = spec.strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.unwrap();
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(IntOrString::String("100%".into()))
+    );
+    // The Service routes to Ready pods, and /readyz is where a standby says it is not ready.
+    let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    // The Lease identity is the pod name.
+    let hostname = c
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "HOSTNAME")
+        .expect("HOSTNAME env");
+    assert_eq!(
+        hostname.value_from.unwrap().field_ref.unwrap().field_path,
+        "metadata.name"
+    );
     assert!(mt["compute"].get("manager_url").is_none());
     let api_port = port_of(mt["manager"]["listen"].as_str().unwrap());
     assert!(mt["manager"]["listen"]

@@ -33,9 +33,10 @@
 //! - A wake that fails or is abandoned (the manager's `wake_timeout`) scales the StatefulSet
 //!   back to 0, so no compute runs that no manager tracks. With several managers for one
 //!   endpoint, this can stop a pod another manager is waiting for: run one manager (or one
-//!   leader) per endpoint.
+//!   leader, `leader::LeaderElector`) per endpoint.
 
 mod config;
+pub mod leader;
 mod workload;
 
 use std::sync::Arc;
@@ -58,6 +59,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute};
 
 pub use config::KubernetesConfig;
+pub use leader::{LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership};
 pub use workload::{
     desired_statefulset, pod_name, pod_state, workload_name, PodIdentity, PodState,
     ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY,
