@@ -209,6 +209,24 @@ const ENDPOINT_KEYS: &[&str] = &[
 ];
 
 impl Config {
+    /// Through a shared manager a new session is covered by its wake only until this replica's
+    /// next activity report; for computes that cannot count their own clients (Kubernetes), an
+    /// idle timeout shorter than two report intervals could suspend the compute under it.
+    /// Returns `(activity_interval, shortest idle_timeout in this file)` when that is so.
+    /// Not an error: local computes are also guarded by their own client count, and the
+    /// manager's idle timeouts may be configured elsewhere.
+    pub fn slow_activity_reports(&self) -> Option<(Duration, Duration)> {
+        let c = &self.compute;
+        c.manager_url.as_ref()?;
+        let shortest = self
+            .endpoints
+            .iter()
+            .filter_map(|r| r.idle_timeout)
+            .chain([c.idle_timeout])
+            .min()?;
+        (shortest < c.activity_interval * 2).then_some((c.activity_interval, shortest))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
@@ -441,6 +459,29 @@ mod tests {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    #[test]
+    fn reports_slower_than_half_the_idle_timeout_are_flagged() {
+        let cfg = |idle: &str| {
+            Config::parse(&format!(
+                r#"
+                [compute]
+                manager_url = "http://127.0.0.1:9188"
+                activity_interval = "5s"
+                [[endpoint]]
+                id = "a"
+                backend = "local"
+                idle_timeout = "{idle}"
+                "#
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            cfg("9s").slow_activity_reports(),
+            Some((Duration::from_secs(5), Duration::from_secs(9)))
+        );
+        assert_eq!(cfg("10s").slow_activity_reports(), None);
     }
 
     #[test]

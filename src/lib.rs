@@ -158,6 +158,13 @@ impl Pgwake {
                         .map_err(|e| StartError::Manager(e.to_string()))?,
                 );
                 info!(%url, replica = remote.replica_id(), "using the shared compute manager");
+                if let Some((interval, idle)) = config.slow_activity_reports() {
+                    warn!(
+                        ?interval,
+                        ?idle,
+                        "activity_interval is more than half the shortest idle_timeout: a new session on a compute that cannot count its clients (Kubernetes) may be suspended before this proxy's first report"
+                    );
+                }
                 // The manager cannot see this proxy's sessions; these reports are how it
                 // learns not to suspend their computes.
                 let (r, interval) = (Arc::clone(&remote), config.compute.activity_interval);

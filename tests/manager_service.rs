@@ -100,7 +100,7 @@ async fn unreachable_manager_is_a_retryable_error_for_the_client() {
         .local_addr()
         .unwrap();
     let proxy = Env::start(
-        &format!("[compute]\nmanager_url = \"http://{closed}\""),
+        &format!("[compute]\nmanager_url = \"http://{closed}\"\nwake_timeout = \"1s\""),
         ENDPOINTS,
     )
     .await;

@@ -163,7 +163,9 @@ pub async fn serve_api(
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on the error.
                     debug!(error = %e, "manager API accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
@@ -176,12 +178,19 @@ pub async fn serve_api(
                 async move {
                     if !leading {
                         let e = WakeError::NotLeader;
-                        return Ok::<_, Infallible>(error(
+                        let mut resp = error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             e.kind(),
                             e.retryable(),
                             e.user_message(),
-                        ));
+                        );
+                        // The proxy retries; on a fresh connection the Service can send it to
+                        // the leader, while a kept-alive one would bring it back here.
+                        resp.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                        return Ok::<_, Infallible>(resp);
                     }
                     Ok(route_request(req, &m, &t).await)
                 }
@@ -483,12 +492,48 @@ impl RemoteManager {
 
 #[async_trait]
 impl Waker for RemoteManager {
+    /// Retries what a manager failover or restart looks like (connection refused or reset,
+    /// `not_leader`, `shutting_down`) with backoff until `wake_timeout`: the client is held
+    /// across the handover instead of getting an error for it. Answers from a working manager
+    /// (its own wake timeout, limits, unknown endpoints) are final.
     async fn wake(&self, route: &Arc<Route>) -> Result<Lease, WakeError> {
+        let deadline = tokio::time::Instant::now() + self.wake_timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.wake_once(route, left).await {
+                Err(
+                    e @ (WakeError::ManagerUnavailable(_)
+                    | WakeError::NotLeader
+                    | WakeError::ShuttingDown),
+                ) => {
+                    let now = tokio::time::Instant::now();
+                    if now + backoff >= deadline {
+                        return Err(e);
+                    }
+                    debug!(endpoint = %route.endpoint, error = %e, ?backoff, "compute manager not available; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Longest pause between two tries of an unavailable manager: a Lease handover takes about
+/// the retry period (2 s), so waiting longer than this would only add latency.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+impl RemoteManager {
+    async fn wake_once(&self, route: &Arc<Route>, left: Duration) -> Result<Lease, WakeError> {
         let url = format!("{}/v1/endpoints/{}/wake", self.base, route.endpoint);
         let resp = self
             .http
             .post(&url)
-            .timeout(self.wake_timeout + Duration::from_secs(5))
+            // The manager bounds a wake by its own wake_timeout; the margin lets its 57P03
+            // answer arrive instead of a client-side timeout.
+            .timeout(left + Duration::from_secs(5))
             .send()
             .await
             .map_err(|e| WakeError::ManagerUnavailable(e.to_string()))?;

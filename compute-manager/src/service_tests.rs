@@ -315,8 +315,9 @@ mod standby {
                 "{body}"
             );
         }
-        // What a proxy makes of it: a retryable error, not a failed compute.
-        let remote = RemoteManager::new(&base, Duration::from_secs(5)).unwrap();
+        // What a proxy makes of it once its wake_timeout has passed in retries: a retryable
+        // error, not a failed compute.
+        let remote = RemoteManager::new(&base, Duration::from_millis(300)).unwrap();
         let route = Arc::new(Route {
             endpoint: EndpointId::parse("demo").unwrap(),
             backend: pgwake_router::BackendSpec::Static {
@@ -342,5 +343,53 @@ mod standby {
         state.send_replace(LeaderState::Lost);
         let (code, body) = call(&http, "GET", &format!("{base}/v1/endpoints")).await;
         assert_eq!((code, body["kind"].as_str()), (503, Some("not_leader")));
+    }
+
+    #[tokio::test]
+    async fn a_wake_is_held_across_a_leader_handover() {
+        let manager = Manager::new(
+            ManagerConfig::default(),
+            Backends::default(),
+            ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        let route = Arc::new(Route {
+            endpoint: EndpointId::parse("demo").unwrap(),
+            backend: pgwake_router::BackendSpec::Static {
+                address: "127.0.0.1:5432".into(),
+            },
+            idle_timeout: None,
+            allow: Vec::new(),
+            max_connections: None,
+        });
+        let table = Arc::new(RoutingTable::new());
+        table.upsert(Route::clone(&route));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (state, leadership) = Leadership::manual(LeaderState::Standby);
+        tokio::spawn(serve_api(
+            listener,
+            manager,
+            table,
+            leadership,
+            std::future::pending(),
+        ));
+        let remote = Arc::new(RemoteManager::new(&base, Duration::from_secs(30)).unwrap());
+        let r = Arc::clone(&remote);
+        let rt = Arc::clone(&route);
+        let mut wake = tokio::spawn(async move { r.wake(&rt).await.map(|l| l.addr) });
+        // Without retries the standby's first refusal would end the wake right away.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut wake)
+                .await
+                .is_err(),
+            "the wake ended while the manager was on standby"
+        );
+        state.send_replace(LeaderState::Leading);
+        let addr = tokio::time::timeout(DEADLINE, wake)
+            .await
+            .expect("wake finished after the handover")
+            .unwrap()
+            .expect("woken by the new leader");
+        assert_eq!(addr.as_str(), "127.0.0.1:5432");
     }
 }
