@@ -4,9 +4,9 @@
 #
 # Usage: compare-pgwake.sh [--pgwake-bin PATH] [--port P] [compare.sh options...]
 #
-# 1. starts a release pgwake (--log-json) on 127.0.0.1:P (default 55436) whose only
+# 1. starts a release pgwake (--log-json) on 127.0.0.1:P (default 25436) whose only
 #    endpoint "bench" is backend = "static", address = compare.sh's own Postgres
-#    (127.0.0.1:55432, or the first port of --ports, or --external-pg H:P);
+#    (127.0.0.1:25432, or the first port of --ports, or --external-pg H:P);
 # 2. runs compare.sh --peers haproxy,pgbouncer (unless you give --peers) with the extra
 #    target  pgwake=postgres@127.0.0.1:P/bench?endpoint=bench  (libpq options
 #    endpoint=bench for that target only; the listener is plain TCP, sslmode=disable);
@@ -17,7 +17,8 @@
 # Options (the rest goes to compare.sh unchanged, e.g. -T 10, --tests, --out DIR):
 #   --pgwake-bin PATH  pgwake binary (default $PGWAKE_BIN, else
 #                      $CARGO_TARGET_DIR or target/release/pgwake)
-#   --port P           pgwake listen port (default 55436)
+#   --port P           pgwake listen port (default 25436; compare.sh gets --ports
+#                      25432,25433,25434,25435 unless given: all below the ephemeral range)
 #   --pgwake-log LVL   PGWAKE_LOG filter (default info)
 # compare.sh's --out (default /tmp/bench-results/pgwake-<timestamp>) gets report.md,
 # results.tsv, raw/ and pgwake.log.
@@ -27,22 +28,25 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/lib.sh"
 
 PGWAKE_BIN=${PGWAKE_BIN:-}
-PORT=55436
+# Ports below the ephemeral range (32768-60999): a run's thousands of client sockets draw
+# their local ports from it, and one still closing could keep the next run from binding.
+PORT=25436
 LOGLVL=info
 PASS=()
-PG_ADDR=127.0.0.1:55432
+PG_ADDR=127.0.0.1:25432
 OUT=""
 HAVE_PEERS=0
+HAVE_PORTS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --pgwake-bin) PGWAKE_BIN=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
     --pgwake-log) LOGLVL=$2; shift 2 ;;
-    --ports) PG_ADDR=127.0.0.1:${2%%,*}; PASS+=("$1" "$2"); shift 2 ;;
-    --external-pg) PG_ADDR=$2; PASS+=("$1" "$2"); shift 2 ;;
+    --ports) PG_ADDR=127.0.0.1:${2%%,*}; HAVE_PORTS=1; PASS+=("$1" "$2"); shift 2 ;;
+    --external-pg) PG_ADDR=$2; HAVE_PORTS=1; PASS+=("$1" "$2"); shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --peers|--no-peers) HAVE_PEERS=1; PASS+=("$1"); [ "$1" = --peers ] && { PASS+=("$2"); shift; }; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n "2,25p" "$0"; exit 0 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done
@@ -53,6 +57,7 @@ if [ -z "$PGWAKE_BIN" ]; then
 fi
 [ -x "${PGWAKE_BIN:-}" ] || die "no pgwake binary; build it (cargo build --release) or pass --pgwake-bin"
 [ "$HAVE_PEERS" = 1 ] || PASS+=(--peers haproxy,pgbouncer)
+[ "$HAVE_PORTS" = 1 ] || PASS+=(--ports 25432,25433,25434,25435)
 OUT=${OUT:-/tmp/bench-results/pgwake-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 port_in_use "$PORT" && die "port $PORT in use (use --port)"

@@ -50,8 +50,8 @@ while [ $# -gt 0 ]; do
 done
 TARGET_DIR=${CARGO_TARGET_DIR:-$HERE/../target}
 if [ -z "$PGWAKE_BIN" ] || [ -z "$BENCH_BIN" ]; then
-  log "cargo build --release --bin pgwake --bin pgwake-bench"
-  (cd "$HERE/.." && cargo build --release --bin pgwake --bin pgwake-bench)
+  log "cargo build --release -p pgwake -p pgwake-bench --bins"
+  (cd "$HERE/.." && cargo build --release -p pgwake -p pgwake-bench --bins)
   PGWAKE_BIN=${PGWAKE_BIN:-$TARGET_DIR/release/pgwake}
   BENCH_BIN=${BENCH_BIN:-$TARGET_DIR/release/pgwake-bench}
 fi

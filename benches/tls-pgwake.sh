@@ -45,7 +45,8 @@
 #   --route sni|options  how pgwake-tls names its endpoint (default sni; options sends
 #                      host=127.0.0.1 and options=endpoint=bench, i.e. no SNI)
 #   --key-type ec|rsa  server keys: ECDSA P-256 (default) or RSA 2048
-#   --ports PG,PGWAKE  listen ports on 127.0.0.1 (default 55462,55466)
+#   --ports PG,PGWAKE  listen ports on 127.0.0.1 (default 25462,25466: below the ephemeral
+#                      range, which the many client sockets of a run draw from)
 #   --pgwake-bin PATH  pgwake binary (default $PGWAKE_BIN; else build and use
 #                      ${CARGO_TARGET_DIR:-target}/release/pgwake)
 #   --pgwake-log LVL   PGWAKE_LOG filter (default info)
@@ -65,7 +66,7 @@ BULK_REPS=2
 BULK_ROWS=1000000
 ROUTE=sni
 KEY_TYPE=ec
-PORTS="55462,55466"
+PORTS="25462,25466"
 PGWAKE_BIN=${PGWAKE_BIN:-}
 LOGLVL=info
 SCALE=10

@@ -12,30 +12,31 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A CA and one wildcard certificate for `*.db.localtest`, written into `dir`.
+/// A CA and one certificate signed by it, written into `dir` as `<name>-ca.pem`,
+/// `<name>.pem` and `<name>.key`.
 struct Pki {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
 }
 
-fn make_pki(dir: &Path) -> Pki {
+fn make_pki(dir: &Path, name: &str, san: &str) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params
         .distinguished_name
-        .push(DnType::CommonName, "pgwake e2e CA");
+        .push(DnType::CommonName, format!("pgwake e2e {name} CA"));
     let ca = params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["*.db.localtest".to_string()])
+    let leaf = CertificateParams::new(vec![san.to_string()])
         .unwrap()
         .signed_by(&key, &ca, &ca_key)
         .unwrap();
     let pki = Pki {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("wild.pem"),
-        key: dir.join("wild.key"),
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
     };
     std::fs::write(&pki.ca, ca.pem()).unwrap();
     std::fs::write(&pki.cert, leaf.pem()).unwrap();
@@ -45,7 +46,7 @@ fn make_pki(dir: &Path) -> Pki {
 
 async fn tls_env(extra: &str) -> (Env, Pki) {
     let dir = tempdir();
-    let pki = make_pki(dir.path());
+    let pki = make_pki(dir.path(), "wild", "*.db.localtest");
     let tls = format!(
         "[tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\ndomains = [\"db.localtest\"]\n{extra}",
         pki.cert.display(),
@@ -309,7 +310,7 @@ async fn bad_tls_inputs_are_refused_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_endpoint_answers_scram_for_the_client_and_never_in_plaintext() {
     let dir = tempdir();
-    let pki = make_pki(dir.path());
+    let pki = make_pki(dir.path(), "wild", "*.db.localtest");
     // Computes that require SCRAM for everyone: the proxy must authenticate with the real
     // password taken from `endpoint=ID;PASSWORD`.
     let pwfile = dir.path().join("pw");
@@ -366,27 +367,12 @@ async fn password_endpoint_answers_scram_for_the_client_and_never_in_plaintext()
 async fn compute_tls_verifies_the_compute_against_the_ca_bundle() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempdir();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "compute CA");
-    let ca = params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
     // Local computes listen on 127.0.0.1, which is the name pgwake verifies.
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let (ca_path, cert_path, key_path) = (
-        dir.path().join("cca.pem"),
-        dir.path().join("compute.pem"),
-        dir.path().join("compute.key"),
-    );
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    std::fs::write(&cert_path, leaf.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let Pki {
+        ca: ca_path,
+        cert: cert_path,
+        key: key_path,
+    } = make_pki(dir.path(), "compute", "127.0.0.1");
     // Postgres insists its key is private to the user it runs as.
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     if unsafe { libc::geteuid() } == 0 {

@@ -156,6 +156,44 @@ pub async fn serve_api(
     leadership: Leadership,
     shutdown: impl Future<Output = ()>,
 ) {
+    let handle = move |req: Request<Incoming>| {
+        let (m, t) = (Arc::clone(&manager), Arc::clone(&table));
+        let leading = leadership.is_leader();
+        async move {
+            if leading {
+                return route_request(req, &m, &t).await;
+            }
+            let e = WakeError::NotLeader;
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.kind(),
+                e.retryable(),
+                e.user_message(),
+            );
+            // The proxy retries; on a fresh connection the Service can send it to the
+            // leader, while a kept-alive one would bring it back here.
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+    };
+    serve_http(listener, "manager API", handle, shutdown).await;
+}
+
+/// One small HTTP/1 server loop for pgwake's JSON and text listeners (this API and the proxy's
+/// admin endpoints): every connection in its own task, `handle` called per request, until
+/// `shutdown` resolves.
+pub async fn serve_http<H, F>(
+    listener: TcpListener,
+    what: &'static str,
+    handle: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -164,36 +202,17 @@ pub async fn serve_api(
                 Ok(s) => s,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on the error.
-                    debug!(error = %e, "manager API accept failed");
+                    debug!(error = %e, listener = what, "accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
         };
-        let (m, t, l) = (Arc::clone(&manager), Arc::clone(&table), leadership.clone());
+        let handle = handle.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let (m, t) = (Arc::clone(&m), Arc::clone(&t));
-                let leading = l.is_leader();
-                async move {
-                    if !leading {
-                        let e = WakeError::NotLeader;
-                        let mut resp = error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            e.kind(),
-                            e.retryable(),
-                            e.user_message(),
-                        );
-                        // The proxy retries; on a fresh connection the Service can send it to
-                        // the leader, while a kept-alive one would bring it back here.
-                        resp.headers_mut().insert(
-                            hyper::header::CONNECTION,
-                            hyper::header::HeaderValue::from_static("close"),
-                        );
-                        return Ok::<_, Infallible>(resp);
-                    }
-                    Ok(route_request(req, &m, &t).await)
-                }
+                let resp = handle(req);
+                async move { Ok::<_, Infallible>(resp.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

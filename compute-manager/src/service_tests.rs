@@ -267,6 +267,19 @@ mod standby {
     use super::*;
     use crate::LeaderState;
 
+    /// Static: the manager answers a wake for it at once, so only the API path is tested.
+    fn static_demo() -> Arc<Route> {
+        Arc::new(Route {
+            endpoint: EndpointId::parse("demo").unwrap(),
+            backend: pgwake_router::BackendSpec::Static {
+                address: "127.0.0.1:5432".into(),
+            },
+            idle_timeout: None,
+            allow: Vec::new(),
+            max_connections: None,
+        })
+    }
+
     async fn call(http: &reqwest::Client, method: &str, url: &str) -> (u16, serde_json::Value) {
         let resp = http
             .request(method.parse().unwrap(), url)
@@ -318,15 +331,7 @@ mod standby {
         // What a proxy makes of it once its wake_timeout has passed in retries: a retryable
         // error, not a failed compute.
         let remote = RemoteManager::new(&base, Duration::from_millis(300)).unwrap();
-        let route = Arc::new(Route {
-            endpoint: EndpointId::parse("demo").unwrap(),
-            backend: pgwake_router::BackendSpec::Static {
-                address: "127.0.0.1:5432".into(),
-            },
-            idle_timeout: None,
-            allow: Vec::new(),
-            max_connections: None,
-        });
+        let route = static_demo();
         let err = remote.wake(&route).await.err().expect("refused");
         assert!(matches!(err, WakeError::NotLeader), "{err:?}");
         assert!(err.retryable());
@@ -352,15 +357,7 @@ mod standby {
             Backends::default(),
             ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
         );
-        let route = Arc::new(Route {
-            endpoint: EndpointId::parse("demo").unwrap(),
-            backend: pgwake_router::BackendSpec::Static {
-                address: "127.0.0.1:5432".into(),
-            },
-            idle_timeout: None,
-            allow: Vec::new(),
-            max_connections: None,
-        });
+        let route = static_demo();
         let table = Arc::new(RoutingTable::new());
         table.upsert(Route::clone(&route));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

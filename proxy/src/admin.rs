@@ -2,7 +2,6 @@
 //! is alive) and `GET /readyz` (accepting new connections; false from the moment a drain
 //! starts, so a load balancer stops sending new clients before any is refused).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,10 +10,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
-use tracing::debug;
 
 /// Readiness, shared by the admin listener, whoever starts a drain, and the routing table's
 /// source.
@@ -70,30 +67,11 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let registry = registry.clone();
-        let health = Arc::clone(&health);
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let r = respond(&req, &registry, &health);
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let handle = move |req: Request<Incoming>| {
+        let resp = respond(&req, &registry, &health);
+        std::future::ready(resp)
+    };
+    pgwake_compute_manager::service::serve_http(listener, "admin", handle, shutdown).await;
 }
 
 fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{json, Value};
@@ -15,6 +15,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::kubernetes::deploy_tests::{granted, permission, Permission};
+use crate::kubernetes::mock_api::{json_response, status_failure};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/pgwake/leases";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/pgwake/leases/pgwake-manager";
@@ -37,23 +38,11 @@ struct Call {
 
 impl Call {
     fn reply(self, code: u16, body: Value) {
-        self.respond.send_response(
-            Response::builder()
-                .status(StatusCode::from_u16(code).unwrap())
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
+        self.respond.send_response(json_response(code, &body));
     }
 
     fn fail(self, code: u16, reason: &str) {
-        self.reply(
-            code,
-            json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("{reason} (test)"), "reason": reason, "code": code,
-            }),
-        );
+        self.reply(code, status_failure(code, reason));
     }
 }
 

@@ -600,3 +600,6 @@ mod tests;
 
 #[cfg(test)]
 mod deploy_tests;
+
+#[cfg(test)]
+mod mock_api;

@@ -15,6 +15,7 @@ use tower_test::mock;
 
 use super::deploy_tests::{granted, permission, reflector_permissions, Permission};
 use super::*;
+use crate::kubernetes::mock_api::{json_response, status_failure};
 
 const NS: &str = "pgwake";
 const STS: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets";
@@ -50,13 +51,7 @@ struct Call {
 
 impl Call {
     fn reply(self, code: u16, body: Value) {
-        self.respond.send_response(
-            Response::builder()
-                .status(StatusCode::from_u16(code).unwrap())
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
+        self.respond.send_response(json_response(code, &body));
     }
 
     fn ok(self, body: Value) {
@@ -166,18 +161,6 @@ impl ApiServer {
         ep["status"] = status.clone();
         call.ok(ep);
     }
-}
-
-fn status_failure(code: u16, reason: &str) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": format!("{reason} (test)"),
-        "reason": reason,
-        "code": code,
-    })
 }
 
 fn cfg() -> KubernetesConfig {
