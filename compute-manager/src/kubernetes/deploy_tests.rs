@@ -383,7 +383,8 @@ fn roles_grant_exactly_what_the_code_uses() {
     let backend = [
         // Shared::scale: statefulsets.get_opt, statefulsets.create (absent), statefulsets.patch
         // (replicas, and the template on a wake from 0); no scale subresource.
-        ("apps", "statefulsets", "get,create,patch"),
+        // running_endpoints (adoption): statefulsets.list by label; no watch.
+        ("apps", "statefulsets", "get,list,create,patch"),
         // Shared::pod_events: watch_object (a list and a watch with a field selector).
         ("", "pods", "list,watch"),
         // Shared::set_status: endpoints.patch_status.
