@@ -1130,3 +1130,53 @@ async fn running_endpoints_fails_at_once_without_permission() {
     assert_eq!(err.kind(), "misconfigured");
     server.await.unwrap();
 }
+
+/// A manager that starts while a compute runs (its predecessor left it up) adopts it through
+/// the wake path: the StatefulSet is at 1 already, so no patch and no "Starting", only the
+/// wait for the ready pod.
+#[tokio::test(start_paused = true)]
+async fn through_the_manager_a_running_statefulset_is_adopted_without_a_change() {
+    use crate::{Backends, Manager, ManagerConfig, ManagerMetrics, Phase};
+    let (client, mut api) = ApiServer::new();
+    let manager = Manager::new(
+        ManagerConfig::default(),
+        Backends {
+            local: None,
+            kubernetes: Some(Arc::new(backend(client))),
+        },
+        ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let table = pgwake_router::RoutingTable::new();
+    table.upsert(route());
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_MANAGED)
+            .await
+            .ok(sts_list(vec![sts_json(1, "9500", &hash)]));
+        api.get_sts(sts_json(1, "9500", &hash)).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9501", vec![pod_json("9501", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api
+    });
+    assert_eq!(manager.adopt_running(&table).await, 1);
+    let demo = route().endpoint;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        manager.wait_for_phase(&demo, Phase::Running),
+    )
+    .await
+    .expect("adopted compute not running");
+    let st = manager.stats(&demo).unwrap();
+    assert_eq!(
+        (st.starts, st.adoptions, st.attached, st.waiting),
+        (0, 1, 0, 0)
+    );
+    assert_eq!(st.addr.unwrap().as_str(), "10.244.0.17:5432");
+    let mut api = server.await.unwrap();
+    // What follows is the crash watch on the pod, as for any running compute.
+    api.expect(Method::GET, PODS_LIST)
+        .await
+        .ok(pod_list("9502", vec![pod_json("9502", "ready")]));
+}
