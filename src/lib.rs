@@ -7,6 +7,7 @@ pub mod config;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::KubernetesBackend;
 use pgwake_compute_manager::service::LeaderOnly;
@@ -18,11 +19,15 @@ use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigErrors};
+
+/// How long a manager that starts (or becomes leader) waits for the watched routing table's
+/// first load before adopting the running computes of the endpoints it has so far.
+const ADOPT_ROUTES_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -78,6 +83,9 @@ impl Pgwake {
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
         let health = Health::new();
+        // The routing table's first complete load, for adoption; true at once without a
+        // watched source.
+        let (routes_loaded, routes_loaded_rx) = watch::channel(true);
         let mut kube_backend = None;
         let kubernetes = match &config.kubernetes {
             Some(k) => {
@@ -99,11 +107,13 @@ impl Pgwake {
                     // table: a replica that starts during a rollout, or while the API server is
                     // unreachable, would otherwise take clients and call their endpoints unknown.
                     health.set_routes_loaded(false);
+                    routes_loaded.send_replace(false);
                     let h = Arc::clone(&health);
                     tokio::spawn(async move {
                         if store.wait_until_ready().await.is_ok() {
                             info!("PgwakeEndpoints loaded");
                             h.set_routes_loaded(true);
+                            routes_loaded.send_replace(true);
                         }
                     });
                 }
@@ -151,6 +161,16 @@ impl Pgwake {
         } else {
             (Leadership::always(), None)
         };
+        if config.compute.manager_url.is_none() {
+            // This process's manager is the one that acts: take over the computes the previous
+            // manager left running (Kubernetes ones outlive it), once leader. A proxy that
+            // wakes through a remote manager leaves that to it.
+            let (m, t, l) = (Arc::clone(&manager), Arc::clone(&table), leadership.clone());
+            tokio::spawn(async move {
+                m.adopt_when_ready(&t, l, routes_loaded_rx, ADOPT_ROUTES_WAIT)
+                    .await
+            });
+        }
         let waker: Arc<dyn Waker> = match &config.compute.manager_url {
             Some(url) => {
                 let remote = Arc::new(
@@ -264,8 +284,8 @@ impl Pgwake {
     }
 
     /// Resolves if this manager loses the Lease it held; never without leader election. The
-    /// caller must then stop at once, without [`Pgwake::shutdown`]: its idle timers and wakes
-    /// must not touch computes the new leader owns, and a clean shutdown would suspend them.
+    /// caller must then stop at once, without [`Pgwake::shutdown`] (whose drain takes time):
+    /// its idle timers and wakes must not touch computes the new leader owns and adopts.
     /// Ending the process is the only way to be sure none of that state acts again
     /// (Kubernetes restarts it as a standby).
     pub async fn lost_leadership(&self) {
@@ -324,8 +344,10 @@ impl Pgwake {
                 error!(error = %e, "activity report task failed");
             }
         }
-        // Suspend while still holding the Lease, and release it only then: a successor that
-        // took over earlier would wake computes this one is still stopping.
+        // Stop the computes that die with this process (local ones; Kubernetes computes keep
+        // running for the successor to adopt) while still holding the Lease, and release it
+        // only then: a successor that took over earlier could act on computes this one is
+        // still stopping.
         tokio::select! {
             _ = self.manager.shutdown() => {}
             _ = self.leadership.lost() => {

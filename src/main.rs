@@ -100,9 +100,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = pgwake.lost_leadership() => {
-                // No shutdown: it would suspend computes that the new leader now runs. Exiting
-                // drops every idle timer and wake of this process; Kubernetes restarts it as a
-                // standby.
+                // No shutdown: during its drain this process's idle timers and wakes would go
+                // on acting on computes that the new leader now runs (and has adopted).
+                // Exiting drops all of them at once; Kubernetes restarts it as a standby.
                 error!("lost the compute manager lease; exiting so that this replica restarts as a standby");
                 anyhow::bail!("lost leadership of the compute manager lease");
             }

@@ -2,7 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pgwake_router::Route;
+use pgwake_router::{EndpointId, Route};
 
 use crate::BackendError;
 
@@ -40,6 +40,15 @@ pub trait ComputeBackend: Send + Sync + 'static {
     /// Starts the compute for `route` and returns once it answers queries. Dropping the future
     /// must not leave a half-started compute behind.
     async fn start(&self, route: &Route) -> Result<Box<dyn RunningCompute>, BackendError>;
+
+    /// Endpoints whose compute this backend finds running without having started it in this
+    /// process: computes that outlive their manager (a restart, a leader handover), which a
+    /// new manager adopts (`Manager::adopt_running`) so that their idle timers run again.
+    /// `start` must then be idempotent for them: find the compute up and return it. The
+    /// default is none, right for computes that die with the process (local `postgres`).
+    async fn running_endpoints(&self) -> Result<Vec<EndpointId>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 #[async_trait]

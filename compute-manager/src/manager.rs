@@ -4,12 +4,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use pgwake_router::{BackendSpec, EndpointId, Route};
+use pgwake_router::{BackendSpec, EndpointId, Route, RoutingTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::{BackendError, ComputeAddr, ComputeBackend, ManagerMetrics, RunningCompute, WakeError};
+use crate::{
+    BackendError, ComputeAddr, ComputeBackend, Leadership, ManagerMetrics, RunningCompute,
+    WakeError,
+};
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -81,8 +84,13 @@ pub struct EndpointStats {
     pub phase: Phase,
     pub attached: usize,
     pub waiting: usize,
+    /// Computes this manager started: wakes that called the backend, whatever the outcome.
+    /// Not adoptions, which take over a compute another manager started.
     pub starts: u64,
+    /// Wakes whose start failed (adoptions that fail are logged, not counted here).
     pub start_failures: u64,
+    /// Running computes this manager took over at its start ([`Manager::adopt_running`]).
+    pub adoptions: u64,
     pub suspends: u64,
     pub crashes: u64,
     /// Suspends called off because the compute still had client sessions (by the compute's own
@@ -109,6 +117,15 @@ struct RemoteReport {
     /// A replica that dies stops reporting; its sessions died with it, so its count only
     /// holds until then.
     expires_at: Instant,
+}
+
+/// Why a start runs: the backend call is the same, the bookkeeping differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartKind {
+    /// A client needs the compute.
+    Wake,
+    /// The backend reports the compute already running ([`Manager::adopt_running`]).
+    Adopt,
 }
 
 enum State {
@@ -192,6 +209,7 @@ struct Slot {
     changed: watch::Sender<()>,
     starts: AtomicU64,
     start_failures: AtomicU64,
+    adoptions: AtomicU64,
     suspends: AtomicU64,
     crashes: AtomicU64,
     busy_deferrals: AtomicU64,
@@ -358,6 +376,7 @@ impl Manager {
                 changed: watch::channel(()).0,
                 starts: AtomicU64::new(0),
                 start_failures: AtomicU64::new(0),
+                adoptions: AtomicU64::new(0),
                 suspends: AtomicU64::new(0),
                 crashes: AtomicU64::new(0),
                 busy_deferrals: AtomicU64::new(0),
@@ -463,7 +482,12 @@ impl Manager {
             };
             if let Some(attempt) = spawn_attempt {
                 slot.notify();
-                self.spawn_start(Arc::clone(&slot), Arc::clone(route), attempt);
+                self.spawn_start(
+                    Arc::clone(&slot),
+                    Arc::clone(route),
+                    attempt,
+                    StartKind::Wake,
+                );
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
@@ -476,13 +500,24 @@ impl Manager {
 
     /// The start runs in its own task so that a client giving up does not cancel it for the
     /// others, and a start is never duplicated.
-    fn spawn_start(self: &Arc<Self>, slot: Arc<Slot>, route: Arc<Route>, attempt: u64) {
+    fn spawn_start(
+        self: &Arc<Self>,
+        slot: Arc<Slot>,
+        route: Arc<Route>,
+        attempt: u64,
+        kind: StartKind,
+    ) {
         let this = Arc::clone(self);
-        let span = tracing::info_span!("start", endpoint = %slot.id, attempt);
+        let span = match kind {
+            StartKind::Wake => tracing::info_span!("start", endpoint = %slot.id, attempt),
+            StartKind::Adopt => tracing::info_span!("adopt", endpoint = %slot.id, attempt),
+        };
         tokio::spawn(
             async move {
                 let t0 = Instant::now();
-                slot.starts.fetch_add(1, Ordering::Relaxed);
+                if kind == StartKind::Wake {
+                    slot.starts.fetch_add(1, Ordering::Relaxed);
+                }
                 // A start that outlives every client's wait is pointless and would hold the
                 // endpoint in Starting forever if the backend hangs.
                 let res = match this.backends.for_spec(&route.backend) {
@@ -493,11 +528,22 @@ impl Manager {
                     Err(e) => Err(e),
                 };
                 let idle_timeout = route.idle_timeout.unwrap_or(this.cfg.idle_timeout);
+                let counter = match kind {
+                    StartKind::Wake => &this.metrics.starts,
+                    StartKind::Adopt => &this.metrics.adoptions,
+                };
                 match res {
                     Ok(compute) => {
                         let compute: Arc<dyn RunningCompute> = Arc::from(compute);
-                        info!(addr = %compute.addr(), elapsed_ms = t0.elapsed().as_millis() as u64, "compute running");
-                        this.metrics.starts.with_label_values(&["ok"]).inc();
+                        let elapsed_ms = t0.elapsed().as_millis() as u64;
+                        match kind {
+                            StartKind::Wake => info!(addr = %compute.addr(), elapsed_ms, "compute running"),
+                            StartKind::Adopt => {
+                                slot.adoptions.fetch_add(1, Ordering::Relaxed);
+                                info!(addr = %compute.addr(), elapsed_ms, "running compute adopted");
+                            }
+                        }
+                        counter.with_label_values(&["ok"]).inc();
                         {
                             let mut st = slot.lock();
                             st.state = State::Running {
@@ -505,14 +551,20 @@ impl Manager {
                                 compute: Arc::clone(&compute),
                                 idle_timeout,
                             };
+                            // An adopted compute, too, gets a whole idle_timeout from here.
                             st.idle_since = Instant::now();
                         }
                         this.spawn_watchers(&slot, attempt, compute, idle_timeout);
                     }
                     Err(error) => {
-                        warn!(error = %error, kind = error.kind(), "compute failed to start");
-                        slot.start_failures.fetch_add(1, Ordering::Relaxed);
-                        this.metrics.starts.with_label_values(&[error.kind()]).inc();
+                        match kind {
+                            StartKind::Wake => {
+                                warn!(error = %error, kind = error.kind(), "compute failed to start");
+                                slot.start_failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            StartKind::Adopt => warn!(error = %error, kind = error.kind(), "could not adopt the running compute; the next wake starts it as usual"),
+                        }
+                        counter.with_label_values(&[error.kind()]).inc();
                         slot.lock().state = State::Failed {
                             attempt,
                             error: Arc::new(error),
@@ -590,6 +642,117 @@ impl Manager {
                 }
             }
         });
+    }
+
+    /// Takes over the computes that run without this manager having started them, so that
+    /// their idle timers run and activity reports for them count: the manager before this one
+    /// (a restart, a leader handover) left them running (see [`Manager::shutdown`]), and a
+    /// manager only learns of an endpoint otherwise when a client wakes it.
+    ///
+    /// Asks every backend for its [`ComputeBackend::running_endpoints`]; each endpoint that
+    /// `table` routes to that same backend, and that has no state here yet (or a failed
+    /// start), goes through the start a wake makes, with no client held: the backend finds the
+    /// compute up and returns it, the endpoint is Running, and its idle timeout counts from
+    /// then. Clients that connect meanwhile wait for that start like for any other. An
+    /// adoption takes no token of `max_starts_per_minute` (it happens once per endpoint when
+    /// a manager takes over) and counts in [`EndpointStats::adoptions`], not `starts`.
+    /// Failures are logged: the next wake starts the compute as usual.
+    ///
+    /// Returns how many adoptions began; they finish in the background
+    /// ([`Manager::wait_for_phase`]).
+    pub async fn adopt_running(self: &Arc<Self>, table: &RoutingTable) -> usize {
+        let mut backends: Vec<&Arc<dyn ComputeBackend>> = Vec::new();
+        for b in [&self.backends.local, &self.backends.kubernetes]
+            .into_iter()
+            .flatten()
+        {
+            if !backends.iter().any(|x| Arc::ptr_eq(*x, b)) {
+                backends.push(b);
+            }
+        }
+        let mut adopted = 0;
+        for backend in backends {
+            let ids = match backend.running_endpoints().await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    warn!(error = %e, kind = e.kind(), "could not list the running computes; they are adopted at their next wake");
+                    continue;
+                }
+            };
+            for id in ids {
+                let Some(route) = table.lookup(&id) else {
+                    warn!(endpoint = %id, "a compute runs for an endpoint that is not in the routing table; leaving it alone");
+                    continue;
+                };
+                let routed_here = self
+                    .backends
+                    .for_spec(&route.backend)
+                    .is_ok_and(|b| Arc::ptr_eq(b, backend));
+                if !routed_here {
+                    warn!(endpoint = %id, "a compute runs for an endpoint that the routing table sends to another backend; leaving it alone");
+                    continue;
+                }
+                if self.adopt(route) {
+                    adopted += 1;
+                }
+            }
+        }
+        if adopted > 0 {
+            info!(computes = adopted, "adopting running computes");
+        }
+        adopted
+    }
+
+    /// Starts adopting `route`'s running compute, unless the endpoint is already running,
+    /// starting or suspending here (a wake got there first) or the manager is shutting down.
+    fn adopt(self: &Arc<Self>, route: Arc<Route>) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        let slot = self.slot(&route.endpoint);
+        let attempt = {
+            let mut st = slot.lock();
+            if !matches!(st.state, State::Suspended | State::Failed { .. }) {
+                return false;
+            }
+            st.attempt += 1;
+            let attempt = st.attempt;
+            st.state = State::Starting { attempt };
+            attempt
+        };
+        slot.notify();
+        self.spawn_start(slot, route, attempt, StartKind::Adopt);
+        true
+    }
+
+    /// [`Manager::adopt_running`] once this manager may act: when `leadership` says it leads
+    /// (at once without leader election), and then when `routes_loaded` turns true (the
+    /// routing table's first complete load from a watched source; an endpoint missing from
+    /// the table is not adopted) or `routes_wait` has passed, whichever comes first. Returns
+    /// `None` without adopting if this manager never leads (lost, or the election stopped).
+    pub async fn adopt_when_ready(
+        self: &Arc<Self>,
+        table: &RoutingTable,
+        leadership: Leadership,
+        mut routes_loaded: watch::Receiver<bool>,
+        routes_wait: Duration,
+    ) -> Option<usize> {
+        if !leadership.leading().await {
+            return None;
+        }
+        let loaded = tokio::time::timeout(routes_wait, routes_loaded.wait_for(|l| *l))
+            .await
+            .map(|r| r.is_ok());
+        match loaded {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!("the routing table will not finish loading; adopting the running computes of the endpoints it has")
+            }
+            Err(_) => {
+                warn!(waited = ?routes_wait, "the routing table is not loaded yet; adopting the running computes of the endpoints it has, the others at their next wake")
+            }
+        }
+        Some(self.adopt_running(table).await)
     }
 
     /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
@@ -759,6 +922,7 @@ impl Manager {
             waiting: st.waiting,
             starts: slot.starts.load(Ordering::Relaxed),
             start_failures: slot.start_failures.load(Ordering::Relaxed),
+            adoptions: slot.adoptions.load(Ordering::Relaxed),
             suspends: slot.suspends.load(Ordering::Relaxed),
             crashes: slot.crashes.load(Ordering::Relaxed),
             busy_deferrals: slot.busy_deferrals.load(Ordering::Relaxed),
@@ -814,7 +978,8 @@ impl Manager {
 
     /// Refuses new wakes and stops the computes that cannot outlive this process (the local
     /// backend's `postgres` children). Others (Kubernetes workloads) keep running for the next
-    /// manager, which finds them already up at the next wake.
+    /// manager, which adopts them when it starts or becomes leader
+    /// ([`Manager::adopt_when_ready`]).
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
         let slots: Vec<Arc<Slot>> = self

@@ -15,6 +15,11 @@ struct Script {
     stop_delay: Duration,
     fail: bool,
     stop_on_shutdown: bool,
+    /// What `running_endpoints` reports (computes a previous manager left running); `start`
+    /// for one of them plays the backend finding it up.
+    running: Vec<EndpointId>,
+    /// `running_endpoints` fails instead.
+    list_fails: bool,
 }
 
 struct FakeBackend {
@@ -77,6 +82,17 @@ impl ComputeBackend for FakeBackend {
             stops: Arc::clone(&self.stops),
             exited: tx,
         }))
+    }
+
+    async fn running_endpoints(&self) -> Result<Vec<EndpointId>, BackendError> {
+        let s = self.script.lock().unwrap();
+        if s.list_fails {
+            return Err(BackendError::io(
+                "list",
+                std::io::Error::other("API unreachable"),
+            ));
+        }
+        Ok(s.running.clone())
     }
 }
 
@@ -526,4 +542,221 @@ async fn reports_count_per_replica_and_skip_endpoints_never_woken() {
     tokio::time::sleep(ttl).await;
     assert_eq!(report(&m, "late", &r.endpoint, 1, ttl), 1);
     assert_eq!(m.stats(&r.endpoint).unwrap().remote_sessions, 1);
+}
+
+fn id(s: &str) -> EndpointId {
+    EndpointId::parse(s).unwrap()
+}
+
+fn table(routes: &[&Arc<Route>]) -> RoutingTable {
+    let t = RoutingTable::new();
+    for r in routes {
+        t.upsert(Route::clone(r));
+    }
+    t
+}
+
+// `starts` counts the computes this manager started; an adopted compute was started by the
+// manager before it, so it counts in `adoptions` (the backend's start is still called: it
+// finds the compute up).
+#[tokio::test(start_paused = true)]
+async fn an_adopted_compute_runs_without_a_client_and_is_suspended_after_idle_timeout() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_millis(300),
+        running: vec![id("ep")],
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    assert_eq!(m.adopt_running(&table(&[&r])).await, 1);
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.phase, st.waiting, st.attached), (Phase::Starting, 0, 0));
+    phase_within(&m, &r.endpoint, Phase::Running, Duration::from_secs(1)).await;
+    let adopted_at = Instant::now();
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!(
+        (st.starts, st.adoptions, st.start_failures, st.attached),
+        (0, 1, 0, 0)
+    );
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1, "one backend call");
+    // The whole idle_timeout counts from the adoption, then the idle timer suspends it.
+    tokio::time::sleep(Duration::from_millis(9_900)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    phase_within(
+        &m,
+        &r.endpoint,
+        Phase::Suspended,
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(adopted_at.elapsed() >= Duration::from_secs(10));
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(m.stats(&r.endpoint).unwrap().suspends, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reports_count_for_an_adopted_compute_and_a_wake_finds_it_warm() {
+    let b = FakeBackend::new(Script {
+        running: vec![id("ep")],
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    // Before the adoption the manager has never heard of it: the report is skipped.
+    let ttl = Duration::from_secs(60);
+    assert_eq!(report(&m, "replica-a", &r.endpoint, 1, ttl), 0);
+    assert_eq!(m.adopt_running(&table(&[&r])).await, 1);
+    phase_within(&m, &r.endpoint, Phase::Running, Duration::from_millis(10)).await;
+    // Now the replica's report is recorded and holds the compute past idle_timeout.
+    assert_eq!(report(&m, "replica-a", &r.endpoint, 1, ttl), 1);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.phase, st.remote_sessions), (Phase::Running, 1));
+    assert!(st.busy_deferrals >= 1, "{st:?}");
+    // A client of this manager attaches to it without a start.
+    let lease = m.wake(&r).await.unwrap();
+    assert!(!lease.cold);
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    drop(lease);
+    report(&m, "replica-a", &r.endpoint, 0, ttl);
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.starts, st.adoptions, st.suspends), (0, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn adoption_takes_only_routed_endpoints_that_are_not_known_yet() {
+    let b = FakeBackend::new(Script {
+        running: vec![id("ep"), id("unrouted"), id("ext"), id("woken")],
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let (ep, woken) = (route("ep", None), route("woken", None));
+    let ext = Arc::new(Route {
+        endpoint: id("ext"),
+        backend: BackendSpec::Static {
+            address: "db.internal:5432".into(),
+        },
+        idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
+    });
+    let lease = m.wake(&woken).await.unwrap();
+    assert_eq!(m.adopt_running(&table(&[&ep, &ext, &woken])).await, 1);
+    phase_within(&m, &ep.endpoint, Phase::Running, Duration::from_millis(10)).await;
+    assert!(
+        m.stats(&id("unrouted")).is_none(),
+        "not in the routing table"
+    );
+    assert!(
+        m.stats(&id("ext")).is_none(),
+        "routed to no backend that runs it"
+    );
+    let st = m.stats(&woken.endpoint).unwrap();
+    assert_eq!((st.starts, st.adoptions, st.attached), (1, 0, 1));
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+    drop(lease);
+    // Once shutting down, nothing more is adopted.
+    m.shutdown().await;
+    b.script.lock().unwrap().running = vec![id("late")];
+    assert_eq!(m.adopt_running(&table(&[&route("late", None)])).await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_adoptions_leave_the_next_wake_to_start_the_compute() {
+    let b = FakeBackend::new(Script {
+        running: vec![id("ep")],
+        list_fails: true,
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let t = table(&[&r]);
+    // The list fails: nothing adopted, no state.
+    assert_eq!(m.adopt_running(&t).await, 0);
+    assert!(m.stats(&r.endpoint).is_none());
+    // The start fails: logged, and the endpoint is Failed without a client having waited.
+    {
+        let mut s = b.script.lock().unwrap();
+        s.list_fails = false;
+        s.fail = true;
+    }
+    assert_eq!(m.adopt_running(&t).await, 1);
+    phase_within(&m, &r.endpoint, Phase::Failed, Duration::from_millis(10)).await;
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.starts, st.start_failures, st.adoptions), (0, 0, 0));
+    // The next wake starts it as usual.
+    b.script.lock().unwrap().fail = false;
+    let lease = m.wake(&r).await.unwrap();
+    assert!(lease.cold);
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.phase, st.starts, st.adoptions), (Phase::Running, 1, 0));
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adoption_waits_for_leadership_then_for_the_routes() {
+    let b = FakeBackend::new(Script {
+        running: vec![id("ep")],
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let t = Arc::new(RoutingTable::new());
+    let (leader, leadership) = Leadership::manual(crate::LeaderState::Standby);
+    let (loaded, loaded_rx) = watch::channel(false);
+    let task = {
+        let (m, t) = (Arc::clone(&m), Arc::clone(&t));
+        tokio::spawn(async move {
+            m.adopt_when_ready(&t, leadership, loaded_rx, Duration::from_secs(60))
+                .await
+        })
+    };
+    // A standby adopts nothing, however long it waits (the paused clock runs every task until
+    // it waits before it advances).
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(b.starts.load(Ordering::SeqCst), 0);
+    leader.send_replace(crate::LeaderState::Leading);
+    // Leading, but the routes are not loaded: still nothing (well within the bound).
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!task.is_finished());
+    assert_eq!(b.starts.load(Ordering::SeqCst), 0);
+    t.upsert(Route::clone(&route("ep", None)));
+    loaded.send_replace(true);
+    assert_eq!(task.await.unwrap(), Some(1));
+    phase_within(&m, &id("ep"), Phase::Running, Duration::from_millis(10)).await;
+    assert_eq!(m.stats(&id("ep")).unwrap().adoptions, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adoption_waits_for_the_routes_at_most_the_bound_and_never_after_a_lost_lease() {
+    let b = FakeBackend::new(Script {
+        running: vec![id("ep")],
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let t = table(&[&route("ep", None)]);
+    // The routes never finish loading: after the bound, what the table has is adopted.
+    let (_loading, loaded_rx) = watch::channel(false);
+    let t0 = Instant::now();
+    let n = m
+        .adopt_when_ready(
+            &t,
+            Leadership::always(),
+            loaded_rx.clone(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(n, Some(1));
+    assert_eq!(t0.elapsed(), Duration::from_secs(60));
+    // A manager that loses the Lease before it ever leads adopts nothing.
+    let m = manager(Arc::clone(&b), cfg());
+    let (leader, leadership) = Leadership::manual(crate::LeaderState::Standby);
+    leader.send_replace(crate::LeaderState::Lost);
+    let (_loaded, loaded_rx) = watch::channel(true);
+    assert_eq!(
+        m.adopt_when_ready(&t, leadership, loaded_rx, Duration::from_secs(60))
+            .await,
+        None
+    );
+    assert!(m.stats(&id("ep")).is_none());
 }

@@ -10,6 +10,8 @@ pub struct ManagerMetrics {
     pub wakes: IntCounterVec,
     pub wake_seconds: HistogramVec,
     pub starts: IntCounterVec,
+    /// Computes found running and taken over (`Manager::adopt_running`), by outcome.
+    pub adoptions: IntCounterVec,
     pub suspends: IntCounterVec,
     pub crashes: IntCounterVec,
     pub held_clients: IntGauge,
@@ -39,6 +41,13 @@ impl ManagerMetrics {
             )?,
             starts: IntCounterVec::new(
                 Opts::new("pgwake_compute_starts_total", "Compute starts by outcome"),
+                &["outcome"],
+            )?,
+            adoptions: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_compute_adoptions_total",
+                    "Running computes taken over from a previous manager, by outcome",
+                ),
                 &["outcome"],
             )?,
             suspends: IntCounterVec::new(
@@ -75,6 +84,7 @@ impl ManagerMetrics {
         registry.register(Box::new(m.wakes.clone()))?;
         registry.register(Box::new(m.wake_seconds.clone()))?;
         registry.register(Box::new(m.starts.clone()))?;
+        registry.register(Box::new(m.adoptions.clone()))?;
         registry.register(Box::new(m.suspends.clone()))?;
         registry.register(Box::new(m.crashes.clone()))?;
         registry.register(Box::new(m.held_clients.clone()))?;

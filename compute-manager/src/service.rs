@@ -120,6 +120,9 @@ pub struct StatusBody {
     pub waiting: usize,
     pub starts: u64,
     pub start_failures: u64,
+    /// Running computes taken over from a previous manager (`Manager::adopt_running`).
+    #[serde(default)]
+    pub adoptions: u64,
     pub suspends: u64,
     pub crashes: u64,
     pub busy_deferrals: u64,
@@ -138,6 +141,7 @@ impl StatusBody {
             waiting: s.waiting,
             starts: s.starts,
             start_failures: s.start_failures,
+            adoptions: s.adoptions,
             suspends: s.suspends,
             crashes: s.crashes,
             busy_deferrals: s.busy_deferrals,

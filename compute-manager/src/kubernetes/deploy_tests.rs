@@ -383,7 +383,8 @@ fn roles_grant_exactly_what_the_code_uses() {
     let backend = [
         // Shared::scale: statefulsets.get_opt, statefulsets.create (absent), statefulsets.patch
         // (replicas, and the template on a wake from 0); no scale subresource.
-        ("apps", "statefulsets", "get,create,patch"),
+        // running_endpoints (adoption): statefulsets.list by label; no watch.
+        ("apps", "statefulsets", "get,list,create,patch"),
         // Shared::pod_events: watch_object (a list and a watch with a field selector).
         ("", "pods", "list,watch"),
         // Shared::set_status: endpoints.patch_status.
@@ -702,9 +703,11 @@ fn scale_out_proxies_reach_the_one_manager_through_its_service() {
         .as_str()
         .unwrap()
         .starts_with("0.0.0.0:"));
-    // Long enough to suspend what it runs on SIGTERM.
-    let k = kubernetes_config(&docs, "pgwake-manager-config");
-    assert!(pod.termination_grace_period_seconds.unwrap() as u64 > k.stop_timeout.as_secs());
+    // Long enough for its drain on SIGTERM (the default [proxy] drain_timeout, 30 s). It stops
+    // no compute pod then (Manager::shutdown stops only computes that die with the process;
+    // the next leader adopts the pods), so the compute stop_timeout does not count.
+    assert!(mt["proxy"].get("drain_timeout").is_none());
+    assert!(pod.termination_grace_period_seconds.unwrap() > 30);
 
     // The proxies: several, rolled one at a time, waking through the manager's Service.
     let proxy: Deployment = get(&docs, "Deployment", "pgwake-proxy");

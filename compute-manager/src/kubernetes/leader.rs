@@ -20,7 +20,8 @@
 //!   before anyone else may take over.
 //! - **release**: on a clean shutdown the leader clears `holderIdentity` and sets
 //!   `leaseDurationSeconds: 1`, so a standby takes over within one `retry_period` instead of
-//!   waiting a whole lease duration.
+//!   waiting a whole lease duration. The compute pods keep running through a handover; the new
+//!   leader adopts them (`Manager::adopt_when_ready`), so their idle timers run there.
 //!
 //! Losing the lease is final for this process ([`LeaderElector::run`] returns an error): a
 //! deposed leader's idle timers and in-flight wakes would otherwise keep acting on computes that
@@ -132,6 +133,17 @@ impl Leadership {
     pub async fn changed(&mut self) -> Option<LeaderState> {
         self.0.changed().await.ok()?;
         Some(*self.0.borrow_and_update())
+    }
+
+    /// Resolves once this process leads (at once without election): `true`; or `false` if it
+    /// never will (leadership lost, or the elector stopped while on standby).
+    pub async fn leading(&self) -> bool {
+        let mut rx = self.0.clone();
+        let state = rx
+            .wait_for(|s| *s != LeaderState::Standby)
+            .await
+            .map(|s| *s);
+        matches!(state, Ok(LeaderState::Leading))
     }
 
     /// Resolves when leadership is lost; never for a manager that releases it cleanly or has

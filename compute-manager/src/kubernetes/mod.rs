@@ -25,6 +25,12 @@
 //! - **stop**: merge-patch `replicas: 0` the same way, then watch until the pod is gone. The
 //!   kubelet sends the image's stop signal (`postgres` images: SIGINT, a fast shutdown that
 //!   writes a checkpoint) and waits `termination_grace` before killing.
+//! - **adopt** (`running_endpoints`): one list of the StatefulSets labelled
+//!   `app.kubernetes.io/managed-by=pgwake` with a `pgwake.io/endpoint` label, keeping those at
+//!   `replicas` 1 or more. The manager leaves its pods running when it shuts down, so a new
+//!   manager (a restart, or a standby that becomes leader) wakes each of these: the wake finds
+//!   the StatefulSet at 1, waits for the pod to be Ready, and the endpoint's idle timer runs
+//!   again.
 //! - **exited**: a watch on the pod (started when the manager first asks) fires when it is
 //!   deleted, replaced (new uid or IP), its container restarts, or it stays not-ready for
 //!   `not_ready_grace`.
@@ -47,7 +53,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watch_object};
 use kube::{Api, Client};
 use pgwake_router::crd::{EndpointState, PgwakeEndpoint, PgwakeEndpointStatus};
@@ -61,8 +67,8 @@ use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute};
 pub use config::KubernetesConfig;
 pub use leader::{LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership};
 pub use workload::{
-    desired_statefulset, pod_name, pod_state, workload_name, PodIdentity, PodState,
-    ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY,
+    desired_statefulset, managed_selector, pod_name, pod_state, running_endpoint, workload_name,
+    PodIdentity, PodState, ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY, MANAGED_BY,
 };
 
 /// The name pgwake's changes carry in `managedFields`.
@@ -178,6 +184,36 @@ impl ComputeBackend for KubernetesBackend {
             addr,
             identity,
         }))
+    }
+
+    /// One list of the StatefulSets this backend manages (by label), keeping those that want a
+    /// pod. `start` for one of them finds it at 1 and waits for the pod to be Ready, without
+    /// a status change to Starting.
+    async fn running_endpoints(&self) -> Result<Vec<EndpointId>, BackendError> {
+        let s = &self.shared;
+        let lp = ListParams::default().labels(&managed_selector());
+        let mut retry = Retry::new(&s.cfg);
+        let list = loop {
+            match s.statefulsets.list(&lp).await {
+                Ok(list) => break list,
+                Err(e) => {
+                    let error = match ApiError::from(e) {
+                        // Nothing to read again: a 404/409 on a list is not a write conflict.
+                        ApiError::Conflict => ApiError::Transient("list conflict".into()),
+                        other => other,
+                    };
+                    retry.failed("list statefulsets", error).await?;
+                }
+            }
+        };
+        let mut ids: Vec<EndpointId> = list
+            .items
+            .iter()
+            .filter_map(|sts| running_endpoint(&s.cfg.name_prefix, sts))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 }
 

@@ -20,6 +20,8 @@ use crate::kubernetes::mock_api::{json_response, status_failure};
 const NS: &str = "pgwake";
 const STS: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets";
 const STS_DEMO: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo";
+/// The list of pgwake's StatefulSets (any endpoint) that adoption makes.
+const STS_MANAGED: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dpgwake%2Cpgwake.io%2Fendpoint";
 const PATCH_QUERY: &str = "?&fieldManager=pgwake";
 const STATUS_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status";
 const PODS_LIST: &str =
@@ -714,10 +716,11 @@ async fn suspend_scales_to_zero_and_waits_until_the_pod_is_gone() {
     server.await.unwrap();
 }
 
-/// A wake that creates the StatefulSet, then a suspend, make every call of the backend: with
-/// the routing table's reflector, that is exactly what the manager's Roles in deploy/ allow.
+/// A wake that creates the StatefulSet, a suspend, and the list of running computes that a
+/// new manager adopts make every call of the backend: with the routing table's reflector, that
+/// is exactly what the manager's Roles in deploy/ allow.
 #[tokio::test]
-async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_and_the_reflector_use() {
+async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the_reflector_use() {
     let (client, mut api) = ApiServer::new();
     let b = backend(client);
     let hash = desired_hash();
@@ -751,10 +754,17 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_and_the_reflector_u
             .ok(pod_list("9102", vec![]));
         api.status("Suspended", None).await;
         api.expect_quiet().await;
-        api.seen
+        api
     });
     compute.stop().await.unwrap();
-    let mut used = server.await.unwrap();
+    let mut api = server.await.unwrap();
+    let (ids, ()) = tokio::join!(async { b.running_endpoints().await.unwrap() }, async {
+        api.expect(Method::GET, STS_MANAGED)
+            .await
+            .ok(sts_list(vec![sts_json(0, "9103", &desired_hash())]));
+    });
+    assert!(ids.is_empty(), "at 0 replicas: {ids:?}");
+    let mut used = api.seen;
     used.extend(reflector_permissions().await);
     for role in BACKEND_ROLES {
         // Plus, for the manager replicas, the Lease of their leader election (whose requests
@@ -1040,4 +1050,116 @@ async fn a_write_that_keeps_failing_runs_out_of_tries_though_reads_work() {
         "{err}"
     );
     server.await.unwrap();
+}
+
+fn sts_list(items: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSetList",
+        "metadata": { "resourceVersion": "9900" },
+        "items": items,
+    })
+}
+
+/// A StatefulSet `name` for `endpoint`, labelled as managed by `managed_by`.
+fn sts_of(name: &str, endpoint: &str, managed_by: &str, replicas: i32) -> Value {
+    let mut sts = sts_json(replicas, "500", "0000000000000000");
+    sts["metadata"]["name"] = json!(name);
+    sts["metadata"]["labels"]["pgwake.io/endpoint"] = json!(endpoint);
+    sts["metadata"]["labels"]["app.kubernetes.io/managed-by"] = json!(managed_by);
+    sts
+}
+
+#[tokio::test(start_paused = true)]
+async fn running_endpoints_lists_pgwakes_statefulsets_and_keeps_those_that_want_a_pod() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        // A failing API server is retried with the backoff of every other call.
+        let list = api.expect(Method::GET, STS_MANAGED).await;
+        assert_eq!(list.body, Value::Null);
+        list.fail(503, "ServiceUnavailable");
+        let mut going = sts_of("pgwake-going", "going", "pgwake", 1);
+        going["metadata"]["deletionTimestamp"] = json!("2026-11-25T12:10:00Z");
+        api.expect(Method::GET, STS_MANAGED).await.ok(sts_list(vec![
+            sts_json(1, "501", &desired_hash()),
+            sts_of("pgwake-idle", "idle", "pgwake", 0),
+            sts_of("pgwake-analytics", "analytics", "pgwake", 1),
+            // Another pgwake installation in the namespace, with another name prefix.
+            sts_of("staging-demo2", "demo2", "pgwake", 1),
+            // Not pgwake's (the label selector leaves those out; checked all the same).
+            sts_of("pgwake-foreign", "foreign", "helm", 1),
+            going,
+        ]));
+        api.expect_quiet().await;
+    });
+    let ids = b.running_endpoints().await.unwrap();
+    let names: Vec<&str> = ids.iter().map(EndpointId::as_str).collect();
+    assert_eq!(names, ["analytics", "demo"]);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn running_endpoints_fails_at_once_without_permission() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_MANAGED)
+            .await
+            .fail(403, "Forbidden");
+        api.expect_quiet().await;
+    });
+    let err = b.running_endpoints().await.unwrap_err();
+    assert_eq!(err.kind(), "misconfigured");
+    server.await.unwrap();
+}
+
+/// A manager that starts while a compute runs (its predecessor left it up) adopts it through
+/// the wake path: the StatefulSet is at 1 already, so no patch and no "Starting", only the
+/// wait for the ready pod.
+#[tokio::test(start_paused = true)]
+async fn through_the_manager_a_running_statefulset_is_adopted_without_a_change() {
+    use crate::{Backends, Manager, ManagerConfig, ManagerMetrics, Phase};
+    let (client, mut api) = ApiServer::new();
+    let manager = Manager::new(
+        ManagerConfig::default(),
+        Backends {
+            local: None,
+            kubernetes: Some(Arc::new(backend(client))),
+        },
+        ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let table = pgwake_router::RoutingTable::new();
+    table.upsert(route());
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_MANAGED)
+            .await
+            .ok(sts_list(vec![sts_json(1, "9500", &hash)]));
+        api.get_sts(sts_json(1, "9500", &hash)).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9501", vec![pod_json("9501", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api
+    });
+    assert_eq!(manager.adopt_running(&table).await, 1);
+    let demo = route().endpoint;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        manager.wait_for_phase(&demo, Phase::Running),
+    )
+    .await
+    .expect("adopted compute not running");
+    let st = manager.stats(&demo).unwrap();
+    assert_eq!(
+        (st.starts, st.adoptions, st.attached, st.waiting),
+        (0, 1, 0, 0)
+    );
+    assert_eq!(st.addr.unwrap().as_str(), "10.244.0.17:5432");
+    let mut api = server.await.unwrap();
+    // What follows is the crash watch on the pod, as for any running compute.
+    api.expect(Method::GET, PODS_LIST)
+        .await
+        .ok(pod_list("9502", vec![pod_json("9502", "ready")]));
 }

@@ -14,6 +14,8 @@ use crate::BackendError;
 pub const LABEL_ENDPOINT: &str = "pgwake.io/endpoint";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+/// The value of [`LABEL_MANAGED_BY`] on the StatefulSets this backend creates.
+pub const MANAGED_BY: &str = "pgwake";
 /// Hash of the pod template the StatefulSet was last scaled up with; a different hash on the
 /// next wake from zero replaces the template (changes never restart a running compute).
 pub const ANNOTATION_TEMPLATE_HASH: &str = "pgwake.io/template-hash";
@@ -85,7 +87,7 @@ pub fn desired_statefulset(
     let id = route.endpoint.as_str();
     let name = workload_name(&cfg.name_prefix, &route.endpoint);
     let port = compute_port(cfg, route);
-    let selector = json!({ LABEL_ENDPOINT: id, LABEL_MANAGED_BY: "pgwake" });
+    let selector = json!({ LABEL_ENDPOINT: id, LABEL_MANAGED_BY: MANAGED_BY });
     let mut labels = selector.clone();
     labels[LABEL_NAME] = json!("pgwake-compute");
     for (k, v) in &cfg.labels {
@@ -195,6 +197,32 @@ pub fn desired_statefulset(
             "endpoint {id}: cannot build its StatefulSet (bad resource quantity?): {e}"
         ))
     })
+}
+
+/// The label selector of the StatefulSets this backend manages (any endpoint).
+pub fn managed_selector() -> String {
+    format!("{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_ENDPOINT}")
+}
+
+/// The endpoint whose compute `sts` runs, if it is one of this backend's StatefulSets (managed
+/// by pgwake, named as `prefix` names that endpoint's) and wants its pod: `spec.replicas` 1 or
+/// more, and not being deleted. A StatefulSet of another pgwake installation in the same
+/// namespace (another prefix) or one scaled to 0 gives `None`.
+pub fn running_endpoint(prefix: &str, sts: &StatefulSet) -> Option<EndpointId> {
+    let meta = &sts.metadata;
+    let labels = meta.labels.as_ref()?;
+    if labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGED_BY)
+        || meta.deletion_timestamp.is_some()
+    {
+        return None;
+    }
+    let id = EndpointId::parse(labels.get(LABEL_ENDPOINT)?).ok()?;
+    if meta.name.as_deref() != Some(workload_name(prefix, &id).as_str()) {
+        return None;
+    }
+    // Unset means the API server's default, 1 (as `Shared::scale` reads it).
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    (replicas >= 1).then_some(id)
 }
 
 /// The template hash recorded on a StatefulSet.

@@ -1,0 +1,213 @@
+//! A pgwake that runs the compute manager (the single-pod shape, deploy/single/20-config.yaml)
+//! starting while a compute it did not start is running, against a fake Kubernetes API server:
+//! once the PgwakeEndpoints are loaded it lists pgwake's StatefulSets, adopts the running one
+//! through the wake path (no scale, no client), and its shutdown leaves the compute running.
+//!
+//! Its own test binary: it points KUBECONFIG at the fake server for the whole process.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgwake::{Config, Pgwake};
+use pgwake_compute_manager::Phase;
+use pgwake_router::EndpointId;
+use serde_yaml::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+const ENDPOINTS: &str = r#"{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpointList","metadata":{"resourceVersion":"7"},"items":[{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpoint","metadata":{"name":"demo","namespace":"pgwake","resourceVersion":"7"},"spec":{"compute":{"image":"postgres:16"}}}]}"#;
+
+const ENDPOINT: &str = r#"{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpoint","metadata":{"name":"demo","namespace":"pgwake","resourceVersion":"8"},"spec":{"compute":{"image":"postgres:16"}}}"#;
+
+const STATEFULSET: &str = r#"{"apiVersion":"apps/v1","kind":"StatefulSet","metadata":{"name":"pgwake-demo","namespace":"pgwake","uid":"5b0e1c6e","resourceVersion":"40","labels":{"app.kubernetes.io/managed-by":"pgwake","app.kubernetes.io/name":"pgwake-compute","pgwake.io/endpoint":"demo"}},"spec":{"replicas":1,"serviceName":"pgwake-demo","selector":{"matchLabels":{"app.kubernetes.io/managed-by":"pgwake","pgwake.io/endpoint":"demo"}},"template":{"metadata":{"labels":{"app.kubernetes.io/managed-by":"pgwake","pgwake.io/endpoint":"demo"}},"spec":{"containers":[{"name":"postgres","image":"postgres:16"}]}}},"status":{"replicas":1,"availableReplicas":1}}"#;
+
+const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"pgwake-demo-0","namespace":"pgwake","uid":"a3c1f9d2","resourceVersion":"41"},"spec":{"containers":[{"name":"postgres","image":"postgres:16"}]},"status":{"phase":"Running","podIP":"10.244.0.17","conditions":[{"type":"Ready","status":"True"}],"containerStatuses":[{"name":"postgres","image":"postgres:16","imageID":"postgres@sha256:4ec3","ready":true,"restartCount":0,"state":{"running":{}}}]}}"#;
+
+/// Answers each request by what it asks for, and records it as "METHOD path?query". The
+/// PgwakeEndpoint list waits for `released`; a StatefulSet list before that is recorded as
+/// "EARLY ...".
+async fn fake_api(
+    listener: TcpListener,
+    seen: mpsc::UnboundedSender<String>,
+    released: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (seen, mut released) = (seen.clone(), released.clone());
+        tokio::spawn(async move {
+            let mut conn = BufReader::new(stream);
+            loop {
+                let mut request_line = String::new();
+                if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut length = 0;
+                loop {
+                    let mut header = String::new();
+                    conn.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                conn.read_exact(&mut body).await.unwrap();
+                let mut parts = request_line.split_whitespace();
+                let (method, uri) = (parts.next().unwrap(), parts.next().unwrap());
+                let path = uri.split('?').next().unwrap();
+                let request = format!("{method} {uri}");
+                if uri.contains("watch=true") {
+                    seen.send(request).unwrap();
+                    return std::future::pending::<()>().await;
+                }
+                let (status, reply) = match (method, path) {
+                    ("GET", "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints") => {
+                        seen.send(request).unwrap();
+                        released.wait_for(|r| *r).await.unwrap();
+                        ("200 OK", ENDPOINTS.to_string())
+                    }
+                    ("GET", "/apis/apps/v1/namespaces/pgwake/statefulsets") => {
+                        let early = !*released.borrow();
+                        seen.send(if early {
+                            format!("EARLY {request}")
+                        } else {
+                            request
+                        })
+                        .unwrap();
+                        (
+                            "200 OK",
+                            format!(
+                                r#"{{"apiVersion":"apps/v1","kind":"StatefulSetList","metadata":{{"resourceVersion":"40"}},"items":[{STATEFULSET}]}}"#
+                            ),
+                        )
+                    }
+                    ("GET", "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo") => {
+                        seen.send(request).unwrap();
+                        ("200 OK", STATEFULSET.to_string())
+                    }
+                    ("GET", "/api/v1/namespaces/pgwake/pods") => {
+                        seen.send(request).unwrap();
+                        (
+                            "200 OK",
+                            format!(
+                                r#"{{"apiVersion":"v1","kind":"PodList","metadata":{{"resourceVersion":"41"}},"items":[{POD}]}}"#
+                            ),
+                        )
+                    }
+                    (
+                        "PATCH",
+                        "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status",
+                    ) => {
+                        seen.send(request).unwrap();
+                        ("200 OK", ENDPOINT.to_string())
+                    }
+                    _ => {
+                        // Any other call (a scale, a create) is a failure of the test.
+                        seen.send(format!("UNEXPECTED {request}")).unwrap();
+                        ("403 Forbidden", r#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":403,"reason":"Forbidden"}"#.to_string())
+                    }
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+                conn.get_mut().write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+    }
+}
+
+/// The single pod's pgwake.toml from deploy/single/20-config.yaml.
+fn shipped_single_config() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/single/20-config.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["metadata"]["name"].as_str() == Some("pgwake-config") {
+            return v["data"]["pgwake.toml"].as_str().unwrap().to_string();
+        }
+    }
+    panic!("no pgwake-config in deploy/single/20-config.yaml");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_manager_adopts_the_running_compute_once_the_endpoints_are_loaded() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let (release, released) = watch::channel(false);
+    tokio::spawn(fake_api(listener, tx, released));
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n"
+        ),
+    )
+    .unwrap();
+    // The only test in this binary: nothing else reads the environment meanwhile.
+    std::env::set_var("KUBECONFIG", &kubeconfig);
+    std::env::remove_var("KUBERNETES_SERVICE_HOST");
+
+    let mut config = Config::parse(&shipped_single_config()).unwrap();
+    assert!(config.compute.manager_url.is_none());
+    assert!(!config.manager.leader_election);
+    config.proxy.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = None;
+    config.local.data_root = dir.path().join("data");
+    let pgwake = Pgwake::start(config).await.unwrap();
+
+    let first = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("no API request")
+        .unwrap();
+    assert_eq!(
+        first,
+        "GET /apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints?&limit=500"
+    );
+    release.send_replace(true);
+
+    let demo = EndpointId::parse("demo").unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        pgwake.manager.wait_for_phase(&demo, Phase::Running),
+    )
+    .await
+    .expect("the running compute was not adopted");
+    let st = pgwake.manager.stats(&demo).unwrap();
+    assert_eq!(
+        (st.starts, st.adoptions, st.attached, st.waiting),
+        (0, 1, 0, 0)
+    );
+    assert_eq!(st.addr.unwrap().as_str(), "10.244.0.17:5432");
+
+    // A clean shutdown leaves the Kubernetes compute running for the next manager.
+    pgwake.shutdown().await;
+    let mut requests = Vec::new();
+    while let Ok(r) = seen.try_recv() {
+        requests.push(r);
+    }
+    assert!(
+        requests
+            .iter()
+            .all(|r| !r.starts_with("UNEXPECTED") && !r.starts_with("EARLY")),
+        "{requests:#?}"
+    );
+    for wanted in [
+        "GET /apis/apps/v1/namespaces/pgwake/statefulsets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dpgwake%2Cpgwake.io%2Fendpoint",
+        "GET /apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo",
+        "PATCH /apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status?&fieldManager=pgwake",
+    ] {
+        assert!(requests.iter().any(|r| r == wanted), "no {wanted}: {requests:#?}");
+    }
+}
