@@ -5,13 +5,13 @@
 //!
 //! Its own test binary: it points KUBECONFIG at the fake server for the whole process.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
 use pgwake::{Config, Pgwake};
 use pgwake_compute_manager::Phase;
 use pgwake_router::EndpointId;
-use serde_yaml::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -122,19 +122,6 @@ async fn fake_api(
     }
 }
 
-/// The single pod's pgwake.toml from deploy/single/20-config.yaml.
-fn shipped_single_config() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/single/20-config.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
-        if v["metadata"]["name"].as_str() == Some("pgwake-config") {
-            return v["data"]["pgwake.toml"].as_str().unwrap().to_string();
-        }
-    }
-    panic!("no pgwake-config in deploy/single/20-config.yaml");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_manager_adopts_the_running_compute_once_the_endpoints_are_loaded() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -144,22 +131,14 @@ async fn a_starting_manager_adopts_the_running_compute_once_the_endpoints_are_lo
     tokio::spawn(fake_api(listener, tx, released));
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
-             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
-             users: [{{name: fake, user: {{}}}}]\n"
-        ),
-    )
-    .unwrap();
     // The only test in this binary: nothing else reads the environment meanwhile.
-    std::env::set_var("KUBECONFIG", &kubeconfig);
-    std::env::remove_var("KUBERNETES_SERVICE_HOST");
+    common::use_fake_kube_api(dir.path(), api);
 
-    let mut config = Config::parse(&shipped_single_config()).unwrap();
+    let mut config = Config::parse(&common::shipped_config(
+        "deploy/single/20-config.yaml",
+        "pgwake-config",
+    ))
+    .unwrap();
     assert!(config.compute.manager_url.is_none());
     assert!(!config.manager.leader_election);
     config.proxy.listen = "127.0.0.1:0".parse().unwrap();

@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pgwake::{Config, Pgwake};
 use pgwake_router::EndpointId;
-use serde_yaml::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
@@ -61,19 +59,6 @@ async fn fake_api(
     }
 }
 
-/// The proxies' pgwake.toml from deploy/20-config.yaml.
-fn shipped_proxy_config() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/20-config.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
-        if v["metadata"]["name"].as_str() == Some("pgwake-proxy-config") {
-            return v["data"]["pgwake.toml"].as_str().unwrap().to_string();
-        }
-    }
-    panic!("no pgwake-proxy-config in deploy/20-config.yaml");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_role_allows() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -83,22 +68,14 @@ async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_
     tokio::spawn(fake_api(listener, tx, Arc::clone(&release)));
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
-             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
-             users: [{{name: fake, user: {{}}}}]\n"
-        ),
-    )
-    .unwrap();
     // The only test in this binary: nothing else reads the environment meanwhile.
-    std::env::set_var("KUBECONFIG", &kubeconfig);
-    std::env::remove_var("KUBERNETES_SERVICE_HOST");
+    common::use_fake_kube_api(dir.path(), api);
 
-    let mut config = Config::parse(&shipped_proxy_config()).unwrap();
+    let mut config = Config::parse(&common::shipped_config(
+        "deploy/20-config.yaml",
+        "pgwake-proxy-config",
+    ))
+    .unwrap();
     assert!(config.compute.manager_url.is_some());
     config.proxy.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = Some("127.0.0.1:0".parse().unwrap());

@@ -239,3 +239,35 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http(addr, "GET", path).await
 }
+
+/// The pgwake.toml that a shipped manifest (`deploy/...yaml`) puts in ConfigMap `configmap`.
+pub fn shipped_config(manifest: &str, configmap: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest);
+    let text = std::fs::read_to_string(&path).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["metadata"]["name"].as_str() == Some(configmap) {
+            return v["data"]["pgwake.toml"].as_str().unwrap().to_string();
+        }
+    }
+    panic!("no {configmap} in {manifest}");
+}
+
+/// Points kube clients of this process at a fake API server on `api` (plain HTTP, no
+/// credentials) through a kubeconfig in `dir`. Call it from a test binary's only test: the
+/// environment is process-wide.
+pub fn use_fake_kube_api(dir: &std::path::Path, api: SocketAddr) {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n"
+        ),
+    )
+    .unwrap();
+    std::env::set_var("KUBECONFIG", &kubeconfig);
+    std::env::remove_var("KUBERNETES_SERVICE_HOST");
+}

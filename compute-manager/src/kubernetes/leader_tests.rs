@@ -15,7 +15,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::kubernetes::deploy_tests::{granted, permission, Permission};
-use crate::kubernetes::mock_api::{json_response, status_failure};
+use crate::kubernetes::mock_api::{json_response, next_request, status_failure};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/pgwake/leases";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/pgwake/leases/pgwake-manager";
@@ -49,15 +49,7 @@ impl Call {
 impl ApiServer {
     async fn expect(&mut self, method: Method, uri: &str) -> Call {
         let (req, respond) =
-            tokio::time::timeout(Duration::from_secs(60), self.handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("no request; expected {method} {uri}"))
-                .expect("client gone");
-        assert_eq!(
-            (req.method(), req.uri().to_string().as_str()),
-            (&method, uri),
-            "unexpected request"
-        );
+            next_request(&mut self.handle, &method, uri, Duration::from_secs(60)).await;
         let needed = permission(&method, uri);
         assert!(
             granted("pgwake-manager").contains(&needed),

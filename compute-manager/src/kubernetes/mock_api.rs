@@ -1,9 +1,12 @@
 //! Answers for kube's mock API service, shared by the backend's and the elector's tests: the
 //! same JSON responses and `Status` failures a real API server sends.
 
-use http::{Response, StatusCode};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{json, Value};
+use tower_test::mock;
 
 pub(crate) fn json_response(code: u16, body: &Value) -> Response<Body> {
     Response::builder()
@@ -24,4 +27,26 @@ pub(crate) fn status_failure(code: u16, reason: &str) -> Value {
         "reason": reason,
         "code": code,
     })
+}
+
+pub(crate) type ApiHandle = mock::Handle<Request<Body>, Response<Body>>;
+
+/// The client's next request, which must be `method uri`, with the means to answer it. The
+/// wait is in the test's clock (paused tests auto-advance through it).
+pub(crate) async fn next_request(
+    handle: &mut ApiHandle,
+    method: &Method,
+    uri: &str,
+    wait: Duration,
+) -> (Request<Body>, mock::SendResponse<Response<Body>>) {
+    let (req, respond) = tokio::time::timeout(wait, handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no request; expected {method} {uri}"))
+        .expect("client gone");
+    assert_eq!(
+        (req.method(), req.uri().to_string().as_str()),
+        (method, uri),
+        "unexpected request"
+    );
+    (req, respond)
 }

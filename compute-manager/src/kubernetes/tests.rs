@@ -15,7 +15,7 @@ use tower_test::mock;
 
 use super::deploy_tests::{granted, permission, reflector_permissions, Permission};
 use super::*;
-use crate::kubernetes::mock_api::{json_response, status_failure};
+use crate::kubernetes::mock_api::{json_response, next_request, status_failure};
 
 const NS: &str = "pgwake";
 const STS: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets";
@@ -96,15 +96,7 @@ impl ApiServer {
     /// Takes the next request and checks its method and URI; a patch must be a merge patch.
     async fn expect(&mut self, method: Method, uri: &str) -> Call {
         let (req, respond) =
-            tokio::time::timeout(Duration::from_secs(30), self.handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("no request; expected {method} {uri}"))
-                .expect("client gone");
-        assert_eq!(
-            (req.method(), req.uri().to_string().as_str()),
-            (&method, uri),
-            "unexpected request"
-        );
+            next_request(&mut self.handle, &method, uri, Duration::from_secs(30)).await;
         // The Roles in deploy/ that run the backend must allow it.
         let needed = permission(&method, uri);
         for role in BACKEND_ROLES {
