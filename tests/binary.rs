@@ -232,3 +232,131 @@ async fn haproxy_send_proxy_v2_address_reaches_the_logs() {
     // Directly, without the header, required mode refuses.
     assert!(!psql(&conn(port, "demo"), "select 1").status.success());
 }
+
+/// At the fd limit: a client gets 53300 at once, whether pgwake runs out while accepting (the
+/// reserve fd answers it) or while connecting to the compute, instead of waiting in the listen
+/// backlog; sessions already open keep working, and once some close new ones get in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_is_53300_at_once_and_recovers() {
+    // The compute: a real Postgres woken through an in-process pgwake, kept up by a session.
+    let env = Env::start("", DEMO).await;
+    let (keep, c) = tokio_postgres::connect(&env.conn_str("demo"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let compute = env
+        .pgwake
+        .as_ref()
+        .unwrap()
+        .manager
+        .stats(&pgwake_router::EndpointId::parse("demo").unwrap())
+        .and_then(|s| s.addr)
+        .expect("demo running");
+
+    let dir = tempdir();
+    let port = free_port();
+    let cfg_path = dir.path().join("pgwake.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[[endpoint]]\nid = \"pg\"\nbackend = \"static\"\naddress = \"{compute}\"\n"
+        ),
+    )
+    .unwrap();
+    // Room for a handful of sessions beside pgwake's own fds (runtime, listener, log).
+    const FDS: u64 = 48;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgwake"));
+    cmd.arg("--config")
+        .arg(&cfg_path)
+        .env("PGWAKE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: setrlimit is async-signal-safe, and nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let lim = libc::rlimit {
+                rlim_cur: FDS,
+                rlim_max: FDS,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = Proc(cmd.spawn().unwrap());
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .expect("pgwake listening");
+
+    let conn = conn(port, "pg");
+    let open = || async {
+        // A hang here is the failure this test is about: answer or error, within seconds.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_postgres::connect(&conn, tokio_postgres::NoTls),
+        )
+        .await
+        .expect("pgwake answers at its fd limit instead of leaving the client waiting")
+    };
+    let mut sessions = Vec::new();
+    let refused = loop {
+        assert!(sessions.len() < FDS as usize, "never ran out of fds");
+        match open().await {
+            Ok((client, c)) => {
+                tokio::spawn(c);
+                sessions.push(client);
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(sessions.len() >= 5, "only {} sessions fit", sessions.len());
+    let code = refused.as_db_error().map(|d| d.code().code().to_string());
+    assert_eq!(code.as_deref(), Some("53300"), "{refused}");
+    // Every further client too, one after the other (the reserve fd comes back each time).
+    for _ in 0..5 {
+        let e = open().await.err().expect("still full");
+        assert_eq!(
+            e.as_db_error().map(|d| d.code().code()),
+            Some("53300"),
+            "{e}"
+        );
+    }
+    for s in &sessions {
+        assert_eq!(
+            s.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
+    }
+    // Room again once sessions close.
+    sessions.truncate(sessions.len() - 3);
+    let mut back = None;
+    let deadline = std::time::Instant::now() + LONG;
+    while back.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after sessions closed"
+        );
+        match open().await {
+            Ok((client, c)) => {
+                tokio::spawn(c);
+                back = Some(client);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let back = back.unwrap();
+    assert_eq!(
+        back.query_one("select 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
+    drop((sessions, back));
+    drop(child);
+    drop(keep);
+    env.stop().await;
+}

@@ -354,6 +354,11 @@ async fn connect_compute(
                 let _ = s.set_nodelay(true);
                 return Ok((lease, s));
             }
+            // Our own limit, not the compute's: another wake would not help.
+            Err(e) if crate::server::is_fd_exhaustion(&e) => {
+                warn!(addr = %lease.addr, "out of file descriptors for the compute connection (raise the fd limit or lower max_connections)");
+                return Err(ProxyError::TooManyConnections);
+            }
             Err(e) => {
                 info!(attempt, addr = %lease.addr, error = %e, "connect to compute failed");
                 let addr = lease.addr.to_string();

@@ -77,13 +77,21 @@ impl Proxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.health.set_ready(true);
+        let mut reserve = FdReserve::new();
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 res = listener.accept() => match res {
                     Ok((stream, peer)) => self.spawn_connection(stream, peer),
+                    Err(e) if is_fd_exhaustion(&e) => {
+                        match reserve.take() {
+                            Some(reserve) => self.refuse_one(&listener, reserve),
+                            // Still refusing the last one: back off instead of spinning.
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning; the listener stays.
+                        // ECONNABORTED and friends: the listener stays.
                         error!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
@@ -107,6 +115,29 @@ impl Proxy {
         }
     }
 
+    /// Out of fds, a client would wait in the listen backlog with no answer until a session
+    /// ends. Closing the reserve frees one fd: accept the client with it, tell it 53300 and
+    /// close it, then take the fd back for the next time.
+    fn refuse_one(self: &Arc<Self>, listener: &TcpListener, reserve: Reserved) {
+        reserve.release();
+        // The EMFILE came from a pending connection, so this accept is ready at once; if the
+        // client gave up meanwhile there is nothing to refuse.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) else {
+            reserve.refill();
+            return;
+        };
+        self.metrics.accepted.inc();
+        warn!(client = %peer, "out of file descriptors; refusing a connection (raise the fd limit or lower max_connections)");
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut stream = ClientStream::Plain(stream);
+            refuse(&this, &mut stream).await;
+            drop(stream);
+            reserve.refill();
+        });
+    }
+
     fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted.inc();
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
@@ -118,8 +149,7 @@ impl Proxy {
             async move {
                 let mut stream = ClientStream::Plain(stream);
                 let Ok(_permit) = permit else {
-                    this.finish(&mut stream, Err(ProxyError::TooManyConnections))
-                        .await;
+                    refuse(&this, &mut stream).await;
                     return;
                 };
                 this.metrics.active.inc();
@@ -177,4 +207,74 @@ impl Proxy {
             .await;
         }
     }
+}
+
+/// Answers a client the proxy has no room for with 53300, as Postgres answers "too many
+/// clients": after reading its first message (an SSLRequest, which the error then answers
+/// instead of 'S'/'N', or the StartupMessage), so that closing with that message unread does
+/// not turn the close into a reset that can destroy the error before the client reads it.
+async fn refuse(proxy: &Proxy, stream: &mut ClientStream) {
+    let mut first = [0u8; 1024];
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(stream, &mut first),
+    )
+    .await;
+    proxy
+        .finish(stream, Err(ProxyError::TooManyConnections))
+        .await;
+}
+
+/// Whether an I/O error means this process (EMFILE) or the system (ENFILE) has no fd left.
+pub(crate) fn is_fd_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One fd held back so that a client can still be told "no" when the process runs out (the
+/// accept-EMFILE trick of libev and Node): the fd is freed for one refusal and taken back once
+/// that client's socket is closed. Refusals overlap only if an fd frees up in between.
+struct FdReserve {
+    slot: Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
+
+/// The reserve, handed to one refusal.
+struct Reserved {
+    slot: Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
+
+impl FdReserve {
+    fn new() -> Self {
+        Self {
+            slot: Arc::new(std::sync::Mutex::new(open_reserve())),
+        }
+    }
+
+    /// The reserve for one refusal, if it is held and no refusal is running. An fd that could
+    /// not be reopened after the last refusal is tried again here.
+    fn take(&mut self) -> Option<Reserved> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = open_reserve();
+        }
+        slot.is_some().then(|| Reserved {
+            slot: Arc::clone(&self.slot),
+        })
+    }
+}
+
+impl Reserved {
+    /// Closes the reserve fd, so that the next accept can have its number.
+    fn release(&self) {
+        drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Takes an fd back once the refused client's socket is closed; if another connection got
+    /// there first, `FdReserve::take` tries again at the next EMFILE.
+    fn refill(self) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = open_reserve();
+    }
+}
+
+fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
