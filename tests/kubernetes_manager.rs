@@ -12,7 +12,6 @@ use std::time::Duration;
 use pgwake::{Config, Pgwake};
 use pgwake_compute_manager::Phase;
 use pgwake_router::EndpointId;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -32,94 +31,67 @@ async fn fake_api(
     seen: mpsc::UnboundedSender<String>,
     released: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, _) = listener.accept().await.unwrap();
+    common::fake_http_server(listener, move |method, uri| {
         let (seen, mut released) = (seen.clone(), released.clone());
-        tokio::spawn(async move {
-            let mut conn = BufReader::new(stream);
-            loop {
-                let mut request_line = String::new();
-                if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut length = 0;
-                loop {
-                    let mut header = String::new();
-                    conn.read_line(&mut header).await.unwrap();
-                    if header == "\r\n" {
-                        break;
-                    }
-                    if let Some((k, v)) = header.split_once(':') {
-                        if k.eq_ignore_ascii_case("content-length") {
-                            length = v.trim().parse().unwrap();
-                        }
-                    }
-                }
-                let mut body = vec![0; length];
-                conn.read_exact(&mut body).await.unwrap();
-                let mut parts = request_line.split_whitespace();
-                let (method, uri) = (parts.next().unwrap(), parts.next().unwrap());
-                let path = uri.split('?').next().unwrap();
-                let request = format!("{method} {uri}");
-                if uri.contains("watch=true") {
-                    seen.send(request).unwrap();
-                    return std::future::pending::<()>().await;
-                }
-                let (status, reply) = match (method, path) {
-                    ("GET", "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints") => {
-                        seen.send(request).unwrap();
-                        released.wait_for(|r| *r).await.unwrap();
-                        ("200 OK", ENDPOINTS.to_string())
-                    }
-                    ("GET", "/apis/apps/v1/namespaces/pgwake/statefulsets") => {
-                        let early = !*released.borrow();
-                        seen.send(if early {
-                            format!("EARLY {request}")
-                        } else {
-                            request
-                        })
-                        .unwrap();
-                        (
-                            "200 OK",
-                            format!(
-                                r#"{{"apiVersion":"apps/v1","kind":"StatefulSetList","metadata":{{"resourceVersion":"40"}},"items":[{STATEFULSET}]}}"#
-                            ),
-                        )
-                    }
-                    ("GET", "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo") => {
-                        seen.send(request).unwrap();
-                        ("200 OK", STATEFULSET.to_string())
-                    }
-                    ("GET", "/api/v1/namespaces/pgwake/pods") => {
-                        seen.send(request).unwrap();
-                        (
-                            "200 OK",
-                            format!(
-                                r#"{{"apiVersion":"v1","kind":"PodList","metadata":{{"resourceVersion":"41"}},"items":[{POD}]}}"#
-                            ),
-                        )
-                    }
-                    (
-                        "PATCH",
-                        "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status",
-                    ) => {
-                        seen.send(request).unwrap();
-                        ("200 OK", ENDPOINT.to_string())
-                    }
-                    _ => {
-                        // Any other call (a scale, a create) is a failure of the test.
-                        seen.send(format!("UNEXPECTED {request}")).unwrap();
-                        ("403 Forbidden", r#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":403,"reason":"Forbidden"}"#.to_string())
-                    }
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
-                    reply.len()
-                );
-                conn.get_mut().write_all(response.as_bytes()).await.unwrap();
+        async move {
+            let method = method.as_str();
+            let path = uri.split('?').next().unwrap();
+            let request = format!("{method} {uri}");
+            if uri.contains("watch=true") {
+                seen.send(request).unwrap();
+                return None;
             }
-        });
-    }
+            let (status, reply) = match (method, path) {
+                ("GET", "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints") => {
+                    seen.send(request).unwrap();
+                    released.wait_for(|r| *r).await.unwrap();
+                    ("200 OK", ENDPOINTS.to_string())
+                }
+                ("GET", "/apis/apps/v1/namespaces/pgwake/statefulsets") => {
+                    let early = !*released.borrow();
+                    seen.send(if early {
+                        format!("EARLY {request}")
+                    } else {
+                        request
+                    })
+                    .unwrap();
+                    (
+                        "200 OK",
+                        format!(
+                            r#"{{"apiVersion":"apps/v1","kind":"StatefulSetList","metadata":{{"resourceVersion":"40"}},"items":[{STATEFULSET}]}}"#
+                        ),
+                    )
+                }
+                ("GET", "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo") => {
+                    seen.send(request).unwrap();
+                    ("200 OK", STATEFULSET.to_string())
+                }
+                ("GET", "/api/v1/namespaces/pgwake/pods") => {
+                    seen.send(request).unwrap();
+                    (
+                        "200 OK",
+                        format!(
+                            r#"{{"apiVersion":"v1","kind":"PodList","metadata":{{"resourceVersion":"41"}},"items":[{POD}]}}"#
+                        ),
+                    )
+                }
+                (
+                    "PATCH",
+                    "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status",
+                ) => {
+                    seen.send(request).unwrap();
+                    ("200 OK", ENDPOINT.to_string())
+                }
+                _ => {
+                    // Any other call (a scale, a create) is a failure of the test.
+                    seen.send(format!("UNEXPECTED {request}")).unwrap();
+                    ("403 Forbidden", r#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":403,"reason":"Forbidden"}"#.to_string())
+                }
+            };
+            Some((status, reply))
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,51 +12,30 @@ use std::time::Duration;
 
 use pgwake::{Config, Pgwake};
 use pgwake_router::EndpointId;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 
 const LIST: &str = r#"{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpointList","metadata":{"resourceVersion":"7"},"items":[{"apiVersion":"pgwake.io/v1","kind":"PgwakeEndpoint","metadata":{"name":"demo","namespace":"pgwake","resourceVersion":"7"},"spec":{"compute":{"image":"postgres:16"}}}]}"#;
 
-/// Serves one request after another on each connection: records "METHOD uri", answers a list
-/// once `release` is notified, and holds a watch open without an event.
+/// Records every request as "METHOD uri", answers a list once `release` is notified, and
+/// holds a watch open without an event.
 async fn fake_api(
     listener: TcpListener,
     seen: mpsc::UnboundedSender<String>,
     release: Arc<Notify>,
 ) {
-    loop {
-        let (stream, _) = listener.accept().await.unwrap();
+    common::fake_http_server(listener, move |method, uri| {
         let (seen, release) = (seen.clone(), Arc::clone(&release));
-        tokio::spawn(async move {
-            let mut conn = BufReader::new(stream);
-            loop {
-                let mut request_line = String::new();
-                if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                loop {
-                    let mut header = String::new();
-                    conn.read_line(&mut header).await.unwrap();
-                    if header == "\r\n" {
-                        break;
-                    }
-                }
-                let mut parts = request_line.split_whitespace();
-                let (method, uri) = (parts.next().unwrap(), parts.next().unwrap());
-                seen.send(format!("{method} {uri}")).unwrap();
-                if uri.contains("watch=true") {
-                    std::future::pending::<()>().await;
-                }
-                release.notified().await;
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{LIST}",
-                    LIST.len()
-                );
-                conn.get_mut().write_all(reply.as_bytes()).await.unwrap();
+        async move {
+            seen.send(format!("{method} {uri}")).unwrap();
+            if uri.contains("watch=true") {
+                return None;
             }
-        });
-    }
+            release.notified().await;
+            Some(("200 OK", LIST.to_string()))
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

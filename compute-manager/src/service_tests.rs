@@ -15,6 +15,23 @@ use crate::{
     BackendError, Backends, ComputeBackend, ManagerConfig, ManagerMetrics, Phase, RunningCompute,
 };
 
+/// The proxy's report task, as `Pgwake::start` runs it; send on the sender to stop it (it then
+/// makes its last report).
+fn spawn_reports(
+    remote: &Arc<RemoteManager>,
+    interval: Duration,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let r = Arc::clone(remote);
+    let task = tokio::spawn(async move {
+        r.run_reports(interval, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (stop, task)
+}
+
 const IDLE: Duration = Duration::from_millis(300);
 const INTERVAL: Duration = Duration::from_millis(50);
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -121,14 +138,7 @@ async fn a_session_held_through_a_remote_manager_keeps_its_compute() {
     let h = harness().await;
     let id = h.route.endpoint.clone();
     let remote = Arc::new(RemoteManager::new(&format!("http://{}", h.api), DEADLINE).unwrap());
-    let (stop_reports, reports_stopped) = oneshot::channel::<()>();
-    let r = Arc::clone(&remote);
-    let reports = tokio::spawn(async move {
-        r.run_reports(INTERVAL, async move {
-            let _ = reports_stopped.await;
-        })
-        .await
-    });
+    let (stop_reports, reports) = spawn_reports(&remote, INTERVAL);
 
     let lease = remote.wake(&h.route).await.unwrap();
     assert_eq!(remote.sessions(&id), 1);
@@ -180,14 +190,7 @@ async fn the_last_report_on_shutdown_releases_the_compute_at_once() {
     let hour = Duration::from_secs(3600);
     remote.report_activity(hour).await.unwrap();
     assert_eq!(h.manager.stats(&id).unwrap().remote_sessions, 1);
-    let (stop_reports, reports_stopped) = oneshot::channel::<()>();
-    let r = Arc::clone(&remote);
-    let reports = tokio::spawn(async move {
-        r.run_reports(hour, async move {
-            let _ = reports_stopped.await;
-        })
-        .await
-    });
+    let (stop_reports, reports) = spawn_reports(&remote, hour);
     drop(lease);
     let _ = stop_reports.send(());
     tokio::time::timeout(DEADLINE, reports)

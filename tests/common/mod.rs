@@ -271,3 +271,53 @@ pub fn use_fake_kube_api(dir: &std::path::Path, api: SocketAddr) {
     std::env::set_var("KUBECONFIG", &kubeconfig);
     std::env::remove_var("KUBERNETES_SERVICE_HOST");
 }
+
+/// A minimal HTTP/1.1 server standing in for the Kubernetes API: every request on every
+/// (kept-alive) connection goes to `answer(method, uri)`, which returns the status line and
+/// JSON body, or `None` to hold the request open forever (a watch with no event).
+pub async fn fake_http_server<F, Fut>(listener: tokio::net::TcpListener, answer: F)
+where
+    F: Fn(String, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<(&'static str, String)>> + Send,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let mut conn = BufReader::new(stream);
+            loop {
+                let mut request_line = String::new();
+                if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut length = 0;
+                loop {
+                    let mut header = String::new();
+                    conn.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                conn.read_exact(&mut body).await.unwrap();
+                let mut parts = request_line.split_whitespace();
+                let (method, uri) = (parts.next().unwrap(), parts.next().unwrap());
+                let Some((status, reply)) = answer(method.to_string(), uri.to_string()).await
+                else {
+                    return std::future::pending::<()>().await;
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+                conn.get_mut().write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+    }
+}
