@@ -424,4 +424,28 @@ mod tests {
         assert_eq!(ta.await.unwrap(), (99, vec![1, 1, 2, 3]));
         assert_eq!(tb.await.unwrap(), (99, vec![1, 1, 2, 3]));
     }
+
+    #[tokio::test]
+    async fn forward_to_peers_is_bounded() {
+        let mut peers = Vec::new();
+        let mut accepts = Vec::new();
+        for _ in 0..MAX_PEER_ADDRS + 6 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            peers.push(l.local_addr().unwrap().to_string());
+            // Takes the request and closes, as a peer with no such session does.
+            accepts.push(tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                read_peer_request(&mut s, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+            }));
+        }
+        let n = forward_to_peers(&peers, 5, &[0; 4], Duration::from_secs(5)).await;
+        assert_eq!(n, MAX_PEER_ADDRS);
+        let reached = accepts.iter().filter(|t| t.is_finished()).count();
+        for t in accepts {
+            t.abort();
+        }
+        assert!(reached <= MAX_PEER_ADDRS, "{reached}");
+    }
 }
