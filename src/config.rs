@@ -415,6 +415,14 @@ impl Config {
             if p.startup_timeout.is_zero() {
                 errors.push("[proxy]: startup_timeout must be more than 0".into());
             }
+            for peer in &p.cancel_peers {
+                let port = peer.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+                if !matches!(port, Some((h, Ok(_))) if !h.is_empty()) {
+                    errors.push(format!(
+                        "[proxy]: cancel_peers entry {peer:?} is not \"host:port\""
+                    ));
+                }
+            }
         }
         if let Some(l) = &limits {
             if l.connections_per_ip_per_second < 0.0 || l.connections_per_ip_burst < 0.0 {
@@ -459,6 +467,35 @@ mod tests {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    #[test]
+    fn cancel_peers_are_host_port() {
+        let c = Config::parse(
+            r#"
+            [proxy]
+            cancel_listen = "0.0.0.0:5433"
+            cancel_peers = ["pgwake-peers.pgwake.svc.cluster.local:5433", "10.0.0.1:5433", "[::1]:5433"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.proxy.cancel_listen.unwrap().port(), 5433);
+        assert_eq!(c.proxy.cancel_peers.len(), 3);
+        let d = Config::parse("").unwrap();
+        assert!(d.proxy.cancel_listen.is_none() && d.proxy.cancel_peers.is_empty());
+
+        let e = Config::parse(
+            r#"
+            [proxy]
+            cancel_peers = ["pgwake-peers", ":5433", "host:http", "ok:1"]
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        for bad in ["pgwake-peers", ":5433", "host:http"] {
+            assert!(e.contains(&format!("{bad:?}")), "{bad} reported: {e}");
+        }
+        assert!(!e.contains("\"ok:1\""), "{e}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub struct Pgwake {
     pub certs: Option<Arc<CertStore>>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    cancel_addr: Option<SocketAddr>,
     manager_api_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     serve: JoinHandle<()>,
@@ -257,9 +258,29 @@ impl Pgwake {
             }
             None => None,
         };
+        // Stops when the main listener's drain ends: the sessions of a draining replica stay
+        // cancellable from the other replicas.
+        let (cancel_stop, cancel_stopped) = oneshot::channel::<()>();
+        let cancel_addr = match config.proxy.cancel_listen {
+            Some(a) => {
+                let (l, bound) = bind(a).await?;
+                info!(addr = %bound, peers = ?config.proxy.cancel_peers, "cancel listener for peer replicas listening");
+                tokio::spawn(Arc::clone(&proxy).serve_cancel_peers(l, async {
+                    let _ = cancel_stopped.await;
+                }));
+                Some(bound)
+            }
+            None => None,
+        };
         let serve = tokio::spawn(proxy.serve(listener, async {
             let _ = rx.await;
         }));
+        let serve = tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                error!(error = %e, "proxy task failed");
+            }
+            let _ = cancel_stop.send(());
+        });
         Ok(Self {
             table,
             manager,
@@ -269,6 +290,7 @@ impl Pgwake {
             certs,
             addr,
             admin_addr,
+            cancel_addr,
             manager_api_addr,
             stop: Some(tx),
             serve,
@@ -298,6 +320,11 @@ impl Pgwake {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The bound peer cancel listener (`[proxy] cancel_listen`).
+    pub fn cancel_addr(&self) -> Option<SocketAddr> {
+        self.cancel_addr
     }
 
     pub fn manager_api_addr(&self) -> Option<SocketAddr> {

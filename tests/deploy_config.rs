@@ -91,6 +91,18 @@ fn scale_out_proxies_wake_through_the_manager_service() {
     );
     assert_eq!(proxy.manager.listen, None);
     assert!(!proxy.proxy.listen.ip().is_loopback());
+    // The proxies forward cancels to each other through the headless Service of their pods;
+    // the manager holds no client sessions.
+    assert_eq!(
+        proxy.proxy.cancel_listen.map(|a| a.to_string()).as_deref(),
+        Some("0.0.0.0:5433")
+    );
+    assert_eq!(
+        proxy.proxy.cancel_peers,
+        ["pgwake-peers.pgwake.svc.cluster.local:5433"]
+    );
+    assert_eq!(manager.proxy.cancel_listen, None);
+    assert!(manager.proxy.cancel_peers.is_empty());
 
     assert_eq!(manager.compute.manager_url, None);
     // Its replicas elect a leader; the proxies never do.

@@ -7,13 +7,16 @@
 //! at another tenant's compute: the proxy, not the client, picks the address.
 //!
 //! Several proxy replicas: a cancel arrives on a fresh TCP connection, which a load balancer
-//! may send to any replica. The design for that (not implemented: one replica per address
-//! is all this version runs) is to make the issued pid carry the issuing replica: the top 8
-//! bits of the (positive) pid are a replica index known to all replicas (e.g. the StatefulSet
-//! ordinal), the rest random. A replica that gets a cancel for a pid that is not its own
-//! forwards the 16 bytes as is, over a connection to that replica's address (resolved from a
-//! headless Service), where the key is checked as below. No shared store and no broadcast are
-//! needed, and a forged key still has to match a 32-bit secret on the owner replica.
+//! may send to any replica, and only the replica that holds the session has its key. A replica
+//! that gets a cancel whose key is not in its own map forwards the request, as is, to every
+//! address of `[proxy] cancel_peers` (each name resolved at forward time, so a Kubernetes
+//! headless Service yields every proxy pod), concurrently, each bounded by a short timeout and
+//! the fan-out by [`MAX_PEER_ADDRS`]. Peers receive it on their `cancel_listen` listener, which
+//! accepts nothing but a CancelRequest and checks it against the local map only: it never
+//! forwards again, so there are no loops. The owner checks both halves of the key exactly as
+//! for a direct cancel, so a forged key still has to match a 32-bit secret on the owner and
+//! reaches nobody otherwise. No shared store is needed; the cost is one small connection per
+//! replica for a cancel that lands on the wrong one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +29,13 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::wire::CANCEL_REQUEST_CODE;
+use crate::wire::{
+    parse_startup_body, StartupPacket, CANCEL_REQUEST_CODE, MAX_CANCEL_SECRET_LEN,
+    MIN_CANCEL_SECRET_LEN,
+};
+
+/// At most this many peer addresses receive one forwarded cancel.
+pub const MAX_PEER_ADDRS: usize = 64;
 
 /// Where the cancel must go, and the compute's real key.
 #[derive(Debug, Clone)]
@@ -115,16 +124,136 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Appends a CancelRequest for (pid, secret).
+fn encode_cancel(dst: &mut BytesMut, pid: i32, secret: &[u8]) {
+    dst.put_u32((12 + secret.len()) as u32);
+    dst.put_u32(CANCEL_REQUEST_CODE);
+    dst.put_i32(pid);
+    dst.put_slice(secret);
+}
+
+/// Why the peer listener closed a connection without looking anything up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerRequestError {
+    #[error("length {0} does not fit a CancelRequest")]
+    Length(u32),
+    #[error("request code {0} is not a CancelRequest")]
+    Code(u32),
+}
+
+/// Checks the first 8 bytes (length, code) a peer sent, before reading any more; returns how
+/// many bytes follow (pid and secret). Anything but a CancelRequest is refused here, so the
+/// peer listener never allocates from a length it has not bounded.
+pub fn peer_request_header(head: [u8; 8]) -> Result<usize, PeerRequestError> {
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    let min = 12 + MIN_CANCEL_SECRET_LEN as u32;
+    let max = 12 + MAX_CANCEL_SECRET_LEN as u32;
+    if !(min..=max).contains(&len) {
+        return Err(PeerRequestError::Length(len));
+    }
+    if code != CANCEL_REQUEST_CODE {
+        return Err(PeerRequestError::Code(code));
+    }
+    Ok(len as usize - 8)
+}
+
+/// Parses a peer's whole CancelRequest (length field included) into (pid, secret).
+pub fn parse_peer_request(packet: &[u8]) -> Result<(i32, Vec<u8>), PeerRequestError> {
+    let head: [u8; 8] = packet
+        .get(..8)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(PeerRequestError::Length(packet.len() as u32))?;
+    let rest = peer_request_header(head)?;
+    if packet.len() != 8 + rest {
+        return Err(PeerRequestError::Length(packet.len() as u32));
+    }
+    match parse_startup_body(&packet[4..]) {
+        Ok(StartupPacket::CancelRequest { pid, secret }) => Ok((pid, secret)),
+        // The header check above admits only well-formed CancelRequests.
+        _ => Err(PeerRequestError::Length(packet.len() as u32)),
+    }
+}
+
+/// Reads one CancelRequest from a peer connection, bounded by `timeout`.
+pub async fn read_peer_request(
+    s: &mut TcpStream,
+    timeout: Duration,
+) -> std::io::Result<(i32, Vec<u8>)> {
+    let invalid = |e: PeerRequestError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    tokio::time::timeout(timeout, async {
+        let mut head = [0u8; 8];
+        s.read_exact(&mut head).await?;
+        let rest = peer_request_header(head).map_err(invalid)?;
+        let mut packet = head.to_vec();
+        packet.resize(8 + rest, 0);
+        s.read_exact(&mut packet[8..]).await?;
+        parse_peer_request(&packet).map_err(invalid)
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Sends a CancelRequest whose key is not ours to every address of `peers` (each resolved now),
+/// concurrently, each bounded by `timeout`, at most [`MAX_PEER_ADDRS`] in all. Returns how many
+/// addresses took it; the peers answer nothing, as Postgres does not.
+pub async fn forward_to_peers(
+    peers: &[String],
+    pid: i32,
+    secret: &[u8],
+    timeout: Duration,
+) -> usize {
+    let mut addrs = Vec::new();
+    for peer in peers {
+        match tokio::time::timeout(timeout, tokio::net::lookup_host(peer.as_str())).await {
+            Ok(Ok(resolved)) => {
+                for a in resolved {
+                    if addrs.len() < MAX_PEER_ADDRS && !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "cancel peer did not resolve"),
+            Err(_) => tracing::debug!(%peer, "cancel peer lookup timed out"),
+        }
+    }
+    let mut msg = BytesMut::with_capacity(12 + secret.len());
+    encode_cancel(&mut msg, pid, secret);
+    let msg = msg.freeze();
+    let mut sends = tokio::task::JoinSet::new();
+    for addr in addrs {
+        let msg = msg.clone();
+        sends.spawn(async move {
+            let res = tokio::time::timeout(timeout, async {
+                let mut s = TcpStream::connect(addr).await?;
+                s.write_all(&msg).await?;
+                // The peer closes once it has checked (and maybe forwarded) the key.
+                let mut sink = [0u8; 16];
+                while s.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            })
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            if let Err(e) = &res {
+                tracing::debug!(%addr, error = %e, "cancel not delivered to peer");
+            }
+            res.is_ok()
+        });
+    }
+    let mut delivered = 0;
+    while let Some(r) = sends.join_next().await {
+        delivered += usize::from(matches!(r, Ok(true)));
+    }
+    delivered
+}
+
 /// Sends the real CancelRequest to the compute and waits for it to close the connection
 /// (which is all Postgres ever answers), bounded by `timeout`.
 pub async fn forward(target: &CancelTarget, timeout: Duration) -> std::io::Result<()> {
     tokio::time::timeout(timeout, async {
         let mut s = TcpStream::connect(target.addr.as_str()).await?;
         let mut msg = BytesMut::with_capacity(12 + target.secret.len());
-        msg.put_u32((12 + target.secret.len()) as u32);
-        msg.put_u32(CANCEL_REQUEST_CODE);
-        msg.put_i32(target.pid);
-        msg.put_slice(&target.secret);
+        encode_cancel(&mut msg, target.pid, &target.secret);
         s.write_all(&msg).await?;
         let mut sink = [0u8; 64];
         while s.read(&mut sink).await? > 0 {}
@@ -193,5 +322,130 @@ mod tests {
             got,
             [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 42, 5, 6, 7, 8]
         );
+    }
+
+    fn cancel_bytes(pid: i32, secret: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        encode_cancel(&mut b, pid, secret);
+        b.to_vec()
+    }
+
+    #[test]
+    fn peer_requests_are_cancel_requests_only() {
+        let ok = cancel_bytes(7, &[1, 2, 3, 4]);
+        assert_eq!(ok.len(), 16);
+        assert_eq!(parse_peer_request(&ok), Ok((7, vec![1, 2, 3, 4])));
+        // Protocol 3.2's longer secrets pass too.
+        assert_eq!(
+            parse_peer_request(&cancel_bytes(7, &[9; 32])),
+            Ok((7, vec![9; 32]))
+        );
+
+        // Wrong length field: too short, too long, absurd.
+        for len in [0u32, 8, 15, 12 + 257, u32::MAX] {
+            let mut b = ok.clone();
+            b[..4].copy_from_slice(&len.to_be_bytes());
+            assert_eq!(
+                peer_request_header(b[..8].try_into().unwrap()),
+                Err(PeerRequestError::Length(len))
+            );
+            assert!(parse_peer_request(&b).is_err());
+        }
+        // Length field and packet disagree.
+        assert!(parse_peer_request(&ok[..15]).is_err());
+        assert!(parse_peer_request(&[ok.as_slice(), &[0]].concat()).is_err());
+        assert!(parse_peer_request(&ok[..7]).is_err());
+
+        // Right length, other codes: SSLRequest, GSSENCRequest, protocol 3.0 startup.
+        for code in [80877103u32, 80877104, 196608] {
+            let mut b = ok.clone();
+            b[4..8].copy_from_slice(&code.to_be_bytes());
+            assert_eq!(parse_peer_request(&b), Err(PeerRequestError::Code(code)));
+        }
+    }
+
+    #[tokio::test]
+    async fn read_peer_request_refuses_garbage_and_slow_peers() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let send = |bytes: Vec<u8>| async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&bytes).await.unwrap();
+            c
+        };
+        let _c = send(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
+        let (mut s, _) = l.accept().await.unwrap();
+        let e = read_peer_request(&mut s, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+
+        let _c = send(cancel_bytes(-3, &[4, 3, 2, 1])).await;
+        let (mut s, _) = l.accept().await.unwrap();
+        let got = read_peer_request(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(got.unwrap(), (-3, vec![4, 3, 2, 1]));
+
+        // Half a request, then silence: the timeout ends it (virtual clock, no waiting).
+        let _c = send(cancel_bytes(1, &[0; 4])[..10].to_vec()).await;
+        let (mut s, _) = l.accept().await.unwrap();
+        tokio::time::pause();
+        let e = read_peer_request(&mut s, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn forward_to_peers_reaches_every_resolved_address() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A closed port: counted as not delivered, does not hold up the others.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let peers = vec![
+            a.local_addr().unwrap().to_string(),
+            b.local_addr().unwrap().to_string(),
+            a.local_addr().unwrap().to_string(),
+            closed_addr.to_string(),
+            "no-such-host.invalid:5433".to_string(),
+        ];
+        let serve = |l: tokio::net::TcpListener| {
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                read_peer_request(&mut s, Duration::from_secs(5))
+                    .await
+                    .unwrap()
+            })
+        };
+        let (ta, tb) = (serve(a), serve(b));
+        let n = forward_to_peers(&peers, 99, &[1, 1, 2, 3], Duration::from_secs(2)).await;
+        assert_eq!(n, 2, "each distinct reachable address once");
+        assert_eq!(ta.await.unwrap(), (99, vec![1, 1, 2, 3]));
+        assert_eq!(tb.await.unwrap(), (99, vec![1, 1, 2, 3]));
+    }
+
+    #[tokio::test]
+    async fn forward_to_peers_is_bounded() {
+        let mut peers = Vec::new();
+        let mut accepts = Vec::new();
+        for _ in 0..MAX_PEER_ADDRS + 6 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            peers.push(l.local_addr().unwrap().to_string());
+            // Takes the request and closes, as a peer with no such session does.
+            accepts.push(tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                read_peer_request(&mut s, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+            }));
+        }
+        let n = forward_to_peers(&peers, 5, &[0; 4], Duration::from_secs(5)).await;
+        assert_eq!(n, MAX_PEER_ADDRS);
+        let reached = accepts.iter().filter(|t| t.is_finished()).count();
+        for t in accepts {
+            t.abort();
+        }
+        assert!(reached <= MAX_PEER_ADDRS, "{reached}");
     }
 }

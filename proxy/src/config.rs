@@ -28,6 +28,14 @@ pub struct ProxyConfig {
     /// PROXY protocol (v1 and v2) on the listener: off, optional or required.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolMode,
+    /// Peer listener for CancelRequests forwarded by other replicas: it accepts nothing else
+    /// and checks them against this replica's sessions only (it never forwards again).
+    #[serde(default)]
+    pub cancel_listen: Option<SocketAddr>,
+    /// Where a CancelRequest whose key this replica did not issue is forwarded: "host:port"
+    /// entries, each resolved at forward time (a headless Service name yields every replica).
+    #[serde(default)]
+    pub cancel_peers: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -55,6 +63,8 @@ impl Default for ProxyConfig {
             max_connections: default_max_connections(),
             drain_timeout: default_drain_timeout(),
             proxy_protocol: ProxyProtocolMode::Off,
+            cancel_listen: None,
+            cancel_peers: Vec::new(),
         }
     }
 }

@@ -23,6 +23,8 @@ use crate::wire::StartupMessage;
 use crate::{proxy_protocol, Proxy};
 
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Each step of a cancel between replicas: resolve, connect and send, or read the request.
+const PEER_CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the startup phase found out.
 struct Hello {
@@ -295,9 +297,46 @@ async fn compute_tls(
     Ok(ComputeStream::Tls(Box::new(tls)))
 }
 
-/// Forwards a CancelRequest to the compute that issued the key, or drops it without a word
-/// (as Postgres does) when the key is not one we handed out.
+/// Forwards a CancelRequest to the compute that issued the key; a key not handed out here goes
+/// to the peers (`cancel_peers`) when there are any, else is dropped without a word (as
+/// Postgres does).
 async fn cancel(proxy: &Arc<Proxy>, pid: i32, secret: &[u8]) {
+    let peers = &proxy.cfg.cancel_peers;
+    if proxy.cancels.lookup(pid, secret).is_none() && !peers.is_empty() {
+        // Not ours: another replica may hold the session; each checks the key itself.
+        let delivered = cancel::forward_to_peers(peers, pid, secret, PEER_CANCEL_TIMEOUT).await;
+        proxy
+            .metrics
+            .cancels
+            .with_label_values(&["sent_to_peers"])
+            .inc();
+        debug!(
+            delivered,
+            "cancel request with a key not issued here sent to peers"
+        );
+        return;
+    }
+    cancel_local(proxy, pid, secret).await;
+}
+
+/// A CancelRequest from another replica (`cancel_listen`): checked against this replica's
+/// sessions only, never forwarded to peers again.
+pub(crate) async fn peer_cancel(proxy: &Arc<Proxy>, mut s: TcpStream, peer: SocketAddr) {
+    match cancel::read_peer_request(&mut s, PEER_CANCEL_TIMEOUT).await {
+        Ok((pid, secret)) => cancel_local(proxy, pid, &secret).await,
+        Err(e) => {
+            proxy
+                .metrics
+                .cancels
+                .with_label_values(&["peer_refused"])
+                .inc();
+            debug!(%peer, error = %e, "cancel listener closed a connection that sent no CancelRequest");
+        }
+    }
+}
+
+/// Forwards to the compute when both halves of the key match a session of this replica.
+async fn cancel_local(proxy: &Arc<Proxy>, pid: i32, secret: &[u8]) {
     let Some(target) = proxy.cancels.lookup(pid, secret) else {
         proxy
             .metrics

@@ -21,6 +21,9 @@ use crate::tls::{TlsAcceptor, TlsConfig};
 use crate::wire::encode_error_response;
 use crate::{conn, ProxyConfig, ProxyMetrics};
 
+/// Peer cancel connections handled at once on `cancel_listen`.
+pub const PEER_CANCELS_AT_ONCE: usize = 256;
+
 /// Everything a connection needs, shared by all of them.
 pub struct Proxy {
     pub(crate) cfg: ProxyConfig,
@@ -112,6 +115,44 @@ impl Proxy {
                 left = total as usize - self.limit.available_permits(),
                 "drain timeout; closing remaining sessions"
             );
+        }
+    }
+
+    /// Serves the peer listener (`cancel_listen`) until `shutdown` resolves: CancelRequests
+    /// forwarded by other replicas, checked against this replica's sessions only. At most
+    /// [`PEER_CANCELS_AT_ONCE`] at once; more are closed unread (a cancel is best effort).
+    pub async fn serve_cancel_peers(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let limit = Arc::new(Semaphore::new(PEER_CANCELS_AT_ONCE));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                res = listener.accept() => match res {
+                    Ok((stream, peer)) => {
+                        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                            debug!(%peer, "too many peer cancels at once; closed");
+                            continue;
+                        };
+                        let this = Arc::clone(&self);
+                        let span = tracing::debug_span!("peer_cancel", peer = %peer, endpoint = tracing::field::Empty);
+                        tokio::spawn(
+                            async move {
+                                conn::peer_cancel(&this, stream, peer).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cancel listener accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+            }
         }
     }
 

@@ -190,7 +190,14 @@ fn every_manifest_parses_as_its_kubernetes_type() {
     };
     let s = scale_out();
     assert_eq!(names(&s, "Deployment"), ["pgwake-manager", "pgwake-proxy"]);
-    assert_eq!(names(&s, "Service"), ["pgwake", "pgwake-manager"]);
+    assert_eq!(
+        names(&s, "Service"),
+        ["pgwake", "pgwake-manager", "pgwake-peers"]
+    );
+    assert_eq!(
+        names(&s, "NetworkPolicy"),
+        ["pgwake-manager", "pgwake-proxy"]
+    );
     assert_eq!(
         names(&s, "ServiceAccount"),
         ["pgwake-manager", "pgwake-proxy"]
@@ -577,6 +584,13 @@ fn check_deployments(docs: &Docs) -> BTreeMap<String, toml::Table> {
             // Not exposed: the manager's Postgres listener stays on loopback.
             assert!(listen.starts_with("127.0.0.1:"), "{name}");
         }
+        if declared.contains(&"cancel") {
+            let l = t["proxy"]["cancel_listen"].as_str().unwrap();
+            assert!(l.starts_with("0.0.0.0:"), "{name}");
+            assert_eq!(port_of(l), container_port(&c, "cancel"), "{name}");
+        } else {
+            assert!(t["proxy"].get("cancel_listen").is_none(), "{name}");
+        }
         if declared.contains(&"manager") {
             let l = t["manager"]["listen"].as_str().unwrap();
             assert_eq!(port_of(l), container_port(&c, "manager"), "{name}");
@@ -770,8 +784,62 @@ fn scale_out_proxies_reach_the_one_manager_through_its_service() {
         proxy_labels
     );
 
-    // The clients' door: a load balancer in front of the proxies, with client-IP affinity
-    // so that a CancelRequest reaches the replica that holds its session.
+    // Cancels across replicas: each proxy forwards a key it did not issue to every proxy pod,
+    // through a headless Service (pod IPs, not-ready ones included) on the cancel port, and
+    // only proxies may reach that port.
+    let cancel_port = port_of(pt["proxy"]["cancel_listen"].as_str().unwrap());
+    let peers: Vec<&str> = pt["proxy"]["cancel_peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(peers, ["pgwake-peers.pgwake.svc.cluster.local:5433"]);
+    let svc: Service = get(&docs, "Service", "pgwake-peers");
+    let svc = svc.spec.unwrap();
+    assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(svc.publish_not_ready_addresses, Some(true));
+    assert_eq!(svc.selector.as_ref().unwrap(), &proxy_labels);
+    let (_, _, proxy_c) = pods(&proxy);
+    let sp = svc.ports.unwrap().into_iter().next().unwrap();
+    assert_eq!(sp.port, port_of(peers[0]));
+    assert_eq!(
+        container_port(&proxy_c, named_port(sp.target_port.as_ref().unwrap())),
+        cancel_port
+    );
+    let np: NetworkPolicy = get(&docs, "NetworkPolicy", "pgwake-proxy");
+    let np = np.spec.unwrap();
+    assert_eq!(
+        match_labels(np.pod_selector.as_ref().unwrap()),
+        proxy_labels
+    );
+    let mut open_ports = Vec::new();
+    for rule in np.ingress.unwrap() {
+        let ports: Vec<&str> = rule
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| named_port(p.port.as_ref().unwrap()))
+            .collect();
+        match rule.from.as_deref() {
+            None | Some([]) => open_ports.extend(ports.iter().map(|p| p.to_string())),
+            Some(from) => {
+                assert_eq!(ports, ["cancel"]);
+                assert_eq!(from.len(), 1);
+                assert_eq!(
+                    match_labels(from[0].pod_selector.as_ref().unwrap()),
+                    proxy_labels
+                );
+            }
+        }
+    }
+    // Clients and probes still reach the proxies; nobody else reaches the cancel port.
+    open_ports.sort();
+    assert_eq!(open_ports, ["admin", "postgres"]);
+
+    // The clients' door: a load balancer in front of the proxies. Client-IP affinity stays
+    // (most cancels then land on their session's replica without a fan-out).
     let lb: Service = get(&docs, "Service", "pgwake");
     let lb = lb.spec.unwrap();
     assert_eq!(lb.type_.as_deref(), Some("LoadBalancer"));
