@@ -43,25 +43,6 @@ async fn send_and_wait_close(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     buf
 }
 
-async fn wait_for_sleeping(watcher: &tokio_postgres::Client) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let n: i64 = watcher
-            .query_one("select count(*) from pg_stat_activity where query like 'select pg_sleep%' and state = 'active'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "query never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_sent_to_another_replica_reaches_the_session() {
     let a = Env::start("[proxy]\ncancel_listen = \"127.0.0.1:0\"\n", DEMO).await;

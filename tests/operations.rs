@@ -145,25 +145,6 @@ async fn cancel_with_tokio_postgres_and_wrong_keys_do_nothing() {
     env.stop().await;
 }
 
-async fn wait_for_sleeping(watcher: &tokio_postgres::Client) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let n: i64 = watcher
-            .query_one("select count(*) from pg_stat_activity where query like 'select pg_sleep%' and state = 'active'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "query never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_ctrl_c_cancels_through_pgwake() {
     let env = Env::start("", DEMO).await;

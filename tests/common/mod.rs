@@ -321,3 +321,27 @@ where
         });
     }
 }
+
+/// Waits (bounded) until a `select pg_sleep(...)` is running on the compute `watcher` is
+/// connected to, so that a cancel sent next has a query to cancel.
+pub async fn wait_for_sleeping(watcher: &tokio_postgres::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = watcher
+            .query_one(
+                "select count(*) from pg_stat_activity where query like 'select pg_sleep%' and state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "query never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
