@@ -227,7 +227,8 @@ pub async fn forward_to_peers(
             let res = tokio::time::timeout(timeout, async {
                 let mut s = TcpStream::connect(addr).await?;
                 s.write_all(&msg).await?;
-                // The peer closes once it has checked (and maybe forwarded) the key.
+                // The peer closes once it has checked the key (and, if the session is
+                // its own, passed the cancel to the compute).
                 let mut sink = [0u8; 16];
                 while s.read(&mut sink).await? > 0 {}
                 std::io::Result::Ok(())

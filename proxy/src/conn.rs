@@ -302,28 +302,33 @@ async fn compute_tls(
 /// Postgres does).
 async fn cancel(proxy: &Arc<Proxy>, pid: i32, secret: &[u8]) {
     let peers = &proxy.cfg.cancel_peers;
-    if proxy.cancels.lookup(pid, secret).is_none() && !peers.is_empty() {
-        // Not ours: another replica may hold the session; each checks the key itself.
-        let delivered = cancel::forward_to_peers(peers, pid, secret, PEER_CANCEL_TIMEOUT).await;
-        proxy
-            .metrics
-            .cancels
-            .with_label_values(&["sent_to_peers"])
-            .inc();
-        debug!(
-            delivered,
-            "cancel request with a key not issued here sent to peers"
-        );
-        return;
+    match proxy.cancels.lookup(pid, secret) {
+        Some(target) => cancel_local(proxy, target).await,
+        None if !peers.is_empty() => {
+            // Not ours: another replica may hold the session; each checks the key itself.
+            let delivered = cancel::forward_to_peers(peers, pid, secret, PEER_CANCEL_TIMEOUT).await;
+            proxy
+                .metrics
+                .cancels
+                .with_label_values(&["sent_to_peers"])
+                .inc();
+            debug!(
+                delivered,
+                "cancel request with a key not issued here sent to peers"
+            );
+        }
+        None => unknown_cancel_key(proxy),
     }
-    cancel_local(proxy, pid, secret).await;
 }
 
 /// A CancelRequest from another replica (`cancel_listen`): checked against this replica's
 /// sessions only, never forwarded to peers again.
 pub(crate) async fn peer_cancel(proxy: &Arc<Proxy>, mut s: TcpStream, peer: SocketAddr) {
     match cancel::read_peer_request(&mut s, PEER_CANCEL_TIMEOUT).await {
-        Ok((pid, secret)) => cancel_local(proxy, pid, &secret).await,
+        Ok((pid, secret)) => match proxy.cancels.lookup(pid, &secret) {
+            Some(target) => cancel_local(proxy, target).await,
+            None => unknown_cancel_key(proxy),
+        },
         Err(e) => {
             proxy
                 .metrics
@@ -335,17 +340,17 @@ pub(crate) async fn peer_cancel(proxy: &Arc<Proxy>, mut s: TcpStream, peer: Sock
     }
 }
 
-/// Forwards to the compute when both halves of the key match a session of this replica.
-async fn cancel_local(proxy: &Arc<Proxy>, pid: i32, secret: &[u8]) {
-    let Some(target) = proxy.cancels.lookup(pid, secret) else {
-        proxy
-            .metrics
-            .cancels
-            .with_label_values(&["unknown_key"])
-            .inc();
-        debug!("cancel request with an unknown key dropped");
-        return;
-    };
+fn unknown_cancel_key(proxy: &Proxy) {
+    proxy
+        .metrics
+        .cancels
+        .with_label_values(&["unknown_key"])
+        .inc();
+    debug!("cancel request with an unknown key dropped");
+}
+
+/// Forwards to the compute of a session of this replica whose key matched both halves.
+async fn cancel_local(proxy: &Arc<Proxy>, target: CancelTarget) {
     tracing::Span::current().record("endpoint", target.endpoint.as_str());
     match cancel::forward(&target, CANCEL_TIMEOUT).await {
         Ok(()) => {

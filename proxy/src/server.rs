@@ -290,8 +290,8 @@ impl FdReserve {
         }
     }
 
-    /// The reserve for one refusal, if it is held and no refusal is running. An fd that could
-    /// not be reopened after the last refusal is tried again here.
+    /// The reserve for one refusal, if an fd is held: the one kept open, or, while another
+    /// refusal has it (or it could not be reopened after one), a new one opened here.
     fn take(&mut self) -> Option<Reserved> {
         let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
