@@ -19,7 +19,7 @@ use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -84,9 +84,6 @@ impl Pgwake {
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
         let health = Health::new();
-        // The routing table's first complete load, for adoption; true at once without a
-        // watched source.
-        let (routes_loaded, routes_loaded_rx) = watch::channel(true);
         let mut kube_backend = None;
         let kubernetes = match &config.kubernetes {
             Some(k) => {
@@ -108,13 +105,11 @@ impl Pgwake {
                     // table: a replica that starts during a rollout, or while the API server is
                     // unreachable, would otherwise take clients and call their endpoints unknown.
                     health.set_routes_loaded(false);
-                    routes_loaded.send_replace(false);
                     let h = Arc::clone(&health);
                     tokio::spawn(async move {
                         if store.wait_until_ready().await.is_ok() {
                             info!("PgwakeEndpoints loaded");
                             h.set_routes_loaded(true);
-                            routes_loaded.send_replace(true);
                         }
                     });
                 }
@@ -167,8 +162,9 @@ impl Pgwake {
             // manager left running (Kubernetes ones outlive it), once leader. A proxy that
             // wakes through a remote manager leaves that to it.
             let (m, t, l) = (Arc::clone(&manager), Arc::clone(&table), leadership.clone());
+            let routes_loaded = health.watch_routes_loaded();
             tokio::spawn(async move {
-                m.adopt_when_ready(&t, l, routes_loaded_rx, ADOPT_ROUTES_WAIT)
+                m.adopt_when_ready(&t, l, routes_loaded, ADOPT_ROUTES_WAIT)
                     .await
             });
         }

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// Readiness, shared by the admin listener, whoever starts a drain, and the routing table's
 /// source.
@@ -21,7 +22,7 @@ pub struct Health {
     /// False while the routing table waits for its first complete load from a watched source
     /// (the `PgwakeEndpoint` resources): until then an endpoint that exists would be refused
     /// as unknown, so a load balancer must not send clients yet.
-    routes_loaded: AtomicBool,
+    routes_loaded: watch::Sender<bool>,
     /// True while this process is a standby compute manager (leader election): the manager
     /// Service must send the proxies' wakes to the leader only.
     standby: AtomicBool,
@@ -31,7 +32,7 @@ impl Health {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(true),
-            routes_loaded: AtomicBool::new(true),
+            routes_loaded: watch::Sender::new(true),
             standby: AtomicBool::new(false),
         })
     }
@@ -41,11 +42,17 @@ impl Health {
     }
 
     pub fn set_routes_loaded(&self, loaded: bool) {
-        self.routes_loaded.store(loaded, Ordering::Release);
+        self.routes_loaded.send_replace(loaded);
     }
 
     pub fn routes_loaded(&self) -> bool {
-        self.routes_loaded.load(Ordering::Acquire)
+        *self.routes_loaded.borrow()
+    }
+
+    /// Follows [`Health::routes_loaded`], for whoever must wait for the first complete load
+    /// (the manager's adoption of running computes).
+    pub fn watch_routes_loaded(&self) -> watch::Receiver<bool> {
+        self.routes_loaded.subscribe()
     }
 
     pub fn set_standby(&self, standby: bool) {
