@@ -183,6 +183,16 @@ impl Inner {
             .fold(0, |n, r| n.saturating_add(r.sessions))
     }
 
+    /// Moves to Starting under a new attempt number, which the start task and its watchers
+    /// carry so that they never act on a later attempt's state.
+    fn begin_start(&mut self) -> u64 {
+        self.attempt += 1;
+        self.state = State::Starting {
+            attempt: self.attempt,
+        };
+        self.attempt
+    }
+
     fn take_start_token(&mut self, per_minute: u32) -> bool {
         if per_minute == 0 {
             return true;
@@ -465,9 +475,7 @@ impl Manager {
                         if !st.take_start_token(self.cfg.max_starts_per_minute) {
                             return Err(WakeError::RateLimited);
                         }
-                        st.attempt += 1;
-                        let attempt = st.attempt;
-                        st.state = State::Starting { attempt };
+                        let attempt = st.begin_start();
                         joined = Some(attempt);
                         Some(attempt)
                     }
@@ -715,10 +723,7 @@ impl Manager {
             if !matches!(st.state, State::Suspended | State::Failed { .. }) {
                 return false;
             }
-            st.attempt += 1;
-            let attempt = st.attempt;
-            st.state = State::Starting { attempt };
-            attempt
+            st.begin_start()
         };
         slot.notify();
         self.spawn_start(slot, route, attempt, StartKind::Adopt);
