@@ -51,8 +51,7 @@ pub fn check_root(root: &Path, create: bool) -> Result<(), BackendError> {
                 return Err(refuse_root(
                     root,
                     "does not exist. If this is pgwake's first start with this data root, set \
-                     local.create_data_root = true (or create the directory and its marker); \
-                     otherwise mount or restore it",
+                     local.create_data_root = true; otherwise mount or restore it",
                 ));
             }
             std::fs::create_dir_all(root)
@@ -67,7 +66,8 @@ pub fn check_root(root: &Path, create: bool) -> Result<(), BackendError> {
             return Err(refuse_root(
                 root,
                 "is empty and has no marker (a volume that is not mounted?). If this is \
-                 pgwake's first start with this data root, set local.create_data_root = true",
+                 pgwake's first start with this data root, set local.create_data_root = true; \
+                 otherwise mount or restore it",
             ));
         }
         write_marker(root)?;
