@@ -257,7 +257,9 @@ impl LocalBackend {
         match (recorded, complete) {
             (true, true) => return Ok(false),
             (true, false) => {
-                let reason = "was initialised by pgwake but is missing or has no PG_VERSION;                               restore or mount it (to start this endpoint over with an empty                               database, remove its record in .pgwake/initialised)";
+                let reason = "was initialised by pgwake but is missing or has no PG_VERSION; \
+                              restore or mount it (to start this endpoint over with an empty \
+                              database, remove its record in .pgwake/initialised)";
                 error!(endpoint = %id, dir = %dir.display(), "refusing to start: the data directory {reason}");
                 return Err(BackendError::DataMissing {
                     path: dir.display().to_string(),
