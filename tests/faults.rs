@@ -1,6 +1,9 @@
 //! Fault tests against real PostgreSQL: a compute killed mid-query, computes that cannot start
-//! (bad data directory, data root the compute user cannot enter, a full disk), and a flood of
-//! garbage connections while real clients keep working. Every wait has a deadline; every
+//! (bad data directory, data root the compute user cannot enter, a full disk, a data directory
+//! postgres refuses), data that must not be replaced by an empty database (a lost data
+//! directory or data root, initdb killed part-way), leftovers of a previous compute (a pgwake
+//! killed while its compute shuts down, a postmaster killed under a busy backend), and a flood
+//! of garbage connections while real clients keep working. Every wait has a deadline; every
 //! test stops its pgwake (and so its computes) and removes its directories.
 //!
 //! "Port taken" runs the local backend on its own, with its port picker made to hand out a
@@ -869,7 +872,7 @@ async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it
 
     let connect2 = connect.clone();
     let log2 = dir.path().join("pgwake2.log");
-    let _second = spawn_pgwake(&cfg, &log2);
+    let mut second = spawn_pgwake(&cfg, &log2);
     wait_until(LONG, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
@@ -914,4 +917,11 @@ async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it
         .unwrap_or_else(|e| panic!("connect after the old postmaster exited: {e:?}"));
     assert_eq!(n, 1, "the committed row, not the uncommitted one");
     assert_ne!(postmaster_pid(&data), Some(postmaster));
+
+    // Stopped cleanly, the second pgwake takes its compute with it.
+    unsafe { libc::kill(second.0.id() as i32, libc::SIGTERM) };
+    wait_until(LONG, || second.0.try_wait().unwrap().is_some())
+        .await
+        .expect("pgwake exits after SIGTERM");
+    assert!(!data.join("postmaster.pid").exists());
 }
