@@ -73,10 +73,12 @@ impl BackendError {
         )
     }
 
-    /// Whether the failed start got as far as postgres's own start-up (it ran and took its data
-    /// directory's lock), i.e. cost what a start costs. Failures before that (binaries, data
-    /// directory checks, initdb, a previous compute still holding the directory, postgres
-    /// refusing the directory) are cheap and say nothing about the compute crash-looping.
+    /// Whether the failed start got as far as postgres's own start-up: postgres ran and failed
+    /// or hung there (`StartFailed`, `StartTimeout`), which costs what a start costs and may be
+    /// a crash loop. The others failed before that and cheaply: binaries or configuration, the
+    /// data root and directory checks, initdb, postgres exiting at once because a previous
+    /// compute still holds the directory (`DataDirBusy`) or because it refuses the directory.
+    /// A `StartTimeout` may include waiting for a previous compute to exit.
     pub fn reached_startup(&self) -> bool {
         matches!(self, Self::StartFailed { .. } | Self::StartTimeout(_))
     }
