@@ -154,6 +154,7 @@ wake_timeout = "60s"
 
 [local]
 data_root = "%s"
+create_data_root = true
 bin_dir = "%s"
 
 # empty on purpose: initdb's defaults, like the bare cluster

@@ -1,6 +1,9 @@
 //! Fault tests against real PostgreSQL: a compute killed mid-query, computes that cannot start
-//! (bad data directory, data root the compute user cannot enter, a full disk), and a flood of
-//! garbage connections while real clients keep working. Every wait has a deadline; every
+//! (bad data directory, data root the compute user cannot enter, a full disk, a data directory
+//! postgres refuses), data that must not be replaced by an empty database (a lost data
+//! directory or data root, initdb killed part-way), leftovers of a previous compute (a pgwake
+//! killed while its compute shuts down, a postmaster killed under a busy backend), and a flood
+//! of garbage connections while real clients keep working. Every wait has a deadline; every
 //! test stops its pgwake (and so its computes) and removes its directories.
 //!
 //! "Port taken" runs the local backend on its own, with its port picker made to hand out a
@@ -454,6 +457,7 @@ async fn port_taken_by_another_program_is_retried_on_another_port() {
     let dir = tempdir();
     let cfg = LocalConfig {
         data_root: dir.path().join("data"),
+        create_data_root: true,
         initdb_args: vec!["--no-sync".into()],
         settings: [("shared_buffers".to_string(), "16MB".to_string())].into(),
         ..LocalConfig::default()
@@ -515,4 +519,409 @@ async fn port_taken_by_another_program_is_retried_on_another_port() {
     let _ = conn.await;
     compute.stop().await.unwrap();
     squat.abort();
+}
+
+/// Sends SIGKILL to processes on drop, so that a failing test leaves no compute process
+/// running (one of them spins on a CPU-bound query).
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if !gone(pid) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_data_directory_is_refused_never_replaced_by_an_empty_one() {
+    let env = Env::start("", DEMO).await;
+    let client = env.client("demo").await;
+    client
+        .batch_execute("create table t (i int); insert into t values (1)")
+        .await
+        .unwrap();
+    drop(client);
+    env.wait_detached("demo", LONG).await;
+    env.suspend("demo").await;
+
+    // The volume holding it is gone (unmounted, deleted by mistake).
+    let dir = env.data_dir("demo");
+    let away = env.dir.path().join("away");
+    std::fs::rename(&dir, &away).unwrap();
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(
+        msg.contains("endpoint \"demo\"") && msg.contains("data missing"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains(&*dir.to_string_lossy()),
+        "leaks the path: {msg}"
+    );
+    assert!(!dir.exists(), "an empty cluster was created in its place");
+    // An empty directory in its place (a mount point without its volume) is no better.
+    std::fs::create_dir(&dir).unwrap();
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(!dir.join("PG_VERSION").exists());
+
+    // Back: served again, with its data.
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::rename(&away, &dir).unwrap();
+    let client = client_or_explain(&env, "demo").await;
+    let n: i64 = client
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    drop(client);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_empty_data_root_is_refused_unless_creating_it_is_allowed() {
+    let env = Env::start("[local]\ncreate_data_root = false", DEMO).await;
+    let root = env.dir.path().join("data");
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(msg.contains("data missing"), "{msg}");
+    assert!(!root.exists(), "the data root was created");
+    // An empty directory with no marker: a mount point whose volume is not mounted.
+    std::fs::create_dir(&root).unwrap();
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "wrote into it"
+    );
+    assert_eq!(env.stats("demo").unwrap().phase, Phase::Failed);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initdb_killed_part_way_leaves_no_half_built_cluster_and_the_next_wake_succeeds() {
+    let dir = tempdir();
+    let real = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    // A bin_dir whose initdb is killed (SIGKILL, with its process group) on its first run,
+    // once the real initdb has written part of the cluster: as when pgwake or the machine dies
+    // during initdb.
+    let bin = dir.path().join("bin");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(format!("{real}/postgres"), bin.join("postgres")).unwrap();
+    std::fs::write(
+        bin.join("initdb"),
+        format!(
+            "#!/bin/sh\n\
+             if mkdir '{state}/first' 2>/dev/null; then\n\
+               '{real}/initdb' \"$@\" >/dev/null 2>&1 &\n\
+               n=0\n\
+               while [ ! -e \"$2/global/pg_control\" ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n+1)); done\n\
+               kill -9 0\n\
+             fi\n\
+             exec '{real}/initdb' \"$@\"\n",
+            state = state.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(bin.join("initdb"), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let extra = format!("[local]\nbin_dir = \"{}\"", bin.display());
+    let env = Env::start_in(dir, &extra, DEMO).await;
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(state.join("first").exists(), "the killed initdb ran");
+    let data = env.data_dir("demo");
+    assert!(
+        !data.join("PG_VERSION").exists(),
+        "a half-built cluster is in the endpoint's place"
+    );
+
+    // pgwake itself died during an initdb: its temporary directory is left behind.
+    let building = env.dir.path().join("data/.demo.initdb");
+    std::fs::create_dir(&building).unwrap();
+    std::fs::write(building.join("PG_VERSION"), "15\n").unwrap();
+    let client = client_or_explain(&env, "demo").await;
+    let n: i64 = client
+        .query_one(
+            "select count(*) from pg_database where datname = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "a complete cluster");
+    assert!(!building.exists(), "the leftover was removed");
+    drop(client);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postmaster_killed_under_a_busy_backend_its_orphans_go_and_the_next_wake_succeeds() {
+    let env = Env::start("", DEMO).await;
+    let dir = env.data_dir("demo");
+    let client = env.client("demo").await;
+    client
+        .batch_execute("create table t (i int); insert into t values (1)")
+        .await
+        .unwrap();
+    let backend: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let postmaster = postmaster_pid(&dir).unwrap();
+    // CPU-bound for hours, and never waits on anything: a backend in such a query does not
+    // notice that its postmaster died.
+    let busy = tokio::spawn(async move {
+        let _ = client
+            .query_one(
+                "select count(*) from generate_series(1, 100000) a, generate_series(1, 100000) b",
+                &[],
+            )
+            .await;
+    });
+    let watcher = env.client("demo").await;
+    let running = async {
+        loop {
+            let n: i64 = watcher
+                .query_one(
+                    "select count(*) from pg_stat_activity where pid = $1 and state = 'active'",
+                    &[&backend],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(LONG, running)
+        .await
+        .expect("query running");
+    drop(watcher);
+    let old = cluster_procs(&dir);
+    assert!(
+        old.contains(&backend) && old.contains(&postmaster),
+        "{old:?}"
+    );
+    let _cleanup = KillOnDrop(old.clone());
+
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+    env.wait_phase("demo", Phase::Suspended, LONG).await;
+    let client = client_or_explain(&env, "demo").await;
+    let n: i64 = client
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let left: Vec<i32> = old.iter().copied().filter(|p| !gone(*p)).collect();
+    assert!(
+        left.is_empty(),
+        "processes of the dead compute remain: {left:?}"
+    );
+    tokio::time::timeout(LONG, busy)
+        .await
+        .expect("the busy client hears of the dead compute")
+        .unwrap();
+    drop(client);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_postgres_refuses_is_a_permanent_error() {
+    let env = Env::start("", DEMO).await;
+    assert_eq!(select_one(&env, "demo").await, 1);
+    env.wait_detached("demo", LONG).await;
+    env.suspend("demo").await;
+    let dir = env.data_dir("demo");
+    let mode = |m| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m)).unwrap();
+
+    // Permissions postgres refuses (it wants 0700 or 0750).
+    mode(0o777);
+    let (code, msg) = connect_error(&env, "demo").await;
+    assert_eq!(code, "08006", "{msg}");
+    assert!(msg.contains("endpoint \"demo\""), "{msg}");
+    assert!(
+        !msg.contains(&*dir.to_string_lossy()),
+        "leaks the path: {msg}"
+    );
+    mode(0o700);
+    if is_root() {
+        // Owned by someone other than the user postgres runs as.
+        std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+        let (code, msg) = connect_error(&env, "demo").await;
+        assert_eq!(code, "08006", "{msg}");
+        let st = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // Fixed by the operator: served again.
+    assert_eq!(select_one(&env, "demo").await, 1);
+    env.stop().await;
+}
+
+/// A pgwake binary that is SIGKILLed on drop if a test fails midway (its computes then get
+/// their parent-death signal).
+struct PgwakeProc(std::process::Child);
+
+impl Drop for PgwakeProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lets a SIGSTOPped process go on on drop, so that a failing test leaves nothing frozen.
+struct Continue(i32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+fn spawn_pgwake(config: &std::path::Path, log: &std::path::Path) -> PgwakeProc {
+    PgwakeProc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgwake"))
+            .arg("--config")
+            .arg(config)
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it() {
+    let dir = tempdir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("pgwake.toml");
+    let text =
+        config_text(dir.path(), "", DEMO).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg, text).unwrap();
+    let conn = format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres options=endpoint=demo connect_timeout=60"
+    );
+    let connect = move || {
+        let conn = conn.clone();
+        async move {
+            let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+            tokio::spawn(c);
+            Ok::<_, tokio_postgres::Error>(client)
+        }
+    };
+
+    let log1 = dir.path().join("pgwake1.log");
+    let mut first = spawn_pgwake(&cfg, &log1);
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .expect("pgwake listening");
+    let client = connect().await.unwrap();
+    client
+        .batch_execute("create table t (i int); insert into t values (1)")
+        .await
+        .unwrap();
+    // Busy: a transaction with uncommitted work in progress when pgwake dies.
+    let busy = tokio::spawn(async move {
+        let _ = client
+            .batch_execute("begin; insert into t values (2); select pg_sleep(600)")
+            .await;
+    });
+    let data = dir.path().join("data/demo");
+    let postmaster = postmaster_pid(&data).unwrap();
+    // The postmaster gets SIGINT (a fast shutdown, with a checkpoint) when pgwake dies. With
+    // its checkpointer frozen, the shutdown checkpoint lasts for as long as the test needs, as
+    // when it flushes a lot of data. (Not the postmaster itself: the kernel sends SIGCONT to a
+    // stopped process whose process group the death of its parent orphans.)
+    let checkpointer = children(postmaster)
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"postgres: checkpointer"))
+        })
+        .expect("a checkpointer");
+    unsafe { libc::kill(checkpointer, libc::SIGSTOP) };
+    let frozen = Continue(checkpointer);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let _ = tokio::time::timeout(LONG, busy).await;
+
+    let connect2 = connect.clone();
+    let log2 = dir.path().join("pgwake2.log");
+    let mut second = spawn_pgwake(&cfg, &log2);
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .expect("second pgwake listening");
+    let attempt = tokio::spawn(async move {
+        let client = connect2().await?;
+        let n: i64 = client
+            .query_one("select count(*) from t", &[])
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(n)
+    });
+    let waiting =
+        || std::fs::read_to_string(&log2).is_ok_and(|l| l.contains("previous postmaster"));
+    wait_until(LONG, || attempt.is_finished() || waiting())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the second pgwake did not try to start the compute:\n{}",
+                std::fs::read_to_string(&log2).unwrap_or_default()
+            )
+        });
+    if attempt.is_finished() {
+        let r = attempt.await.unwrap();
+        panic!(
+            "connect ended while the old postmaster held the data directory: {}\n{}\n{:?}",
+            std::fs::read_to_string(&log2).unwrap_or_default(),
+            std::fs::read_to_string(dir.path().join("data/demo.log")).unwrap_or_default(),
+            r.map_err(|e| e
+                .as_db_error()
+                .map(|d| (d.code().code().to_owned(), d.message().to_owned())))
+        );
+    }
+    assert!(process_alive(postmaster) && !gone(postmaster));
+    // The shutdown checkpoint completes, the old postmaster exits; then the new compute starts.
+    drop(frozen);
+    let n = tokio::time::timeout(LONG, attempt)
+        .await
+        .expect("connect within a minute")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect after the old postmaster exited: {e:?}"));
+    assert_eq!(n, 1, "the committed row, not the uncommitted one");
+    assert_ne!(postmaster_pid(&data), Some(postmaster));
+
+    // Stopped cleanly, the second pgwake takes its compute with it.
+    unsafe { libc::kill(second.0.id() as i32, libc::SIGTERM) };
+    wait_until(LONG, || second.0.try_wait().unwrap().is_some())
+        .await
+        .expect("pgwake exits after SIGTERM");
+    assert!(!data.join("postmaster.pid").exists());
 }

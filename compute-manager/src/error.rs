@@ -17,6 +17,14 @@ pub enum BackendError {
     BinariesNotFound(String),
     #[error("data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
+    /// Data pgwake once had is gone (a data root or an endpoint's data directory deleted, or on
+    /// a volume that is not mounted): refused, never replaced by an empty database.
+    #[error("data missing: {path}: {reason}")]
+    DataMissing { path: String, reason: String },
+    /// A previous postgres of this data directory still holds it (its lock file or shared
+    /// memory), and did not go away in time.
+    #[error("data directory still held by a previous compute: {0}")]
+    DataDirBusy(String),
     #[error("initdb failed ({status}): {output}")]
     InitdbFailed { status: String, output: String },
     #[error("compute exited during start-up ({status}): {log_tail}")]
@@ -46,6 +54,8 @@ impl BackendError {
         match self {
             Self::BinariesNotFound(_) | Self::Config(_) => "misconfigured",
             Self::DataDir { .. } | Self::InitdbFailed { .. } => "data_directory",
+            Self::DataMissing { .. } => "data_missing",
+            Self::DataDirBusy(_) => "data_directory_busy",
             Self::StartFailed { .. } => "start_failed",
             Self::StartTimeout(_) => "start_timeout",
             Self::Io { .. } => "io",
@@ -56,8 +66,21 @@ impl BackendError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::StartTimeout(_) | Self::Io { .. } | Self::StartFailed { .. }
+            Self::StartTimeout(_)
+                | Self::Io { .. }
+                | Self::StartFailed { .. }
+                | Self::DataDirBusy(_)
         )
+    }
+
+    /// Whether the failed start got as far as postgres's own start-up: postgres ran and failed
+    /// or hung there (`StartFailed`, `StartTimeout`), which costs what a start costs and may be
+    /// a crash loop. The others failed before that and cheaply: binaries or configuration, the
+    /// data root and directory checks, initdb, postgres exiting at once because a previous
+    /// compute still holds the directory (`DataDirBusy`) or because it refuses the directory.
+    /// A `StartTimeout` may include waiting for a previous compute to exit.
+    pub fn reached_startup(&self) -> bool {
+        matches!(self, Self::StartFailed { .. } | Self::StartTimeout(_))
     }
 }
 

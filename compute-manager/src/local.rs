@@ -1,6 +1,14 @@
 //! The embedded default backend: one real `postgres` process per endpoint, started directly
 //! (not through `pg_ctl`, which polls every 100 ms) on a free loopback port, with its data
 //! directory under `data_root/<endpoint>` created by `initdb` on first wake.
+//!
+//! A data directory that once existed is never created again: the data root carries a marker
+//! and a record per initialised endpoint (see [`datadir`]), and a missing one is refused.
+//! Before a postgres starts, whatever is left of the previous one in its data directory is
+//! waited for or cleared away (see [`procs`]).
+
+mod datadir;
+mod procs;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -16,7 +24,7 @@ use pgwake_router::{BackendSpec, Route};
 use serde::Deserialize;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{probe_ready, BackendError, ComputeAddr, ComputeBackend, ProbeResult, RunningCompute};
 
@@ -26,6 +34,12 @@ pub struct LocalConfig {
     /// Holds one data directory per endpoint and its log file `<id>.log`.
     #[serde(default = "default_data_root")]
     pub data_root: PathBuf,
+    /// Whether pgwake may create `data_root` (and mark it as its own) when it is missing or
+    /// empty. Off, a missing or empty unmarked data root is refused: it is more likely a volume
+    /// that is not mounted than a first start. Meant for a first start, a demo, or a data root
+    /// that is thrown away anyway (an emptyDir).
+    #[serde(default)]
+    pub create_data_root: bool,
     /// Where `postgres` and `initdb` live; else `PATH`, `pg_config --bindir`, then the newest
     /// `/usr/lib/postgresql/*/bin` (Debian's layout).
     #[serde(default)]
@@ -68,6 +82,7 @@ impl Default for LocalConfig {
     fn default() -> Self {
         Self {
             data_root: default_data_root(),
+            create_data_root: false,
             bin_dir: None,
             run_as: None,
             superuser: default_superuser(),
@@ -99,6 +114,9 @@ pub struct LocalBackend {
     run_as: Option<RunAs>,
     bins: OnceLock<Bins>,
     pick_port: PortPicker,
+    /// Serialises changes to the data root's marker (starts of different endpoints run
+    /// concurrently).
+    root_lock: std::sync::Mutex<()>,
 }
 
 /// How often a starting compute is probed. The gap between "port open" and "ready" is ~15 ms
@@ -107,6 +125,8 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(2);
 /// How often `postmaster.pid` is read while waiting for the "ready" status: a small file
 /// read, far cheaper than a probe connection, so it can be frequent.
 const PID_FILE_INTERVAL: Duration = Duration::from_millis(1);
+/// How long the processes of a postmaster that died may take to go after SIGKILL.
+const ORPHANS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at picking a free port, for the race where another process binds it first.
 const PORT_ATTEMPTS: usize = 3;
 
@@ -149,6 +169,7 @@ impl LocalBackend {
             run_as,
             bins: OnceLock::new(),
             pick_port: Box::new(free_port),
+            root_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -199,15 +220,56 @@ impl LocalBackend {
         c
     }
 
-    async fn ensure_cluster(&self, dir: &Path, bins: &Bins) -> Result<(), BackendError> {
-        if dir.join("PG_VERSION").is_file() {
-            return Ok(());
-        }
+    /// Checks the data root before every start: it may have gone away (a volume unmounted)
+    /// since the last one.
+    fn check_data_root(&self) -> Result<(), BackendError> {
         let root = &self.cfg.data_root;
-        if !root.exists() {
-            std::fs::create_dir_all(root)
-                .map_err(|e| BackendError::io(format!("create {}", root.display()), e))?;
+        let _serial = self.root_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let existed = datadir::exists(root)?;
+        datadir::check_root(root, self.cfg.create_data_root)?;
+        if !existed {
             self.chown(root)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure `id` has a cluster in `dir`: refuses a recorded one that is gone, runs initdb
+    /// for a new one. Returns whether `dir` holds a cluster that is not recorded yet: one from
+    /// before the records, recorded once postgres has started on it (a stray `PG_VERSION` is
+    /// not a cluster).
+    async fn ensure_cluster(
+        &self,
+        id: &pgwake_router::EndpointId,
+        dir: &Path,
+        bins: &Bins,
+    ) -> Result<bool, BackendError> {
+        let root = &self.cfg.data_root;
+        // initdb works in a temporary directory next to the final one (same filesystem, so the
+        // rename is atomic); one left by a crash during initdb is a half-built cluster.
+        let building = root.join(format!(".{id}.initdb"));
+        if datadir::exists(&building)? {
+            warn!(dir = %building.display(), "removing a half-built cluster left by an interrupted initdb");
+            std::fs::remove_dir_all(&building)
+                .map_err(|e| BackendError::io(format!("remove {}", building.display()), e))?;
+        }
+        let recorded = datadir::is_recorded(root, id)?;
+        let complete = datadir::exists(&dir.join("PG_VERSION"))?;
+        match (recorded, complete) {
+            (true, true) => return Ok(false),
+            (true, false) => {
+                let reason = "was initialised by pgwake but is missing or has no PG_VERSION; \
+                              restore or mount it (to start this endpoint over with an empty \
+                              database, remove its record in .pgwake/initialised)";
+                error!(endpoint = %id, dir = %dir.display(), "refusing to start: the data directory {reason}");
+                return Err(BackendError::DataMissing {
+                    path: dir.display().to_string(),
+                    reason: reason.into(),
+                });
+            }
+            // A cluster from before the records (or one whose record a crash prevented: it
+            // was renamed into place only once complete).
+            (false, true) => return Ok(true),
+            (false, false) => {}
         }
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
@@ -218,35 +280,65 @@ impl LocalBackend {
                     });
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(dir)
-                    .map_err(|e| BackendError::io(format!("create {}", dir.display()), e))?;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(BackendError::io(format!("read {}", dir.display()), e)),
         }
-        self.chown(dir)?;
+        std::fs::create_dir(&building)
+            .map_err(|e| BackendError::io(format!("create {}", building.display()), e))?;
+        self.chown(&building)?;
         info!(dir = %dir.display(), "initdb for new endpoint");
         let out = self
             .command(&bins.initdb)
             .arg("-D")
-            .arg(dir)
+            .arg(&building)
             .arg("-U")
             .arg(&self.cfg.superuser)
             .arg(format!("--auth={}", self.cfg.auth))
             .args(["-E", "UTF8", "--locale=C"])
             .args(&self.cfg.initdb_args)
             .output()
-            .await
-            .map_err(|e| BackendError::io(format!("run {}", bins.initdb.display()), e))?;
-        if !out.status.success() {
-            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stdout));
-            return Err(BackendError::InitdbFailed {
-                status: out.status.to_string(),
-                output: tail(&text, 2000),
-            });
+            .await;
+        let out = match out {
+            Ok(out) if out.status.success() => out,
+            failed => {
+                if let Err(e) = std::fs::remove_dir_all(&building) {
+                    warn!(dir = %building.display(), error = %e, "could not remove the failed initdb's directory; the next start will");
+                }
+                let out = failed
+                    .map_err(|e| BackendError::io(format!("run {}", bins.initdb.display()), e))?;
+                let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stdout));
+                return Err(BackendError::InitdbFailed {
+                    status: out.status.to_string(),
+                    output: tail(&text, 2000),
+                });
+            }
+        };
+        drop(out);
+        // An empty directory in the way (an operator's mkdir) is replaced; rename cannot
+        // replace a mount point (EBUSY): mount the data root, not one endpoint's directory.
+        std::fs::rename(&building, dir).map_err(|e| {
+            BackendError::io(
+                format!("rename {} to {}", building.display(), dir.display()),
+                e,
+            )
+        })?;
+        datadir::sync_dir(root)?;
+        datadir::record(root, id)?;
+        Ok(false)
+    }
+
+    /// Records a cluster pgwake did not create (an older pgwake did) once postgres has started
+    /// on it. Not fatal: the compute runs, and the next start tries again.
+    fn record_found(&self, id: &pgwake_router::EndpointId, dir: &Path) {
+        match datadir::record(&self.cfg.data_root, id) {
+            Ok(()) => {
+                info!(endpoint = %id, dir = %dir.display(), "existing data directory recorded as initialised")
+            }
+            Err(e) => {
+                warn!(endpoint = %id, error = %e, "could not record the data directory as initialised; retried at the next start")
+            }
         }
-        Ok(())
     }
 
     async fn spawn_postgres(
@@ -316,6 +408,43 @@ fn pm_status(dir: &Path) -> Option<String> {
     text.lines().nth(7).map(|l| l.trim().to_string())
 }
 
+/// What postgres says when a previous instance still holds the data directory: it goes away
+/// by itself (or is cleared before the next start), so the client may retry.
+const BUSY: [&str; 2] = [
+    "lock file \"postmaster.pid\" already exists",
+    "pre-existing shared memory block",
+];
+/// What postgres says when it refuses the data directory itself: nothing changes that but an
+/// operator, so retrying is pointless. Checked after [`BUSY`], whose hint names the data
+/// directory too.
+const REFUSED: [&str; 7] = [
+    "data directory \"",
+    "is not a valid data directory",
+    "incompatible with server",
+    "could not access the server configuration file",
+    "could not change directory to",
+    "could not read permissions of directory",
+    "Permission denied",
+];
+
+/// Classifies a postgres that exited during start-up by what it logged.
+fn start_failure(status: ExitStatus, dir: &Path, log_tail: String) -> BackendError {
+    if BUSY.iter().any(|m| log_tail.contains(m)) {
+        BackendError::DataDirBusy(log_tail)
+    } else if REFUSED.iter().any(|m| log_tail.contains(m)) {
+        error!(dir = %dir.display(), %status, log = %log_tail, "postgres refuses the data directory; an operator must fix it");
+        BackendError::DataDir {
+            path: dir.display().to_string(),
+            reason: format!("postgres refused it ({status}): {log_tail}"),
+        }
+    } else {
+        BackendError::StartFailed {
+            status: status.to_string(),
+            log_tail,
+        }
+    }
+}
+
 async fn wait_ready(
     child: &mut Child,
     dir: &Path,
@@ -335,10 +464,7 @@ async fn wait_ready(
                 {
                     return Err(ReadyError::PortTaken);
                 }
-                return Err(ReadyError::Other(BackendError::StartFailed {
-                    status: status.to_string(),
-                    log_tail,
-                }));
+                return Err(ReadyError::Other(start_failure(status, dir, log_tail)));
             }
             Ok(None) => {}
             Err(e) => return Err(ReadyError::Other(BackendError::io("wait for postgres", e))),
@@ -372,8 +498,14 @@ async fn wait_ready(
 impl ComputeBackend for LocalBackend {
     async fn start(&self, route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
         let bins = self.bins()?.clone();
+        self.check_data_root()?;
         let dir = self.data_dir(&route.endpoint);
-        self.ensure_cluster(&dir, &bins).await?;
+        let unrecorded = self.ensure_cluster(&route.endpoint, &dir, &bins).await?;
+        // The lock file outlives only a postmaster that did not exit cleanly (killed, or still
+        // running): then its processes may be left, and postgres would refuse to start.
+        if dir.join("postmaster.pid").exists() {
+            procs::clear(&dir).await;
+        }
         let log = self.cfg.data_root.join(format!("{}.log", route.endpoint));
         for _ in 0..PORT_ATTEMPTS {
             let port = (self.pick_port)()?;
@@ -382,8 +514,12 @@ impl ComputeBackend for LocalBackend {
             let mut child = self.spawn_postgres(route, &dir, &bins, port, &log).await?;
             match wait_ready(&mut child, &dir, addr, &self.cfg.superuser, &log, log_start).await {
                 Ok(()) => {
+                    if unrecorded {
+                        self.record_found(&route.endpoint, &dir);
+                    }
                     return Ok(Box::new(LocalCompute::watch(
                         child,
+                        dir,
                         addr,
                         self.cfg.stop_timeout,
                         self.cfg.superuser.clone(),
@@ -416,6 +552,7 @@ struct LocalCompute {
 impl LocalCompute {
     fn watch(
         mut child: Child,
+        dir: PathBuf,
         addr: SocketAddr,
         stop_timeout: Duration,
         superuser: String,
@@ -437,6 +574,16 @@ impl LocalCompute {
                 }
             };
             debug!(pid, %status, "postgres exited");
+            // A postmaster that did not exit cleanly (killed) leaves its children running,
+            // serving sessions of a compute that is gone and holding the shared memory the
+            // next postmaster needs. They go before anyone hears of the exit.
+            if dir.join("postmaster.pid").exists()
+                && tokio::time::timeout(ORPHANS_TIMEOUT, procs::clear(&dir))
+                    .await
+                    .is_err()
+            {
+                warn!(dir = %dir.display(), "processes of the exited postgres still linger; the next start waits for them");
+            }
             let _ = tx.send(Some(status));
         });
         Ok(Self {
@@ -627,4 +774,44 @@ fn find_bins(bin_dir: Option<&Path>) -> Result<Bins, BackendError> {
          install PostgreSQL or set local.bin_dir"
             .into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn classify(log: &str) -> BackendError {
+        start_failure(
+            ExitStatus::from_raw(1 << 8),
+            Path::new("/d"),
+            log.to_string(),
+        )
+    }
+
+    #[test]
+    fn postgres_refusing_its_data_directory_is_permanent_and_a_busy_one_is_not() {
+        for log in [
+            "FATAL:  data directory \"/d\" has invalid permissions\nDETAIL:  Permissions should be u=rwx (0700) or u=rwx,g=rx (0750).",
+            "FATAL:  data directory \"/d\" has wrong ownership\nHINT:  The server must be started by the user that owns the data directory.",
+            "postgres: could not access the server configuration file \"/d/postgresql.conf\": No such file or directory",
+            "FATAL:  could not open file \"global/pg_filenode.map\": Permission denied",
+        ] {
+            let e = classify(log);
+            assert!(!e.retryable(), "{e}");
+            assert_eq!(e.kind(), "data_directory");
+            assert!(!e.reached_startup());
+        }
+        for log in [
+            "FATAL:  lock file \"postmaster.pid\" already exists\nHINT:  Is another postmaster (PID 7) running in data directory \"/d\"?",
+            "FATAL:  pre-existing shared memory block (key 1, ID 2) is still in use",
+        ] {
+            let e = classify(log);
+            assert!(e.retryable(), "{e}");
+            assert_eq!(e.kind(), "data_directory_busy");
+            assert!(!e.reached_startup());
+        }
+        let e = classify("PANIC:  could not locate a valid checkpoint record");
+        assert!(e.retryable() && e.reached_startup(), "{e}");
+    }
 }

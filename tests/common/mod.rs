@@ -34,6 +34,7 @@ drain_timeout = "5s"
 wake_timeout = "60s"
 [local]
 data_root = "{root}"
+create_data_root = true
 initdb_args = ["--no-sync"]
 [local.settings]
 shared_buffers = "16MB"
