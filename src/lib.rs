@@ -403,7 +403,8 @@ async fn follow_leadership(mut leadership: Leadership, health: Arc<Health>) {
 /// Binds a listener and reports the address it got (port 0 in tests and configs).
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let listener = pgwake_proxy::listener::bind(addr, pgwake_proxy::listener::default_backlog())
+        .map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
 }

@@ -13,6 +13,7 @@ pub mod fd;
 pub mod fuzzing;
 pub mod handshake;
 pub mod limits;
+pub mod listener;
 mod metrics;
 pub mod options;
 pub mod passthrough;

@@ -19,6 +19,9 @@ use crate::stream::ClientStream;
 use crate::wire::encode_error_response;
 use crate::{cancel, conn, fd};
 
+/// Connections taken from the accept queue per wakeup before the loop looks at shutdown again.
+const ACCEPT_BATCH: usize = 128;
+
 impl Proxy {
     /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
     /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
@@ -30,7 +33,10 @@ impl Proxy {
             tokio::select! {
                 _ = &mut shutdown => break,
                 res = listener.accept() => match res {
-                    Ok((stream, peer)) => self.spawn_connection(stream, peer),
+                    Ok((stream, peer)) => {
+                        self.spawn_connection(stream, peer);
+                        self.accept_queued(&listener);
+                    }
                     Err(e) if fd::is_exhaustion(&e) => {
                         match reserve.take() {
                             Some(reserve) => self.refuse_one(&listener, reserve),
@@ -72,6 +78,23 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) {
         cancel::serve_peers(Arc::clone(&self.cancels), listener, shutdown).await
+    }
+
+    /// Takes the connections already waiting in the kernel's accept queue, up to
+    /// [`ACCEPT_BATCH`], without going back through the select: under a burst the queue fills
+    /// faster than one accept per wakeup empties it, and a full queue drops SYNs (the client
+    /// then waits a second for the retransmission). An error ends the batch: EMFILE recurs at
+    /// the main loop's next `accept` (the connection is still queued), and the others concern a
+    /// connection that is already gone.
+    fn accept_queued(self: &Arc<Self>, listener: &TcpListener) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..ACCEPT_BATCH {
+            match listener.poll_accept(&mut cx) {
+                std::task::Poll::Ready(Ok((stream, peer))) => self.spawn_connection(stream, peer),
+                // Pending: the queue is empty (the select registers the real waker next).
+                _ => return,
+            }
+        }
     }
 
     /// Out of fds, a client would wait in the listen backlog with no answer until a session
