@@ -55,3 +55,55 @@ async fn listen_backlog_follows_somaxconn_and_a_burst_is_answered() {
     }
     env.stop().await;
 }
+
+/// The timers of the proxy's side of established connections on `port`, as `ss -o` shows them
+/// (e.g. `timer:(keepalive,6.9sec,0)`).
+fn server_side_timers(port: u16) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &format!("sport = :{port}")])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("timer:(")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Item 9: an accepted client socket has TCP keepalive with the configured idle time, so a
+/// client machine that vanished ends its session instead of holding its compute up forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sockets_get_tcp_keepalive() {
+    if std::process::Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("skipped: `ss` is not available");
+        return;
+    }
+    let env = Env::start("[proxy.tcp_keepalive]\nidle = \"7s\"\n", DEMO).await;
+    // Silent: the keepalive is set as soon as the connection is taken, before any startup.
+    let _client = TcpStream::connect(env.addr).await.unwrap();
+    let port = env.addr.port();
+    let found = wait_until(Duration::from_secs(10), || {
+        server_side_timers(port)
+            .iter()
+            .any(|t| t.starts_with("timer:(keepalive,"))
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "no keepalive timer on the proxy's socket: {:?}",
+        server_side_timers(port)
+    );
+    let timer = server_side_timers(port).pop().unwrap();
+    // timer:(keepalive,6.9sec,0): at most the configured 7 s left.
+    let left: f64 = timer
+        .trim_start_matches("timer:(keepalive,")
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left <= 7.0, "{timer}");
+    env.stop().await;
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use pgwake_router::EndpointId;
 use tokio::io::AsyncWriteExt;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::auth::{authenticate, request_password, AuthOutcome, ProxyAuth};
 use crate::cancel::CancelTarget;
@@ -35,6 +35,9 @@ pub(crate) async fn handle(
 ) -> Result<Transferred, ProxyError> {
     if let Some(tcp) = client.tcp() {
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = proxy.cfg.tcp_keepalive.apply(tcp) {
+            debug!(error = %e, "could not set TCP keepalive on the client socket");
+        }
     }
     let started = Instant::now();
     let hello = tokio::time::timeout(proxy.cfg.startup_timeout, hello(proxy, client, peer))

@@ -25,7 +25,7 @@ pub mod tls;
 pub mod wire;
 
 pub use admin::Health;
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, TcpKeepaliveConfig};
 pub use error::{ClientResponse, ProxyError};
 pub use limits::LimitsConfig;
 pub use metrics::ProxyMetrics;
