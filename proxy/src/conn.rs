@@ -51,7 +51,7 @@ pub(crate) async fn handle(
     else {
         return Ok(Transferred::default());
     };
-    if startup.get("user").is_none() {
+    if startup.get_bytes("user").is_none() {
         return Err(ProxyError::NoUser);
     }
 
@@ -245,7 +245,7 @@ async fn find_endpoint(
             let password = request_password(client).await?;
             let (id, real) = parse_password_endpoint(&password).ok_or(ProxyError::NoEndpoint)?;
             let id = EndpointId::parse(&id)?;
-            let user = startup.get("user").unwrap_or_default().to_string();
+            let user = startup.get_bytes("user").unwrap_or_default().to_vec();
             Ok((
                 id,
                 Some(ProxyAuth {
