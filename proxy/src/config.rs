@@ -19,7 +19,8 @@ pub struct ProxyConfig {
     /// TCP connect to a compute that the manager reported running.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Client connections at once, in every state; more are refused with 53300.
+    /// Sessions at once: connections past their StartupMessage (those before it count under
+    /// `[limits] max_pending_startups`); more are refused with 53300.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// On shutdown, how long live sessions may continue before they are cut.

@@ -8,12 +8,14 @@ use std::time::Instant;
 use bytes::BytesMut;
 use pgwake_router::EndpointId;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info};
 
 use crate::auth::{authenticate, request_password, AuthOutcome, ProxyAuth};
 use crate::cancel::CancelTarget;
 use crate::error::ProxyError;
 use crate::handshake::{read_startup, take_endpoint, Encryption, First};
+use crate::limits::IpSlot;
 use crate::passthrough::{self, Transferred};
 use crate::shared::Proxy;
 use crate::stream::{ClientStream, ComputeStream};
@@ -26,12 +28,17 @@ struct Hello {
     startup: StartupMessage,
     client_addr: SocketAddr,
     sni: Option<String>,
+    /// The client address's place under `max_connections_per_ip`, for the whole connection.
+    ip_slot: IpSlot,
 }
 
+/// `starting` is the connection's place under `max_pending_startups`: given back once the
+/// startup is read, when the connection takes a session place instead.
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     client: &mut ClientStream,
     peer: SocketAddr,
+    starting: OwnedSemaphorePermit,
 ) -> Result<Transferred, ProxyError> {
     if let Some(tcp) = client.tcp() {
         let _ = tcp.set_nodelay(true);
@@ -47,10 +54,16 @@ pub(crate) async fn handle(
         mut startup,
         client_addr,
         sni,
+        ip_slot: _ip_slot,
     }) = hello
     else {
         return Ok(Transferred::default());
     };
+    drop(starting);
+    // The startup is read, so a refusal here reaches the client as a clean ErrorResponse.
+    let _session = Arc::clone(&proxy.limit)
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::TooManyConnections)?;
     if startup.get_bytes("user").is_none() {
         return Err(ProxyError::NoUser);
     }
@@ -152,6 +165,10 @@ async fn hello(
     if !proxy.limits.admit_ip(client_addr.ip()) {
         return Err(ProxyError::RateLimited);
     }
+    let Some(ip_slot) = proxy.limits.acquire_ip(client_addr.ip()) else {
+        read_first_message_briefly(client).await;
+        return Err(ProxyError::TooManyFromAddress);
+    };
 
     let mut sni = None;
     if let Some(acceptor) = &proxy.tls {
@@ -193,10 +210,23 @@ async fn hello(
                     startup,
                     client_addr,
                     sni,
+                    ip_slot,
                 }));
             }
         }
     }
+}
+
+/// Reads (and drops) what the client sent first, waiting at most half a second, so that an
+/// error sent before its startup is read does not meet unread data: closing then would send a
+/// reset, which can destroy the error before the client reads it.
+pub(crate) async fn read_first_message_briefly(client: &mut ClientStream) {
+    let mut first = [0u8; 1024];
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(client, &mut first),
+    )
+    .await;
 }
 
 async fn upgrade(

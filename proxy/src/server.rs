@@ -56,14 +56,24 @@ impl Proxy {
         self.health.set_ready(false);
         drop(listener);
         let total = self.cfg.max_connections as u32;
-        let live = total as usize - self.limit.available_permits();
-        info!(live, "stopped accepting; draining sessions");
-        if tokio::time::timeout(self.cfg.drain_timeout, self.limit.acquire_many(total))
-            .await
-            .is_err()
-        {
+        let live = |this: &Self| {
+            let sessions = total as usize - this.limit.available_permits();
+            let starting = this.pending_total as usize - this.pending.available_permits();
+            (sessions, starting)
+        };
+        let (sessions, starting) = live(&self);
+        info!(sessions, starting, "stopped accepting; draining sessions");
+        // Connections still in their startup first: each either becomes a session (and takes
+        // a session place, which the second wait then waits for) or ends.
+        let drained = tokio::time::timeout(self.cfg.drain_timeout, async {
+            let _starting = self.pending.acquire_many(self.pending_total).await;
+            let _sessions = self.limit.acquire_many(total).await;
+        })
+        .await;
+        if drained.is_err() {
+            let (sessions, starting) = live(&self);
             warn!(
-                left = total as usize - self.limit.available_permits(),
+                left = sessions + starting,
                 "drain timeout; closing remaining sessions"
             );
         }
@@ -114,7 +124,7 @@ impl Proxy {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut stream = ClientStream::Plain(stream);
-            refuse(&this, &mut stream).await;
+            refuse(&this, &mut stream, ProxyError::TooManyConnections).await;
             drop(stream);
             reserve.refill();
         });
@@ -126,16 +136,17 @@ impl Proxy {
         let span =
             tracing::info_span!("conn", session, client = %peer, endpoint = tracing::field::Empty);
         let this = Arc::clone(self);
-        let permit = Arc::clone(&self.limit).try_acquire_owned();
+        // Taken here, in accept order, so that the cap is exact under a burst.
+        let starting = Arc::clone(&self.pending).try_acquire_owned();
         tokio::spawn(
             async move {
                 let mut stream = ClientStream::Plain(stream);
-                let Ok(_permit) = permit else {
-                    refuse(&this, &mut stream).await;
+                let Ok(starting) = starting else {
+                    refuse(&this, &mut stream, ProxyError::TooManyPendingStartups).await;
                     return;
                 };
                 this.metrics.active.inc();
-                let res = conn::handle(&this, &mut stream, peer).await;
+                let res = conn::handle(&this, &mut stream, peer, starting).await;
                 this.finish(&mut stream, res.map(|_| ())).await;
                 this.metrics.active.dec();
             }
@@ -195,14 +206,7 @@ impl Proxy {
 /// clients": after reading its first message (an SSLRequest, which the error then answers
 /// instead of 'S'/'N', or the StartupMessage), so that closing with that message unread does
 /// not turn the close into a reset that can destroy the error before the client reads it.
-async fn refuse(proxy: &Proxy, stream: &mut ClientStream) {
-    let mut first = [0u8; 1024];
-    let _ = tokio::time::timeout(
-        Duration::from_millis(500),
-        tokio::io::AsyncReadExt::read(stream, &mut first),
-    )
-    .await;
-    proxy
-        .finish(stream, Err(ProxyError::TooManyConnections))
-        .await;
+async fn refuse(proxy: &Proxy, stream: &mut ClientStream, why: ProxyError) {
+    conn::read_first_message_briefly(stream).await;
+    proxy.finish(stream, Err(why)).await;
 }

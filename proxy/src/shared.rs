@@ -28,7 +28,11 @@ pub struct Proxy {
     pub(crate) tls_cfg: TlsConfig,
     pub(crate) compute_tls: Option<tokio_rustls::TlsConnector>,
     pub(crate) sessions: AtomicU64,
+    /// Sessions (connections past their startup), `[proxy] max_connections`.
     pub(crate) limit: Arc<Semaphore>,
+    /// Connections before their startup, `[limits] max_pending_startups`.
+    pub(crate) pending: Arc<Semaphore>,
+    pub(crate) pending_total: u32,
 }
 
 /// What a [`Proxy`] is built from; the binary assembles it from the config file.
@@ -50,13 +54,19 @@ pub struct ProxyParts {
 impl Proxy {
     pub fn new(p: ProxyParts) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(p.cfg.max_connections));
+        // "No limit" is still a semaphore, one too large to run out, so the drain can wait
+        // for it like for the other.
+        let limits = Limits::new(p.limits);
+        let pending_total = limits
+            .max_pending_startups()
+            .map_or(u32::MAX >> 4, |n| n.min(u32::MAX as usize >> 4) as u32);
         let cancels = Cancels::new(p.cfg.cancel_peers.clone(), p.metrics.cancels.clone());
         Arc::new(Self {
             cfg: p.cfg,
             table: p.table,
             manager: p.manager,
             metrics: p.metrics,
-            limits: Limits::new(p.limits),
+            limits,
             cancels: Arc::new(cancels),
             health: p.health,
             tls: p.tls,
@@ -64,6 +74,8 @@ impl Proxy {
             compute_tls: p.compute_tls.map(tokio_rustls::TlsConnector::from),
             sessions: AtomicU64::new(0),
             limit,
+            pending: Arc::new(Semaphore::new(pending_total as usize)),
+            pending_total,
         })
     }
 }
