@@ -20,7 +20,7 @@ fn libpq_body(options: &str) -> Vec<u8> {
             ("client_encoding", "UTF8"),
         ]
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect(),
     };
     let mut buf = bytes::BytesMut::new();

@@ -403,7 +403,8 @@ async fn follow_leadership(mut leadership: Leadership, health: Arc<Health>) {
 /// Binds a listener and reports the address it got (port 0 in tests and configs).
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let listener = pgwake_proxy::listener::bind(addr, pgwake_proxy::listener::default_backlog())
+        .map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
 }
@@ -426,25 +427,8 @@ async fn watch_certificates(store: std::sync::Weak<CertStore>) {
     }
 }
 
-/// Lifts the soft open-files limit to the hard one: each proxied session needs two sockets and,
-/// with splice, two pipes (four fds), so the usual 1024 would cap pgwake at ~170 sessions.
-pub fn raise_fd_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
-}
+/// Lifts the soft open-files limit to the hard one (see [`pgwake_proxy::fd::raise_limit`]).
+pub use pgwake_proxy::fd::raise_limit as raise_fd_limit;
 
 #[cfg(test)]
 mod tests {

@@ -243,3 +243,73 @@ async fn a_storm_of_garbage_does_not_hurt_real_clients() {
     drop(client);
     env.stop().await;
 }
+
+/// Reads backend messages until ReadyForQuery or an ErrorResponse; returns the tags seen and
+/// the first ErrorResponse, if any.
+async fn read_until_ready(s: &mut TcpStream) -> (Vec<u8>, Option<Reply>) {
+    let mut tags = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if s.read_exact(&mut head).await.is_err() {
+            return (tags, Some(Reply::Closed));
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        assert!((4..1 << 20).contains(&len), "message length {len}");
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        tags.push(head[0]);
+        match head[0] {
+            b'Z' => return (tags, None),
+            b'E' => return (tags, Some(parse_reply(&[&head[..], &body].concat()))),
+            _ => {}
+        }
+    }
+}
+
+/// Item 12 of issue 12: Postgres accepts startup parameters that are not valid UTF-8 (it checks
+/// encodings itself, and cleans `application_name`); pgwake passes them through instead of
+/// refusing them with 08P01.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_startup_parameters_reach_postgres() {
+    let env = Env::start("", DEMO).await;
+    let mut b = BytesMut::new();
+    b.put_u32(0);
+    b.put_u32(V3);
+    for (k, v) in [
+        (&b"user"[..], &b"postgres"[..]),
+        (b"database", b"postgres"),
+        (b"options", b"endpoint=demo"),
+        (b"application_name", b"\xff\xfe"),
+    ] {
+        b.put_slice(k);
+        b.put_u8(0);
+        b.put_slice(v);
+        b.put_u8(0);
+    }
+    b.put_u8(0);
+    let len = b.len() as u32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
+    s.write_all(&b).await.unwrap();
+    let (tags, err) = tokio::time::timeout(Duration::from_secs(60), read_until_ready(&mut s))
+        .await
+        .expect("an answer within a minute");
+    assert_eq!(err, None, "session refused; messages {tags:?}");
+    assert_eq!(tags.first(), Some(&b'R'), "authentication from the compute");
+
+    // The session works: a simple query gets its row.
+    let mut q = BytesMut::new();
+    q.put_u8(b'Q');
+    q.put_u32(4 + 9);
+    q.put_slice(b"select 1\0");
+    s.write_all(&q).await.unwrap();
+    let (tags, err) = tokio::time::timeout(Duration::from_secs(30), read_until_ready(&mut s))
+        .await
+        .expect("query answered");
+    assert_eq!(err, None);
+    assert!(tags.contains(&b'D'), "a DataRow: {tags:?}");
+    s.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+    drop(s);
+    env.stop().await;
+}

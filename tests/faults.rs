@@ -491,14 +491,7 @@ async fn port_taken_by_another_program_is_retried_on_another_port() {
     let picked = picked.lock().unwrap().clone();
     assert_eq!(picked.len(), 2, "one retry: {picked:?}");
     assert_eq!(picked[0], taken);
-    let port: u16 = compute
-        .addr()
-        .as_str()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let port = compute.addr().port().expect("a port");
     assert_eq!(port, picked[1]);
     let log_text = std::fs::read_to_string(dir.path().join("data/demo.log")).unwrap();
     assert!(

@@ -58,6 +58,11 @@ pub struct Args {
     /// Process id of the `--proxy` pgwake, for the hold phases' RSS and fd readings.
     #[arg(long, requires = "proxy")]
     proxy_pid: Option<u32>,
+    /// Connect storm: this many raw TCP connects at once, each timed from its connect to the
+    /// proxy's first byte (the answer to an SSLRequest): the listener and accept path alone,
+    /// no compute involved (comma-separated counts, e.g. 2000; off by default).
+    #[arg(long, value_delimiter = ',')]
+    storm: Vec<usize>,
     /// Phases to skip (comma-separated: cold, warm, stampede, parallel, throughput).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,

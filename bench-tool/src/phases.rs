@@ -126,6 +126,9 @@ pub async fn run_all(args: &Args, target: &Target) -> anyhow::Result<Results> {
     if args.runs("throughput") {
         phases.push(throughput(args, target, &main).await?);
     }
+    for &n in &args.storm {
+        phases.push(storm(args, target, n).await?);
+    }
     for &n in &args.hold {
         phases.push(crate::hold::hold(args, target, n).await?);
     }
@@ -211,6 +214,74 @@ async fn at_once(conns: Vec<String>, timeout: Duration) -> (Vec<f64>, usize, f64
         }
     }
     (samples, errors, wall)
+}
+
+/// One storm client: connect, send an SSLRequest, wait for the one-byte answer.
+async fn first_byte(addr: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        // Length 8, code 80877103.
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        let elapsed = t0.elapsed();
+        if b[0] != b'N' && b[0] != b'S' {
+            bail!("answer {:?} to an SSLRequest", b[0] as char);
+        }
+        anyhow::Ok(elapsed)
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .context("client timed out")?
+}
+
+/// `n` connects released at the same instant (every task is spawned and waiting first).
+async fn storm(args: &Args, target: &Target, n: usize) -> anyhow::Result<PhaseResult> {
+    eprintln!("storm: {n} connects at once");
+    let (go, ready) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let mut ready = ready.clone();
+            let (addr, timeout) = (target.addr, args.timeout);
+            tokio::spawn(async move {
+                let _ = ready.wait_for(|go| *go).await;
+                first_byte(addr, timeout).await
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let t0 = Instant::now();
+    go.send_replace(true);
+    let results = futures::future::join_all(tasks).await;
+    let wall = ms(t0.elapsed());
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for r in results {
+        match r {
+            Ok(Ok(d)) => samples.push(ms(d)),
+            Ok(Err(e)) => {
+                errors += 1;
+                eprintln!("  client failed: {e:#}");
+            }
+            Err(e) => {
+                errors += 1;
+                eprintln!("  client task failed: {e}");
+            }
+        }
+    }
+    Ok(PhaseResult {
+        name: format!("storm-{n}"),
+        what: format!("{n} TCP connects at once, to the first byte of an SSLRequest answer"),
+        summary: Summary::of(&samples),
+        samples_ms: samples,
+        errors,
+        wall_ms: Some(wall),
+        queries_per_sec: None,
+        starts: None,
+        memory: None,
+    })
 }
 
 async fn stampede(args: &Args, target: &Target, ep: &str) -> anyhow::Result<PhaseResult> {

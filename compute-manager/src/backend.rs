@@ -6,30 +6,65 @@ use pgwake_router::{EndpointId, Route};
 
 use crate::BackendError;
 
-/// Where a running compute accepts Postgres connections, as `host:port`. Only the manager and
-/// the routing table produce these: a client never picks the address (no open relay).
+/// Where a running compute accepts Postgres connections, as `host:port` (`[v6]:port` for an
+/// IPv6 literal). Only the manager and the routing table produce these: a client never picks the
+/// address (no open relay). Split into host and port once, here, so that no caller re-parses it.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ComputeAddr(Arc<str>);
+pub struct ComputeAddr {
+    text: Arc<str>,
+    /// Byte range of the host in `text`, brackets of an IPv6 literal excluded.
+    host: (usize, usize),
+    port: Option<u16>,
+}
 
 impl ComputeAddr {
     pub fn new(host_port: impl Into<Arc<str>>) -> Self {
-        Self(host_port.into())
+        let text: Arc<str> = host_port.into();
+        let (host, port) = split_host_port(&text);
+        Self { text, host, port }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    /// The host name or IP literal, without the brackets of `[v6]:port`.
+    pub fn host(&self) -> &str {
+        &self.text[self.host.0..self.host.1]
+    }
+
+    /// The port, or `None` when the address has none (or not a valid one).
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `[v6]` or a bare host (a bare IPv6 literal has more than
+/// one colon and so no port) into the host's byte range and the port.
+fn split_host_port(s: &str) -> ((usize, usize), Option<u16>) {
+    if let Some(rest) = s.strip_prefix('[') {
+        if let Some(close) = rest.find(']') {
+            let port = rest[close + 1..]
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok());
+            return ((1, 1 + close), port);
+        }
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => ((0, host.len()), port.parse().ok()),
+        _ => ((0, s.len()), None),
     }
 }
 
 impl fmt::Display for ComputeAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
 impl fmt::Debug for ComputeAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ComputeAddr({})", self.0)
+        write!(f, "ComputeAddr({})", self.text)
     }
 }
 
@@ -73,5 +108,30 @@ pub trait RunningCompute: Send + Sync + 'static {
     /// that would otherwise be orphaned; false for computes another manager can take over.
     fn stop_on_shutdown(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ComputeAddr;
+
+    #[test]
+    fn compute_addr_splits_host_and_port_once() {
+        let cases = [
+            ("127.0.0.1:5432", "127.0.0.1", Some(5432)),
+            ("db-0.db.ns.svc:6543", "db-0.db.ns.svc", Some(6543)),
+            ("[::1]:5432", "::1", Some(5432)),
+            ("[fe80::1%eth0]:1", "fe80::1%eth0", Some(1)),
+            ("[::1]", "::1", None),
+            ("::1", "::1", None),
+            ("localhost", "localhost", None),
+            ("host:notaport", "host", None),
+        ];
+        for (text, host, port) in cases {
+            let a = ComputeAddr::new(text);
+            assert_eq!((a.host(), a.port()), (host, port), "{text}");
+            assert_eq!(a.as_str(), text);
+            assert_eq!(a.to_string(), text);
+        }
     }
 }

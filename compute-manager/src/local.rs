@@ -651,8 +651,8 @@ impl RunningCompute for LocalCompute {
         // returns None and the proxy's guards alone decide, as in the embedded setup.
         let conn = format!(
             "host={} port={} user={} dbname=postgres application_name=pgwake-monitor connect_timeout=5",
-            self.addr.as_str().rsplit_once(':').map(|(h, _)| h).unwrap_or("127.0.0.1"),
-            self.addr.as_str().rsplit_once(':').map(|(_, p)| p).unwrap_or("5432"),
+            self.addr.host(),
+            self.addr.port().unwrap_or(5432),
             self.superuser
         );
         let work = async {

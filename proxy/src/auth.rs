@@ -35,14 +35,15 @@ pub(crate) enum AuthOutcome {
 /// Credentials the proxy uses itself, when the client gave them to the proxy (the
 /// `endpoint=ID;PASSWORD` convention) rather than to the compute.
 pub(crate) struct ProxyAuth {
-    pub user: String,
+    /// As the client sent it (any encoding): the md5 hash is computed over these bytes.
+    pub user: Vec<u8>,
     pub password: String,
 }
 
 impl std::fmt::Debug for ProxyAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyAuth")
-            .field("user", &self.user)
+            .field("user", &String::from_utf8_lossy(&self.user))
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +162,7 @@ fn answer_challenge(
                 .and_then(|s| s.try_into().ok())
                 .ok_or_else(|| invalid("short md5 salt"))?;
             let hash = postgres_protocol::authentication::md5_hash(
-                creds.user.as_bytes(),
+                &creds.user,
                 creds.password.as_bytes(),
                 salt,
             );

@@ -18,6 +18,8 @@
 //! reaches nobody otherwise. No shared store is needed; the cost is one small connection per
 //! replica for a cancel that lands on the wrong one.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +27,12 @@ use bytes::{BufMut, BytesMut};
 use dashmap::DashMap;
 use pgwake_compute_manager::ComputeAddr;
 use pgwake_router::EndpointId;
+use prometheus::IntCounterVec;
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::wire::{
     parse_startup_body, StartupPacket, CANCEL_REQUEST_CODE, MAX_CANCEL_SECRET_LEN,
@@ -36,6 +41,131 @@ use crate::wire::{
 
 /// At most this many peer addresses receive one forwarded cancel.
 pub const MAX_PEER_ADDRS: usize = 64;
+
+/// Peer cancel connections handled at once on `cancel_listen`.
+pub const PEER_CANCELS_AT_ONCE: usize = 256;
+
+/// Sending a cancel to the compute: connect, send, and wait for its close.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Each step of a cancel between replicas: resolve, connect and send, or read the request.
+const PEER_CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything a CancelRequest needs, shared by the client listener and the peer listener: the
+/// key map, where keys not issued here go, and the outcome counter.
+pub(crate) struct Cancels {
+    map: Arc<CancelMap>,
+    peers: Vec<String>,
+    /// `pgwake_cancel_requests_total` by outcome.
+    outcomes: IntCounterVec,
+}
+
+impl Cancels {
+    pub(crate) fn new(peers: Vec<String>, outcomes: IntCounterVec) -> Self {
+        Self {
+            map: CancelMap::new(),
+            peers,
+            outcomes,
+        }
+    }
+
+    /// The map sessions register their keys in.
+    pub(crate) fn map(&self) -> &Arc<CancelMap> {
+        &self.map
+    }
+
+    /// A CancelRequest from a client: forwarded to the compute that issued the key; a key not
+    /// handed out here goes to the peers (`cancel_peers`) when there are any, else is dropped
+    /// without a word (as Postgres does).
+    pub(crate) async fn handle_client_request(&self, pid: i32, secret: &[u8]) {
+        match self.map.lookup(pid, secret) {
+            Some(target) => self.forward_local(target).await,
+            None if !self.peers.is_empty() => {
+                // Not ours: another replica may hold the session; each checks the key itself.
+                let delivered =
+                    forward_to_peers(&self.peers, pid, secret, PEER_CANCEL_TIMEOUT).await;
+                self.outcomes.with_label_values(&["sent_to_peers"]).inc();
+                debug!(
+                    delivered,
+                    "cancel request with a key not issued here sent to peers"
+                );
+            }
+            None => self.unknown_key(),
+        }
+    }
+
+    /// A CancelRequest from another replica (`cancel_listen`): checked against this replica's
+    /// sessions only, never forwarded to peers again.
+    async fn handle_peer_request(&self, mut s: TcpStream, peer: SocketAddr) {
+        match read_peer_request(&mut s, PEER_CANCEL_TIMEOUT).await {
+            Ok((pid, secret)) => match self.map.lookup(pid, &secret) {
+                Some(target) => self.forward_local(target).await,
+                None => self.unknown_key(),
+            },
+            Err(e) => {
+                self.outcomes.with_label_values(&["peer_refused"]).inc();
+                debug!(%peer, error = %e, "cancel listener closed a connection that sent no CancelRequest");
+            }
+        }
+    }
+
+    fn unknown_key(&self) {
+        self.outcomes.with_label_values(&["unknown_key"]).inc();
+        debug!("cancel request with an unknown key dropped");
+    }
+
+    /// Forwards to the compute of a session of this replica whose key matched both halves.
+    async fn forward_local(&self, target: CancelTarget) {
+        tracing::Span::current().record("endpoint", target.endpoint.as_str());
+        match forward(&target, CANCEL_TIMEOUT).await {
+            Ok(()) => {
+                self.outcomes.with_label_values(&["forwarded"]).inc();
+                info!("cancel request forwarded");
+            }
+            Err(e) => {
+                self.outcomes.with_label_values(&["failed"]).inc();
+                warn!(error = %e, "cancel request could not be forwarded");
+            }
+        }
+    }
+}
+
+/// Serves the peer listener (`cancel_listen`) until `shutdown` resolves: CancelRequests
+/// forwarded by other replicas, checked against this replica's sessions only. At most
+/// [`PEER_CANCELS_AT_ONCE`] at once; more are closed unread (a cancel is best effort).
+pub(crate) async fn serve_peers(
+    cancels: Arc<Cancels>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let limit = Arc::new(Semaphore::new(PEER_CANCELS_AT_ONCE));
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            res = listener.accept() => match res {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                        debug!(%peer, "too many peer cancels at once; closed");
+                        continue;
+                    };
+                    let cancels = Arc::clone(&cancels);
+                    let span = tracing::debug_span!("peer_cancel", peer = %peer, endpoint = tracing::field::Empty);
+                    tokio::spawn(
+                        async move {
+                            cancels.handle_peer_request(stream, peer).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    error!(error = %e, "cancel listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
 
 /// Where the cancel must go, and the compute's real key.
 #[derive(Debug, Clone)]
@@ -213,8 +343,8 @@ pub async fn forward_to_peers(
                     }
                 }
             }
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "cancel peer did not resolve"),
-            Err(_) => tracing::debug!(%peer, "cancel peer lookup timed out"),
+            Ok(Err(e)) => debug!(%peer, error = %e, "cancel peer did not resolve"),
+            Err(_) => debug!(%peer, "cancel peer lookup timed out"),
         }
     }
     let mut msg = BytesMut::with_capacity(12 + secret.len());
@@ -236,7 +366,7 @@ pub async fn forward_to_peers(
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
             if let Err(e) = &res {
-                tracing::debug!(%addr, error = %e, "cancel not delivered to peer");
+                debug!(%addr, error = %e, "cancel not delivered to peer");
             }
             res.is_ok()
         });

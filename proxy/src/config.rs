@@ -19,7 +19,8 @@ pub struct ProxyConfig {
     /// TCP connect to a compute that the manager reported running.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Client connections at once, in every state; more are refused with 53300.
+    /// Sessions at once: connections past their StartupMessage (those before it count under
+    /// `[limits] max_pending_startups`); more are refused with 53300.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// On shutdown, how long live sessions may continue before they are cut.
@@ -36,6 +37,63 @@ pub struct ProxyConfig {
     /// entries, each resolved at forward time (a headless Service name yields every replica).
     #[serde(default)]
     pub cancel_peers: Vec<String>,
+    /// TCP keepalive on client sockets, so that a client machine that vanished (powered off,
+    /// dropped off the network) ends its session and lets its compute suspend.
+    #[serde(default)]
+    pub tcp_keepalive: TcpKeepaliveConfig,
+}
+
+/// `[proxy.tcp_keepalive]`: probes start after `idle` without traffic, every `interval`, and
+/// the connection is dropped after `count` unanswered ones. `idle = "0s"` turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpKeepaliveConfig {
+    #[serde(default = "default_keepalive_idle", with = "humantime_serde")]
+    pub idle: Duration,
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_keepalive_count")]
+    pub count: u32,
+}
+
+impl TcpKeepaliveConfig {
+    pub fn enabled(&self) -> bool {
+        !self.idle.is_zero()
+    }
+
+    /// Turns keepalive on for `tcp` with these parameters (nothing when disabled).
+    pub fn apply(&self, tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        // The kernel counts in whole seconds and refuses 0.
+        let secs = |d: Duration| Duration::from_secs(d.as_secs().max(1));
+        let params = socket2::TcpKeepalive::new()
+            .with_time(secs(self.idle))
+            .with_interval(secs(self.interval))
+            .with_retries(self.count.max(1));
+        socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
+    }
+}
+
+impl Default for TcpKeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            idle: default_keepalive_idle(),
+            interval: default_keepalive_interval(),
+            count: default_keepalive_count(),
+        }
+    }
+}
+
+fn default_keepalive_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive_count() -> u32 {
+    6
 }
 
 fn default_listen() -> SocketAddr {
@@ -65,6 +123,55 @@ impl Default for ProxyConfig {
             proxy_protocol: ProxyProtocolMode::Off,
             cancel_listen: None,
             cancel_peers: Vec::new(),
+            tcp_keepalive: TcpKeepaliveConfig::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_is_set_on_a_socket_with_the_configured_parameters() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(!sock.keepalive().unwrap(), "off until configured");
+
+        let cfg: TcpKeepaliveConfig =
+            toml::from_str("idle = \"7s\"\ninterval = \"3s\"\ncount = 4").unwrap();
+        cfg.apply(&accepted).unwrap();
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+
+        let (accepted2, _) = {
+            let _c2 = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            l.accept().await.unwrap()
+        };
+        let off: TcpKeepaliveConfig = toml::from_str("idle = \"0s\"").unwrap();
+        off.apply(&accepted2).unwrap();
+        assert!(!socket2::SockRef::from(&accepted2).keepalive().unwrap());
+        drop(client);
+    }
+
+    #[test]
+    fn keepalive_defaults() {
+        let d = ProxyConfig::default().tcp_keepalive;
+        assert_eq!(
+            (d.idle, d.interval, d.count),
+            (Duration::from_secs(60), Duration::from_secs(10), 6)
+        );
+        assert!(d.enabled());
     }
 }

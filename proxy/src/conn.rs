@@ -6,40 +6,45 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use pgwake_compute_manager::Lease;
 use pgwake_router::EndpointId;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{debug, info};
 
 use crate::auth::{authenticate, request_password, AuthOutcome, ProxyAuth};
-use crate::cancel::{self, CancelTarget};
+use crate::cancel::CancelTarget;
 use crate::error::ProxyError;
 use crate::handshake::{read_startup, take_endpoint, Encryption, First};
+use crate::limits::IpSlot;
 use crate::passthrough::{self, Transferred};
+use crate::shared::Proxy;
 use crate::stream::{ClientStream, ComputeStream};
 use crate::tls::{endpoint_from_sni, looks_like_tls, parse_password_endpoint, Negotiation};
 use crate::wire::StartupMessage;
-use crate::{proxy_protocol, Proxy};
-
-const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Each step of a cancel between replicas: resolve, connect and send, or read the request.
-const PEER_CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+use crate::{compute, proxy_protocol};
 
 /// What the startup phase found out.
 struct Hello {
     startup: StartupMessage,
     client_addr: SocketAddr,
     sni: Option<String>,
+    /// The client address's place under `max_connections_per_ip`, for the whole connection.
+    ip_slot: IpSlot,
 }
 
+/// `starting` is the connection's place under `max_pending_startups`: given back once the
+/// startup is read, when the connection takes a session place instead.
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     client: &mut ClientStream,
     peer: SocketAddr,
+    starting: OwnedSemaphorePermit,
 ) -> Result<Transferred, ProxyError> {
     if let Some(tcp) = client.tcp() {
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = proxy.cfg.tcp_keepalive.apply(tcp) {
+            debug!(error = %e, "could not set TCP keepalive on the client socket");
+        }
     }
     let started = Instant::now();
     let hello = tokio::time::timeout(proxy.cfg.startup_timeout, hello(proxy, client, peer))
@@ -49,11 +54,17 @@ pub(crate) async fn handle(
         mut startup,
         client_addr,
         sni,
+        ip_slot: _ip_slot,
     }) = hello
     else {
         return Ok(Transferred::default());
     };
-    if startup.get("user").is_none() {
+    drop(starting);
+    // The startup is read, so a refusal here reaches the client as a clean ErrorResponse.
+    let _session = Arc::clone(&proxy.limit)
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::TooManyConnections)?;
+    if startup.get_bytes("user").is_none() {
         return Err(ProxyError::NoUser);
     }
 
@@ -72,19 +83,7 @@ pub(crate) async fn handle(
         .limits
         .acquire_endpoint(&endpoint, route.max_connections)
         .ok_or_else(|| ProxyError::EndpointFull(endpoint.clone()))?;
-    let (lease, compute) = connect_compute(proxy, &route).await?;
-    debug!(addr = %lease.addr, cold = lease.cold, "connected to compute");
-    let mut compute = match &proxy.compute_tls {
-        Some(connector) => {
-            compute_tls(connector, compute, &lease.addr)
-                .await
-                .map_err(|source| ProxyError::ComputeProtocol {
-                    endpoint: endpoint.clone(),
-                    source,
-                })?
-        }
-        None => ComputeStream::Plain(compute),
-    };
+    let (lease, mut compute) = compute::connect(proxy, &route).await?;
 
     let mut buf = BytesMut::with_capacity(256);
     startup.encode(&mut buf);
@@ -101,13 +100,20 @@ pub(crate) async fn handle(
         pid: 0,
         secret: Vec::new(),
     };
-    let _cancel_key =
-        match authenticate(&proxy.cancels, client, &mut compute, target, proxy_auth).await? {
-            AuthOutcome::Ready(key) => key,
-            // The compute refused the session (bad password, no such database) and said why;
-            // the client has its ErrorResponse.
-            AuthOutcome::Refused => return Ok(Transferred::default()),
-        };
+    let _cancel_key = match authenticate(
+        proxy.cancels.map(),
+        client,
+        &mut compute,
+        target,
+        proxy_auth,
+    )
+    .await?
+    {
+        AuthOutcome::Ready(key) => key,
+        // The compute refused the session (bad password, no such database) and said why;
+        // the client has its ErrorResponse.
+        AuthOutcome::Refused => return Ok(Transferred::default()),
+    };
 
     let tls = client.is_tls();
     let outcome = match (client, &mut compute) {
@@ -159,6 +165,10 @@ async fn hello(
     if !proxy.limits.admit_ip(client_addr.ip()) {
         return Err(ProxyError::RateLimited);
     }
+    let Some(ip_slot) = proxy.limits.acquire_ip(client_addr.ip()) else {
+        read_first_message_briefly(client).await;
+        return Err(ProxyError::TooManyFromAddress);
+    };
 
     let mut sni = None;
     if let Some(acceptor) = &proxy.tls {
@@ -189,7 +199,7 @@ async fn hello(
                 sni = upgrade(proxy, acceptor, client, Negotiation::SslRequest).await?;
             }
             First::Cancel { pid, secret } => {
-                cancel(proxy, pid, &secret).await;
+                proxy.cancels.handle_client_request(pid, &secret).await;
                 return Ok(None);
             }
             First::Startup(startup) => {
@@ -200,10 +210,23 @@ async fn hello(
                     startup,
                     client_addr,
                     sni,
+                    ip_slot,
                 }));
             }
         }
     }
+}
+
+/// Reads (and drops) what the client sent first, waiting at most half a second, so that an
+/// error sent before its startup is read does not meet unread data: closing then would send a
+/// reset, which can destroy the error before the client reads it.
+pub(crate) async fn read_first_message_briefly(client: &mut ClientStream) {
+    let mut first = [0u8; 1024];
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(client, &mut first),
+    )
+    .await;
 }
 
 async fn upgrade(
@@ -252,7 +275,7 @@ async fn find_endpoint(
             let password = request_password(client).await?;
             let (id, real) = parse_password_endpoint(&password).ok_or(ProxyError::NoEndpoint)?;
             let id = EndpointId::parse(&id)?;
-            let user = startup.get("user").unwrap_or_default().to_string();
+            let user = startup.get_bytes("user").unwrap_or_default().to_vec();
             Ok((
                 id,
                 Some(ProxyAuth {
@@ -263,159 +286,4 @@ async fn find_endpoint(
         }
         (None, None) => Err(ProxyError::NoEndpoint),
     }
-}
-
-/// SSLRequest to the compute, then a TLS handshake verified against `[tls] compute_ca`, with
-/// the compute's host (name or IP) as the server name.
-async fn compute_tls(
-    connector: &tokio_rustls::TlsConnector,
-    mut tcp: TcpStream,
-    addr: &pgwake_compute_manager::ComputeAddr,
-) -> std::io::Result<ComputeStream> {
-    use tokio::io::AsyncReadExt;
-    let mut req = BytesMut::with_capacity(8);
-    req.extend_from_slice(&8u32.to_be_bytes());
-    req.extend_from_slice(&crate::wire::SSL_REQUEST_CODE.to_be_bytes());
-    tcp.write_all(&req).await?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await?;
-    if answer[0] != b'S' {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "compute does not accept TLS",
-        ));
-    }
-    let host = addr
-        .as_str()
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(addr.as_str());
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let tls = connector.connect(name, tcp).await?;
-    Ok(ComputeStream::Tls(Box::new(tls)))
-}
-
-/// Forwards a CancelRequest to the compute that issued the key; a key not handed out here goes
-/// to the peers (`cancel_peers`) when there are any, else is dropped without a word (as
-/// Postgres does).
-async fn cancel(proxy: &Arc<Proxy>, pid: i32, secret: &[u8]) {
-    let peers = &proxy.cfg.cancel_peers;
-    match proxy.cancels.lookup(pid, secret) {
-        Some(target) => cancel_local(proxy, target).await,
-        None if !peers.is_empty() => {
-            // Not ours: another replica may hold the session; each checks the key itself.
-            let delivered = cancel::forward_to_peers(peers, pid, secret, PEER_CANCEL_TIMEOUT).await;
-            proxy
-                .metrics
-                .cancels
-                .with_label_values(&["sent_to_peers"])
-                .inc();
-            debug!(
-                delivered,
-                "cancel request with a key not issued here sent to peers"
-            );
-        }
-        None => unknown_cancel_key(proxy),
-    }
-}
-
-/// A CancelRequest from another replica (`cancel_listen`): checked against this replica's
-/// sessions only, never forwarded to peers again.
-pub(crate) async fn peer_cancel(proxy: &Arc<Proxy>, mut s: TcpStream, peer: SocketAddr) {
-    match cancel::read_peer_request(&mut s, PEER_CANCEL_TIMEOUT).await {
-        Ok((pid, secret)) => match proxy.cancels.lookup(pid, &secret) {
-            Some(target) => cancel_local(proxy, target).await,
-            None => unknown_cancel_key(proxy),
-        },
-        Err(e) => {
-            proxy
-                .metrics
-                .cancels
-                .with_label_values(&["peer_refused"])
-                .inc();
-            debug!(%peer, error = %e, "cancel listener closed a connection that sent no CancelRequest");
-        }
-    }
-}
-
-fn unknown_cancel_key(proxy: &Proxy) {
-    proxy
-        .metrics
-        .cancels
-        .with_label_values(&["unknown_key"])
-        .inc();
-    debug!("cancel request with an unknown key dropped");
-}
-
-/// Forwards to the compute of a session of this replica whose key matched both halves.
-async fn cancel_local(proxy: &Arc<Proxy>, target: CancelTarget) {
-    tracing::Span::current().record("endpoint", target.endpoint.as_str());
-    match cancel::forward(&target, CANCEL_TIMEOUT).await {
-        Ok(()) => {
-            proxy
-                .metrics
-                .cancels
-                .with_label_values(&["forwarded"])
-                .inc();
-            info!("cancel request forwarded");
-        }
-        Err(e) => {
-            proxy.metrics.cancels.with_label_values(&["failed"]).inc();
-            warn!(error = %e, "cancel request could not be forwarded");
-        }
-    }
-}
-
-/// Attempts at wake+connect. A compute that crashed a moment ago is still "running" to the
-/// manager until its exit is reaped; a refused connect then means "wake again".
-const CONNECT_ATTEMPTS: usize = 3;
-
-async fn connect_compute(
-    proxy: &Arc<Proxy>,
-    route: &Arc<pgwake_router::Route>,
-) -> Result<(Lease, TcpStream), ProxyError> {
-    let endpoint = &route.endpoint;
-    let mut last_err = None;
-    for attempt in 0..CONNECT_ATTEMPTS {
-        let lease = proxy
-            .manager
-            .wake(route)
-            .await
-            .map_err(|source| ProxyError::Wake {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
-        let res = tokio::time::timeout(
-            proxy.cfg.connect_timeout,
-            TcpStream::connect(lease.addr.as_str()),
-        )
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-        match res {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok((lease, s));
-            }
-            // Our own limit, not the compute's: another wake would not help.
-            Err(e) if crate::server::is_fd_exhaustion(&e) => {
-                warn!(addr = %lease.addr, "out of file descriptors for the compute connection (raise the fd limit or lower max_connections)");
-                return Err(ProxyError::TooManyConnections);
-            }
-            Err(e) => {
-                info!(attempt, addr = %lease.addr, error = %e, "connect to compute failed");
-                let addr = lease.addr.to_string();
-                drop(lease);
-                last_err = Some(ProxyError::ComputeConnect {
-                    endpoint: endpoint.clone(),
-                    addr,
-                    source: e,
-                });
-                // Give the manager's exit watcher a moment to mark a dead compute.
-                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
-            }
-        }
-    }
-    Err(last_err.expect("at least one attempt"))
 }

@@ -52,6 +52,10 @@ pub enum ProxyError {
     },
     #[error("too many connections")]
     TooManyConnections,
+    #[error("too many connections still in their startup")]
+    TooManyPendingStartups,
+    #[error("too many connections from the client address")]
+    TooManyFromAddress,
     #[error("{0}")]
     ProxyHeader(#[source] crate::proxy_protocol::ProxyHeaderError),
     #[error("client address over its connection rate")]
@@ -95,6 +99,8 @@ impl ProxyError {
             | Self::Options(_)
             | Self::UnknownEndpoint(_)
             | Self::TooManyConnections
+            | Self::TooManyPendingStartups
+            | Self::TooManyFromAddress
             | Self::ProxyHeader(_)
             | Self::RateLimited
             | Self::NotAllowed(_)
@@ -116,6 +122,8 @@ impl ProxyError {
             Self::ComputeConnect { .. }
             | Self::ComputeProtocol { .. }
             | Self::TooManyConnections
+            | Self::TooManyPendingStartups
+            | Self::TooManyFromAddress
             | Self::RateLimited
             | Self::EndpointFull(_)
             | Self::ClientIo(_) => true,
@@ -137,6 +145,8 @@ impl ProxyError {
             Self::Wake { .. } => "wake",
             Self::ComputeConnect { .. } => "compute_connect",
             Self::TooManyConnections => "too_many_connections",
+            Self::TooManyPendingStartups => "too_many_pending_startups",
+            Self::TooManyFromAddress => "too_many_per_ip",
             Self::ProxyHeader(_) => "proxy_header",
             Self::RateLimited => "rate_limited",
             Self::NotAllowed(_) => "not_allowed",
@@ -212,6 +222,16 @@ impl ProxyError {
                 None,
             ),
             Self::TooManyConnections => r("53300", "too many connections to the proxy".into(), None),
+            Self::TooManyPendingStartups => r(
+                "53300",
+                "too many connections to the proxy are still starting up; retry later".into(),
+                None,
+            ),
+            Self::TooManyFromAddress => r(
+                "53300",
+                "too many connections from this address".into(),
+                None,
+            ),
             Self::RateLimited => r(
                 "53300",
                 "too many new connections from this address; retry later".into(),

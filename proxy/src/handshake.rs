@@ -10,7 +10,7 @@ use pgwake_router::EndpointId;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::error::ProxyError;
-use crate::options::extract_endpoint;
+use crate::options::{extract_endpoint, mentions_endpoint, OptionsError};
 use crate::wire::{read_startup_packet, ReadError, StartupMessage, StartupPacket};
 
 /// At most this many SSLRequest/GSSENCRequest packets before the StartupMessage; libpq sends
@@ -83,8 +83,15 @@ pub async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
 /// Takes the endpoint id out of the startup's `options`, leaving every other option for the
 /// compute. `None` when options name no endpoint (SNI or the password may still).
 pub fn take_endpoint(startup: &mut StartupMessage) -> Result<Option<EndpointId>, ProxyError> {
-    let Some(options) = startup.get("options") else {
+    let Some(options) = startup.get_bytes("options") else {
         return Ok(None);
+    };
+    let options = match std::str::from_utf8(options) {
+        Ok(text) => text,
+        // Postgres takes any bytes here; pgwake needs to read (and remove) only an endpoint
+        // option, so anything else is forwarded untouched.
+        Err(_) if !mentions_endpoint(options) => return Ok(None),
+        Err(_) => return Err(OptionsError::NotUtf8.into()),
     };
     let extracted = extract_endpoint(options)?;
     match extracted.rest {
@@ -109,7 +116,7 @@ mod tests {
             minor: 0,
             params: params
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect(),
         }
     }
@@ -123,6 +130,24 @@ mod tests {
         let mut s = startup(&[("user", "u"), ("options", "--endpoint=ep-1")]);
         take_endpoint(&mut s).unwrap();
         assert_eq!(s.get("options"), None);
+    }
+
+    #[test]
+    fn non_utf8_options_pass_untouched_unless_they_name_an_endpoint() {
+        let mut s = startup(&[("user", "u")]);
+        s.params
+            .push((b"options".to_vec(), b"-c application_name=\xff".to_vec()));
+        let before = s.clone();
+        assert_eq!(take_endpoint(&mut s).unwrap(), None);
+        assert_eq!(s, before, "forwarded as is");
+
+        let mut s = startup(&[("user", "u")]);
+        s.params
+            .push((b"options".to_vec(), b"endpoint=ep \xff".to_vec()));
+        assert!(matches!(
+            take_endpoint(&mut s),
+            Err(ProxyError::Options(OptionsError::NotUtf8))
+        ));
     }
 
     #[test]

@@ -4,26 +4,30 @@
 pub mod admin;
 mod auth;
 pub mod cancel;
+mod compute;
 mod config;
 mod conn;
 mod error;
+pub mod fd;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;
 pub mod limits;
+pub mod listener;
 mod metrics;
 pub mod options;
 pub mod passthrough;
 pub mod proxy_protocol;
 mod server;
+mod shared;
 mod stream;
 pub mod tls;
 pub mod wire;
 
 pub use admin::Health;
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, TcpKeepaliveConfig};
 pub use error::{ClientResponse, ProxyError};
 pub use limits::LimitsConfig;
 pub use metrics::ProxyMetrics;
 pub use proxy_protocol::ProxyProtocolMode;
-pub use server::{Proxy, ProxyParts};
+pub use shared::{Proxy, ProxyParts};

@@ -1,5 +1,6 @@
-//! Admission limits: per-client-IP connection rate and per-endpoint connection caps. Each
-//! refusal becomes a 53300 for the client and a metric; none of them touches a compute.
+//! Admission limits: per-client-IP connection rate and concurrency, per-endpoint connection
+//! caps, and the cap on connections still in their startup. Each refusal becomes a 53300 for
+//! the client and a metric; none of them touches a compute.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,9 +12,18 @@ use pgwake_router::EndpointId;
 use serde::Deserialize;
 
 /// The `[limits]` table. Zero means "no limit" for every field.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Connections that have not completed their startup (no StartupMessage yet) at once.
+    /// Counted apart from `[proxy] max_connections`, so that sockets that never speak cannot
+    /// take the places of sessions; they end at `startup_timeout`.
+    #[serde(default = "default_max_pending_startups")]
+    pub max_pending_startups: usize,
+    /// Connections at once from one client IP (the PROXY header's address when enabled), in
+    /// every state, startup included.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
     /// Client connections at once per endpoint (an endpoint's `max_connections` overrides).
     #[serde(default)]
     pub max_connections_per_endpoint: usize,
@@ -23,6 +33,22 @@ pub struct LimitsConfig {
     /// How many connections one IP may open at once before the rate applies.
     #[serde(default)]
     pub connections_per_ip_burst: f64,
+}
+
+fn default_max_pending_startups() -> usize {
+    10_000
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_startups: default_max_pending_startups(),
+            max_connections_per_ip: 0,
+            max_connections_per_endpoint: 0,
+            connections_per_ip_per_second: 0.0,
+            connections_per_ip_burst: 0.0,
+        }
+    }
 }
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
@@ -66,6 +92,24 @@ pub struct Limits {
     per_ip: DashMap<IpAddr, TokenBucket>,
     last_prune: Mutex<Instant>,
     per_endpoint: DashMap<EndpointId, Arc<AtomicUsize>>,
+    /// Open connections per client IP; an entry lives only while its count is above zero.
+    per_ip_open: Arc<DashMap<IpAddr, usize>>,
+}
+
+/// Holds one of a client IP's connection places (`max_connections_per_ip`); holds nothing
+/// when there is no such limit.
+pub struct IpSlot(Option<(Arc<DashMap<IpAddr, usize>>, IpAddr)>);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let Some((map, ip)) = &self.0 else { return };
+        if let dashmap::Entry::Occupied(mut e) = map.entry(*ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
 }
 
 /// Holds one of an endpoint's connection slots.
@@ -84,7 +128,33 @@ impl Limits {
             per_ip: DashMap::new(),
             last_prune: Mutex::new(Instant::now()),
             per_endpoint: DashMap::new(),
+            per_ip_open: Arc::new(DashMap::new()),
         }
+    }
+
+    /// The cap on connections before their startup, `None` for no cap.
+    pub fn max_pending_startups(&self) -> Option<usize> {
+        (self.cfg.max_pending_startups > 0).then_some(self.cfg.max_pending_startups)
+    }
+
+    /// Takes one of `ip`'s connection places, or `None` if it has `max_connections_per_ip`
+    /// open already. Without that limit nothing is counted.
+    pub fn acquire_ip(&self, ip: IpAddr) -> Option<IpSlot> {
+        let max = self.cfg.max_connections_per_ip;
+        if max == 0 {
+            return Some(IpSlot(None));
+        }
+        let mut open = self.per_ip_open.entry(ip).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(IpSlot(Some((Arc::clone(&self.per_ip_open), ip))))
+    }
+
+    /// Client IPs with connections counted against `max_connections_per_ip`.
+    pub fn ips_with_connections(&self) -> usize {
+        self.per_ip_open.len()
     }
 
     fn burst(&self) -> f64 {
@@ -163,6 +233,37 @@ mod tests {
         assert!(b.try_take(1.0, 2.0, later));
         assert!(b.try_take(1.0, 2.0, later));
         assert!(!b.try_take(1.0, 2.0, later));
+    }
+
+    #[test]
+    fn concurrent_connections_per_ip_are_capped_and_given_back() {
+        let l = Limits::new(LimitsConfig {
+            max_connections_per_ip: 2,
+            ..Default::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = l.acquire_ip(a).unwrap();
+        let a2 = l.acquire_ip(a).unwrap();
+        assert!(l.acquire_ip(a).is_none(), "a third from the same address");
+        let b1 = l.acquire_ip(b).unwrap();
+        drop(a1);
+        let a3 = l.acquire_ip(a).unwrap();
+        drop((a2, a3, b1));
+        assert_eq!(
+            l.ips_with_connections(),
+            0,
+            "no entry outlives its connections"
+        );
+
+        let unlimited = Limits::new(LimitsConfig::default());
+        let held: Vec<_> = (0..100).map(|_| unlimited.acquire_ip(a).unwrap()).collect();
+        assert_eq!(
+            unlimited.ips_with_connections(),
+            0,
+            "nothing counted without a limit"
+        );
+        drop(held);
     }
 
     #[test]

@@ -42,6 +42,16 @@ pub enum OptionsError {
     MissingValue,
     #[error("options parameter longer than {max} bytes", max = MAX_OPTIONS_LEN)]
     TooLong,
+    #[error("options naming an endpoint must be valid UTF-8")]
+    NotUtf8,
+}
+
+/// Whether `options` (any bytes) may name an endpoint: contains `endpoint=` anywhere. Options
+/// that do not are forwarded without being parsed.
+pub fn mentions_endpoint(options: &[u8]) -> bool {
+    options
+        .windows(ENDPOINT_PREFIX.len())
+        .any(|w| w == ENDPOINT_PREFIX.as_bytes())
 }
 
 /// Whitespace as C `isspace` sees it in the C locale, which is what `pg_split_opts` uses.

@@ -1,92 +1,43 @@
+//! The accept loops: `Proxy::serve` for clients (with the fd reserve and the drain on
+//! shutdown) and the peer cancel listener; each accepted client runs `conn::handle` in a task.
+
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pgwake_compute_manager::{ErrorSource, Waker};
-use pgwake_router::RoutingTable;
+use pgwake_compute_manager::ErrorSource;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::admin::Health;
-use crate::cancel::CancelMap;
 use crate::error::ProxyError;
-use crate::limits::{Limits, LimitsConfig};
+use crate::shared::Proxy;
 use crate::stream::ClientStream;
-use crate::tls::{TlsAcceptor, TlsConfig};
 use crate::wire::encode_error_response;
-use crate::{conn, ProxyConfig, ProxyMetrics};
+use crate::{cancel, conn, fd};
 
-/// Peer cancel connections handled at once on `cancel_listen`.
-pub const PEER_CANCELS_AT_ONCE: usize = 256;
-
-/// Everything a connection needs, shared by all of them.
-pub struct Proxy {
-    pub(crate) cfg: ProxyConfig,
-    pub(crate) table: Arc<RoutingTable>,
-    pub(crate) manager: Arc<dyn Waker>,
-    pub(crate) metrics: ProxyMetrics,
-    pub(crate) limits: Limits,
-    pub(crate) cancels: Arc<CancelMap>,
-    pub(crate) health: Arc<Health>,
-    pub(crate) tls: Option<TlsAcceptor>,
-    pub(crate) tls_cfg: TlsConfig,
-    pub(crate) compute_tls: Option<tokio_rustls::TlsConnector>,
-    sessions: AtomicU64,
-    limit: Arc<Semaphore>,
-}
-
-/// What a [`Proxy`] is built from; the binary assembles it from the config file.
-pub struct ProxyParts {
-    pub cfg: ProxyConfig,
-    pub table: Arc<RoutingTable>,
-    /// The in-process manager, or a client of a remote one (`[compute] manager_url`).
-    pub manager: Arc<dyn Waker>,
-    pub metrics: ProxyMetrics,
-    pub limits: LimitsConfig,
-    pub health: Arc<Health>,
-    pub tls_cfg: TlsConfig,
-    /// `None` when no certificates are configured: SSLRequest is answered 'N'.
-    pub tls: Option<TlsAcceptor>,
-    /// `Some` when `[tls] compute_tls` is on.
-    pub compute_tls: Option<Arc<rustls::ClientConfig>>,
-}
+/// Connections taken from the accept queue per wakeup before the loop looks at shutdown again.
+const ACCEPT_BATCH: usize = 128;
 
 impl Proxy {
-    pub fn new(p: ProxyParts) -> Arc<Self> {
-        let limit = Arc::new(Semaphore::new(p.cfg.max_connections));
-        Arc::new(Self {
-            cfg: p.cfg,
-            table: p.table,
-            manager: p.manager,
-            metrics: p.metrics,
-            limits: Limits::new(p.limits),
-            cancels: CancelMap::new(),
-            health: p.health,
-            tls: p.tls,
-            tls_cfg: p.tls_cfg,
-            compute_tls: p.compute_tls.map(tokio_rustls::TlsConnector::from),
-            sessions: AtomicU64::new(0),
-            limit,
-        })
-    }
-
     /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
     /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.health.set_ready(true);
-        let mut reserve = FdReserve::new();
+        let mut reserve = fd::FdReserve::new();
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 res = listener.accept() => match res {
-                    Ok((stream, peer)) => self.spawn_connection(stream, peer),
-                    Err(e) if is_fd_exhaustion(&e) => {
+                    Ok((stream, peer)) => {
+                        self.spawn_connection(stream, peer);
+                        self.accept_queued(&listener);
+                    }
+                    Err(e) if fd::is_exhaustion(&e) => {
                         match reserve.take() {
                             Some(reserve) => self.refuse_one(&listener, reserve),
                             // Still refusing the last one: back off instead of spinning.
@@ -105,14 +56,24 @@ impl Proxy {
         self.health.set_ready(false);
         drop(listener);
         let total = self.cfg.max_connections as u32;
-        let live = total as usize - self.limit.available_permits();
-        info!(live, "stopped accepting; draining sessions");
-        if tokio::time::timeout(self.cfg.drain_timeout, self.limit.acquire_many(total))
-            .await
-            .is_err()
-        {
+        let live = |this: &Self| {
+            let sessions = total as usize - this.limit.available_permits();
+            let starting = this.pending_total as usize - this.pending.available_permits();
+            (sessions, starting)
+        };
+        let (sessions, starting) = live(&self);
+        info!(sessions, starting, "stopped accepting; draining sessions");
+        // Connections still in their startup first: each either becomes a session (and takes
+        // a session place, which the second wait then waits for) or ends.
+        let drained = tokio::time::timeout(self.cfg.drain_timeout, async {
+            let _starting = self.pending.acquire_many(self.pending_total).await;
+            let _sessions = self.limit.acquire_many(total).await;
+        })
+        .await;
+        if drained.is_err() {
+            let (sessions, starting) = live(&self);
             warn!(
-                left = total as usize - self.limit.available_permits(),
+                left = sessions + starting,
                 "drain timeout; closing remaining sessions"
             );
         }
@@ -120,38 +81,28 @@ impl Proxy {
 
     /// Serves the peer listener (`cancel_listen`) until `shutdown` resolves: CancelRequests
     /// forwarded by other replicas, checked against this replica's sessions only. At most
-    /// [`PEER_CANCELS_AT_ONCE`] at once; more are closed unread (a cancel is best effort).
+    /// [`cancel::PEER_CANCELS_AT_ONCE`] at once; more are closed unread (a cancel is best effort).
     pub async fn serve_cancel_peers(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) {
-        tokio::pin!(shutdown);
-        let limit = Arc::new(Semaphore::new(PEER_CANCELS_AT_ONCE));
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                res = listener.accept() => match res {
-                    Ok((stream, peer)) => {
-                        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-                            debug!(%peer, "too many peer cancels at once; closed");
-                            continue;
-                        };
-                        let this = Arc::clone(&self);
-                        let span = tracing::debug_span!("peer_cancel", peer = %peer, endpoint = tracing::field::Empty);
-                        tokio::spawn(
-                            async move {
-                                conn::peer_cancel(&this, stream, peer).await;
-                                drop(permit);
-                            }
-                            .instrument(span),
-                        );
-                    }
-                    Err(e) => {
-                        error!(error = %e, "cancel listener accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                },
+        cancel::serve_peers(Arc::clone(&self.cancels), listener, shutdown).await
+    }
+
+    /// Takes the connections already waiting in the kernel's accept queue, up to
+    /// [`ACCEPT_BATCH`], without going back through the select: under a burst the queue fills
+    /// faster than one accept per wakeup empties it, and a full queue drops SYNs (the client
+    /// then waits a second for the retransmission). An error ends the batch: EMFILE recurs at
+    /// the main loop's next `accept` (the connection is still queued), and the others concern a
+    /// connection that is already gone.
+    fn accept_queued(self: &Arc<Self>, listener: &TcpListener) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..ACCEPT_BATCH {
+            match listener.poll_accept(&mut cx) {
+                std::task::Poll::Ready(Ok((stream, peer))) => self.spawn_connection(stream, peer),
+                // Pending: the queue is empty (the select registers the real waker next).
+                _ => return,
             }
         }
     }
@@ -159,7 +110,7 @@ impl Proxy {
     /// Out of fds, a client would wait in the listen backlog with no answer until a session
     /// ends. Closing the reserve frees one fd: accept the client with it, tell it 53300 and
     /// close it, then take the fd back for the next time.
-    fn refuse_one(self: &Arc<Self>, listener: &TcpListener, reserve: Reserved) {
+    fn refuse_one(self: &Arc<Self>, listener: &TcpListener, reserve: fd::Reserved) {
         reserve.release();
         // The EMFILE came from a pending connection, so this accept is ready at once; if the
         // client gave up meanwhile there is nothing to refuse.
@@ -173,7 +124,7 @@ impl Proxy {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut stream = ClientStream::Plain(stream);
-            refuse(&this, &mut stream).await;
+            refuse(&this, &mut stream, ProxyError::TooManyConnections).await;
             drop(stream);
             reserve.refill();
         });
@@ -185,16 +136,17 @@ impl Proxy {
         let span =
             tracing::info_span!("conn", session, client = %peer, endpoint = tracing::field::Empty);
         let this = Arc::clone(self);
-        let permit = Arc::clone(&self.limit).try_acquire_owned();
+        // Taken here, in accept order, so that the cap is exact under a burst.
+        let starting = Arc::clone(&self.pending).try_acquire_owned();
         tokio::spawn(
             async move {
                 let mut stream = ClientStream::Plain(stream);
-                let Ok(_permit) = permit else {
-                    refuse(&this, &mut stream).await;
+                let Ok(starting) = starting else {
+                    refuse(&this, &mut stream, ProxyError::TooManyPendingStartups).await;
                     return;
                 };
                 this.metrics.active.inc();
-                let res = conn::handle(&this, &mut stream, peer).await;
+                let res = conn::handle(&this, &mut stream, peer, starting).await;
                 this.finish(&mut stream, res.map(|_| ())).await;
                 this.metrics.active.dec();
             }
@@ -254,68 +206,7 @@ impl Proxy {
 /// clients": after reading its first message (an SSLRequest, which the error then answers
 /// instead of 'S'/'N', or the StartupMessage), so that closing with that message unread does
 /// not turn the close into a reset that can destroy the error before the client reads it.
-async fn refuse(proxy: &Proxy, stream: &mut ClientStream) {
-    let mut first = [0u8; 1024];
-    let _ = tokio::time::timeout(
-        Duration::from_millis(500),
-        tokio::io::AsyncReadExt::read(stream, &mut first),
-    )
-    .await;
-    proxy
-        .finish(stream, Err(ProxyError::TooManyConnections))
-        .await;
-}
-
-/// Whether an I/O error means this process (EMFILE) or the system (ENFILE) has no fd left.
-pub(crate) fn is_fd_exhaustion(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// One fd held back so that a client can still be told "no" when the process runs out (the
-/// accept-EMFILE trick of libev and Node): the fd is freed for one refusal and taken back once
-/// that client's socket is closed. Refusals overlap only if an fd frees up in between.
-struct FdReserve {
-    slot: Arc<std::sync::Mutex<Option<std::fs::File>>>,
-}
-
-/// The reserve, handed to one refusal.
-struct Reserved {
-    slot: Arc<std::sync::Mutex<Option<std::fs::File>>>,
-}
-
-impl FdReserve {
-    fn new() -> Self {
-        Self {
-            slot: Arc::new(std::sync::Mutex::new(open_reserve())),
-        }
-    }
-
-    /// The reserve for one refusal, if an fd is held: the one kept open, or, while another
-    /// refusal has it (or it could not be reopened after one), a new one opened here.
-    fn take(&mut self) -> Option<Reserved> {
-        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = open_reserve();
-        }
-        slot.is_some().then(|| Reserved {
-            slot: Arc::clone(&self.slot),
-        })
-    }
-}
-
-impl Reserved {
-    /// Closes the reserve fd, so that the next accept can have its number.
-    fn release(&self) {
-        drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
-    }
-
-    /// Takes an fd back once the refused client's socket is closed; if another connection got
-    /// there first, `FdReserve::take` tries again at the next EMFILE.
-    fn refill(self) {
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = open_reserve();
-    }
-}
-
-fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
+async fn refuse(proxy: &Proxy, stream: &mut ClientStream, why: ProxyError) {
+    conn::read_first_message_briefly(stream).await;
+    proxy.finish(stream, Err(why)).await;
 }

@@ -50,31 +50,42 @@ pub enum StartupPacket {
 
 /// A StartupMessage: protocol version and the `name=value` parameters, in the client's order.
 /// Parameter names are unique in any message produced by [`parse_startup_body`].
+///
+/// Names and values are kept as the client's bytes: Postgres accepts any encoding here and
+/// checks values against the client encoding itself, so the proxy must not insist on UTF-8
+/// (an `application_name` in Latin-1 is legal) nor alter what it forwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     pub major: u16,
     pub minor: u16,
-    pub params: Vec<(String, String)>,
+    pub params: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl StartupMessage {
+    /// The value of `key` as text; `None` when absent or not valid UTF-8 (see [`Self::get_bytes`]).
     pub fn get(&self, key: &str) -> Option<&str> {
+        std::str::from_utf8(self.get_bytes(key)?).ok()
+    }
+
+    /// The value of `key` exactly as the client sent it.
+    pub fn get_bytes(&self, key: &str) -> Option<&[u8]> {
         self.params
             .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| k == key.as_bytes())
+            .map(|(_, v)| v.as_slice())
     }
 
     /// Replaces the value of `key`, or appends the parameter if it is absent.
     pub fn set(&mut self, key: &str, value: String) {
-        match self.params.iter_mut().find(|(k, _)| k == key) {
+        let value = value.into_bytes();
+        match self.params.iter_mut().find(|(k, _)| k == key.as_bytes()) {
             Some((_, v)) => *v = value,
-            None => self.params.push((key.to_owned(), value)),
+            None => self.params.push((key.as_bytes().to_vec(), value)),
         }
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<String> {
-        let idx = self.params.iter().position(|(k, _)| k == key)?;
+    pub fn remove(&mut self, key: &str) -> Option<Vec<u8>> {
+        let idx = self.params.iter().position(|(k, _)| k == key.as_bytes())?;
         Some(self.params.remove(idx).1)
     }
 
@@ -93,7 +104,7 @@ impl StartupMessage {
         dst.put_u16(self.major);
         dst.put_u16(self.minor);
         for (key, value) in &self.params {
-            if key.bytes().all(|b| b == 0) {
+            if key.iter().all(|&b| b == 0) {
                 continue;
             }
             put_cstr(dst, key);
@@ -285,7 +296,7 @@ fn parse_startup_message(version: u32, mut rest: &[u8]) -> Result<StartupMessage
         return Err(WireError::UnsupportedProtocol { major, minor });
     }
 
-    let mut params: Vec<(String, String)> = Vec::new();
+    let mut params: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     loop {
         let (key, after_key) =
             split_cstr(rest).ok_or(WireError::Malformed("expected terminator as last byte"))?;
@@ -302,17 +313,13 @@ fn parse_startup_message(version: u32, mut rest: &[u8]) -> Result<StartupMessage
         if params.len() >= MAX_STARTUP_PARAMS {
             return Err(WireError::TooManyParams);
         }
-        let key = std::str::from_utf8(key)
-            .map_err(|_| WireError::Malformed("parameter name is not valid UTF-8"))?;
-        let value = std::str::from_utf8(value)
-            .map_err(|_| WireError::Malformed("parameter value is not valid UTF-8"))?;
         // Postgres silently lets a later duplicate win. If the proxy routed on the first `user`
         // or `options` while the compute applied the last, the two would disagree on who is
         // connecting; rejecting removes the ambiguity.
         if params.iter().any(|(k, _)| k == key) {
             return Err(WireError::Malformed("duplicate parameter"));
         }
-        params.push((key.to_owned(), value.to_owned()));
+        params.push((key.to_vec(), value.to_vec()));
         rest = after_value;
     }
     Ok(StartupMessage {
@@ -329,8 +336,8 @@ fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((s, rest.get(1..)?))
 }
 
-fn put_cstr(dst: &mut BytesMut, s: &str) {
-    for part in s.as_bytes().split(|&b| b == 0) {
+fn put_cstr(dst: &mut BytesMut, s: impl AsRef<[u8]>) {
+    for part in s.as_ref().split(|&b| b == 0) {
         dst.put_slice(part);
     }
     dst.put_u8(0);
@@ -380,7 +387,7 @@ mod tests {
             minor,
             params: params
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect(),
         }
     }
@@ -477,6 +484,22 @@ mod tests {
         assert_eq!(parse(b"\0"), Ok(StartupPacket::Startup(startup(3, 0, &[]))));
     }
 
+    /// Postgres accepts any bytes in names and values (it checks encodings itself); the proxy
+    /// keeps them and forwards them unchanged.
+    #[test]
+    fn non_utf8_params_are_kept_byte_for_byte() {
+        let raw = b"user\0u\0application_name\0\xff\xfe\0x\xc3\0\xc3\0\0";
+        let Ok(StartupPacket::Startup(m)) = parse(raw) else {
+            panic!("non-UTF-8 parameters are accepted")
+        };
+        assert_eq!(m.get("user"), Some("u"));
+        assert_eq!(m.get_bytes("application_name"), Some(&b"\xff\xfe"[..]));
+        assert_eq!(m.get("application_name"), None, "not text");
+        let mut out = BytesMut::new();
+        m.encode(&mut out);
+        assert_eq!(&out[8..], raw, "re-encoded unchanged");
+    }
+
     #[test]
     fn rejects_malformed_params() {
         let cases: &[(&[u8], WireError)] = &[
@@ -505,14 +528,6 @@ mod tests {
             (
                 b"user\0u\0\0\0",
                 WireError::Malformed("data after terminator"),
-            ),
-            (
-                b"us\xffer\0u\0\0",
-                WireError::Malformed("parameter name is not valid UTF-8"),
-            ),
-            (
-                b"user\0\xc3\0\0",
-                WireError::Malformed("parameter value is not valid UTF-8"),
             ),
             (
                 b"user\0a\0user\0b\0\0",

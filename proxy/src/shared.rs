@@ -1,0 +1,81 @@
+//! The state every connection shares: configuration, routing table, manager, limits, cancel
+//! keys, TLS. Built once by the binary; the accept loops (`server`) and each connection
+//! (`conn`) only read it, so this module imports neither.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use pgwake_compute_manager::Waker;
+use pgwake_router::RoutingTable;
+use tokio::sync::Semaphore;
+
+use crate::admin::Health;
+use crate::cancel::Cancels;
+use crate::limits::{Limits, LimitsConfig};
+use crate::tls::{TlsAcceptor, TlsConfig};
+use crate::{ProxyConfig, ProxyMetrics};
+
+/// Everything a connection needs, shared by all of them.
+pub struct Proxy {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) table: Arc<RoutingTable>,
+    pub(crate) manager: Arc<dyn Waker>,
+    pub(crate) metrics: ProxyMetrics,
+    pub(crate) limits: Limits,
+    pub(crate) cancels: Arc<Cancels>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) tls_cfg: TlsConfig,
+    pub(crate) compute_tls: Option<tokio_rustls::TlsConnector>,
+    pub(crate) sessions: AtomicU64,
+    /// Sessions (connections past their startup), `[proxy] max_connections`.
+    pub(crate) limit: Arc<Semaphore>,
+    /// Connections before their startup, `[limits] max_pending_startups`.
+    pub(crate) pending: Arc<Semaphore>,
+    pub(crate) pending_total: u32,
+}
+
+/// What a [`Proxy`] is built from; the binary assembles it from the config file.
+pub struct ProxyParts {
+    pub cfg: ProxyConfig,
+    pub table: Arc<RoutingTable>,
+    /// The in-process manager, or a client of a remote one (`[compute] manager_url`).
+    pub manager: Arc<dyn Waker>,
+    pub metrics: ProxyMetrics,
+    pub limits: LimitsConfig,
+    pub health: Arc<Health>,
+    pub tls_cfg: TlsConfig,
+    /// `None` when no certificates are configured: SSLRequest is answered 'N'.
+    pub tls: Option<TlsAcceptor>,
+    /// `Some` when `[tls] compute_tls` is on.
+    pub compute_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Proxy {
+    pub fn new(p: ProxyParts) -> Arc<Self> {
+        let limit = Arc::new(Semaphore::new(p.cfg.max_connections));
+        // "No limit" is still a semaphore, one too large to run out, so the drain can wait
+        // for it like for the other.
+        let limits = Limits::new(p.limits);
+        let pending_total = limits
+            .max_pending_startups()
+            .map_or(u32::MAX >> 4, |n| n.min(u32::MAX as usize >> 4) as u32);
+        let cancels = Cancels::new(p.cfg.cancel_peers.clone(), p.metrics.cancels.clone());
+        Arc::new(Self {
+            cfg: p.cfg,
+            table: p.table,
+            manager: p.manager,
+            metrics: p.metrics,
+            limits,
+            cancels: Arc::new(cancels),
+            health: p.health,
+            tls: p.tls,
+            tls_cfg: p.tls_cfg,
+            compute_tls: p.compute_tls.map(tokio_rustls::TlsConnector::from),
+            sessions: AtomicU64::new(0),
+            limit,
+            pending: Arc::new(Semaphore::new(pending_total as usize)),
+            pending_total,
+        })
+    }
+}
