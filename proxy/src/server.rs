@@ -75,6 +75,11 @@ impl Proxy {
         })
     }
 
+    /// `[limits]` from a reloaded config: applies to the next connection.
+    pub fn set_limits(&self, limits: LimitsConfig) {
+        self.limits.set_config(limits);
+    }
+
     /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
     /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
