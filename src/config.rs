@@ -27,8 +27,40 @@ pub struct Config {
     /// Present: the Kubernetes backend is enabled (and, unless `watch_endpoints = false`,
     /// `PgwakeEndpoint` resources feed the routing table).
     pub kubernetes: Option<KubernetesConfig>,
+    /// The `[reload]` table: what a SIGHUP may do to the endpoint list.
+    pub reload: ReloadConfig,
     /// The `[[endpoint]]` tables.
     pub endpoints: Vec<EndpointConfig>,
+    /// The file as written (no defaults filled in): a reload compares it key by key to name
+    /// what changed.
+    pub(crate) file: toml::Table,
+}
+
+/// The `[reload]` table. A file cut short while an editor or `cat > file` writes it parses as
+/// a valid file with fewer (or no) endpoints; this is the guard against applying one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// A reload that would remove more than this share of the file's endpoints is refused
+    /// (one that would remove all of them always is).
+    #[serde(default = "d_max_removed_share")]
+    pub max_removed_share: f64,
+    /// Apply reloads of this file whatever they remove.
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn d_max_removed_share() -> f64 {
+    0.5
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            max_removed_share: d_max_removed_share(),
+            force: false,
+        }
+    }
 }
 
 /// The `[admin]` table: the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
@@ -241,6 +273,14 @@ impl Section for LimitsConfig {
 
 impl Section for AdminConfig {}
 
+impl Section for ReloadConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !(0.0..=1.0).contains(&self.max_removed_share) {
+            errors.push("max_removed_share must be between 0 and 1".into());
+        }
+    }
+}
+
 impl Section for TlsConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         errors.extend(TlsConfig::validate(self).iter().map(|e| e.to_string()));
@@ -396,6 +436,11 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
         let file: toml::Table =
             toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        Self::from_file(file)
+    }
+
+    /// A config from a parsed file (`parse` without the TOML syntax step).
+    pub(crate) fn from_file(file: toml::Table) -> Result<Self, ConfigErrors> {
         let mut load = Loader::new(&file);
         let config = Config {
             proxy: load.section("proxy"),
@@ -406,7 +451,9 @@ impl Config {
             tls: load.section("tls"),
             manager: load.section("manager"),
             kubernetes: load.section("kubernetes"),
+            reload: load.section("reload"),
             endpoints: load.endpoints(),
+            file: file.clone(),
         };
         let mut errors = load.finish();
         config.validate(&mut errors);

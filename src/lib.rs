@@ -3,11 +3,12 @@
 //! in-process on port 0.
 
 pub mod config;
+pub mod reload;
 mod tasks;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::KubernetesBackend;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigErrors};
+pub use reload::{ConfigKey, ReloadError};
 use tasks::{Stage, Tasks};
 
 /// How long a manager that starts (or becomes leader) waits for the watched routing table's
@@ -62,7 +64,20 @@ pub struct Pgwake {
     cancel_addr: Option<SocketAddr>,
     manager_api_addr: Option<SocketAddr>,
     leadership: Leadership,
+    proxy: Arc<Proxy>,
+    /// What this process runs with: the start config with the reloads applied to it.
+    running: Mutex<Config>,
     tasks: Tasks,
+}
+
+/// What a [`Pgwake::reload`] changed.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub table: TableDiff,
+    /// Changed keys now in effect.
+    pub applied: Vec<ConfigKey>,
+    /// Changed keys that take effect only after a restart (each logged as a warning).
+    pub needs_restart: Vec<ConfigKey>,
 }
 
 impl Pgwake {
@@ -91,8 +106,9 @@ impl Pgwake {
         let manager_api_addr = w.manager_api(&manager, &leadership).await?;
         let admin_addr = w.admin().await?;
         let cancel_addr = w.cancel_peers(&proxy).await?;
+        let p = Arc::clone(&proxy);
         w.tasks.spawn(Stage::Serve, "proxy", |shutdown| {
-            proxy.serve(listener, shutdown)
+            p.serve(listener, shutdown)
         });
         let Wiring {
             registry,
@@ -113,6 +129,8 @@ impl Pgwake {
             cancel_addr,
             manager_api_addr,
             leadership,
+            proxy,
+            running: Mutex::new(config),
             tasks,
         })
     }
@@ -148,27 +166,54 @@ impl Pgwake {
         self.manager_api_addr
     }
 
-    /// Re-reads the endpoints from `path`. A file with any error changes nothing, and every
-    /// error is returned (and logged by the caller); live sessions are never touched.
-    pub fn reload(&self, path: &Path) -> Result<TableDiff, ConfigErrors> {
+    /// Re-reads `path`: the endpoint list and every key that can change in a running process
+    /// ([`reload::plan`]). A file with any error, or one that removes too many endpoints, changes
+    /// nothing and is returned as the error (logged by the caller); changed keys that need a
+    /// restart are logged one by one; live sessions are never touched.
+    pub fn reload(&self, path: &Path) -> Result<Reloaded, ReloadError> {
         if let Some(store) = &self.certs {
             match store.reload() {
                 Ok(()) => info!("TLS certificates reloaded"),
                 Err(e) => error!("TLS certificate reload failed; keeping the current ones: {e}"),
             }
         }
-        let config = Config::load(path)?;
-        let diff = self
+        let new = Config::load(path)?;
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = reload::plan(&running, new)?;
+        let table = self
             .table
-            .replace_all(config.endpoints)
+            .replace_all(plan.running.endpoints.clone())
             .map_err(|errs| ConfigErrors(errs.into_iter().map(|e| e.to_string()).collect()))?;
+        self.manager
+            .set_config(ManagerConfig::from(&plan.running.compute));
+        self.proxy.set_limits(plan.running.limits.clone());
+        if let Some(before) = plan.forced {
+            warn!(
+                removed = plan.removed,
+                before,
+                "[reload] force = true: applied a reload that removes more endpoints than max_removed_share allows; remove force again so that a truncated file cannot empty the table"
+            );
+        }
+        for key in &plan.applied {
+            info!(%key, "config change applied");
+        }
+        for key in &plan.needs_restart {
+            warn!(%key, "config change needs a restart to take effect; running with the old value until then");
+        }
         info!(
-            added = diff.added,
-            changed = diff.changed,
-            removed = diff.removed,
-            "routing table reloaded"
+            added = table.added,
+            changed = table.changed,
+            removed = table.removed,
+            applied = plan.applied.len(),
+            needs_restart = plan.needs_restart.len(),
+            "config reloaded"
         );
-        Ok(diff)
+        *running = plan.running;
+        Ok(Reloaded {
+            table,
+            applied: plan.applied,
+            needs_restart: plan.needs_restart,
+        })
     }
 
     /// Stops accepting, lets live sessions finish within the drain timeout, then stops every
