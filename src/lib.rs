@@ -326,12 +326,18 @@ impl Wiring<'_> {
         info!(lease = %cfg.lease_name, identity = %cfg.identity, "leader election enabled; standing by until leader");
         let (elector, leadership) = LeaderElector::new(backend.client(), backend.namespace(), cfg);
         self.health.set_standby(true);
-        // Ends when the elector does.
+        // Ends when the elector does, or with its stage.
         let (l, h) = (leadership.clone(), Arc::clone(&self.health));
-        self.tasks
-            .spawn(Stage::Election, "readiness follows leadership", |_| {
-                follow_leadership(l, h)
-            });
+        self.tasks.spawn(
+            Stage::Election,
+            "readiness follows leadership",
+            |shutdown| async move {
+                tokio::select! {
+                    _ = follow_leadership(l, h) => {}
+                    _ = shutdown => {}
+                }
+            },
+        );
         self.tasks
             .spawn(Stage::Election, "leader election", |shutdown| async move {
                 if let Err(e) = elector.run(shutdown).await {
