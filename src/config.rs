@@ -12,31 +12,55 @@ use pgwake_compute_manager::{LeaderConfig, LocalConfig, ManagerConfig};
 use pgwake_proxy::tls::TlsConfig;
 use pgwake_proxy::{LimitsConfig, ProxyConfig};
 use pgwake_router::{EndpointConfig, RoutingTable};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    #[serde(default)]
     pub proxy: ProxyConfig,
-    #[serde(default)]
     pub compute: ComputeConfig,
-    #[serde(default)]
     pub local: LocalConfig,
-    #[serde(default)]
     pub limits: LimitsConfig,
-    #[serde(default)]
     pub admin: AdminConfig,
-    #[serde(default)]
     pub tls: TlsConfig,
-    #[serde(default)]
     pub manager: ManagerServiceConfig,
     /// Present: the Kubernetes backend is enabled (and, unless `watch_endpoints = false`,
     /// `PgwakeEndpoint` resources feed the routing table).
-    #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
-    #[serde(default, rename = "endpoint")]
+    /// The `[reload]` table: what a SIGHUP may do to the endpoint list.
+    pub reload: ReloadConfig,
+    /// The `[[endpoint]]` tables.
     pub endpoints: Vec<EndpointConfig>,
+    /// The file as written (no defaults filled in): a reload compares it key by key to name
+    /// what changed.
+    pub(crate) file: toml::Table,
+}
+
+/// The `[reload]` table. A file cut short while an editor or `cat > file` writes it parses as
+/// a valid file with fewer (or no) endpoints; this is the guard against applying one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// A reload that would remove more than this share of the file's endpoints is refused
+    /// (one that would remove all of them always is).
+    #[serde(default = "d_max_removed_share")]
+    pub max_removed_share: f64,
+    /// Apply reloads of this file whatever they remove.
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn d_max_removed_share() -> f64 {
+    0.5
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            max_removed_share: d_max_removed_share(),
+            force: false,
+        }
+    }
 }
 
 /// The `[admin]` table: the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
@@ -185,28 +209,198 @@ impl From<&ComputeConfig> for ManagerConfig {
 #[error("{}", .0.join("\n"))]
 pub struct ConfigErrors(pub Vec<String>);
 
-/// Keys an `[[endpoint]]` may have; checked by hand because serde cannot deny unknown fields
-/// through the `flatten` that endpoint entries use.
-const ENDPOINT_KEYS: &[&str] = &[
-    "id",
-    "backend",
-    "idle_timeout",
-    "settings",
-    "address",
-    "allow",
-    "max_connections",
-    // backend = "kubernetes"
-    "image",
-    "port",
-    "command",
-    "args",
-    "env",
-    "env_secret",
-    "requests",
-    "limits",
-    "storage",
-    "storage_class",
-];
+/// A top-level table of the config file. The loader deserializes each one on its own, so that
+/// one bad section does not hide the errors of the others, then asks it for the problems serde
+/// cannot see.
+trait Section: DeserializeOwned + Default {
+    /// What a file without this section means: every key at its default.
+    fn absent() -> Result<Self, toml::de::Error> {
+        toml::Value::Table(Default::default()).try_into()
+    }
+
+    /// Pushes one line per problem; the loader prefixes the section's name.
+    fn validate(&self, _errors: &mut Vec<String>) {}
+}
+
+impl Section for ProxyConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_connections == 0 {
+            errors.push("max_connections must be at least 1".into());
+        }
+        if self.startup_timeout.is_zero() {
+            errors.push("startup_timeout must be more than 0".into());
+        }
+        for peer in &self.cancel_peers {
+            let port = peer.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+            if !matches!(port, Some((h, Ok(_))) if !h.is_empty()) {
+                errors.push(format!("cancel_peers entry {peer:?} is not \"host:port\""));
+            }
+        }
+    }
+}
+
+impl Section for ComputeConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if let Some(u) = &self.manager_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                errors.push(format!("manager_url {u:?} must be an http:// URL"));
+            }
+        }
+        for (name, d) in [
+            ("wake_timeout", self.wake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("activity_interval", self.activity_interval),
+        ] {
+            if d.is_zero() {
+                errors.push(format!("{name} must be more than 0"));
+            }
+        }
+        if self.max_waiting_per_endpoint == 0 {
+            errors.push("max_waiting_per_endpoint must be at least 1".into());
+        }
+    }
+}
+
+impl Section for LocalConfig {}
+
+impl Section for LimitsConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.connections_per_ip_per_second < 0.0 || self.connections_per_ip_burst < 0.0 {
+            errors.push("rates must not be negative".into());
+        }
+    }
+}
+
+impl Section for AdminConfig {}
+
+impl Section for ReloadConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !(0.0..=1.0).contains(&self.max_removed_share) {
+            errors.push("max_removed_share must be between 0 and 1".into());
+        }
+    }
+}
+
+impl Section for TlsConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        errors.extend(TlsConfig::validate(self).iter().map(|e| e.to_string()));
+    }
+}
+
+impl Section for ManagerServiceConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !self.leader_election {
+            return;
+        }
+        if self.listen.is_none() {
+            errors.push("leader_election is for compute manager replicas: set listen".into());
+        }
+        // The identity comes from the environment at start; check everything else now.
+        if let Ok(l) = self.leader_config(Some("identity-from-hostname".into())) {
+            errors.extend(l.validate());
+        }
+    }
+}
+
+impl Section for Option<KubernetesConfig> {
+    /// No `[kubernetes]`: no Kubernetes backend.
+    fn absent() -> Result<Self, toml::de::Error> {
+        Ok(None)
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        if let Some(k) = self {
+            errors.extend(k.validate());
+        }
+    }
+}
+
+/// Takes the sections out of a parsed file one by one, collecting every error, and remembers
+/// which names it was asked for: any other top-level key is unknown.
+struct Loader<'a> {
+    file: &'a toml::Table,
+    known: Vec<&'static str>,
+    errors: Vec<String>,
+}
+
+impl<'a> Loader<'a> {
+    fn new(file: &'a toml::Table) -> Self {
+        Self {
+            file,
+            known: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The section `[name]`, its defaults when absent. On an error the defaults stand in, so
+    /// that the checks across sections still run; the config is refused anyway.
+    fn section<T: Section>(&mut self, name: &'static str) -> T {
+        self.known.push(name);
+        let parsed = match self.file.get(name) {
+            None => T::absent(),
+            Some(v @ toml::Value::Table(_)) => v.clone().try_into::<T>(),
+            Some(_) => {
+                self.errors.push(format!("{name}: expected a table"));
+                return T::default();
+            }
+        };
+        match parsed {
+            Ok(section) => {
+                let mut errors = Vec::new();
+                section.validate(&mut errors);
+                self.errors
+                    .extend(errors.into_iter().map(|e| format!("[{name}]: {e}")));
+                section
+            }
+            Err(e) => {
+                self.errors.push(format!("[{name}]: {}", e.message()));
+                T::default()
+            }
+        }
+    }
+
+    /// The `[[endpoint]]` entries that parse; each one that does not is reported with its
+    /// position and id. The router's types refuse unknown keys themselves.
+    fn endpoints(&mut self) -> Vec<EndpointConfig> {
+        self.known.push("endpoint");
+        let items = match self.file.get("endpoint") {
+            None => return Vec::new(),
+            Some(toml::Value::Array(items)) => items,
+            Some(_) => {
+                self.errors.push("endpoint: use [[endpoint]] tables".into());
+                return Vec::new();
+            }
+        };
+        let mut endpoints = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item.clone().try_into::<EndpointConfig>() {
+                Ok(e) => endpoints.push(e),
+                Err(e) => {
+                    let label = match item.get("id").and_then(|v| v.as_str()) {
+                        Some(id) => format!("[[endpoint]] #{} ({id:?})", i + 1),
+                        None => format!("[[endpoint]] #{}", i + 1),
+                    };
+                    self.errors.push(format!("{label}: {}", e.message()));
+                }
+            }
+        }
+        self.errors.extend(
+            RoutingTable::validate(&endpoints)
+                .into_iter()
+                .map(|e| e.to_string()),
+        );
+        endpoints
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        for key in self.file.keys() {
+            if !self.known.contains(&key.as_str()) {
+                self.errors.push(format!("unknown section or key {key:?}"));
+            }
+        }
+        self.errors
+    }
+}
 
 impl Config {
     /// Through a shared manager a new session is covered by its wake only until this replica's
@@ -240,219 +434,51 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
-        let raw: toml::Table =
+        let file: toml::Table =
             toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-        let mut errors = Vec::new();
-        // Each section is deserialized on its own so that one bad section does not hide the
-        // errors of the others.
-        let section = |name: &str| {
-            raw.get(name)
-                .cloned()
-                .unwrap_or(toml::Value::Table(Default::default()))
+        Self::from_file(file)
+    }
+
+    /// A config from a parsed file (`parse` without the TOML syntax step).
+    pub(crate) fn from_file(file: toml::Table) -> Result<Self, ConfigErrors> {
+        let mut load = Loader::new(&file);
+        let config = Config {
+            proxy: load.section("proxy"),
+            compute: load.section("compute"),
+            local: load.section("local"),
+            limits: load.section("limits"),
+            admin: load.section("admin"),
+            tls: load.section("tls"),
+            manager: load.section("manager"),
+            kubernetes: load.section("kubernetes"),
+            reload: load.section("reload"),
+            endpoints: load.endpoints(),
+            file: file.clone(),
         };
-        for key in raw.keys() {
-            if ![
-                "proxy",
-                "compute",
-                "local",
-                "limits",
-                "admin",
-                "tls",
-                "manager",
-                "kubernetes",
-                "endpoint",
-            ]
-            .contains(&key.as_str())
-            {
-                errors.push(format!("unknown section or key {key:?}"));
-            }
+        let mut errors = load.finish();
+        config.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
         }
-        let take = |name: &str, errors: &mut Vec<String>| -> Option<toml::Value> {
-            let v = section(name);
-            if !v.is_table() {
-                errors.push(format!("{name}: expected a table"));
-                return None;
-            }
-            Some(v)
-        };
-        let proxy = take("proxy", &mut errors).and_then(|v| {
-            v.try_into::<ProxyConfig>()
-                .map_err(|e| errors.push(format!("[proxy]: {}", e.message())))
-                .ok()
-        });
-        let compute = take("compute", &mut errors).and_then(|v| {
-            v.try_into::<ComputeConfig>()
-                .map_err(|e| errors.push(format!("[compute]: {}", e.message())))
-                .ok()
-        });
-        let local = take("local", &mut errors).and_then(|v| {
-            v.try_into::<LocalConfig>()
-                .map_err(|e| errors.push(format!("[local]: {}", e.message())))
-                .ok()
-        });
-        let limits = take("limits", &mut errors).and_then(|v| {
-            v.try_into::<LimitsConfig>()
-                .map_err(|e| errors.push(format!("[limits]: {}", e.message())))
-                .ok()
-        });
-        let admin = take("admin", &mut errors).and_then(|v| {
-            v.try_into::<AdminConfig>()
-                .map_err(|e| errors.push(format!("[admin]: {}", e.message())))
-                .ok()
-        });
-        let tls = take("tls", &mut errors).and_then(|v| {
-            v.try_into::<TlsConfig>()
-                .map_err(|e| errors.push(format!("[tls]: {}", e.message())))
-                .ok()
-        });
-        let manager = take("manager", &mut errors).and_then(|v| {
-            v.try_into::<ManagerServiceConfig>()
-                .map_err(|e| errors.push(format!("[manager]: {}", e.message())))
-                .ok()
-        });
-        if let Some(c) = &compute {
-            if let Some(u) = &c.manager_url {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    errors.push(format!(
-                        "[compute]: manager_url {u:?} must be an http:// URL"
-                    ));
-                }
-            }
-        }
-        let kubernetes = match raw.get("kubernetes") {
-            None => Some(None),
-            Some(v) => match v.clone().try_into::<KubernetesConfig>() {
-                Ok(k) => {
-                    errors.extend(
-                        k.validate()
-                            .into_iter()
-                            .map(|e| format!("[kubernetes]: {e}")),
-                    );
-                    Some(Some(k))
-                }
-                Err(e) => {
-                    errors.push(format!("[kubernetes]: {}", e.message()));
-                    None
-                }
-            },
-        };
-        if let Some(t) = &tls {
-            errors.extend(t.validate().into_iter().map(|e| format!("[tls]: {e}")));
-        }
-        if let Some(m) = manager.as_ref().filter(|m| m.leader_election) {
-            if !matches!(kubernetes, Some(Some(_))) {
+    }
+
+    /// The checks that need more than one section.
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.manager.leader_election {
+            if self.kubernetes.is_none() {
                 errors.push(
                     "[manager]: leader_election needs a [kubernetes] section (the Lease lives in its namespace)"
                         .into(),
                 );
             }
-            if m.listen.is_none() {
-                errors.push(
-                    "[manager]: leader_election is for compute manager replicas: set listen".into(),
-                );
-            }
-            if compute.as_ref().is_some_and(|c| c.manager_url.is_some()) {
+            if self.compute.manager_url.is_some() {
                 errors.push(
                     "[manager]: leader_election with [compute] manager_url: this pgwake wakes nothing itself"
                         .into(),
                 );
             }
-            // The identity comes from the environment at start; check everything else now.
-            let placeholder = Some("identity-from-hostname".to_string());
-            match m.leader_config(placeholder) {
-                Ok(l) => errors.extend(l.validate().into_iter().map(|e| format!("[manager]: {e}"))),
-                Err(e) => errors.push(e),
-            }
-        }
-        let mut endpoints = Vec::new();
-        match raw.get("endpoint") {
-            None => {}
-            Some(toml::Value::Array(items)) => {
-                for (i, item) in items.iter().enumerate() {
-                    let label = item
-                        .get("id")
-                        .and_then(|v| v.as_str())
-                        .map(|id| format!("[[endpoint]] #{} ({id:?})", i + 1))
-                        .unwrap_or_else(|| format!("[[endpoint]] #{}", i + 1));
-                    if let Some(t) = item.as_table() {
-                        for k in t.keys() {
-                            if !ENDPOINT_KEYS.contains(&k.as_str()) {
-                                errors.push(format!("{label}: unknown key {k:?}"));
-                            }
-                        }
-                    }
-                    match item.clone().try_into::<EndpointConfig>() {
-                        Ok(e) => endpoints.push(e),
-                        Err(e) => errors.push(format!("{label}: {}", e.message())),
-                    }
-                }
-            }
-            Some(_) => errors.push("endpoint: use [[endpoint]] tables".into()),
-        }
-        errors.extend(
-            RoutingTable::validate(&endpoints)
-                .into_iter()
-                .map(|e| e.to_string()),
-        );
-        if let Some(c) = &compute {
-            for (name, d) in [
-                ("wake_timeout", c.wake_timeout),
-                ("idle_timeout", c.idle_timeout),
-                ("activity_interval", c.activity_interval),
-            ] {
-                if d.is_zero() {
-                    errors.push(format!("[compute]: {name} must be more than 0"));
-                }
-            }
-            if c.max_waiting_per_endpoint == 0 {
-                errors.push("[compute]: max_waiting_per_endpoint must be at least 1".into());
-            }
-        }
-        if let Some(p) = &proxy {
-            if p.max_connections == 0 {
-                errors.push("[proxy]: max_connections must be at least 1".into());
-            }
-            if p.startup_timeout.is_zero() {
-                errors.push("[proxy]: startup_timeout must be more than 0".into());
-            }
-            for peer in &p.cancel_peers {
-                let port = peer.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
-                if !matches!(port, Some((h, Ok(_))) if !h.is_empty()) {
-                    errors.push(format!(
-                        "[proxy]: cancel_peers entry {peer:?} is not \"host:port\""
-                    ));
-                }
-            }
-        }
-        if let Some(l) = &limits {
-            if l.connections_per_ip_per_second < 0.0 || l.connections_per_ip_burst < 0.0 {
-                errors.push("[limits]: rates must not be negative".into());
-            }
-        }
-        match (
-            proxy, compute, local, limits, admin, tls, manager, kubernetes,
-        ) {
-            (
-                Some(proxy),
-                Some(compute),
-                Some(local),
-                Some(limits),
-                Some(admin),
-                Some(tls),
-                Some(manager),
-                Some(kubernetes),
-            ) if errors.is_empty() => Ok(Config {
-                proxy,
-                compute,
-                local,
-                limits,
-                admin,
-                tls,
-                manager,
-                kubernetes,
-                endpoints,
-            }),
-            _ => Err(ConfigErrors(errors)),
         }
     }
 }
@@ -594,6 +620,22 @@ mod tests {
             "pod-a"
         );
         assert!(m.leader_config(None).unwrap_err().contains("HOSTNAME"));
+    }
+
+    #[test]
+    fn a_section_left_out_takes_its_defaults() {
+        let c = Config::parse("").unwrap();
+        assert!(c.kubernetes.is_none(), "no [kubernetes]: no backend");
+        let c = Config::parse("[kubernetes]\n").unwrap();
+        assert!(c.kubernetes.is_some(), "an empty [kubernetes] enables it");
+        let e = Config::parse("proxy = 1\nkubernetes = \"x\"\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            e,
+            ["proxy: expected a table", "kubernetes: expected a table"],
+            "{e:?}"
+        );
     }
 
     #[test]

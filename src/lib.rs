@@ -3,27 +3,29 @@
 //! in-process on port 0.
 
 pub mod config;
+pub mod reload;
+mod tasks;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::KubernetesBackend;
 use pgwake_compute_manager::service::LeaderOnly;
 use pgwake_compute_manager::{
-    BackendError, Backends, ComputeBackend, LeaderElector, LeaderError, LeaderState, Leadership,
-    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
+    BackendError, Backends, ComputeBackend, LeaderElector, LeaderState, Leadership, LocalBackend,
+    Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigErrors};
+pub use reload::{ConfigKey, ReloadError};
+use tasks::{Stage, Tasks};
 
 /// How long a manager that starts (or becomes leader) waits for the watched routing table's
 /// first load before adopting the running computes of the endpoints it has so far.
@@ -61,222 +63,60 @@ pub struct Pgwake {
     admin_addr: Option<SocketAddr>,
     cancel_addr: Option<SocketAddr>,
     manager_api_addr: Option<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
-    serve: JoinHandle<()>,
-    /// With `manager_url`: stops the activity reports, and the task that sends them.
-    reports: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     leadership: Leadership,
-    election: Option<Election>,
+    proxy: Arc<Proxy>,
+    /// What this process runs with: the start config with the reloads applied to it.
+    running: Mutex<Config>,
+    tasks: Tasks,
 }
 
-/// The running elector of a manager replica (`[manager] leader_election`).
-struct Election {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), LeaderError>>,
+/// What a [`Pgwake::reload`] changed.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub table: TableDiff,
+    /// Changed keys now in effect.
+    pub applied: Vec<ConfigKey>,
+    /// Changed keys that take effect only after a restart (each logged as a warning).
+    pub needs_restart: Vec<ConfigKey>,
 }
 
 impl Pgwake {
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let registry = prometheus::Registry::new();
-        let table = Arc::new(RoutingTable::new());
-        let diff = table
+        let w = Wiring {
+            config: &config,
+            registry: prometheus::Registry::new(),
+            table: Arc::new(RoutingTable::new()),
+            health: Health::new(),
+            tasks: Tasks::new(),
+        };
+        let diff = w
+            .table
             .replace_all(config.endpoints.clone())
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
-        let health = Health::new();
-        let mut kube_backend = None;
-        let kubernetes = match &config.kubernetes {
-            Some(k) => {
-                let backend = KubernetesBackend::from_env(k.clone()).await?;
-                kube_backend = Some(backend.clone());
-                info!(
-                    namespace = backend.namespace(),
-                    "Kubernetes backend enabled"
-                );
-                if k.watch_endpoints {
-                    let (store, source) = pgwake_router::crd::crd_source(
-                        backend.client(),
-                        backend.namespace(),
-                        k.endpoint_selector.as_deref(),
-                        Arc::clone(&table),
-                    );
-                    tokio::spawn(source);
-                    // Not ready (/readyz 503) until the first list of PgwakeEndpoints is in the
-                    // table: a replica that starts during a rollout, or while the API server is
-                    // unreachable, would otherwise take clients and call their endpoints unknown.
-                    health.set_routes_loaded(false);
-                    let h = Arc::clone(&health);
-                    tokio::spawn(async move {
-                        if store.wait_until_ready().await.is_ok() {
-                            info!("PgwakeEndpoints loaded");
-                            h.set_routes_loaded(true);
-                        }
-                    });
-                }
-                Some(Arc::new(backend) as Arc<dyn ComputeBackend>)
-            }
-            None => None,
-        };
-        let manager = Manager::new(
-            ManagerConfig::from(&config.compute),
-            Backends {
-                local: Some(Arc::clone(&local) as _),
-                kubernetes,
-            },
-            ManagerMetrics::new(&registry)?,
-        );
-        let certs = if config.tls.enabled() {
-            let store = Arc::new(CertStore::load(config.tls.certificates.clone())?);
-            for d in store.uncovered_domains(&config.tls.domains) {
-                warn!(domain = %d, "no certificate covers *.{d}; clients verifying the host name will fail");
-            }
-            Some(store)
-        } else {
-            None
-        };
-        let (reports_stop, reports_stopped) = oneshot::channel::<()>();
-        let mut reports = None;
-        let (leadership, election) = if config.manager.leader_election {
-            let backend = kube_backend
-                .as_ref()
-                .expect("Config::parse requires [kubernetes] for leader election");
-            let cfg = config
-                .manager
-                .leader_config(std::env::var("HOSTNAME").ok())
-                .map_err(StartError::LeaderElection)?;
-            info!(lease = %cfg.lease_name, identity = %cfg.identity, "leader election enabled; standing by until leader");
-            let (elector, leadership) =
-                LeaderElector::new(backend.client(), backend.namespace(), cfg);
-            health.set_standby(true);
-            tokio::spawn(follow_leadership(leadership.clone(), Arc::clone(&health)));
-            let (stop, stopped) = oneshot::channel();
-            let task = tokio::spawn(elector.run(async {
-                let _ = stopped.await;
-            }));
-            (leadership, Some(Election { stop, task }))
-        } else {
-            (Leadership::always(), None)
-        };
-        if config.compute.manager_url.is_none() {
-            // This process's manager is the one that acts: take over the computes the previous
-            // manager left running (Kubernetes ones outlive it), once leader. A proxy that
-            // wakes through a remote manager leaves that to it.
-            let (m, t, l) = (Arc::clone(&manager), Arc::clone(&table), leadership.clone());
-            let routes_loaded = health.watch_routes_loaded();
-            tokio::spawn(async move {
-                m.adopt_when_ready(&t, l, routes_loaded, ADOPT_ROUTES_WAIT)
-                    .await
-            });
-        }
-        let waker: Arc<dyn Waker> = match &config.compute.manager_url {
-            Some(url) => {
-                let remote = Arc::new(
-                    RemoteManager::new(url, config.compute.wake_timeout)
-                        .map_err(|e| StartError::Manager(e.to_string()))?,
-                );
-                info!(%url, replica = remote.replica_id(), "using the shared compute manager");
-                if let Some((interval, idle)) = config.slow_activity_reports() {
-                    warn!(
-                        ?interval,
-                        ?idle,
-                        "activity_interval is more than half the shortest idle_timeout: a new session on a compute that cannot count its clients (Kubernetes) may be suspended before this proxy's first report"
-                    );
-                }
-                // The manager cannot see this proxy's sessions; these reports are how it
-                // learns not to suspend their computes.
-                let (r, interval) = (Arc::clone(&remote), config.compute.activity_interval);
-                reports = Some(tokio::spawn(async move {
-                    r.run_reports(interval, async {
-                        let _ = reports_stopped.await;
-                    })
-                    .await
-                }));
-                remote
-            }
-            None if election.is_some() => Arc::new(LeaderOnly {
-                manager: Arc::clone(&manager),
-                leadership: leadership.clone(),
-            }),
-            None => Arc::new(Arc::clone(&manager)),
-        };
-        let proxy = Proxy::new(ProxyParts {
-            cfg: config.proxy.clone(),
-            table: Arc::clone(&table),
-            manager: waker,
-            metrics: ProxyMetrics::new(&registry)?,
-            limits: config.limits.clone(),
-            health: Arc::clone(&health),
-            tls_cfg: config.tls.clone(),
-            tls: certs.as_ref().map(|s| TlsAcceptor::new(Arc::clone(s))),
-            compute_tls: if config.tls.compute_tls {
-                Some(
-                    pgwake_proxy::tls::client_config(config.tls.compute_ca.as_deref())
-                        .map_err(|e| StartError::Tls(pgwake_proxy::tls::LoadErrors(vec![e])))?,
-                )
-            } else {
-                None
-            },
-        });
-        if let Some(store) = &certs {
-            tokio::spawn(watch_certificates(Arc::downgrade(store)));
-        }
+        let kubernetes = w.kubernetes().await?;
+        let manager = w.manager(&local, kubernetes.as_ref())?;
+        let leadership = w.leader_election(kubernetes.as_ref())?;
+        w.adoption(&manager, &leadership);
+        let waker = w.waker(&manager, &leadership)?;
+        let certs = w.certificates()?;
+        let proxy = w.proxy(waker, certs.as_ref())?;
         let (listener, addr) = bind(config.proxy.listen).await?;
         info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
-        let (tx, rx) = oneshot::channel();
-        let manager_api_addr = match config.manager.listen {
-            Some(a) => {
-                let (l, bound) = bind(a).await?;
-                info!(addr = %bound, "compute manager API listening");
-                tokio::spawn(pgwake_compute_manager::service::serve_api(
-                    l,
-                    Arc::clone(&manager),
-                    Arc::clone(&table),
-                    leadership.clone(),
-                    std::future::pending(),
-                ));
-                Some(bound)
-            }
-            None => None,
-        };
-        let admin_addr = match config.admin.listen {
-            Some(a) => {
-                let (l, bound) = bind(a).await?;
-                info!(addr = %bound, "admin listening (/metrics, /healthz, /readyz)");
-                // Lives until the process exits: health checks must keep answering (readyz
-                // false) for the whole drain.
-                tokio::spawn(pgwake_proxy::admin::serve(
-                    l,
-                    registry.clone(),
-                    Arc::clone(&health),
-                    std::future::pending(),
-                ));
-                Some(bound)
-            }
-            None => None,
-        };
-        // Stops when the main listener's drain ends: the sessions of a draining replica stay
-        // cancellable from the other replicas.
-        let (cancel_stop, cancel_stopped) = oneshot::channel::<()>();
-        let cancel_addr = match config.proxy.cancel_listen {
-            Some(a) => {
-                let (l, bound) = bind(a).await?;
-                info!(addr = %bound, peers = ?config.proxy.cancel_peers, "cancel listener for peer replicas listening");
-                tokio::spawn(Arc::clone(&proxy).serve_cancel_peers(l, async {
-                    let _ = cancel_stopped.await;
-                }));
-                Some(bound)
-            }
-            None => None,
-        };
-        let serve = tokio::spawn(proxy.serve(listener, async {
-            let _ = rx.await;
-        }));
-        let serve = tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                error!(error = %e, "proxy task failed");
-            }
-            let _ = cancel_stop.send(());
+        let manager_api_addr = w.manager_api(&manager, &leadership).await?;
+        let admin_addr = w.admin().await?;
+        let cancel_addr = w.cancel_peers(&proxy).await?;
+        let p = Arc::clone(&proxy);
+        w.tasks.spawn(Stage::Serve, "proxy", |shutdown| {
+            p.serve(listener, shutdown)
         });
+        let Wiring {
+            registry,
+            table,
+            health,
+            tasks,
+            ..
+        } = w;
         Ok(Self {
             table,
             manager,
@@ -288,11 +128,10 @@ impl Pgwake {
             admin_addr,
             cancel_addr,
             manager_api_addr,
-            stop: Some(tx),
-            serve,
-            reports: reports.map(|task| (reports_stop, task)),
             leadership,
-            election,
+            proxy,
+            running: Mutex::new(config),
+            tasks,
         })
     }
 
@@ -327,46 +166,63 @@ impl Pgwake {
         self.manager_api_addr
     }
 
-    /// Re-reads the endpoints from `path`. A file with any error changes nothing, and every
-    /// error is returned (and logged by the caller); live sessions are never touched.
-    pub fn reload(&self, path: &Path) -> Result<TableDiff, ConfigErrors> {
+    /// Re-reads `path`: the endpoint list and every key that can change in a running process
+    /// ([`reload::plan`]). A file with any error, or one that removes too many endpoints, changes
+    /// nothing and is returned as the error (logged by the caller); changed keys that need a
+    /// restart are logged one by one; live sessions are never touched.
+    pub fn reload(&self, path: &Path) -> Result<Reloaded, ReloadError> {
         if let Some(store) = &self.certs {
             match store.reload() {
                 Ok(()) => info!("TLS certificates reloaded"),
                 Err(e) => error!("TLS certificate reload failed; keeping the current ones: {e}"),
             }
         }
-        let config = Config::load(path)?;
-        let diff = self
+        let new = Config::load(path)?;
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = reload::plan(&running, new)?;
+        let table = self
             .table
-            .replace_all(config.endpoints)
+            .replace_all(plan.running.endpoints.clone())
             .map_err(|errs| ConfigErrors(errs.into_iter().map(|e| e.to_string()).collect()))?;
+        self.manager
+            .set_config(ManagerConfig::from(&plan.running.compute));
+        self.proxy.set_limits(plan.running.limits.clone());
+        if let Some(before) = plan.forced {
+            warn!(
+                removed = plan.removed,
+                before,
+                "[reload] force = true: applied a reload that removes more endpoints than max_removed_share allows; remove force again so that a truncated file cannot empty the table"
+            );
+        }
+        for key in &plan.applied {
+            info!(%key, "config change applied");
+        }
+        for key in &plan.needs_restart {
+            warn!(%key, "config change needs a restart to take effect; running with the old value until then");
+        }
         info!(
-            added = diff.added,
-            changed = diff.changed,
-            removed = diff.removed,
-            "routing table reloaded"
+            added = table.added,
+            changed = table.changed,
+            removed = table.removed,
+            applied = plan.applied.len(),
+            needs_restart = plan.needs_restart.len(),
+            "config reloaded"
         );
-        Ok(diff)
+        *running = plan.running;
+        Ok(Reloaded {
+            table,
+            applied: plan.applied,
+            needs_restart: plan.needs_restart,
+        })
     }
 
     /// Stops accepting, lets live sessions finish within the drain timeout, then stops every
-    /// local compute (with a checkpoint).
-    pub async fn shutdown(mut self) {
+    /// local compute (with a checkpoint), then the remaining tasks in their [`Stage`] order.
+    pub async fn shutdown(self) {
         self.health.set_ready(false);
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Err(e) = (&mut self.serve).await {
-            error!(error = %e, "proxy task failed");
-        }
-        // After the drain, so that the last report tells the manager these sessions are gone.
-        if let Some((stop, task)) = self.reports.take() {
-            let _ = stop.send(());
-            if let Err(e) = task.await {
-                error!(error = %e, "activity report task failed");
-            }
-        }
+        self.tasks.stop(Stage::Serve).await;
+        self.tasks.stop(Stage::AfterDrain).await;
+        self.tasks.stop(Stage::Sources).await;
         // Stop the computes that die with this process (local ones; Kubernetes computes keep
         // running for the successor to adopt) while still holding the Lease, and release it
         // only then: a successor that took over earlier could act on computes this one is
@@ -377,14 +233,285 @@ impl Pgwake {
                 error!("lost leadership while suspending computes; leaving them to the new leader");
             }
         }
-        if let Some(e) = self.election.take() {
-            let _ = e.stop.send(());
-            match e.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => error!(error = %e, "leader election"),
-                Err(e) => error!(error = %e, "leader election task failed"),
-            }
+        self.tasks.stop(Stage::Election).await;
+        self.tasks.stop(Stage::Last).await;
+    }
+}
+
+/// What the builders of [`Pgwake::start`] share: each one wires one component and hands its
+/// background tasks to `tasks`.
+struct Wiring<'a> {
+    config: &'a Config,
+    registry: prometheus::Registry,
+    table: Arc<RoutingTable>,
+    health: Arc<Health>,
+    tasks: Tasks,
+}
+
+impl Wiring<'_> {
+    /// The Kubernetes backend (`[kubernetes]`) and, unless `watch_endpoints = false`, the
+    /// `PgwakeEndpoint` routing source.
+    async fn kubernetes(&self) -> Result<Option<KubernetesBackend>, StartError> {
+        let Some(k) = &self.config.kubernetes else {
+            return Ok(None);
+        };
+        let backend = KubernetesBackend::from_env(k.clone()).await?;
+        info!(
+            namespace = backend.namespace(),
+            "Kubernetes backend enabled"
+        );
+        if k.watch_endpoints {
+            let (store, source) = pgwake_router::crd::crd_source(
+                backend.client(),
+                backend.namespace(),
+                k.endpoint_selector.as_deref(),
+                Arc::clone(&self.table),
+            );
+            self.tasks
+                .spawn(Stage::Sources, "endpoint source", |shutdown| async move {
+                    tokio::select! {
+                        _ = source => {}
+                        _ = shutdown => {}
+                    }
+                });
+            // Not ready (/readyz 503) until the first list of PgwakeEndpoints is in the
+            // table: a replica that starts during a rollout, or while the API server is
+            // unreachable, would otherwise take clients and call their endpoints unknown.
+            self.health.set_routes_loaded(false);
+            let h = Arc::clone(&self.health);
+            self.tasks
+                .spawn(Stage::Sources, "endpoints loaded", |shutdown| async move {
+                    tokio::select! {
+                        ready = store.wait_until_ready() => if ready.is_ok() {
+                            info!("PgwakeEndpoints loaded");
+                            h.set_routes_loaded(true);
+                        },
+                        _ = shutdown => {}
+                    }
+                });
         }
+        Ok(Some(backend))
+    }
+
+    fn manager(
+        &self,
+        local: &Arc<LocalBackend>,
+        kubernetes: Option<&KubernetesBackend>,
+    ) -> Result<Arc<Manager>, StartError> {
+        Ok(Manager::new(
+            ManagerConfig::from(&self.config.compute),
+            Backends {
+                local: Some(Arc::clone(local) as _),
+                kubernetes: kubernetes.map(|b| Arc::new(b.clone()) as Arc<dyn ComputeBackend>),
+            },
+            ManagerMetrics::new(&self.registry)?,
+        ))
+    }
+
+    /// `[manager] leader_election`: the elector, and readiness that follows it. Without it
+    /// this process always leads.
+    fn leader_election(
+        &self,
+        kubernetes: Option<&KubernetesBackend>,
+    ) -> Result<Leadership, StartError> {
+        if !self.config.manager.leader_election {
+            return Ok(Leadership::always());
+        }
+        let backend = kubernetes.expect("Config::parse requires [kubernetes] for leader election");
+        let cfg = self
+            .config
+            .manager
+            .leader_config(std::env::var("HOSTNAME").ok())
+            .map_err(StartError::LeaderElection)?;
+        info!(lease = %cfg.lease_name, identity = %cfg.identity, "leader election enabled; standing by until leader");
+        let (elector, leadership) = LeaderElector::new(backend.client(), backend.namespace(), cfg);
+        self.health.set_standby(true);
+        // Ends when the elector does, or with its stage.
+        let (l, h) = (leadership.clone(), Arc::clone(&self.health));
+        self.tasks.spawn(
+            Stage::Election,
+            "readiness follows leadership",
+            |shutdown| async move {
+                tokio::select! {
+                    _ = follow_leadership(l, h) => {}
+                    _ = shutdown => {}
+                }
+            },
+        );
+        self.tasks
+            .spawn(Stage::Election, "leader election", |shutdown| async move {
+                if let Err(e) = elector.run(shutdown).await {
+                    error!(error = %e, "leader election");
+                }
+            });
+        Ok(leadership)
+    }
+
+    /// This process's manager is the one that acts: take over the computes the previous
+    /// manager left running (Kubernetes ones outlive it), once leader. A proxy that wakes
+    /// through a remote manager leaves that to it.
+    fn adoption(&self, manager: &Arc<Manager>, leadership: &Leadership) {
+        if self.config.compute.manager_url.is_some() {
+            return;
+        }
+        let (m, t, l) = (
+            Arc::clone(manager),
+            Arc::clone(&self.table),
+            leadership.clone(),
+        );
+        let routes_loaded = self.health.watch_routes_loaded();
+        self.tasks
+            .spawn(Stage::Sources, "adoption", |shutdown| async move {
+                tokio::select! {
+                    _ = m.adopt_when_ready(&t, l, routes_loaded, ADOPT_ROUTES_WAIT) => {}
+                    _ = shutdown => {}
+                }
+            });
+    }
+
+    /// What the proxy wakes through: the shared manager (`[compute] manager_url`, with the
+    /// activity reports that keep its computes up), or this process's own manager.
+    fn waker(
+        &self,
+        manager: &Arc<Manager>,
+        leadership: &Leadership,
+    ) -> Result<Arc<dyn Waker>, StartError> {
+        let c = &self.config.compute;
+        let Some(url) = &c.manager_url else {
+            return Ok(if self.config.manager.leader_election {
+                Arc::new(LeaderOnly {
+                    manager: Arc::clone(manager),
+                    leadership: leadership.clone(),
+                })
+            } else {
+                Arc::new(Arc::clone(manager))
+            });
+        };
+        let remote = Arc::new(
+            RemoteManager::new(url, c.wake_timeout)
+                .map_err(|e| StartError::Manager(e.to_string()))?,
+        );
+        info!(%url, replica = remote.replica_id(), "using the shared compute manager");
+        if let Some((interval, idle)) = self.config.slow_activity_reports() {
+            warn!(
+                ?interval,
+                ?idle,
+                "activity_interval is more than half the shortest idle_timeout: a new session on a compute that cannot count its clients (Kubernetes) may be suspended before this proxy's first report"
+            );
+        }
+        // The manager cannot see this proxy's sessions; these reports are how it learns not
+        // to suspend their computes.
+        let (r, interval) = (Arc::clone(&remote), c.activity_interval);
+        self.tasks.spawn(
+            Stage::AfterDrain,
+            "activity reports",
+            |shutdown| async move { r.run_reports(interval, shutdown).await },
+        );
+        Ok(remote)
+    }
+
+    /// The certificate store (`[tls]`) and its watcher.
+    fn certificates(&self) -> Result<Option<Arc<CertStore>>, StartError> {
+        let tls = &self.config.tls;
+        if !tls.enabled() {
+            return Ok(None);
+        }
+        let store = Arc::new(CertStore::load(tls.certificates.clone())?);
+        for d in store.uncovered_domains(&tls.domains) {
+            warn!(domain = %d, "no certificate covers *.{d}; clients verifying the host name will fail");
+        }
+        let weak = Arc::downgrade(&store);
+        self.tasks.spawn(
+            Stage::Sources,
+            "certificate watcher",
+            |shutdown| async move {
+                tokio::select! {
+                    _ = watch_certificates(weak) => {}
+                    _ = shutdown => {}
+                }
+            },
+        );
+        Ok(Some(store))
+    }
+
+    fn proxy(
+        &self,
+        waker: Arc<dyn Waker>,
+        certs: Option<&Arc<CertStore>>,
+    ) -> Result<Arc<Proxy>, StartError> {
+        let config = self.config;
+        let compute_tls = if config.tls.compute_tls {
+            Some(
+                pgwake_proxy::tls::client_config(config.tls.compute_ca.as_deref())
+                    .map_err(|e| StartError::Tls(pgwake_proxy::tls::LoadErrors(vec![e])))?,
+            )
+        } else {
+            None
+        };
+        Ok(Proxy::new(ProxyParts {
+            cfg: config.proxy.clone(),
+            table: Arc::clone(&self.table),
+            manager: waker,
+            metrics: ProxyMetrics::new(&self.registry)?,
+            limits: config.limits.clone(),
+            health: Arc::clone(&self.health),
+            tls_cfg: config.tls.clone(),
+            tls: certs.map(|s| TlsAcceptor::new(Arc::clone(s))),
+            compute_tls,
+        }))
+    }
+
+    /// `[manager] listen`: the compute manager's HTTP API for other pgwake proxies.
+    async fn manager_api(
+        &self,
+        manager: &Arc<Manager>,
+        leadership: &Leadership,
+    ) -> Result<Option<SocketAddr>, StartError> {
+        let Some(a) = self.config.manager.listen else {
+            return Ok(None);
+        };
+        let (l, bound) = bind(a).await?;
+        info!(addr = %bound, "compute manager API listening");
+        let (m, t, lead) = (
+            Arc::clone(manager),
+            Arc::clone(&self.table),
+            leadership.clone(),
+        );
+        self.tasks.spawn(Stage::Last, "manager API", |shutdown| {
+            pgwake_compute_manager::service::serve_api(l, m, t, lead, shutdown)
+        });
+        Ok(Some(bound))
+    }
+
+    /// `[admin] listen`. Stopped last: health checks must keep answering (readyz false) for
+    /// the whole drain.
+    async fn admin(&self) -> Result<Option<SocketAddr>, StartError> {
+        let Some(a) = self.config.admin.listen else {
+            return Ok(None);
+        };
+        let (l, bound) = bind(a).await?;
+        info!(addr = %bound, "admin listening (/metrics, /healthz, /readyz)");
+        let (r, h) = (self.registry.clone(), Arc::clone(&self.health));
+        self.tasks.spawn(Stage::Last, "admin", |shutdown| {
+            pgwake_proxy::admin::serve(l, r, h, shutdown)
+        });
+        Ok(Some(bound))
+    }
+
+    /// `[proxy] cancel_listen`. Stops after the drain: the sessions of a draining replica
+    /// stay cancellable from the other replicas.
+    async fn cancel_peers(&self, proxy: &Arc<Proxy>) -> Result<Option<SocketAddr>, StartError> {
+        let Some(a) = self.config.proxy.cancel_listen else {
+            return Ok(None);
+        };
+        let (l, bound) = bind(a).await?;
+        info!(addr = %bound, peers = ?self.config.proxy.cancel_peers, "cancel listener for peer replicas listening");
+        let p = Arc::clone(proxy);
+        self.tasks
+            .spawn(Stage::AfterDrain, "peer cancel listener", |shutdown| {
+                p.serve_cancel_peers(l, shutdown)
+            });
+        Ok(Some(bound))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The pgwake binary: flags, logging, signals. Everything else lives in the libraries.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
@@ -20,6 +20,11 @@ struct Args {
     /// Validate the config file, print every error, and exit.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
+    /// With --check-config: the file the running pgwake was started or last reloaded with.
+    /// Reports what a SIGHUP would apply, what needs a restart, and fails if the reload would
+    /// be refused (too many endpoints removed).
+    #[arg(long, value_name = "FILE", requires = "check_config")]
+    against: Option<PathBuf>,
     /// Override [proxy] listen.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -40,22 +45,11 @@ fn main() -> anyhow::Result<()> {
     }
 
     if let Some(path) = &args.check_config {
-        return match Config::load(path) {
-            Ok(c) => {
-                if c.tls.enabled() {
-                    if let Err(e) = pgwake_proxy::tls::CertStore::load(c.tls.certificates.clone()) {
-                        eprintln!("{}: [tls]: {e}", path.display());
-                        std::process::exit(1);
-                    }
-                }
-                println!("{}: ok ({} endpoints)", path.display(), c.endpoints.len());
-                Ok(())
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        };
+        if let Err(e) = check_config(path, args.against.as_deref()) {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+        return Ok(());
     }
 
     let mut config =
@@ -85,6 +79,51 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(config, args.config))
 }
 
+/// `--check-config FILE [--against RUNNING]`: every error of FILE; with RUNNING, what a reload
+/// from it would do. Warnings go to stderr, the verdict to stdout.
+fn check_config(path: &Path, against: Option<&Path>) -> anyhow::Result<()> {
+    let c = Config::load(path)?;
+    if c.tls.enabled() {
+        pgwake_proxy::tls::CertStore::load(c.tls.certificates.clone())
+            .map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
+    }
+    let endpoints = c.endpoints.len();
+    let watches_crds = c.kubernetes.as_ref().is_some_and(|k| k.watch_endpoints);
+    match against {
+        Some(old) => {
+            let running = Config::load(old)?;
+            let plan = pgwake::reload::plan(&running, c).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: a reload from {} would be refused: {e}",
+                    path.display(),
+                    old.display()
+                )
+            })?;
+            for key in &plan.applied {
+                println!("applied by a reload: {key}");
+            }
+            for key in &plan.needs_restart {
+                eprintln!("warning: {key} changed: takes effect only after a restart");
+            }
+            if let Some(before) = plan.forced {
+                eprintln!(
+                    "warning: removes {} of {before} endpoints, allowed only by [reload] force = true",
+                    plan.removed
+                );
+            }
+        }
+        None if endpoints == 0 && !watches_crds && !c.reload.force => eprintln!(
+            "warning: {}: no [[endpoint]]; a running pgwake refuses to reload it (it would remove \
+             every endpoint) unless [reload] force = true. Compare with the running file: \
+             --check-config NEW --against OLD",
+            path.display()
+        ),
+        None => {}
+    }
+    println!("{}: ok ({endpoints} endpoints)", path.display());
+    Ok(())
+}
+
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let pgwake = Pgwake::start(config).await?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -94,7 +133,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 if let Err(e) = pgwake.reload(&path) {
-                    error!("config reload failed; keeping the current routing table:\n{e}");
+                    error!("config reload refused; keeping the current configuration:\n{e}");
                 }
             }
             _ = term.recv() => break,

@@ -140,6 +140,55 @@ async fn sighup_reloads_endpoints_and_sigterm_stops_cleanly() {
     assert!(!dir.path().join("data/second/postmaster.pid").exists());
 }
 
+/// `--check-config NEW --against RUNNING` tells what a SIGHUP would do before it is sent.
+#[test]
+fn check_config_against_the_running_file() {
+    let dir = tempdir();
+    let (old, new) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
+    let two = format!("{DEMO}[[endpoint]]\nid = \"second\"\nbackend = \"local\"\n");
+    std::fs::write(&old, config_text(dir.path(), "", &two)).unwrap();
+    let check = |against: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pgwake"));
+        c.arg("--check-config").arg(&new);
+        if against {
+            c.arg("--against").arg(&old);
+        }
+        let out = c.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    std::fs::write(&new, "").unwrap();
+    let (ok, text) = check(false);
+    assert!(ok && text.contains("no [[endpoint]]"), "{text}");
+    let (ok, text) = check(true);
+    assert!(
+        !ok && text.contains("would be refused") && text.contains("all 2"),
+        "{text}"
+    );
+
+    let changed = config_text(
+        dir.path(),
+        "[proxy]\nlisten = \"127.0.0.1:1\"\n[compute]\nidle_timeout = \"9s\"",
+        &two,
+    );
+    std::fs::write(&new, changed).unwrap();
+    let (ok, text) = check(true);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("[proxy] listen changed: takes effect only after a restart"),
+        "{text}"
+    );
+    assert!(
+        text.contains("applied by a reload: [compute] idle_timeout"),
+        "{text}"
+    );
+}
+
 /// The real client address through a real haproxy (Debian's package) with `send-proxy-v2`:
 /// pgwake in `required` mode accepts the connection and logs the client's own address, not
 /// haproxy's.

@@ -14,7 +14,7 @@ use crate::{
     WakeError,
 };
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ManagerConfig {
     /// How long a client may be held while its compute starts.
     pub wake_timeout: Duration,
@@ -344,7 +344,8 @@ impl Backends {
 }
 
 pub struct Manager {
-    cfg: ManagerConfig,
+    /// Swapped by [`Manager::set_config`] (a config reload); read once per use.
+    cfg: Mutex<ManagerConfig>,
     backends: Backends,
     slots: DashMap<EndpointId, Arc<Slot>>,
     metrics: ManagerMetrics,
@@ -354,7 +355,7 @@ pub struct Manager {
 impl Manager {
     pub fn new(cfg: ManagerConfig, backends: Backends, metrics: ManagerMetrics) -> Arc<Self> {
         Arc::new(Self {
-            cfg,
+            cfg: Mutex::new(cfg),
             backends,
             slots: DashMap::new(),
             metrics,
@@ -362,8 +363,14 @@ impl Manager {
         })
     }
 
-    pub fn config(&self) -> &ManagerConfig {
-        &self.cfg
+    pub fn config(&self) -> ManagerConfig {
+        *self.cfg.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies from now on: to wakes that begin, starts that follow (a compute keeps the idle
+    /// timeout it started with) and start-rate buckets as they refill.
+    pub fn set_config(&self, cfg: ManagerConfig) {
+        *self.cfg.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
     }
 
     fn slot(&self, id: &EndpointId) -> Arc<Slot> {
@@ -380,7 +387,7 @@ impl Manager {
                     remote: HashMap::new(),
                     idle_since: Instant::now(),
                     attempt: 0,
-                    start_tokens: f64::from(self.cfg.max_starts_per_minute),
+                    start_tokens: f64::from(self.config().max_starts_per_minute),
                     tokens_at: Instant::now(),
                 }),
                 changed: watch::channel(()).0,
@@ -435,7 +442,8 @@ impl Manager {
         started: Instant,
     ) -> Result<Lease, WakeError> {
         let slot = self.slot(&route.endpoint);
-        let deadline = started + self.cfg.wake_timeout;
+        let wake_timeout = self.config().wake_timeout;
+        let deadline = started + wake_timeout;
         let mut rx = slot.changed.subscribe();
         let mut joined: Option<u64> = None;
         let mut waiting: Option<WaitingGuard<'_>> = None;
@@ -460,7 +468,7 @@ impl Manager {
                     _ => {}
                 }
                 if waiting.is_none() {
-                    if st.waiting >= self.cfg.max_waiting_per_endpoint {
+                    if st.waiting >= self.config().max_waiting_per_endpoint {
                         return Err(WakeError::QueueFull);
                     }
                     st.waiting += 1;
@@ -472,7 +480,7 @@ impl Manager {
                 }
                 match st.state {
                     State::Suspended | State::Failed { .. } => {
-                        if !st.take_start_token(self.cfg.max_starts_per_minute) {
+                        if !st.take_start_token(self.config().max_starts_per_minute) {
                             return Err(WakeError::RateLimited);
                         }
                         let attempt = st.begin_start();
@@ -501,7 +509,7 @@ impl Manager {
                 .await
                 .is_err()
             {
-                return Err(WakeError::Timeout(self.cfg.wake_timeout));
+                return Err(WakeError::Timeout(wake_timeout));
             }
         }
     }
@@ -528,14 +536,15 @@ impl Manager {
                 }
                 // A start that outlives every client's wait is pointless and would hold the
                 // endpoint in Starting forever if the backend hangs.
+                let wake_timeout = this.config().wake_timeout;
                 let res = match this.backends.for_spec(&route.backend) {
-                    Ok(backend) => match tokio::time::timeout(this.cfg.wake_timeout, backend.start(&route)).await {
+                    Ok(backend) => match tokio::time::timeout(wake_timeout, backend.start(&route)).await {
                         Ok(r) => r,
-                        Err(_) => Err(BackendError::StartTimeout(this.cfg.wake_timeout)),
+                        Err(_) => Err(BackendError::StartTimeout(wake_timeout)),
                     },
                     Err(e) => Err(e),
                 };
-                let idle_timeout = route.idle_timeout.unwrap_or(this.cfg.idle_timeout);
+                let idle_timeout = route.idle_timeout.unwrap_or(this.config().idle_timeout);
                 let counter = match kind {
                     StartKind::Wake => &this.metrics.starts,
                     StartKind::Adopt => &this.metrics.adoptions,

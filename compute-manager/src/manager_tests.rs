@@ -311,6 +311,34 @@ async fn wake_is_bounded_by_wake_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_new_config_bounds_the_next_wake() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            wake_timeout: Duration::from_secs(600),
+            ..cfg()
+        },
+    );
+    // A config reload shortens it before the wake.
+    m.set_config(ManagerConfig {
+        wake_timeout: Duration::from_secs(5),
+        ..m.config()
+    });
+    let r = route("ep", None);
+    let t0 = Instant::now();
+    let e = m.wake(&r).await.err().unwrap();
+    assert!(
+        matches!(e, WakeError::Timeout(t) if t == Duration::from_secs(5)),
+        "{e:?}"
+    );
+    assert!(t0.elapsed() <= Duration::from_secs(6));
+}
+
+#[tokio::test(start_paused = true)]
 async fn held_queue_is_bounded_and_released_by_dropped_waiters() {
     let b = FakeBackend::new(Script {
         start_delay: Duration::from_secs(1),

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -88,7 +88,8 @@ impl TokenBucket {
 const PRUNE_ABOVE: usize = 10_000;
 
 pub struct Limits {
-    cfg: LimitsConfig,
+    /// Swapped by a config reload ([`Limits::set_config`]); copied out once per check.
+    cfg: RwLock<LimitsConfig>,
     per_ip: DashMap<IpAddr, TokenBucket>,
     last_prune: Mutex<Instant>,
     per_endpoint: DashMap<EndpointId, Arc<AtomicUsize>>,
@@ -124,7 +125,7 @@ impl Drop for EndpointSlot {
 impl Limits {
     pub fn new(cfg: LimitsConfig) -> Self {
         Self {
-            cfg,
+            cfg: RwLock::new(cfg),
             per_ip: DashMap::new(),
             last_prune: Mutex::new(Instant::now()),
             per_endpoint: DashMap::new(),
@@ -132,15 +133,25 @@ impl Limits {
         }
     }
 
+    fn config(&self) -> LimitsConfig {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies to the next check; buckets already filled keep their tokens.
+    pub fn set_config(&self, cfg: LimitsConfig) {
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+    }
+
     /// The cap on connections before their startup, `None` for no cap.
     pub fn max_pending_startups(&self) -> Option<usize> {
-        (self.cfg.max_pending_startups > 0).then_some(self.cfg.max_pending_startups)
+        let max = self.config().max_pending_startups;
+        (max > 0).then_some(max)
     }
 
     /// Takes one of `ip`'s connection places, or `None` if it has `max_connections_per_ip`
     /// open already. Without that limit nothing is counted.
     pub fn acquire_ip(&self, ip: IpAddr) -> Option<IpSlot> {
-        let max = self.cfg.max_connections_per_ip;
+        let max = self.config().max_connections_per_ip;
         if max == 0 {
             return Some(IpSlot(None));
         }
@@ -157,21 +168,22 @@ impl Limits {
         self.per_ip_open.len()
     }
 
-    fn burst(&self) -> f64 {
-        if self.cfg.connections_per_ip_burst >= 1.0 {
-            self.cfg.connections_per_ip_burst
+    fn burst(cfg: &LimitsConfig) -> f64 {
+        if cfg.connections_per_ip_burst >= 1.0 {
+            cfg.connections_per_ip_burst
         } else {
-            self.cfg.connections_per_ip_per_second.max(1.0)
+            cfg.connections_per_ip_per_second.max(1.0)
         }
     }
 
     /// Whether `ip` may open another connection now.
     pub fn admit_ip(&self, ip: IpAddr) -> bool {
-        let rate = self.cfg.connections_per_ip_per_second;
+        let cfg = self.config();
+        let rate = cfg.connections_per_ip_per_second;
         if rate <= 0.0 {
             return true;
         }
-        let burst = self.burst();
+        let burst = Self::burst(&cfg);
         let now = Instant::now();
         let ok = self
             .per_ip
@@ -201,7 +213,7 @@ impl Limits {
         endpoint: &EndpointId,
         route_max: Option<usize>,
     ) -> Option<EndpointSlot> {
-        let max = route_max.unwrap_or(self.cfg.max_connections_per_endpoint);
+        let max = route_max.unwrap_or_else(|| self.config().max_connections_per_endpoint);
         let counter = match self.per_endpoint.get(endpoint) {
             Some(c) => Arc::clone(&c),
             None => Arc::clone(&self.per_endpoint.entry(endpoint.clone()).or_default()),
@@ -295,5 +307,23 @@ mod tests {
         assert!(l.acquire_endpoint(&ep, Some(3)).is_some());
         let other = EndpointId::parse("other").unwrap();
         assert!(l.acquire_endpoint(&other, None).is_some());
+    }
+
+    #[test]
+    fn a_new_config_applies_to_the_next_check() {
+        let l = Limits::new(LimitsConfig::default());
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!((0..5).all(|_| l.admit_ip(ip)), "unlimited");
+        l.set_config(LimitsConfig {
+            max_connections_per_endpoint: 1,
+            connections_per_ip_per_second: 0.001,
+            connections_per_ip_burst: 1.0,
+            ..LimitsConfig::default()
+        });
+        assert!(l.admit_ip(ip));
+        assert!(!l.admit_ip(ip));
+        let ep = EndpointId::parse("ep").unwrap();
+        let _s = l.acquire_endpoint(&ep, None).unwrap();
+        assert!(l.acquire_endpoint(&ep, None).is_none());
     }
 }

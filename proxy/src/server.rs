@@ -23,6 +23,11 @@ use crate::{cancel, conn, fd};
 const ACCEPT_BATCH: usize = 128;
 
 impl Proxy {
+    /// `[limits]` from a reloaded config: applies to the next connection.
+    pub fn set_limits(&self, limits: crate::limits::LimitsConfig) {
+        self.limits.set_config(limits);
+    }
+
     /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
     /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use crate::EndpointId;
 
 /// One `[[endpoint]]` entry of the config file, as written by the user.
-// Unknown keys are caught by the config loader: serde cannot deny them through `flatten`.
+// `deny_unknown_fields` does not work through `flatten`: the backend variants deny the keys
+// that are neither these fields nor their own, so a misspelt key is an error, not a default.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct EndpointConfig {
     pub id: EndpointId,
@@ -29,7 +30,7 @@ pub struct EndpointConfig {
 
 /// How the compute behind an endpoint is run.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase")]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendSpec {
     /// A `postgres` process started by pgwake itself, data dir `<data_root>/<id>`.
     Local {
@@ -397,5 +398,34 @@ mod tests {
             }
         );
         assert!(toml::from_str::<F>("[[endpoint]]\nid = \"Bad\"\nbackend = \"local\"").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        #[derive(Debug, Deserialize)]
+        struct F {
+            #[allow(dead_code)]
+            endpoint: Vec<EndpointConfig>,
+        }
+        let entry = |extra: &str| {
+            toml::from_str::<F>(&format!(
+                "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\nidle_timeout = \"5s\"\n\
+                 allow = [\"10.0.0.0/8\"]\nmax_connections = 3\n{extra}"
+            ))
+        };
+        entry("settings = { work_mem = \"4MB\" }").unwrap();
+        let e = entry("idel_timeout = \"5s\"").unwrap_err().to_string();
+        assert!(e.contains("idel_timeout"), "{e}");
+        // A key of another backend is as wrong as a misspelt one.
+        let e = entry("image = \"postgres:17\"").unwrap_err().to_string();
+        assert!(e.contains("image"), "{e}");
+        let k = "[[endpoint]]\nid = \"k\"\nbackend = \"kubernetes\"\nimage = \"pg\"\n\
+                 port = 5432\ncommand = []\nargs = []\nenv = {}\nenv_secret = \"s\"\n\
+                 requests = {}\nlimits = {}\nstorage = \"1Gi\"\nstorage_class = \"x\"\n\
+                 idle_timeout = \"5s\"\n";
+        toml::from_str::<F>(k).unwrap();
+        let s =
+            "[[endpoint]]\nid = \"s\"\nbackend = \"static\"\naddress = \"h:1\"\nsettings = {}\n";
+        assert!(toml::from_str::<F>(s).is_err());
     }
 }
