@@ -15,6 +15,7 @@ mod metrics;
 pub mod options;
 pub mod passthrough;
 pub mod proxy_protocol;
+pub mod scram;
 mod server;
 mod stream;
 pub mod tls;

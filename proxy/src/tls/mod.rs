@@ -17,7 +17,8 @@
 mod certs;
 mod config;
 mod sni;
-mod x509;
+// scram::tls_server_end_point reads the certificate's signature algorithm.
+pub(crate) mod x509;
 
 #[cfg(test)]
 mod tests;
