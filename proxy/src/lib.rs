@@ -19,6 +19,7 @@ pub mod scram;
 mod server;
 mod stream;
 pub mod tls;
+pub mod verifiers;
 pub mod wire;
 
 pub use admin::Health;
