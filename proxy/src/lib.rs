@@ -18,6 +18,7 @@ pub mod proxy_protocol;
 pub mod scram;
 mod server;
 mod stream;
+pub mod throttle;
 pub mod tls;
 pub mod verifiers;
 pub mod wire;
