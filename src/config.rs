@@ -10,7 +10,8 @@ use pgwake_compute_manager::kubernetes::leader::{
 use pgwake_compute_manager::kubernetes::KubernetesConfig;
 use pgwake_compute_manager::{LeaderConfig, LocalConfig, ManagerConfig};
 use pgwake_proxy::tls::TlsConfig;
-use pgwake_proxy::{LimitsConfig, ProxyConfig};
+use pgwake_proxy::verifiers::EndpointAuth;
+use pgwake_proxy::{AuthConfig, LimitsConfig, ProxyConfig};
 use pgwake_router::{EndpointConfig, RoutingTable};
 use serde::Deserialize;
 
@@ -37,6 +38,12 @@ pub struct Config {
     pub kubernetes: Option<KubernetesConfig>,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointConfig>,
+    /// Logins at the proxy (`[auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The auth keys (`auth`, `roles_file`) of the same `[[endpoint]]` tables.
+    #[serde(skip)]
+    pub endpoint_auth: Vec<EndpointAuth>,
 }
 
 /// The `[admin]` table: the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
@@ -195,6 +202,9 @@ const ENDPOINT_KEYS: &[&str] = &[
     "address",
     "allow",
     "max_connections",
+    // Logins at the proxy (pgwake_proxy::verifiers).
+    "auth",
+    "roles_file",
     // backend = "kubernetes"
     "image",
     "port",
@@ -261,6 +271,7 @@ impl Config {
                 "manager",
                 "kubernetes",
                 "endpoint",
+                "auth",
             ]
             .contains(&key.as_str())
             {
@@ -303,6 +314,11 @@ impl Config {
         let tls = take("tls", &mut errors).and_then(|v| {
             v.try_into::<TlsConfig>()
                 .map_err(|e| errors.push(format!("[tls]: {}", e.message())))
+                .ok()
+        });
+        let auth = take("auth", &mut errors).and_then(|v| {
+            v.try_into::<AuthConfig>()
+                .map_err(|e| errors.push(format!("[auth]: {}", e.message())))
                 .ok()
         });
         let manager = take("manager", &mut errors).and_then(|v| {
@@ -365,6 +381,7 @@ impl Config {
             }
         }
         let mut endpoints = Vec::new();
+        let mut endpoint_auth = Vec::new();
         match raw.get("endpoint") {
             None => {}
             Some(toml::Value::Array(items)) => {
@@ -383,6 +400,10 @@ impl Config {
                     }
                     match item.clone().try_into::<EndpointConfig>() {
                         Ok(e) => endpoints.push(e),
+                        Err(e) => errors.push(format!("{label}: {}", e.message())),
+                    }
+                    match item.clone().try_into::<EndpointAuth>() {
+                        Ok(a) => endpoint_auth.push(a),
                         Err(e) => errors.push(format!("{label}: {}", e.message())),
                     }
                 }
@@ -430,7 +451,7 @@ impl Config {
             }
         }
         match (
-            proxy, compute, local, limits, admin, tls, manager, kubernetes,
+            proxy, compute, local, limits, admin, tls, manager, kubernetes, auth,
         ) {
             (
                 Some(proxy),
@@ -441,6 +462,7 @@ impl Config {
                 Some(tls),
                 Some(manager),
                 Some(kubernetes),
+                Some(auth),
             ) if errors.is_empty() => Ok(Config {
                 proxy,
                 compute,
@@ -451,6 +473,8 @@ impl Config {
                 manager,
                 kubernetes,
                 endpoints,
+                auth,
+                endpoint_auth,
             }),
             _ => Err(ConfigErrors(errors)),
         }

@@ -16,7 +16,8 @@ use pgwake_compute_manager::{
     LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
-use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
+use pgwake_proxy::verifiers::VerifierStore;
+use pgwake_proxy::{Auth, Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -47,6 +48,8 @@ pub enum StartError {
     Manager(String),
     #[error("leader election: {0}")]
     LeaderElection(String),
+    #[error("roles files:\n{}", .0.join("\n"))]
+    Roles(Vec<String>),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -57,6 +60,8 @@ pub struct Pgwake {
     pub registry: prometheus::Registry,
     pub health: Arc<Health>,
     pub certs: Option<Arc<CertStore>>,
+    /// Logins at the proxy; its verifier store is reloaded with the routing table.
+    pub auth: Arc<Auth>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     cancel_addr: Option<SocketAddr>,
@@ -82,6 +87,11 @@ impl Pgwake {
         let diff = table
             .replace_all(config.endpoints.clone())
             .expect("Config::parse validated the endpoints");
+        let verifiers = VerifierStore::new();
+        verifiers
+            .load_config(&config.endpoint_auth)
+            .map_err(StartError::Roles)?;
+        let auth = Auth::new(config.auth.clone(), verifiers, &registry)?;
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
         let health = Health::new();
         let mut kube_backend = None;
@@ -216,6 +226,7 @@ impl Pgwake {
             } else {
                 None
             },
+            auth: Arc::clone(&auth),
         });
         if let Some(store) = &certs {
             tokio::spawn(watch_certificates(Arc::downgrade(store)));
@@ -284,6 +295,7 @@ impl Pgwake {
             registry,
             health,
             certs,
+            auth,
             addr,
             admin_addr,
             cancel_addr,
@@ -337,6 +349,11 @@ impl Pgwake {
             }
         }
         let config = Config::load(path)?;
+        // Roles files first: a bad one keeps both the old verifiers and the old table.
+        self.auth
+            .store()
+            .load_config(&config.endpoint_auth)
+            .map_err(ConfigErrors)?;
         let diff = self
             .table
             .replace_all(config.endpoints)

@@ -36,6 +36,11 @@ pub struct ProxyConfig {
     /// entries, each resolved at forward time (a headless Service name yields every replica).
     #[serde(default)]
     pub cancel_peers: Vec<String>,
+    /// The login exchange at the proxy (SCRAM endpoints), from the first authentication
+    /// request to the proof: a client that stops at the challenge is closed, and never holds
+    /// a compute.
+    #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    pub auth_timeout: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -49,6 +54,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(15)
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
@@ -65,6 +73,7 @@ impl Default for ProxyConfig {
             proxy_protocol: ProxyProtocolMode::Off,
             cancel_listen: None,
             cancel_peers: Vec::new(),
+            auth_timeout: default_auth_timeout(),
         }
     }
 }

@@ -36,6 +36,7 @@ pub struct Proxy {
     pub(crate) tls: Option<TlsAcceptor>,
     pub(crate) tls_cfg: TlsConfig,
     pub(crate) compute_tls: Option<tokio_rustls::TlsConnector>,
+    pub(crate) auth: Arc<crate::login::Auth>,
     sessions: AtomicU64,
     limit: Arc<Semaphore>,
 }
@@ -54,6 +55,8 @@ pub struct ProxyParts {
     pub tls: Option<TlsAcceptor>,
     /// `Some` when `[tls] compute_tls` is on.
     pub compute_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Logins at the proxy (SCRAM endpoints) and their verifiers.
+    pub auth: Arc<crate::login::Auth>,
 }
 
 impl Proxy {
@@ -70,6 +73,7 @@ impl Proxy {
             tls: p.tls,
             tls_cfg: p.tls_cfg,
             compute_tls: p.compute_tls.map(tokio_rustls::TlsConnector::from),
+            auth: p.auth,
             sessions: AtomicU64::new(0),
             limit,
         })

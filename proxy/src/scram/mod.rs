@@ -70,3 +70,18 @@ impl ScramError {
         )
     }
 }
+
+/// Checks a cleartext password (the `endpoint=ID;PASSWORD` fallback, where the client only
+/// answers a cleartext request) by running the client's side of SCRAM with it against the
+/// verifier, so it costs and fails exactly like a SCRAM login. The password itself goes no
+/// further: the compute is logged in to with the returned ClientKey.
+pub fn verify_password(exchange: ServerExchange, password: &[u8]) -> Result<ClientKey, ScramError> {
+    use postgres_protocol::authentication::sasl::{self as pg, ScramSha256};
+    let mut client = ScramSha256::new(password, pg::ChannelBinding::unsupported());
+    let first =
+        exchange.client_first(Mechanism::ScramSha256.name().as_bytes(), client.message())?;
+    client
+        .update(first.message())
+        .map_err(|_| ScramError::AuthFailed)?;
+    Ok(first.client_final(client.message())?.client_key)
+}

@@ -532,3 +532,24 @@ fn tls_server_end_point_hash_follows_the_certificate_signature() {
         assert!(tls_server_end_point(&p256[..n]).is_err(), "prefix {n}");
     }
 }
+
+#[test]
+fn cleartext_password_is_checked_through_scram() {
+    let v = verifier("pw");
+    let key = verify_password(ServerExchange::new(v.clone(), ChannelBinding::None), b"pw").unwrap();
+    let mut login = ComputeLogin::new(key, v.clone());
+    let compute = ServerExchange::new(v.clone(), ChannelBinding::None)
+        .client_first(PLAIN, &login.client_first())
+        .unwrap();
+    let fin = login.server_first(compute.message()).unwrap();
+    compute.client_final(&fin).unwrap();
+    assert_eq!(
+        verify_password(ServerExchange::new(v, ChannelBinding::None), b"nope").unwrap_err(),
+        ScramError::AuthFailed
+    );
+    let mock = MockSecret::from_bytes([1; 32]);
+    assert_eq!(
+        verify_password(mock.exchange("e", "r", ChannelBinding::None), b"pw").unwrap_err(),
+        ScramError::AuthFailed
+    );
+}
