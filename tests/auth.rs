@@ -1,0 +1,223 @@
+//! Logins checked at the proxy before any wake (issue 11), end to end: real computes that
+//! require SCRAM themselves, real clients (tokio-postgres, psql), and the manager's start
+//! count to show that a failed login never woke anything.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+use tokio_postgres::error::SqlState;
+
+const PASSWORD: &str = "sekrit";
+
+/// Writes the role's verifier twice: as initdb's `--pwfile` (Postgres stores a verifier given
+/// as the password unchanged) and as the endpoint's roles file. Returns the config keys.
+fn roles(dir: &Path) -> (String, String) {
+    let verifier = postgres_protocol::password::scram_sha_256(PASSWORD.as_bytes());
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, format!("{verifier}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let roles_file = dir.join("demo.roles");
+    std::fs::write(
+        &roles_file,
+        format!("; pgbouncer auth_file format\n\"postgres\" \"{verifier}\"\n"),
+    )
+    .unwrap();
+    let local = format!(
+        "[local]\nauth = \"scram-sha-256\"\ninitdb_args = [\"--no-sync\", \"--pwfile={}\"]\n",
+        pwfile.display()
+    );
+    let endpoint = format!(
+        "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nroles_file = \"{}\"\n",
+        roles_file.display()
+    );
+    (local, endpoint)
+}
+
+fn conn(env: &Env, endpoint: &str, user: &str, password: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={user} password={password} dbname=postgres options=endpoint={endpoint} connect_timeout=60",
+        env.addr.port()
+    )
+}
+
+/// The error a login gets (code, message), or `None` when it logs in.
+async fn login(conn: &str) -> Option<(String, String)> {
+    match tokio_postgres::connect(conn, tokio_postgres::NoTls).await {
+        Ok((client, c)) => {
+            tokio::spawn(c);
+            let row = client.query_one("select current_user", &[]).await.unwrap();
+            assert_eq!(row.get::<_, String>(0), "postgres");
+            None
+        }
+        Err(e) => {
+            let db = e
+                .as_db_error()
+                .unwrap_or_else(|| panic!("not a server error: {e}"));
+            Some((db.code().code().to_string(), db.message().to_string()))
+        }
+    }
+}
+
+fn starts(env: &Env) -> u64 {
+    env.stats("demo").map_or(0, |s| s.starts)
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn psql_with_password(conn: &str, password: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .arg(conn)
+        .args(["-X", "-A", "-t", "-c", "select current_user"])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "60")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_unknown_role_and_unknown_endpoint_look_the_same_and_wake_nothing() {
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let extra = format!("{local}[auth]\nhide_unknown_endpoints = true\n");
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+
+    let failed = |user: &str| {
+        Some((
+            SqlState::INVALID_PASSWORD.code().to_string(),
+            format!("password authentication failed for user \"{user}\""),
+        ))
+    };
+    assert_eq!(
+        login(&conn(&env, "demo", "postgres", "wrong")).await,
+        failed("postgres")
+    );
+    assert_eq!(
+        login(&conn(&env, "demo", "nobody", PASSWORD)).await,
+        failed("nobody")
+    );
+    assert_eq!(
+        login(&conn(&env, "ghost", "postgres", PASSWORD)).await,
+        failed("postgres")
+    );
+    let out = psql_with_password(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres options=endpoint=demo",
+            env.addr.port()
+        ),
+        "wrong",
+    );
+    assert!(
+        stderr(&out).contains("password authentication failed for user \"postgres\""),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was started: no start counted, no postmaster.
+    assert_eq!(starts(&env), 0);
+    assert!(postmaster_pid(&env.data_dir("demo")).is_none());
+
+    // The right password wakes the compute, and the proxy logs in to it (the compute asks for
+    // SCRAM itself) with the ClientKey from the client's proof.
+    assert_eq!(login(&conn(&env, "demo", "postgres", PASSWORD)).await, None);
+    assert_eq!(starts(&env), 1);
+    let out = psql_with_password(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres options=endpoint=demo",
+            env.addr.port()
+        ),
+        PASSWORD,
+    );
+    assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+
+    let metrics = prometheus::TextEncoder::new()
+        .encode_to_string(&env.pgwake().registry.gather())
+        .unwrap();
+    assert!(
+        metrics.contains("pgwake_auth_failures_total{reason=\"auth_failed\"} 4"),
+        "{metrics}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_throttled_without_a_wake() {
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let extra = format!("{local}[auth.throttle]\nmax_failures_per_ip = 3\n");
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    for _ in 0..3 {
+        let (code, _) = login(&conn(&env, "demo", "postgres", "wrong"))
+            .await
+            .unwrap();
+        assert_eq!(code, "28P01");
+    }
+    // Banned: even the right password is refused, before any SCRAM.
+    let (code, message) = login(&conn(&env, "demo", "postgres", PASSWORD))
+        .await
+        .unwrap();
+    assert_eq!(code, "53300", "{message}");
+    assert_eq!(starts(&env), 0);
+    let metrics = prometheus::TextEncoder::new()
+        .encode_to_string(&env.pgwake().registry.gather())
+        .unwrap();
+    assert!(
+        metrics.contains("pgwake_auth_throttled_total{scope=\"ip\"} 1"),
+        "{metrics}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_channel_binding_require_over_tls_and_the_password_endpoint() {
+    use rcgen::{CertificateParams, KeyPair};
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["*.db.localtest".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let extra = format!(
+        "{local}[tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\ndomains = [\"db.localtest\"]\nallow_password_endpoint = true\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let sni = format!(
+        "host=demo.db.localtest hostaddr=127.0.0.1 port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={} channel_binding=require",
+        env.addr.port(),
+        cert_path.display()
+    );
+    let out = psql_with_password(&sni, "wrong");
+    assert!(
+        stderr(&out).contains("password authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(starts(&env), 0);
+    // SCRAM-SHA-256-PLUS, bound to the certificate the proxy presented.
+    let out = psql_with_password(&sni, PASSWORD);
+    assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+
+    // endpoint=ID;PASSWORD (cleartext over TLS): the password is checked against the verifier.
+    let ip = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+        env.addr.port()
+    );
+    let out = psql_with_password(&ip, "endpoint=demo;wrong");
+    assert!(
+        stderr(&out).contains("password authentication failed for user \"postgres\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = psql_with_password(&ip, &format!("endpoint=demo;{PASSWORD}"));
+    assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+    env.stop().await;
+}
