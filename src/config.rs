@@ -445,6 +445,11 @@ impl Config {
                 }
             }
         }
+        if let Some(a) = &auth {
+            if a.learn_interval.is_zero() {
+                errors.push("[auth]: learn_interval must be more than 0".into());
+            }
+        }
         if let Some(l) = &limits {
             if l.connections_per_ip_per_second < 0.0 || l.connections_per_ip_burst < 0.0 {
                 errors.push("[limits]: rates must not be negative".into());

@@ -3,6 +3,7 @@
 //! in-process on port 0.
 
 pub mod config;
+mod learn;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -62,6 +63,8 @@ pub struct Pgwake {
     pub certs: Option<Arc<CertStore>>,
     /// Logins at the proxy; its verifier store is reloaded with the routing table.
     pub auth: Arc<Auth>,
+    /// Reads the login roles of running local computes (`[auth] learn_interval`).
+    learner: (Arc<learn::Learner>, JoinHandle<()>),
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     cancel_addr: Option<SocketAddr>,
@@ -135,6 +138,15 @@ impl Pgwake {
             },
             ManagerMetrics::new(&registry)?,
         );
+        let learner = Arc::new(learn::Learner {
+            table: Arc::clone(&table),
+            manager: Arc::clone(&manager),
+            local: Arc::clone(&local),
+            store: Arc::clone(auth.store()),
+            interval: config.auth.learn_interval,
+        });
+        learner.load_saved();
+        let learner = (Arc::clone(&learner), tokio::spawn(learner.run()));
         let certs = if config.tls.enabled() {
             let store = Arc::new(CertStore::load(config.tls.certificates.clone())?);
             for d in store.uncovered_domains(&config.tls.domains) {
@@ -296,6 +308,7 @@ impl Pgwake {
             health,
             certs,
             auth,
+            learner,
             addr,
             admin_addr,
             cancel_addr,
@@ -354,6 +367,7 @@ impl Pgwake {
             .store()
             .load_config(&config.endpoint_auth)
             .map_err(ConfigErrors)?;
+        self.learner.0.load_saved();
         let diff = self
             .table
             .replace_all(config.endpoints)
@@ -384,6 +398,10 @@ impl Pgwake {
                 error!(error = %e, "activity report task failed");
             }
         }
+        // Last look at the roles before the computes stop: a role created in a session that
+        // just ended is known at the next wake.
+        self.learner.1.abort();
+        self.learner.0.learn_once().await;
         // Stop the computes that die with this process (local ones; Kubernetes computes keep
         // running for the successor to adopt) while still holding the Lease, and release it
         // only then: a successor that took over earlier could act on computes this one is

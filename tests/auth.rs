@@ -221,3 +221,96 @@ async fn psql_channel_binding_require_over_tls_and_the_password_endpoint() {
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_are_learned_from_the_compute_and_a_new_role_logs_in_after_suspend_and_wake() {
+    use pgwake_proxy::verifiers::Lookup;
+    use pgwake_router::EndpointId;
+    let dir = tempdir();
+    // A cleartext superuser password: pgwake reads the roles with it.
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, format!("{PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let extra = format!(
+        "[local]\nauth = \"scram-sha-256\"\ninitdb_args = [\"--no-sync\", \"--pwfile={}\"]\n[auth]\nlearn_interval = \"50ms\"\n",
+        pwfile.display()
+    );
+    let env = Env::start_in(
+        dir,
+        &extra,
+        "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nauth = \"scram\"\n",
+    )
+    .await;
+    let id = EndpointId::parse("demo").unwrap();
+    let known = |role: &str| {
+        matches!(
+            env.pgwake().auth.store().lookup(&id, role),
+            Some(Lookup::Known(_))
+        )
+    };
+    // Nothing known yet: even the right password is refused, and nothing starts.
+    assert_eq!(
+        login(&conn(&env, "demo", "postgres", PASSWORD))
+            .await
+            .unwrap()
+            .0,
+        "28P01"
+    );
+    assert_eq!(starts(&env), 0);
+
+    // An operator's wake (not a client's): the compute runs and its roles are learned.
+    let route = env.pgwake().table.lookup(&id).unwrap();
+    let lease = env.pgwake().manager.wake(&route).await.unwrap();
+    wait_until(std::time::Duration::from_secs(30), || known("postgres"))
+        .await
+        .expect("the superuser's verifier learned");
+    drop(lease);
+    assert_eq!(login(&conn(&env, "demo", "postgres", PASSWORD)).await, None);
+
+    // A role created in a session is learned while the compute runs...
+    let (client, c) = tokio_postgres::connect(
+        &conn(&env, "demo", "postgres", PASSWORD),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(c);
+    client
+        .batch_execute("create role alice login password 'apw'")
+        .await
+        .unwrap();
+    drop(client);
+    wait_until(std::time::Duration::from_secs(30), || known("alice"))
+        .await
+        .expect("the new role learned");
+    let saved = env.data_dir("demo").with_extension("roles");
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(std::fs::read_to_string(&saved)
+        .unwrap()
+        .contains("\"alice\""));
+
+    // ...and logs in after a suspend, checked before the wake.
+    env.suspend("demo").await;
+    let before = starts(&env);
+    assert_eq!(
+        login(&conn(&env, "demo", "alice", "wrong"))
+            .await
+            .unwrap()
+            .0,
+        "28P01"
+    );
+    assert_eq!(starts(&env), before, "a failed login woke nothing");
+    let (client, c) =
+        tokio_postgres::connect(&conn(&env, "demo", "alice", "apw"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(c);
+    let row = client.query_one("select current_user", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "alice");
+    assert_eq!(starts(&env), before + 1);
+    drop(client);
+    env.stop().await;
+}

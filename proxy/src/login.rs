@@ -31,7 +31,7 @@ use crate::Proxy;
 const MAX_LOGIN_MESSAGE: usize = scram::server::MAX_MESSAGE_LEN + 64;
 
 /// The `[auth]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// An unknown endpoint gets the mock SCRAM exchange and `28P01`, like a wrong password,
@@ -41,6 +41,25 @@ pub struct AuthConfig {
     pub hide_unknown_endpoints: bool,
     #[serde(default)]
     pub throttle: ThrottleConfig,
+    /// How often the login roles of running local computes (`auth = "scram"` endpoints) are
+    /// re-read from `pg_authid`, so a role created or a password changed in a session is
+    /// known before the next suspend.
+    #[serde(default = "d_learn_interval", with = "humantime_serde")]
+    pub learn_interval: std::time::Duration,
+}
+
+fn d_learn_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hide_unknown_endpoints: false,
+            throttle: ThrottleConfig::default(),
+            learn_interval: d_learn_interval(),
+        }
+    }
 }
 
 /// Login state shared by every connection.
@@ -83,6 +102,10 @@ impl Auth {
             failures,
             throttled,
         }))
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.cfg
     }
 
     pub fn store(&self) -> &Arc<VerifierStore> {

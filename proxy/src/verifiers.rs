@@ -237,6 +237,24 @@ impl VerifierStore {
         Ok(())
     }
 
+    /// Endpoints configured with `auth = "scram"`: those whose computes' roles are worth
+    /// learning.
+    pub fn scram_endpoints(&self) -> Vec<EndpointId> {
+        self.entries
+            .iter()
+            .filter(|e| e.mode == Some(AuthMode::Scram))
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// What was learned from `endpoint`'s compute.
+    pub fn learned(&self, endpoint: &EndpointId) -> Arc<RoleMap> {
+        self.entries
+            .get(endpoint)
+            .map(|e| Arc::clone(&e.learned))
+            .unwrap_or_default()
+    }
+
     /// Replaces what was learned from `endpoint`'s compute.
     pub fn set_learned(&self, endpoint: &EndpointId, roles: RoleMap) {
         self.entries.entry(endpoint.clone()).or_default().learned = Arc::new(roles);
