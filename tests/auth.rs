@@ -69,6 +69,28 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `select current_user` with psycopg 3 (libpq underneath); `None` when psycopg is missing
+/// (and `PGWAKE_REQUIRE_DRIVERS` is unset, as in tests/drivers.rs).
+fn psycopg(conninfo: &str) -> Option<std::process::Output> {
+    let script = "import sys, psycopg\n\
+                  with psycopg.connect(sys.argv[1]) as c:\n    \
+                  print(c.execute('select current_user').fetchone()[0])";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, conninfo])
+        .env("PGCONNECT_TIMEOUT", "60")
+        .output()
+        .ok()?;
+    if String::from_utf8_lossy(&out.stderr).contains("No module named 'psycopg'") {
+        assert!(
+            std::env::var_os("PGWAKE_REQUIRE_DRIVERS").is_none(),
+            "psycopg is required but not importable"
+        );
+        eprintln!("SKIPPED: python3 cannot import psycopg");
+        return None;
+    }
+    Some(out)
+}
+
 fn psql_with_password(conn: &str, password: &str) -> std::process::Output {
     std::process::Command::new("psql")
         .arg(conn)
@@ -132,6 +154,10 @@ async fn wrong_password_unknown_role_and_unknown_endpoint_look_the_same_and_wake
         PASSWORD,
     );
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+    let plain = conn(&env, "demo", "postgres", PASSWORD);
+    if let Some(out) = psycopg(&plain) {
+        assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+    }
 
     let metrics = prometheus::TextEncoder::new()
         .encode_to_string(&env.pgwake().registry.gather())
@@ -205,6 +231,9 @@ async fn psql_channel_binding_require_over_tls_and_the_password_endpoint() {
     // SCRAM-SHA-256-PLUS, bound to the certificate the proxy presented.
     let out = psql_with_password(&sni, PASSWORD);
     assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+    if let Some(out) = psycopg(&format!("{sni} password={PASSWORD}")) {
+        assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+    }
 
     // endpoint=ID;PASSWORD (cleartext over TLS): the password is checked against the verifier.
     let ip = format!(
