@@ -343,3 +343,50 @@ async fn roles_are_learned_from_the_compute_and_a_new_role_logs_in_after_suspend
     drop(client);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_failed_logins_is_throttled_other_addresses_are_served_and_nothing_wakes() {
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let env = Env::start_in(dir, &local, &endpoint).await;
+    let cfg: tokio_postgres::Config = conn(&env, "demo", "postgres", "wrong").parse().unwrap();
+    let (mut failed, mut throttled) = (0, 0);
+    for _ in 0..20 {
+        let attempts: Vec<_> = (0..50)
+            .map(|_| {
+                let cfg = cfg.clone();
+                tokio::spawn(async move {
+                    let e = cfg.connect(tokio_postgres::NoTls).await.err().unwrap();
+                    e.as_db_error().map(|d| d.code().code().to_string())
+                })
+            })
+            .collect();
+        for a in attempts {
+            match a.await.unwrap().as_deref() {
+                Some("28P01") => failed += 1,
+                Some("53300") => throttled += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+    }
+    eprintln!("1000 failed logins: {failed} answered 28P01 after SCRAM, {throttled} throttled (53300)");
+    assert_eq!(failed + throttled, 1000);
+    // The default threshold (20 per minute) plus those already past the check when it tripped.
+    assert!(failed < 100, "{failed} SCRAM exchanges run before the ban");
+    assert_eq!(starts(&env), 0, "1,000 failed logins woke nothing");
+
+    // Another client address (127.0.0.2 on loopback) still logs in.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = socket.connect(env.addr).await.unwrap();
+    let good: tokio_postgres::Config = conn(&env, "demo", "postgres", PASSWORD).parse().unwrap();
+    let (client, c) = good
+        .connect_raw(stream, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let row = client.query_one("select 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    assert_eq!(starts(&env), 1);
+    env.stop().await;
+}
