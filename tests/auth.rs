@@ -369,7 +369,9 @@ async fn a_burst_of_failed_logins_is_throttled_other_addresses_are_served_and_no
             }
         }
     }
-    eprintln!("1000 failed logins: {failed} answered 28P01 after SCRAM, {throttled} throttled (53300)");
+    eprintln!(
+        "1000 failed logins: {failed} answered 28P01 after SCRAM, {throttled} throttled (53300)"
+    );
     assert_eq!(failed + throttled, 1000);
     // The default threshold (20 per minute) plus those already past the check when it tripped.
     assert!(failed < 100, "{failed} SCRAM exchanges run before the ban");
