@@ -392,3 +392,37 @@ async fn a_burst_of_failed_logins_is_throttled_other_addresses_are_served_and_no
     assert_eq!(starts(&env), 1);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_at_the_challenge_is_closed_after_auth_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let extra = format!("{local}[proxy]\nauth_timeout = \"300ms\"\nstartup_timeout = \"10s\"\n");
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let mut startup = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [
+            ("user", "postgres"),
+            ("database", "postgres"),
+            ("options", "endpoint=demo"),
+        ],
+        &mut startup,
+    )
+    .unwrap();
+    s.write_all(&startup).await.unwrap();
+    // AuthenticationSASL, then silence from the client.
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!((head[0], &head[5..9]), (b'R', &10i32.to_be_bytes()[..]));
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("closed by auth_timeout, well before startup_timeout")
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(starts(&env), 0);
+    env.stop().await;
+}
