@@ -236,7 +236,14 @@ pub(crate) async fn login(
     };
     let run = async {
         match password {
-            Some(p) => scram::verify_password(exchange, p.as_bytes()).map_err(LoginError::Scram),
+            // Hi() over the verifier's iteration count is milliseconds of CPU: off the runtime.
+            Some(p) => {
+                let p = p.to_string();
+                tokio::task::spawn_blocking(move || scram::verify_password(exchange, p.as_bytes()))
+                    .await
+                    .unwrap_or(Err(ScramError::AuthFailed))
+                    .map_err(LoginError::Scram)
+            }
             None => exchange_with_client(client, exchange, &cb, endpoint).await,
         }
     };
