@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(startup options proxy_header handshake)
+[ ${#targets[@]} -gt 0 ] || targets=(startup options proxy_header handshake scram)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "+ cargo install cargo-fuzz --locked"

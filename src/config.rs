@@ -10,7 +10,8 @@ use pgwake_compute_manager::kubernetes::leader::{
 use pgwake_compute_manager::kubernetes::KubernetesConfig;
 use pgwake_compute_manager::{LeaderConfig, LocalConfig, ManagerConfig};
 use pgwake_proxy::tls::TlsConfig;
-use pgwake_proxy::{LimitsConfig, ProxyConfig};
+use pgwake_proxy::verifiers::EndpointAuth;
+use pgwake_proxy::{AuthConfig, LimitsConfig, ProxyConfig};
 use pgwake_router::{EndpointConfig, RoutingTable};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -34,6 +35,11 @@ pub struct Config {
     /// The file as written (no defaults filled in): a reload compares it key by key to name
     /// what changed.
     pub(crate) file: toml::Table,
+    /// Logins at the proxy (`[auth]`).
+    pub auth: AuthConfig,
+    /// The auth keys (`auth`, `roles_file`) of the `[[endpoint]]` tables, for the proxy's
+    /// verifier store.
+    pub endpoint_auth: Vec<EndpointAuth>,
 }
 
 /// The `[reload]` table. A file cut short while an editor or `cat > file` writes it parses as
@@ -273,6 +279,14 @@ impl Section for LimitsConfig {
 
 impl Section for AdminConfig {}
 
+impl Section for AuthConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.learn_interval.is_zero() {
+            errors.push("learn_interval must be more than 0".into());
+        }
+    }
+}
+
 impl Section for ReloadConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         if !(0.0..=1.0).contains(&self.max_removed_share) {
@@ -442,6 +456,7 @@ impl Config {
     /// A config from a parsed file (`parse` without the TOML syntax step).
     pub(crate) fn from_file(file: toml::Table) -> Result<Self, ConfigErrors> {
         let mut load = Loader::new(&file);
+        let endpoints = load.endpoints();
         let config = Config {
             proxy: load.section("proxy"),
             compute: load.section("compute"),
@@ -452,7 +467,9 @@ impl Config {
             manager: load.section("manager"),
             kubernetes: load.section("kubernetes"),
             reload: load.section("reload"),
-            endpoints: load.endpoints(),
+            auth: load.section("auth"),
+            endpoint_auth: endpoints.iter().map(EndpointAuth::from).collect(),
+            endpoints,
             file: file.clone(),
         };
         let mut errors = load.finish();

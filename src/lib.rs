@@ -3,6 +3,7 @@
 //! in-process on port 0.
 
 pub mod config;
+mod learn;
 pub mod reload;
 mod tasks;
 
@@ -18,7 +19,8 @@ use pgwake_compute_manager::{
     Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
-use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
+use pgwake_proxy::verifiers::VerifierStore;
+use pgwake_proxy::{Auth, Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -49,6 +51,8 @@ pub enum StartError {
     Manager(String),
     #[error("leader election: {0}")]
     LeaderElection(String),
+    #[error("roles files:\n{}", .0.join("\n"))]
+    Roles(Vec<String>),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -59,6 +63,10 @@ pub struct Pgwake {
     pub registry: prometheus::Registry,
     pub health: Arc<Health>,
     pub certs: Option<Arc<CertStore>>,
+    /// Logins at the proxy; its verifier store is reloaded with the routing table.
+    pub auth: Arc<Auth>,
+    /// Reads the login roles of running local computes (`[auth] learn_interval`).
+    learner: Arc<learn::Learner>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     cancel_addr: Option<SocketAddr>,
@@ -96,11 +104,12 @@ impl Pgwake {
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
         let kubernetes = w.kubernetes().await?;
         let manager = w.manager(&local, kubernetes.as_ref())?;
+        let (auth, learner) = w.auth(&manager, &local)?;
         let leadership = w.leader_election(kubernetes.as_ref())?;
         w.adoption(&manager, &leadership);
         let waker = w.waker(&manager, &leadership)?;
         let certs = w.certificates()?;
-        let proxy = w.proxy(waker, certs.as_ref())?;
+        let proxy = w.proxy(waker, certs.as_ref(), &auth)?;
         let (listener, addr) = bind(config.proxy.listen).await?;
         info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
         let manager_api_addr = w.manager_api(&manager, &leadership).await?;
@@ -124,6 +133,8 @@ impl Pgwake {
             registry,
             health,
             certs,
+            auth,
+            learner,
             addr,
             admin_addr,
             cancel_addr,
@@ -180,6 +191,12 @@ impl Pgwake {
         let new = Config::load(path)?;
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let plan = reload::plan(&running, new)?;
+        // Roles files first: a bad one keeps both the old verifiers and the old table.
+        self.auth
+            .store()
+            .load_config(&plan.running.endpoint_auth)
+            .map_err(ConfigErrors)?;
+        self.learner.load_saved();
         let table = self
             .table
             .replace_all(plan.running.endpoints.clone())
@@ -223,6 +240,9 @@ impl Pgwake {
         self.tasks.stop(Stage::Serve).await;
         self.tasks.stop(Stage::AfterDrain).await;
         self.tasks.stop(Stage::Sources).await;
+        // Last look at the roles before the computes stop: a role created in a session that
+        // just ended is known at the next wake.
+        self.learner.learn_once().await;
         // Stop the computes that die with this process (local ones; Kubernetes computes keep
         // running for the successor to adopt) while still holding the Lease, and release it
         // only then: a successor that took over earlier could act on computes this one is
@@ -438,6 +458,7 @@ impl Wiring<'_> {
         &self,
         waker: Arc<dyn Waker>,
         certs: Option<&Arc<CertStore>>,
+        auth: &Arc<Auth>,
     ) -> Result<Arc<Proxy>, StartError> {
         let config = self.config;
         let compute_tls = if config.tls.compute_tls {
@@ -458,7 +479,39 @@ impl Wiring<'_> {
             tls_cfg: config.tls.clone(),
             tls: certs.map(|s| TlsAcceptor::new(Arc::clone(s))),
             compute_tls,
+            auth: Arc::clone(auth),
         }))
+    }
+
+    /// Logins at the proxy: the verifier store (roles files, and what earlier runs learned)
+    /// and the task that keeps learning the roles of running local computes.
+    fn auth(
+        &self,
+        manager: &Arc<Manager>,
+        local: &Arc<LocalBackend>,
+    ) -> Result<(Arc<Auth>, Arc<learn::Learner>), StartError> {
+        let verifiers = VerifierStore::new();
+        verifiers
+            .load_config(&self.config.endpoint_auth)
+            .map_err(StartError::Roles)?;
+        let auth = Auth::new(self.config.auth.clone(), verifiers, &self.registry)?;
+        let learner = Arc::new(learn::Learner {
+            table: Arc::clone(&self.table),
+            manager: Arc::clone(manager),
+            local: Arc::clone(local),
+            store: Arc::clone(auth.store()),
+            interval: self.config.auth.learn_interval,
+        });
+        learner.load_saved();
+        let l = Arc::clone(&learner);
+        self.tasks
+            .spawn(Stage::Sources, "role learner", |shutdown| async move {
+                tokio::select! {
+                    _ = l.run() => {}
+                    _ = shutdown => {}
+                }
+            });
+        Ok((auth, learner))
     }
 
     /// `[manager] listen`: the compute manager's HTTP API for other pgwake proxies.

@@ -135,6 +135,7 @@ pub fn plan(running: &Config, new: Config) -> Result<ReloadPlan, ReloadError> {
         limits: m.limits,
         reload: m.reload,
         endpoints: m.endpoints,
+        endpoint_auth: m.endpoint_auth,
         file: m.file,
         ..running.clone()
     };

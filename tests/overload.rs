@@ -206,7 +206,10 @@ async fn pending_startups_have_their_own_cap() {
             }
             Err((code, message)) => {
                 assert_eq!(code, "53300", "{message}");
-                assert!(tokio::time::Instant::now() < deadline, "places not given back");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "places not given back"
+                );
                 tokio::task::yield_now().await;
             }
         }
@@ -228,7 +231,11 @@ async fn connections_per_ip_are_capped() {
     let refused: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
     assert_eq!(refused.len(), 1, "{answers:?}");
     assert_eq!(refused[0].0, "53300");
-    assert!(refused[0].1.contains("from this address"), "{}", refused[0].1);
+    assert!(
+        refused[0].1.contains("from this address"),
+        "{}",
+        refused[0].1
+    );
     assert_eq!(
         answers.iter().filter(|a| **a == Ok(b'R')).count(),
         2,

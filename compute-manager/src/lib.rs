@@ -9,6 +9,7 @@ pub mod local;
 mod manager;
 mod metrics;
 mod probe;
+pub mod roles;
 pub mod service;
 
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};

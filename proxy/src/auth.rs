@@ -40,6 +40,32 @@ pub(crate) struct ProxyAuth {
     pub password: String,
 }
 
+/// How the proxy answers the compute's authentication request itself.
+pub(crate) enum ComputeCreds {
+    /// The client's cleartext password (`endpoint=ID;PASSWORD` on a passthrough endpoint).
+    Password(ProxyAuth),
+    /// The ClientKey of a client verified at the proxy ([`crate::login`]): SCRAM only.
+    Scram(Box<crate::scram::ComputeLogin>),
+}
+
+impl ComputeCreds {
+    /// The credentials for the compute login after [`crate::login::login`].
+    pub(crate) fn after_login(
+        verified: crate::login::Verified,
+        password: Option<ProxyAuth>,
+    ) -> Option<Self> {
+        match verified {
+            crate::login::Verified::NotChecked => password.map(Self::Password),
+            crate::login::Verified::Scram {
+                client_key,
+                verifier,
+            } => Some(Self::Scram(Box::new(crate::scram::ComputeLogin::new(
+                client_key, verifier,
+            )))),
+        }
+    }
+}
+
 impl std::fmt::Debug for ProxyAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyAuth")
@@ -72,7 +98,7 @@ pub(crate) async fn authenticate<C, K>(
     client: &mut C,
     compute: &mut K,
     mut target: CancelTarget,
-    proxy_auth: Option<ProxyAuth>,
+    mut proxy_auth: Option<ComputeCreds>,
 ) -> Result<AuthOutcome, ProxyError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -107,10 +133,15 @@ where
             }
             b'R' if body.len() >= 4 => {
                 let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                if let Some(creds) = &proxy_auth {
+                if let Some(creds) = &mut proxy_auth {
                     if code != AUTH_OK {
-                        let reply = answer_challenge(creds, code, &body[4..], &mut scram)
-                            .map_err(compute_err)?;
+                        let reply = match creds {
+                            ComputeCreds::Password(creds) => {
+                                answer_challenge(creds, code, &body[4..], &mut scram)
+                            }
+                            ComputeCreds::Scram(login) => answer_with_key(login, code, &body[4..]),
+                        }
+                        .map_err(compute_err)?;
                         if let Some(reply) = reply {
                             compute.write_all(&reply).await.map_err(compute_err)?;
                         }
@@ -199,6 +230,44 @@ fn answer_challenge(
         _ => {
             return Err(invalid(
                 "unsupported authentication method for password forwarding",
+            ))
+        }
+    }
+    Ok(Some(m))
+}
+
+/// The proxy's answer to the compute's authentication request with a verified client's
+/// ClientKey: SCRAM-SHA-256 only (a compute that asks for md5 or cleartext cannot be answered
+/// without the password, which the proxy never has).
+fn answer_with_key(
+    login: &mut crate::scram::ComputeLogin,
+    code: i32,
+    data: &[u8],
+) -> std::io::Result<Option<BytesMut>> {
+    use crate::scram::{sasl, Mechanism};
+    let scram_err =
+        |e: crate::scram::ScramError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut m = BytesMut::new();
+    match code {
+        AUTH_SASL => {
+            if !sasl::parse_mechanisms(data).any(|mech| mech == SCRAM_SHA_256.as_bytes()) {
+                return Err(invalid("compute offers no SCRAM-SHA-256"));
+            }
+            sasl::initial_response(Mechanism::ScramSha256, &login.client_first(), &mut m);
+        }
+        AUTH_SASL_CONTINUE => {
+            let reply = login.server_first(data).map_err(scram_err)?;
+            sasl::response(&reply, &mut m);
+        }
+        AUTH_SASL_FINAL => {
+            login.server_final(data).map_err(scram_err)?;
+            return Ok(None);
+        }
+        _ => {
+            return Err(invalid(
+                "the compute asks for a password method other than SCRAM-SHA-256 for a role \
+                 verified at the proxy (set password_encryption = scram-sha-256 and scram-sha-256 \
+                 in pg_hba.conf)",
             ))
         }
     }

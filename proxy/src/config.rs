@@ -37,6 +37,11 @@ pub struct ProxyConfig {
     /// entries, each resolved at forward time (a headless Service name yields every replica).
     #[serde(default)]
     pub cancel_peers: Vec<String>,
+    /// The login exchange at the proxy (SCRAM endpoints), from the first authentication
+    /// request to the proof: a client that stops at the challenge is closed, and never holds
+    /// a compute.
+    #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    pub auth_timeout: Duration,
     /// TCP keepalive on client sockets, so that a client machine that vanished (powered off,
     /// dropped off the network) ends its session and lets its compute suspend.
     #[serde(default)]
@@ -108,6 +113,9 @@ fn default_connect_timeout() -> Duration {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(15)
+}
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -124,6 +132,7 @@ impl Default for ProxyConfig {
             cancel_listen: None,
             cancel_peers: Vec::new(),
             tcp_keepalive: TcpKeepaliveConfig::default(),
+            auth_timeout: default_auth_timeout(),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info};
 
-use crate::auth::{authenticate, request_password, AuthOutcome, ProxyAuth};
+use crate::auth::{authenticate, request_password, AuthOutcome, ComputeCreds, ProxyAuth};
 use crate::cancel::CancelTarget;
 use crate::error::ProxyError;
 use crate::handshake::{read_startup, take_endpoint, Encryption, First};
@@ -70,6 +70,18 @@ pub(crate) async fn handle(
 
     let (endpoint, proxy_auth) = find_endpoint(proxy, client, &mut startup, sni.as_deref()).await?;
     tracing::Span::current().record("endpoint", endpoint.as_str());
+    // Before the route is used and before any wake: failed logins never reach the manager.
+    let verified = crate::login::login(
+        proxy,
+        client,
+        &endpoint,
+        startup.get("user").unwrap_or_default(),
+        proxy_auth.as_ref().map(|a| a.password.as_str()),
+        client_addr.ip(),
+        sni.as_deref(),
+    )
+    .await?;
+    let proxy_auth = ComputeCreds::after_login(verified, proxy_auth);
 
     let route = proxy
         .table

@@ -77,6 +77,8 @@ pub enum ProxyError {
     TlsRequired,
     #[error("SSLRequest or GSSENCRequest inside TLS")]
     NegotiationInTls,
+    #[error("login: {0}")]
+    Login(#[from] crate::login::LoginError),
     #[error("endpoint {endpoint}: compute protocol: {source}")]
     ComputeProtocol {
         endpoint: EndpointId,
@@ -110,6 +112,7 @@ impl ProxyError {
             | Self::TlsRequired
             | Self::NegotiationInTls => ErrorSource::Client,
             Self::Tls(e) => e.source_side(),
+            Self::Login(_) => ErrorSource::Client,
             Self::Wake { source, .. } => source.source_side(),
             Self::ComputeConnect { .. } | Self::ComputeProtocol { .. } => ErrorSource::Compute,
         }
@@ -126,7 +129,8 @@ impl ProxyError {
             | Self::TooManyFromAddress
             | Self::RateLimited
             | Self::EndpointFull(_)
-            | Self::ClientIo(_) => true,
+            | Self::ClientIo(_)
+            | Self::Login(crate::login::LoginError::Throttled(_)) => true,
             _ => false,
         }
     }
@@ -135,6 +139,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::ClientIo(_) => "client_io",
+            Self::Login(e) => e.kind(),
             Self::ClientGone => "client_gone",
             Self::StartupTimeout => "startup_timeout",
             Self::Wire(_) | Self::NegotiationLoop => "protocol",
@@ -178,6 +183,11 @@ impl ProxyError {
             | Self::ProxyHeader(_)
             | Self::Tls(_) => None,
             Self::Sni(e) => r("08004", format!("{e}"), None),
+            Self::Login(e) => e.client_response().map(|(sqlstate, message, hint)| ClientResponse {
+                sqlstate,
+                message,
+                hint,
+            }),
             Self::EndpointConflict { sni, options } => r(
                 "08004",
                 format!(

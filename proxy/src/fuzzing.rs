@@ -147,3 +147,78 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
     RT.with(|rt| rt.block_on(f))
 }
+
+/// The SCRAM parsers (`scram`, `verifiers`) on arbitrary bytes. The first byte picks the
+/// parser; for the exchanges, a NUL splits the first message from the second. Verifiers must
+/// roundtrip through their text form.
+pub fn scram(data: &[u8]) {
+    use crate::scram::{sasl, ChannelBinding, ClientKey, ComputeLogin, ServerExchange, Verifier};
+    // A fixed verifier (password "pencil"): the exchanges run deterministically.
+    const VERIFIER: &str = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$\
+        WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let (first, second) = match rest.iter().position(|&b| b == 0) {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let verifier: Verifier = VERIFIER.parse().expect("fixed verifier");
+    match mode % 5 {
+        0 => {
+            if let Ok(v) = String::from_utf8_lossy(rest).parse::<Verifier>() {
+                assert_eq!(
+                    v.to_string().parse::<Verifier>(),
+                    Ok(v),
+                    "verifier roundtrip"
+                );
+            }
+        }
+        1 => {
+            let _ = crate::verifiers::parse_roles_file(&String::from_utf8_lossy(rest));
+        }
+        2 => {
+            let cb = if mode & 0x80 == 0 {
+                ChannelBinding::None
+            } else {
+                ChannelBinding::TlsServerEndPoint(vec![7; 32])
+            };
+            let mechanism: &[u8] = if mode & 0x40 == 0 {
+                b"SCRAM-SHA-256"
+            } else {
+                b"SCRAM-SHA-256-PLUS"
+            };
+            if let Ok(f) = ServerExchange::new(verifier, cb).client_first_with_nonce(
+                mechanism,
+                first,
+                "fuzzfuzzfuzzfuzzfuzzfuzz",
+            ) {
+                let _ = f.client_final(second);
+            }
+        }
+        3 => {
+            if let Ok((mechanism, data)) = sasl::parse_initial_response(rest) {
+                if let Some(m) = crate::scram::Mechanism::from_name(mechanism) {
+                    let mut buf = BytesMut::new();
+                    sasl::initial_response(m, data, &mut buf);
+                    assert_eq!(
+                        sasl::parse_initial_response(&buf[5..]),
+                        Ok((mechanism, data)),
+                        "SASLInitialResponse roundtrip"
+                    );
+                }
+            }
+            let _ = sasl::parse_mechanisms(rest).count();
+        }
+        _ => {
+            let mut login = ComputeLogin::with_nonce(
+                ClientKey::new([1; 32]),
+                verifier,
+                "fuzzfuzzfuzzfuzzfuzzfuzz".into(),
+            );
+            if login.server_first(first).is_ok() {
+                let _ = login.server_final(second);
+            }
+        }
+    }
+}

@@ -27,6 +27,7 @@ pub struct Proxy {
     pub(crate) tls: Option<TlsAcceptor>,
     pub(crate) tls_cfg: TlsConfig,
     pub(crate) compute_tls: Option<tokio_rustls::TlsConnector>,
+    pub(crate) auth: Arc<crate::login::Auth>,
     pub(crate) sessions: AtomicU64,
     /// Sessions (connections past their startup), `[proxy] max_connections`.
     pub(crate) limit: Arc<Semaphore>,
@@ -49,6 +50,8 @@ pub struct ProxyParts {
     pub tls: Option<TlsAcceptor>,
     /// `Some` when `[tls] compute_tls` is on.
     pub compute_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Logins at the proxy (SCRAM endpoints) and their verifiers.
+    pub auth: Arc<crate::login::Auth>,
 }
 
 impl Proxy {
@@ -72,6 +75,7 @@ impl Proxy {
             tls: p.tls,
             tls_cfg: p.tls_cfg,
             compute_tls: p.compute_tls.map(tokio_rustls::TlsConnector::from),
+            auth: p.auth,
             sessions: AtomicU64::new(0),
             limit,
             pending: Arc::new(Semaphore::new(pending_total as usize)),

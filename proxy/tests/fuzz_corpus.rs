@@ -47,3 +47,8 @@ fn proxy_header_corpus() {
 fn handshake_corpus() {
     replay("handshake", pgwake_proxy::fuzzing::handshake);
 }
+
+#[test]
+fn scram_corpus() {
+    replay("scram", pgwake_proxy::fuzzing::scram);
+}

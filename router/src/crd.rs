@@ -263,6 +263,8 @@ impl PgwakeEndpoint {
             idle_timeout,
             allow,
             max_connections: spec.max_connections.map(|n| n as usize),
+            auth: None,
+            roles_file: None,
         })
     }
 }

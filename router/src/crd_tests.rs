@@ -176,6 +176,8 @@ fn sync_never_touches_endpoints_of_the_config_file() {
             idle_timeout: None,
             allow: vec![],
             max_connections: None,
+            auth: None,
+            roles_file: None,
         }])
         .unwrap();
     let mut sync = CrdSync::new();

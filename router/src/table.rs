@@ -26,6 +26,23 @@ pub struct EndpointConfig {
     /// Client connections to this endpoint at once; unset uses the global per-endpoint limit.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// How clients log in (checked by the proxy before any wake); unset: `scram` when
+    /// `roles_file` is set, else `passthrough`.
+    #[serde(default)]
+    pub auth: Option<AuthMode>,
+    /// SCRAM verifiers of the roles that may log in, in pgbouncer's `auth_file` format.
+    #[serde(default)]
+    pub roles_file: Option<std::path::PathBuf>,
+}
+
+/// How an endpoint authenticates clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// SCRAM at the proxy with the endpoint's verifiers, before any wake.
+    Scram,
+    /// No check at the proxy: the compute authenticates, after the wake.
+    Passthrough,
 }
 
 /// How the compute behind an endpoint is run.
@@ -257,6 +274,8 @@ mod tests {
             idle_timeout: None,
             allow: Vec::new(),
             max_connections: None,
+            auth: None,
+            roles_file: None,
         }
     }
 

@@ -17,7 +17,8 @@
 mod certs;
 mod config;
 mod sni;
-mod x509;
+// scram::tls_server_end_point reads the certificate's signature algorithm.
+pub(crate) mod x509;
 
 #[cfg(test)]
 mod tests;
@@ -256,16 +257,34 @@ impl<IO> fmt::Debug for TlsSession<IO> {
 #[derive(Clone)]
 pub struct TlsAcceptor {
     config: Arc<ServerConfig>,
+    /// The certificates behind `config`, when it is [`server_config`]: SCRAM channel binding
+    /// needs the one a handshake presented.
+    store: Option<Arc<CertStore>>,
 }
 
 impl TlsAcceptor {
     /// An acceptor with [`server_config`] over `store`.
     pub fn new(store: Arc<CertStore>) -> Self {
-        Self::with_config(server_config(store))
+        Self {
+            config: server_config(Arc::clone(&store)),
+            store: Some(store),
+        }
     }
 
     pub fn with_config(config: Arc<ServerConfig>) -> Self {
-        Self { config }
+        Self {
+            config,
+            store: None,
+        }
+    }
+
+    /// `tls-server-end-point` channel binding data of the leaf certificate a handshake with
+    /// this SNI presents; `None` when unknown or when its signature algorithm has no usable
+    /// hash (then SCRAM-SHA-256-PLUS is not offered). A certificate reload between the
+    /// handshake and this call makes a binding client fail once; a retry gets the new one.
+    pub fn channel_binding(&self, sni: Option<&str>) -> Option<Vec<u8>> {
+        let key = self.store.as_ref()?.certificate_for(sni);
+        crate::scram::tls_server_end_point(key.cert.first()?).ok()
     }
 
     pub fn config(&self) -> &Arc<ServerConfig> {

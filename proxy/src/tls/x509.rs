@@ -169,6 +169,17 @@ pub(crate) fn cert_names(der: &[u8]) -> Result<CertNames, DerError> {
     Ok(names)
 }
 
+/// The signature algorithm (OID contents) of a DER certificate: what RFC 5929's
+/// `tls-server-end-point` channel binding picks its hash from.
+pub(crate) fn signature_algorithm(der: &[u8]) -> Result<&[u8], DerError> {
+    let mut outer = Der::new(der);
+    let cert = outer.expect(TAG_SEQUENCE, "not a certificate (no outer SEQUENCE)")?;
+    let mut cert = Der::new(cert);
+    cert.expect(TAG_SEQUENCE, "no TBSCertificate")?;
+    let alg = cert.expect(TAG_SEQUENCE, "no signature algorithm")?;
+    Der::new(alg).expect(TAG_OID, "signature algorithm without id")
+}
+
 fn read_subject_alt_name(value: &[u8], names: &mut CertNames) -> Result<(), DerError> {
     let general_names = Der::new(value).expect(TAG_SEQUENCE, "bad subjectAltName")?;
     let mut general_names = Der::new(general_names);

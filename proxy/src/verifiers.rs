@@ -1,0 +1,412 @@
+//! Which roles may log in to which endpoint, and with what SCRAM verifier: the proxy checks
+//! passwords with these before it wakes anything.
+//!
+//! Sources per endpoint, merged at lookup:
+//! - `[[endpoint]] roles_file = "..."`: a file in pgbouncer's `auth_file` format, re-read with
+//!   the routing table (SIGHUP);
+//! - learned from the compute itself (`pg_authid`, local backend), which wins over the file
+//!   for a role both have: it is what the compute will accept.
+//!
+//! `auth = "passthrough"` keeps the old behaviour for an endpoint: no check at the proxy, the
+//! compute authenticates (needed for `trust` demos). The default is `scram` for an endpoint
+//! with a `roles_file` and `passthrough` otherwise; see [`EndpointAuth::mode`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use pgwake_router::{EndpointConfig, EndpointId};
+use serde::Deserialize;
+
+use crate::scram::{Verifier, VerifierError};
+
+/// Largest roles file read; a real one is a few KiB.
+pub const MAX_ROLES_FILE: u64 = 16 * 1024 * 1024;
+/// Longest role name PostgreSQL allows (NAMEDATALEN - 1).
+pub const MAX_ROLE_LEN: usize = 63;
+
+pub use pgwake_router::AuthMode;
+
+/// The auth keys of one `[[endpoint]]` table (the router reads the rest of it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct EndpointAuth {
+    pub id: EndpointId,
+    #[serde(default)]
+    pub auth: Option<AuthMode>,
+    #[serde(default)]
+    pub roles_file: Option<PathBuf>,
+}
+
+impl From<&EndpointConfig> for EndpointAuth {
+    fn from(e: &EndpointConfig) -> Self {
+        Self {
+            id: e.id.clone(),
+            auth: e.auth,
+            roles_file: e.roles_file.clone(),
+        }
+    }
+}
+
+impl EndpointAuth {
+    /// `auth` as written, else `scram` when the endpoint has a roles file to check against,
+    /// else `passthrough` (so existing configs, the `trust` demo among them, keep working).
+    pub fn mode(&self) -> AuthMode {
+        self.auth.unwrap_or(if self.roles_file.is_some() {
+            AuthMode::Scram
+        } else {
+            AuthMode::Passthrough
+        })
+    }
+}
+
+/// Role name → verifier.
+pub type RoleMap = HashMap<String, Verifier>;
+
+/// A problem in a roles file. Never contains a verifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RolesFileError {
+    #[error("{path}: {error}")]
+    Read { path: PathBuf, error: String },
+    #[error("{path}: larger than {MAX_ROLES_FILE} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("line {line}: expected \"role\" \"SCRAM-SHA-256$...\"")]
+    Syntax { line: usize },
+    #[error("line {line}: role name is empty or longer than {MAX_ROLE_LEN} bytes")]
+    RoleName { line: usize },
+    #[error("line {line}: role {role:?}: {error}")]
+    Verifier {
+        line: usize,
+        role: String,
+        error: VerifierError,
+    },
+    #[error("line {line}: role {role:?} is listed twice")]
+    Duplicate { line: usize, role: String },
+}
+
+/// Parses pgbouncer's `auth_file` format: `"role" "verifier"` per line (a `"` inside a field is
+/// written `""`), blank lines and lines starting with `;` or `#` ignored. Every bad line is
+/// reported.
+pub fn parse_roles_file(text: &str) -> Result<RoleMap, Vec<RolesFileError>> {
+    let mut roles = RoleMap::new();
+    let mut errors = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with(';') || l.starts_with('#') {
+            continue;
+        }
+        let Some((role, rest)) = quoted(l) else {
+            errors.push(RolesFileError::Syntax { line });
+            continue;
+        };
+        let Some((secret, rest)) = quoted(rest.trim_start()) else {
+            errors.push(RolesFileError::Syntax { line });
+            continue;
+        };
+        // pgbouncer allows more fields after the password; nothing here uses them.
+        if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+            errors.push(RolesFileError::Syntax { line });
+            continue;
+        }
+        if role.is_empty() || role.len() > MAX_ROLE_LEN {
+            errors.push(RolesFileError::RoleName { line });
+            continue;
+        }
+        match secret.parse::<Verifier>() {
+            Ok(v) => {
+                if roles.insert(role.clone(), v).is_some() {
+                    errors.push(RolesFileError::Duplicate { line, role });
+                }
+            }
+            Err(error) => errors.push(RolesFileError::Verifier { line, role, error }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(roles)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A `"..."` field at the start of `s` (with `""` for a quote) and what follows it.
+fn quoted(s: &str) -> Option<(String, &str)> {
+    let mut rest = s.strip_prefix('"')?;
+    let mut out = String::new();
+    loop {
+        let end = rest.find('"')?;
+        out.push_str(&rest[..end]);
+        rest = &rest[end + 1..];
+        match rest.strip_prefix('"') {
+            Some(after) => {
+                out.push('"');
+                rest = after;
+            }
+            None => return Some((out, rest)),
+        }
+    }
+}
+
+/// Reads and parses a roles file, refusing oversized ones before reading them.
+pub fn read_roles_file(path: &Path) -> Result<RoleMap, Vec<RolesFileError>> {
+    let read_err = |e: std::io::Error| {
+        vec![RolesFileError::Read {
+            path: path.to_owned(),
+            error: e.to_string(),
+        }]
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_ROLES_FILE {
+        return Err(vec![RolesFileError::TooLarge {
+            path: path.to_owned(),
+        }]);
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    parse_roles_file(&text).map_err(|errs| {
+        errs.into_iter()
+            .map(|e| RolesFileError::Read {
+                path: path.to_owned(),
+                error: e.to_string(),
+            })
+            .collect()
+    })
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    mode: Option<AuthMode>,
+    file: Arc<RoleMap>,
+    learned: Arc<RoleMap>,
+}
+
+/// What the proxy knows about a login before running SCRAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// No check at the proxy.
+    Passthrough,
+    /// Check against this verifier.
+    Known(Verifier),
+    /// SCRAM endpoint, but no such role: run the mock exchange.
+    UnknownRole,
+}
+
+/// Verifiers of every endpoint. Lookups are lock-free (sharded map, `Arc`ed role maps).
+#[derive(Debug, Default)]
+pub struct VerifierStore {
+    entries: DashMap<EndpointId, Entry>,
+}
+
+impl VerifierStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Makes the configured endpoints exactly `configs` (their modes and roles files), reading
+    /// every roles file first: on any error nothing changes and every error is returned.
+    /// Learned verifiers are kept.
+    pub fn load_config(&self, configs: &[EndpointAuth]) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut files = Vec::with_capacity(configs.len());
+        for c in configs {
+            match &c.roles_file {
+                Some(path) => match read_roles_file(path) {
+                    Ok(map) => files.push(Arc::new(map)),
+                    Err(errs) => errors.extend(
+                        errs.into_iter()
+                            .map(|e| format!("endpoint {:?}: roles_file {e}", c.id.as_str())),
+                    ),
+                },
+                None => files.push(Arc::default()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let keep: std::collections::HashSet<&EndpointId> = configs.iter().map(|c| &c.id).collect();
+        for (c, file) in configs.iter().zip(files) {
+            let mut e = self.entries.entry(c.id.clone()).or_default();
+            e.mode = Some(c.mode());
+            e.file = file;
+        }
+        self.entries.retain(|id, e| {
+            if !keep.contains(id) {
+                e.mode = None;
+                e.file = Arc::default();
+            }
+            // Learned verifiers outlive a config reload (the compute still has the roles).
+            !e.learned.is_empty() || e.mode.is_some()
+        });
+        Ok(())
+    }
+
+    /// Endpoints configured with `auth = "scram"`: those whose computes' roles are worth
+    /// learning.
+    pub fn scram_endpoints(&self) -> Vec<EndpointId> {
+        self.entries
+            .iter()
+            .filter(|e| e.mode == Some(AuthMode::Scram))
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// What was learned from `endpoint`'s compute.
+    pub fn learned(&self, endpoint: &EndpointId) -> Arc<RoleMap> {
+        self.entries
+            .get(endpoint)
+            .map(|e| Arc::clone(&e.learned))
+            .unwrap_or_default()
+    }
+
+    /// Replaces what was learned from `endpoint`'s compute.
+    pub fn set_learned(&self, endpoint: &EndpointId, roles: RoleMap) {
+        self.entries.entry(endpoint.clone()).or_default().learned = Arc::new(roles);
+    }
+
+    /// How to check `role` at `endpoint`; `None` when the store has no entry for the endpoint
+    /// at all (not in the config file, never learned: an endpoint from another source).
+    pub fn lookup(&self, endpoint: &EndpointId, role: &str) -> Option<Lookup> {
+        let e = self.entries.get(endpoint)?;
+        if e.mode == Some(AuthMode::Passthrough) {
+            return Some(Lookup::Passthrough);
+        }
+        e.mode?;
+        Some(match e.learned.get(role).or_else(|| e.file.get(role)) {
+            Some(v) => Lookup::Known(v.clone()),
+            None => Lookup::UnknownRole,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(pw: &str) -> String {
+        postgres_protocol::password::scram_sha_256(pw.as_bytes())
+    }
+
+    fn id(s: &str) -> EndpointId {
+        EndpointId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_pgbouncer_auth_file() {
+        let (a, b) = (v("a"), v("b"));
+        let text =
+            format!("; comment\n# another\n\n\"alice\" \"{a}\"\n  \"bo\"\"b\"   \"{b}\" \"\"\n");
+        let roles = parse_roles_file(&text).unwrap();
+        assert_eq!(roles.len(), 2);
+        assert_eq!(roles["alice"].to_string(), a);
+        assert_eq!(roles["bo\"b"].to_string(), b);
+    }
+
+    #[test]
+    fn every_bad_line_is_reported_without_secrets() {
+        let a = v("a");
+        let text = format!(
+            "alice {a}\n\"alice\" \"md5abc\"\n\"\" \"{a}\"\n\"x\" \"{a}\"\n\"x\" \"{a}\"\n\"open\n\"y\" \"{a}\"junk\n"
+        );
+        let errs = parse_roles_file(&text).unwrap_err();
+        let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 6, "{lines:#?}");
+        assert!(matches!(errs[0], RolesFileError::Syntax { line: 1 }));
+        assert!(matches!(
+            errs[1],
+            RolesFileError::Verifier {
+                line: 2,
+                error: VerifierError::NotScram,
+                ..
+            }
+        ));
+        assert!(matches!(errs[2], RolesFileError::RoleName { line: 3 }));
+        assert!(matches!(errs[3], RolesFileError::Duplicate { line: 5, .. }));
+        assert!(matches!(errs[4], RolesFileError::Syntax { line: 6 }));
+        assert!(matches!(errs[5], RolesFileError::Syntax { line: 7 }));
+        for l in lines {
+            assert!(!l.contains("SCRAM-SHA-256$4096"), "{l}");
+        }
+    }
+
+    #[test]
+    fn default_mode_keeps_configs_without_roles_working() {
+        let e = |auth, roles_file: Option<&str>| EndpointAuth {
+            id: id("e"),
+            auth,
+            roles_file: roles_file.map(PathBuf::from),
+        };
+        assert_eq!(e(None, None).mode(), AuthMode::Passthrough);
+        assert_eq!(e(None, Some("r")).mode(), AuthMode::Scram);
+        assert_eq!(e(Some(AuthMode::Scram), None).mode(), AuthMode::Scram);
+        assert_eq!(
+            e(Some(AuthMode::Passthrough), Some("r")).mode(),
+            AuthMode::Passthrough
+        );
+        // Parsed from a whole [[endpoint]] table, whose other keys belong to the router.
+        let t: EndpointAuth = toml::from_str(
+            "id = \"e\"\nbackend = \"local\"\nauth = \"scram\"\nroles_file = \"/x\"",
+        )
+        .unwrap();
+        assert_eq!(t.mode(), AuthMode::Scram);
+        assert!(toml::from_str::<EndpointAuth>("id = \"e\"\nauth = \"md5\"").is_err());
+    }
+
+    #[test]
+    fn store_reload_is_all_or_nothing_and_learned_roles_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roles");
+        std::fs::write(&path, format!("\"alice\" \"{}\"\n", v("file"))).unwrap();
+        let store = VerifierStore::new();
+        let cfg = |roles_file: Option<PathBuf>, auth| EndpointAuth {
+            id: id("e"),
+            auth,
+            roles_file,
+        };
+        store.load_config(&[cfg(Some(path.clone()), None)]).unwrap();
+        let Some(Lookup::Known(file_v)) = store.lookup(&id("e"), "alice") else {
+            panic!()
+        };
+        assert_eq!(store.lookup(&id("e"), "bob"), Some(Lookup::UnknownRole));
+        assert_eq!(store.lookup(&id("other"), "alice"), None);
+
+        // A broken file changes nothing.
+        std::fs::write(&path, "garbage\n").unwrap();
+        let errs = store
+            .load_config(&[cfg(Some(path.clone()), None)])
+            .unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            store.lookup(&id("e"), "alice"),
+            Some(Lookup::Known(file_v.clone()))
+        );
+        let missing = store
+            .load_config(&[cfg(Some(dir.path().join("nope")), None)])
+            .unwrap_err();
+        assert_eq!(missing.len(), 1);
+
+        // Learned verifiers win for the same role and add new ones.
+        let learned: Verifier = v("learned").parse().unwrap();
+        store.set_learned(
+            &id("e"),
+            RoleMap::from([
+                ("alice".into(), learned.clone()),
+                ("bob".into(), learned.clone()),
+            ]),
+        );
+        assert_eq!(
+            store.lookup(&id("e"), "alice"),
+            Some(Lookup::Known(learned.clone()))
+        );
+        assert_eq!(
+            store.lookup(&id("e"), "bob"),
+            Some(Lookup::Known(learned.clone()))
+        );
+
+        store
+            .load_config(&[cfg(None, Some(AuthMode::Passthrough))])
+            .unwrap();
+        assert_eq!(store.lookup(&id("e"), "alice"), Some(Lookup::Passthrough));
+        // Removed from the config: no mode, so no answer (the caller decides).
+        store.load_config(&[]).unwrap();
+        assert_eq!(store.lookup(&id("e"), "alice"), None);
+    }
+}
