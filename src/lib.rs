@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::KubernetesBackend;
-use pgwake_compute_manager::service::LeaderOnly;
+use pgwake_compute_manager::LeaderOnly;
 use pgwake_compute_manager::{
-    BackendError, Backends, ComputeBackend, LeaderElector, LeaderError, LeaderState, Leadership,
-    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
+    BackendError, Backends, ComputeBackend, ComputeWaker, LeaderElector, LeaderError, LeaderState,
+    Leadership, LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::{Health, Proxy, ProxyMetrics, ProxyParts};
@@ -168,7 +168,7 @@ impl Pgwake {
                     .await
             });
         }
-        let waker: Arc<dyn Waker> = match &config.compute.manager_url {
+        let waker: Arc<dyn ComputeWaker> = match &config.compute.manager_url {
             Some(url) => {
                 let remote = Arc::new(
                     RemoteManager::new(url, config.compute.wake_timeout)
@@ -227,7 +227,7 @@ impl Pgwake {
             Some(a) => {
                 let (l, bound) = bind(a).await?;
                 info!(addr = %bound, "compute manager API listening");
-                tokio::spawn(pgwake_compute_manager::service::serve_api(
+                tokio::spawn(pgwake_compute_manager::serve_api(
                     l,
                     Arc::clone(&manager),
                     Arc::clone(&table),

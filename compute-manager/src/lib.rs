@@ -1,7 +1,12 @@
 //! Turns "endpoint X is needed" into "a Postgres for X answers at this address", and suspends
 //! computes nobody uses. The manager knows nothing of the client protocol; the proxy knows
 //! nothing of how a compute is started.
+//!
+//! Modules depend one way: `api` (server and client) → `waker` → `manager` → `backend`,
+//! `error`, `metrics`, `kubernetes::leader`; the backends (`local`, `kubernetes`) → `backend`,
+//! `error`, `probe`.
 
+pub mod api;
 mod backend;
 mod error;
 pub mod kubernetes;
@@ -9,8 +14,9 @@ pub mod local;
 mod manager;
 mod metrics;
 mod probe;
-pub mod service;
+pub mod waker;
 
+pub use api::{serve_api, serve_http, RemoteManager};
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
 pub use error::{BackendError, ErrorSource, WakeError};
 pub use kubernetes::{
@@ -19,8 +25,9 @@ pub use kubernetes::{
 };
 pub use local::{LocalBackend, LocalConfig};
 pub use manager::{
-    ActivityGuard, Backends, EndpointStats, Lease, Manager, ManagerConfig, Phase, SuspendReason,
+    Attached, Backends, EndpointStats, LocalSession, Manager, ManagerConfig, Phase, RemoteSession,
+    SessionLease, SuspendReason,
 };
 pub use metrics::ManagerMetrics;
 pub use probe::{probe_ready, ProbeResult};
-pub use service::{RemoteManager, Waker};
+pub use waker::{ComputeWaker, LeaderOnly};

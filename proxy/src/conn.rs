@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use pgwake_compute_manager::Lease;
+use pgwake_compute_manager::Attached;
 use pgwake_router::EndpointId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -375,7 +375,7 @@ const CONNECT_ATTEMPTS: usize = 3;
 async fn connect_compute(
     proxy: &Arc<Proxy>,
     route: &Arc<pgwake_router::Route>,
-) -> Result<(Lease, TcpStream), ProxyError> {
+) -> Result<(Attached, TcpStream), ProxyError> {
     let endpoint = &route.endpoint;
     let mut last_err = None;
     for attempt in 0..CONNECT_ATTEMPTS {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pgwake_compute_manager::{ErrorSource, Waker};
+use pgwake_compute_manager::{ComputeWaker, ErrorSource};
 use pgwake_router::RoutingTable;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -28,7 +28,7 @@ pub const PEER_CANCELS_AT_ONCE: usize = 256;
 pub struct Proxy {
     pub(crate) cfg: ProxyConfig,
     pub(crate) table: Arc<RoutingTable>,
-    pub(crate) manager: Arc<dyn Waker>,
+    pub(crate) manager: Arc<dyn ComputeWaker>,
     pub(crate) metrics: ProxyMetrics,
     pub(crate) limits: Limits,
     pub(crate) cancels: Arc<CancelMap>,
@@ -45,7 +45,7 @@ pub struct ProxyParts {
     pub cfg: ProxyConfig,
     pub table: Arc<RoutingTable>,
     /// The in-process manager, or a client of a remote one (`[compute] manager_url`).
-    pub manager: Arc<dyn Waker>,
+    pub manager: Arc<dyn ComputeWaker>,
     pub metrics: ProxyMetrics,
     pub limits: LimitsConfig,
     pub health: Arc<Health>,

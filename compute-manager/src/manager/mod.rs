@@ -1,6 +1,18 @@
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+//! The compute manager: one slot per endpoint it has seen, a single-flight wake per slot, and
+//! an idle tracker per running compute.
+//!
+//! - `slot`: an endpoint's state and its transitions (no tasks, no I/O);
+//! - `lease`: what a session holds while attached ([`Attached`], [`SessionLease`]);
+//! - `idle`: the idle timer and the crash watch of a running compute;
+//! - `phase`: phases, suspend reasons and per-endpoint stats.
+
+mod idle;
+mod lease;
+mod phase;
+mod slot;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -8,6 +20,11 @@ use pgwake_router::{BackendSpec, EndpointId, Route, RoutingTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
+
+pub(crate) use lease::Sessions;
+pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
+pub use phase::{EndpointStats, Phase, SuspendReason};
+use slot::{RemoteReport, Slot, State, MAX_REPLICAS_PER_ENDPOINT, MAX_REPORT_TTL};
 
 use crate::{
     BackendError, ComputeAddr, ComputeBackend, Leadership, ManagerMetrics, RunningCompute,
@@ -39,86 +56,6 @@ impl Default for ManagerConfig {
     }
 }
 
-/// The lifecycle of one endpoint's compute, as the manager sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Suspended,
-    Starting,
-    Running,
-    Suspending,
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Suspended => "suspended",
-            Phase::Starting => "starting",
-            Phase::Running => "running",
-            Phase::Suspending => "suspending",
-            Phase::Failed => "failed",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SuspendReason {
-    Idle,
-    Requested,
-    Shutdown,
-}
-
-impl SuspendReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            SuspendReason::Idle => "idle",
-            SuspendReason::Requested => "requested",
-            SuspendReason::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Counters and state of one endpoint, for tests, status APIs and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointStats {
-    pub phase: Phase,
-    pub attached: usize,
-    pub waiting: usize,
-    /// Computes this manager started: wakes that called the backend, whatever the outcome.
-    /// Not adoptions, which take over a compute another manager started.
-    pub starts: u64,
-    /// Wakes whose start failed (adoptions that fail are logged, not counted here).
-    pub start_failures: u64,
-    /// Running computes this manager took over at its start ([`Manager::adopt_running`]).
-    pub adoptions: u64,
-    pub suspends: u64,
-    pub crashes: u64,
-    /// Suspends called off because the compute still had client sessions (by the compute's own
-    /// count, or by unexpired reports from proxy replicas).
-    pub busy_deferrals: u64,
-    /// Sessions that proxy replicas reported attached to this compute (unexpired reports only).
-    pub remote_sessions: usize,
-    pub addr: Option<ComputeAddr>,
-}
-
-/// At most this many replicas are remembered per endpoint: a report from one more (all others
-/// still unexpired) is ignored, so a misbehaving client of the API cannot grow the map without
-/// bound. Far more than any real deployment runs.
-const MAX_REPLICAS_PER_ENDPOINT: usize = 1024;
-
-/// The longest a report counts: a replica that vanishes without a last report of 0 (killed,
-/// partitioned) holds its computes up at most this long, whatever ttl it asked for.
-const MAX_REPORT_TTL: Duration = Duration::from_secs(600);
-
-/// One proxy replica's last word about an endpoint.
-#[derive(Debug, Clone, Copy)]
-struct RemoteReport {
-    sessions: usize,
-    /// A replica that dies stops reporting; its sessions died with it, so its count only
-    /// holds until then.
-    expires_at: Instant,
-}
-
 /// Why a start runs: the backend call is the same, the bookkeeping differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StartKind {
@@ -126,173 +63,6 @@ enum StartKind {
     Wake,
     /// The backend reports the compute already running ([`Manager::adopt_running`]).
     Adopt,
-}
-
-enum State {
-    Suspended,
-    Starting {
-        attempt: u64,
-    },
-    Running {
-        attempt: u64,
-        compute: Arc<dyn RunningCompute>,
-        idle_timeout: Duration,
-    },
-    Suspending,
-    Failed {
-        attempt: u64,
-        error: Arc<BackendError>,
-    },
-}
-
-impl State {
-    fn phase(&self) -> Phase {
-        match self {
-            State::Suspended => Phase::Suspended,
-            State::Starting { .. } => Phase::Starting,
-            State::Running { .. } => Phase::Running,
-            State::Suspending => Phase::Suspending,
-            State::Failed { .. } => Phase::Failed,
-        }
-    }
-}
-
-struct Inner {
-    state: State,
-    /// Connections holding an [`ActivityGuard`]; a compute with any is never suspended.
-    attached: usize,
-    /// Clients held in `wake` for this endpoint.
-    waiting: usize,
-    /// Sessions attached through proxy replicas that hold no guard here (manager service
-    /// mode), by replica id: counts above 0 only (a 0 removes the entry); expired entries
-    /// count for nothing and are purged when the map is full.
-    remote: HashMap<String, RemoteReport>,
-    idle_since: Instant,
-    attempt: u64,
-    /// Start tokens left and when they were last counted (see `max_starts_per_minute`).
-    start_tokens: f64,
-    tokens_at: Instant,
-}
-
-impl Inner {
-    /// Sessions that unexpired replica reports count at `now`.
-    fn remote_sessions(&self, now: Instant) -> usize {
-        self.remote
-            .values()
-            .filter(|r| r.expires_at > now)
-            .fold(0, |n, r| n.saturating_add(r.sessions))
-    }
-
-    /// Moves to Starting under a new attempt number, which the start task and its watchers
-    /// carry so that they never act on a later attempt's state.
-    fn begin_start(&mut self) -> u64 {
-        self.attempt += 1;
-        self.state = State::Starting {
-            attempt: self.attempt,
-        };
-        self.attempt
-    }
-
-    fn take_start_token(&mut self, per_minute: u32) -> bool {
-        if per_minute == 0 {
-            return true;
-        }
-        let now = Instant::now();
-        let burst = f64::from(per_minute);
-        let refill = now.saturating_duration_since(self.tokens_at).as_secs_f64() * burst / 60.0;
-        self.start_tokens = (self.start_tokens + refill).min(burst);
-        self.tokens_at = now;
-        if self.start_tokens >= 1.0 {
-            self.start_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-struct Slot {
-    id: EndpointId,
-    inner: Mutex<Inner>,
-    /// Bumped after every change a waiter or the idle task may care about. Subscribing before
-    /// looking at `inner` means no change between the look and the wait is ever missed.
-    changed: watch::Sender<()>,
-    starts: AtomicU64,
-    start_failures: AtomicU64,
-    adoptions: AtomicU64,
-    suspends: AtomicU64,
-    crashes: AtomicU64,
-    busy_deferrals: AtomicU64,
-}
-
-impl Slot {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding this lock would be a bug in a few lines of bookkeeping; carrying
-        // on with the data is better than poisoning every future connect to the endpoint.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn notify(&self) {
-        self.changed.send_replace(());
-    }
-}
-
-/// What a client gets from [`Manager::wake`]: where to connect, and the guard that keeps the
-/// compute from being suspended for as long as the connection lives.
-pub struct Lease {
-    pub addr: ComputeAddr,
-    pub guard: ActivityGuard,
-    /// True if this client had to wait for a start.
-    pub cold: bool,
-}
-
-/// Held by every proxied connection. The last one dropped starts the idle timer.
-pub struct ActivityGuard {
-    slot: Option<Arc<Slot>>,
-    /// Through a remote manager the session is counted in this proxy instead (and reported to
-    /// the manager); held only for its drop, which does the uncounting.
-    _remote: Option<crate::service::SessionGuard>,
-}
-
-impl ActivityGuard {
-    /// A guard that tracks nothing: for computes that are never suspended (static routes).
-    pub fn detached() -> Self {
-        Self {
-            slot: None,
-            _remote: None,
-        }
-    }
-
-    fn local(slot: Arc<Slot>) -> Self {
-        Self {
-            slot: Some(slot),
-            _remote: None,
-        }
-    }
-
-    pub(crate) fn remote(session: crate::service::SessionGuard) -> Self {
-        Self {
-            slot: None,
-            _remote: Some(session),
-        }
-    }
-}
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            let mut st = slot.lock();
-            st.attached -= 1;
-            let now_idle = st.attached == 0;
-            if now_idle {
-                st.idle_since = Instant::now();
-            }
-            drop(st);
-            if now_idle {
-                slot.notify();
-            }
-        }
-    }
 }
 
 /// Decrements the waiting count however `wake` ends, including when the client goes away and
@@ -370,43 +140,25 @@ impl Manager {
         if let Some(s) = self.slots.get(id) {
             return Arc::clone(&s);
         }
-        let slot = self.slots.entry(id.clone()).or_insert_with(|| {
-            Arc::new(Slot {
-                id: id.clone(),
-                inner: Mutex::new(Inner {
-                    state: State::Suspended,
-                    attached: 0,
-                    waiting: 0,
-                    remote: HashMap::new(),
-                    idle_since: Instant::now(),
-                    attempt: 0,
-                    start_tokens: f64::from(self.cfg.max_starts_per_minute),
-                    tokens_at: Instant::now(),
-                }),
-                changed: watch::channel(()).0,
-                starts: AtomicU64::new(0),
-                start_failures: AtomicU64::new(0),
-                adoptions: AtomicU64::new(0),
-                suspends: AtomicU64::new(0),
-                crashes: AtomicU64::new(0),
-                busy_deferrals: AtomicU64::new(0),
-            })
-        });
+        let slot = self
+            .slots
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Slot::new(id.clone(), self.cfg.max_starts_per_minute)));
         Arc::clone(&slot)
     }
 
     /// Returns a running compute for `route`, starting it if needed. However many clients call
     /// this at once for a suspended endpoint, exactly one start happens and all of them wait on
     /// it, each for at most `wake_timeout`.
-    pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Lease, WakeError> {
+    pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Attached, WakeError> {
         let started = Instant::now();
         if let BackendSpec::Static { address } = &route.backend {
             // Always on: nothing to start or suspend, and re-reading the route on every connect
             // means a reload that moves the address takes effect at once.
             self.metrics.wakes.with_label_values(&["warm"]).inc();
-            return Ok(Lease {
+            return Ok(Attached {
                 addr: ComputeAddr::new(address.as_str()),
-                guard: ActivityGuard::detached(),
+                lease: SessionLease::Detached,
                 cold: false,
             });
         }
@@ -433,7 +185,7 @@ impl Manager {
         self: &Arc<Self>,
         route: &Arc<Route>,
         started: Instant,
-    ) -> Result<Lease, WakeError> {
+    ) -> Result<Attached, WakeError> {
         let slot = self.slot(&route.endpoint);
         let deadline = started + self.cfg.wake_timeout;
         let mut rx = slot.changed.subscribe();
@@ -443,21 +195,18 @@ impl Manager {
             rx.borrow_and_update();
             let spawn_attempt = {
                 let mut st = slot.lock();
-                match &st.state {
-                    State::Running { compute, .. } => {
-                        let addr = compute.addr().clone();
-                        st.attached += 1;
-                        drop(st);
-                        return Ok(Lease {
-                            addr,
-                            guard: ActivityGuard::local(Arc::clone(&slot)),
-                            cold: joined.is_some() || waiting.is_some(),
-                        });
-                    }
-                    State::Failed { attempt, error } if Some(*attempt) == joined => {
+                if let Some(addr) = st.attach() {
+                    drop(st);
+                    return Ok(Attached {
+                        addr,
+                        lease: SessionLease::Local(LocalSession::new(Arc::clone(&slot))),
+                        cold: joined.is_some() || waiting.is_some(),
+                    });
+                }
+                if let State::Failed { attempt, error } = &st.state {
+                    if Some(*attempt) == joined {
                         return Err(WakeError::Backend(Arc::clone(error)));
                     }
-                    _ => {}
                 }
                 if waiting.is_none() {
                     if st.waiting >= self.cfg.max_waiting_per_endpoint {
@@ -552,17 +301,8 @@ impl Manager {
                             }
                         }
                         counter.with_label_values(&["ok"]).inc();
-                        {
-                            let mut st = slot.lock();
-                            st.state = State::Running {
-                                attempt,
-                                compute: Arc::clone(&compute),
-                                idle_timeout,
-                            };
-                            // An adopted compute, too, gets a whole idle_timeout from here.
-                            st.idle_since = Instant::now();
-                        }
-                        this.spawn_watchers(&slot, attempt, compute, idle_timeout);
+                        slot.lock().started(attempt, Arc::clone(&compute), idle_timeout);
+                        idle::track(&this, &slot, attempt, compute);
                     }
                     Err(error) => {
                         match kind {
@@ -573,10 +313,7 @@ impl Manager {
                             StartKind::Adopt => warn!(error = %error, kind = error.kind(), "could not adopt the running compute; the next wake starts it as usual"),
                         }
                         counter.with_label_values(&[error.kind()]).inc();
-                        slot.lock().state = State::Failed {
-                            attempt,
-                            error: Arc::new(error),
-                        };
+                        slot.lock().start_failed(attempt, Arc::new(error));
                     }
                 }
                 this.update_phase_gauges();
@@ -584,72 +321,6 @@ impl Manager {
             }
             .instrument(span),
         );
-    }
-
-    fn spawn_watchers(
-        self: &Arc<Self>,
-        slot: &Arc<Slot>,
-        attempt: u64,
-        compute: Arc<dyn RunningCompute>,
-        idle_timeout: Duration,
-    ) {
-        // Crash watch: a compute that goes away on its own is marked suspended, so the next
-        // client starts a new one instead of being sent to a dead address.
-        let this = Arc::clone(self);
-        let s = Arc::clone(slot);
-        tokio::spawn(async move {
-            compute.exited().await;
-            let crashed = {
-                let mut st = s.lock();
-                let crashed = matches!(st.state, State::Running { attempt: a, .. } if a == attempt);
-                if crashed {
-                    st.state = State::Suspended;
-                }
-                crashed
-            };
-            if crashed {
-                warn!(endpoint = %s.id, "compute exited unexpectedly; it will be started again on the next connect");
-                s.crashes.fetch_add(1, Ordering::Relaxed);
-                this.metrics
-                    .crashes
-                    .with_label_values(&[s.id.as_str()])
-                    .inc();
-                this.update_phase_gauges();
-                s.notify();
-            }
-        });
-
-        let this = Arc::clone(self);
-        let s = Arc::clone(slot);
-        tokio::spawn(async move {
-            let mut rx = s.changed.subscribe();
-            loop {
-                rx.borrow_and_update();
-                let deadline = {
-                    let st = s.lock();
-                    match st.state {
-                        State::Running { attempt: a, .. } if a == attempt => {}
-                        _ => return,
-                    }
-                    (st.attached == 0 && st.waiting == 0).then(|| st.idle_since + idle_timeout)
-                };
-                match deadline {
-                    Some(d) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(d) => {
-                                this.try_suspend(&s, Some(attempt), SuspendReason::Idle).await;
-                            }
-                            r = rx.changed() => if r.is_err() { return },
-                        }
-                    }
-                    None => {
-                        if rx.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
     }
 
     /// Takes over the computes that run without this manager having started them, so that
@@ -796,30 +467,8 @@ impl Manager {
                 return false;
             }
         }
-        let compute = {
-            let mut st = slot.lock();
-            let compute = match &st.state {
-                State::Running {
-                    attempt: a,
-                    compute,
-                    idle_timeout,
-                } if attempt.is_none_or(|x| x == *a) => {
-                    // A report can land while the compute was being asked above.
-                    let busy =
-                        st.attached > 0 || st.waiting > 0 || st.remote_sessions(Instant::now()) > 0;
-                    let idle_enough = reason != SuspendReason::Idle
-                        || Instant::now() >= st.idle_since + *idle_timeout;
-                    if (busy && reason != SuspendReason::Shutdown) || !idle_enough {
-                        return false;
-                    }
-                    Arc::clone(compute)
-                }
-                _ => return false,
-            };
-            // Decided under the same lock a connecting client takes to attach: from here on,
-            // new clients wait for the stop and then start the compute again.
-            st.state = State::Suspending;
-            compute
+        let Some(compute) = slot.lock().begin_suspend(attempt, reason, Instant::now()) else {
+            return false;
         };
         slot.notify();
         info!(endpoint = %slot.id, reason = reason.as_str(), "suspending compute");
@@ -828,7 +477,7 @@ impl Manager {
             warn!(endpoint = %slot.id, error = %e, "compute stop reported an error");
         }
         info!(endpoint = %slot.id, elapsed_ms = t0.elapsed().as_millis() as u64, "compute suspended");
-        slot.lock().state = State::Suspended;
+        slot.lock().suspended();
         slot.suspends.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .suspends
@@ -922,7 +571,7 @@ impl Manager {
         let slot = self.slots.get(id)?;
         let st = slot.lock();
         Some(EndpointStats {
-            phase: st.state.phase(),
+            phase: st.phase(),
             attached: st.attached,
             waiting: st.waiting,
             starts: slot.starts.load(Ordering::Relaxed),
@@ -945,7 +594,7 @@ impl Manager {
         let mut rx = slot.changed.subscribe();
         loop {
             rx.borrow_and_update();
-            if slot.lock().state.phase() == phase {
+            if slot.lock().phase() == phase {
                 return;
             }
             if rx.changed().await.is_err() {
@@ -964,7 +613,7 @@ impl Manager {
         ];
         let mut counts = [0i64; 5];
         for s in self.slots.iter() {
-            let phase = s.lock().state.phase();
+            let phase = s.lock().phase();
             counts[phase as usize] += 1;
             for p in ALL {
                 self.metrics
@@ -1004,5 +653,4 @@ impl Manager {
 }
 
 #[cfg(test)]
-#[path = "manager_tests.rs"]
 mod tests;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use pgwake_router::{BackendSpec, EndpointId, Route};
