@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::types::{ActivityReport, ErrorBody, WakeResponse};
 use crate::manager::Sessions;
-use crate::{Attached, ComputeAddr, ComputeWaker, SessionLease, WakeError};
+use crate::{Attached, ComputeAddr, ComputeWaker, SessionLease, WakeError, WakeErrorKind};
 
 /// The proxy's side of the API.
 pub struct RemoteManager {
@@ -182,12 +182,14 @@ impl RemoteManager {
         }
         let e: ErrorBody = serde_json::from_slice(&body)
             .map_err(|e| WakeError::ManagerUnavailable(format!("HTTP {status}: {e}")))?;
-        Err(match e.kind.as_str() {
-            "timeout" => WakeError::Timeout(self.wake_timeout),
-            "queue_full" => WakeError::QueueFull,
-            "rate_limited" => WakeError::RateLimited,
-            "shutting_down" => WakeError::ShuttingDown,
-            "not_leader" => WakeError::NotLeader,
+        Err(match WakeErrorKind::from_wire(&e.kind) {
+            Some(WakeErrorKind::Timeout) => WakeError::Timeout(self.wake_timeout),
+            Some(WakeErrorKind::QueueFull) => WakeError::QueueFull,
+            Some(WakeErrorKind::RateLimited) => WakeError::RateLimited,
+            Some(WakeErrorKind::ShuttingDown) => WakeError::ShuttingDown,
+            Some(WakeErrorKind::NotLeader) => WakeError::NotLeader,
+            // A backend's failure (its message is client-safe already) or a kind this
+            // version does not know.
             _ => WakeError::Remote {
                 retryable: e.retryable,
                 message: e.message,

@@ -36,7 +36,9 @@ mod types;
 
 pub use client::RemoteManager;
 pub use server::{serve_api, serve_http};
-pub use types::{ActivityReport, ErrorBody, StatusBody, WakeResponse, MAX_REPORT_BYTES};
+pub use types::{
+    ActivityReport, ApiErrorKind, ErrorBody, StatusBody, WakeResponse, MAX_REPORT_BYTES,
+};
 
 #[cfg(test)]
 mod tests;

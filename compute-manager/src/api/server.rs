@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use super::types::{
-    ActivityReport, ErrorBody, StatusBody, WakeResponse, MAX_REPLICA_ID_LEN, MAX_REPORT_BYTES,
+    ActivityReport, ApiErrorKind, ErrorBody, StatusBody, WakeResponse, MAX_REPLICA_ID_LEN,
+    MAX_REPORT_BYTES,
 };
 use crate::{Leadership, Manager, WakeError};
 
@@ -40,7 +41,7 @@ pub async fn serve_api(
             let e = WakeError::NotLeader;
             let mut resp = error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                e.kind(),
+                ApiErrorKind::Wake(e.kind()),
                 e.retryable(),
                 e.user_message(),
             );
@@ -106,14 +107,14 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
 
 fn error(
     status: StatusCode,
-    kind: &str,
+    kind: ApiErrorKind,
     retryable: bool,
     message: String,
 ) -> Response<Full<Bytes>> {
     json(
         status,
         &ErrorBody {
-            kind: kind.into(),
+            kind: kind.as_str().into(),
             retryable,
             message,
         },
@@ -141,7 +142,7 @@ async fn route_request(
             let Ok(id) = EndpointId::parse(id) else {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "bad_endpoint",
+                    ApiErrorKind::BadEndpoint,
                     false,
                     "invalid endpoint id".into(),
                 );
@@ -149,7 +150,7 @@ async fn route_request(
             let Some(route) = table.lookup(&id) else {
                 return error(
                     StatusCode::NOT_FOUND,
-                    "unknown_endpoint",
+                    ApiErrorKind::UnknownEndpoint,
                     false,
                     format!("endpoint \"{id}\" does not exist"),
                 );
@@ -173,7 +174,12 @@ async fn route_request(
                             }
                             _ => StatusCode::SERVICE_UNAVAILABLE,
                         };
-                        error(status, e.kind(), e.retryable(), e.user_message())
+                        error(
+                            status,
+                            ApiErrorKind::Wake(e.kind()),
+                            e.retryable(),
+                            e.user_message(),
+                        )
                     }
                 },
                 (Method::POST, ["suspend"]) => {
@@ -192,7 +198,7 @@ async fn route_request(
                 },
                 _ => error(
                     StatusCode::NOT_FOUND,
-                    "not_found",
+                    ApiErrorKind::NotFound,
                     false,
                     "no such operation".into(),
                 ),
@@ -200,7 +206,7 @@ async fn route_request(
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ApiErrorKind::NotFound,
             false,
             "no such path".into(),
         ),
@@ -212,7 +218,14 @@ async fn report_activity(
     manager: &Manager,
     table: &RoutingTable,
 ) -> Response<Full<Bytes>> {
-    let bad = |message: String| error(StatusCode::BAD_REQUEST, "bad_report", false, message);
+    let bad = |message: String| {
+        error(
+            StatusCode::BAD_REQUEST,
+            ApiErrorKind::BadReport,
+            false,
+            message,
+        )
+    };
     let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
         .collect()
         .await

@@ -5,12 +5,34 @@ use std::collections::HashMap;
 use pgwake_router::EndpointId;
 use serde::{Deserialize, Serialize};
 
-use crate::EndpointStats;
+use crate::{EndpointStats, WakeErrorKind};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WakeResponse {
     pub address: String,
     pub cold: bool,
+}
+
+/// The `kind` of an [`ErrorBody`]: a failed wake's kind, or what was wrong with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    Wake(WakeErrorKind),
+    BadEndpoint,
+    UnknownEndpoint,
+    NotFound,
+    BadReport,
+}
+
+impl ApiErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wake(k) => k.as_str(),
+            Self::BadEndpoint => "bad_endpoint",
+            Self::UnknownEndpoint => "unknown_endpoint",
+            Self::NotFound => "not_found",
+            Self::BadReport => "bad_report",
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -169,7 +169,7 @@ impl Manager {
         let outcome = match &result {
             Ok(l) if l.cold => "cold",
             Ok(_) => "warm",
-            Err(e) => e.kind(),
+            Err(e) => e.kind().as_str(),
         };
         self.metrics.wakes.with_label_values(&[outcome]).inc();
         if let Ok(l) = &result {
@@ -307,12 +307,12 @@ impl Manager {
                     Err(error) => {
                         match kind {
                             StartKind::Wake => {
-                                warn!(error = %error, kind = error.kind(), "compute failed to start");
+                                warn!(error = %error, kind = error.kind().as_str(), "compute failed to start");
                                 slot.start_failures.fetch_add(1, Ordering::Relaxed);
                             }
-                            StartKind::Adopt => warn!(error = %error, kind = error.kind(), "could not adopt the running compute; the next wake starts it as usual"),
+                            StartKind::Adopt => warn!(error = %error, kind = error.kind().as_str(), "could not adopt the running compute; the next wake starts it as usual"),
                         }
-                        counter.with_label_values(&[error.kind()]).inc();
+                        counter.with_label_values(&[error.kind().as_str()]).inc();
                         slot.lock().start_failed(attempt, Arc::new(error));
                     }
                 }
@@ -354,7 +354,7 @@ impl Manager {
             let ids = match backend.running_endpoints().await {
                 Ok(ids) => ids,
                 Err(e) => {
-                    warn!(error = %e, kind = e.kind(), "could not list the running computes; they are adopted at their next wake");
+                    warn!(error = %e, kind = e.kind().as_str(), "could not list the running computes; they are adopted at their next wake");
                     continue;
                 }
             };

@@ -273,7 +273,10 @@ async fn failure_reaches_every_waiter_and_next_connect_retries() {
     let res = futures::future::join_all((0..10).map(|_| m.wake(&r))).await;
     for e in res {
         let e = e.err().unwrap();
-        assert_eq!(e.kind(), "start_failed");
+        assert_eq!(
+            e.kind(),
+            crate::WakeErrorKind::Backend(crate::BackendErrorKind::StartFailed)
+        );
         assert!(
             !e.user_message().contains("/var/lib"),
             "{}",
