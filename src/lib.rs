@@ -157,6 +157,12 @@ impl Pgwake {
         } else {
             (Leadership::always(), None)
         };
+        {
+            // Endpoints removed by a reload or by the CRD source release the manager's state
+            // for them (once their computes are suspended); ends with `Manager::shutdown`.
+            let (m, t) = (Arc::clone(&manager), Arc::clone(&table));
+            tokio::spawn(async move { m.follow_table(&t).await });
+        }
         if config.compute.manager_url.is_none() {
             // This process's manager is the one that acts: take over the computes the previous
             // manager left running (Kubernetes ones outlive it), once leader. A proxy that

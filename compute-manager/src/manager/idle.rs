@@ -46,8 +46,8 @@ async fn crash_watch(
             .crashes
             .with_label_values(&[slot.id.as_str()])
             .inc();
-        manager.update_phase_gauges();
         slot.notify();
+        manager.release_if_forgotten(&slot);
     }
 }
 

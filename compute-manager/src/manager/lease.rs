@@ -4,11 +4,12 @@
 //! proxy replica's own counts, which it reports to that manager).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use pgwake_router::EndpointId;
 
 use super::slot::Slot;
+use super::Manager;
 use crate::ComputeAddr;
 
 /// What a client gets from a wake ([`Manager::wake`](crate::Manager::wake),
@@ -35,20 +36,34 @@ pub enum SessionLease {
 /// A session attached to a compute of the in-process manager.
 pub struct LocalSession {
     slot: Arc<Slot>,
+    /// To drop the slot of an endpoint that left the routing table when its last session ends
+    /// (after a crash; a running compute goes through its idle timer first).
+    manager: Weak<Manager>,
 }
 
 impl LocalSession {
     /// Takes over one count of `slot`'s attached sessions (the caller added it under the lock).
-    pub(super) fn new(slot: Arc<Slot>) -> Self {
-        Self { slot }
+    pub(super) fn new(slot: Arc<Slot>, manager: &Arc<Manager>) -> Self {
+        Self {
+            slot,
+            manager: Arc::downgrade(manager),
+        }
     }
 }
 
 impl Drop for LocalSession {
     fn drop(&mut self) {
-        let now_idle = self.slot.lock().detach();
+        let (now_idle, removable) = {
+            let mut st = self.slot.lock();
+            (st.detach(), st.removable())
+        };
         if now_idle {
             self.slot.notify();
+        }
+        if removable {
+            if let Some(m) = self.manager.upgrade() {
+                m.release_if_forgotten(&self.slot);
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 pub(crate) use lease::Sessions;
 pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
+use phase::PhaseGauges;
 pub use phase::{EndpointStats, Phase, SuspendReason};
 use slot::{RemoteReport, Slot, State, MAX_REPLICAS_PER_ENDPOINT, MAX_REPORT_TTL};
 
@@ -68,14 +69,22 @@ enum StartKind {
 /// Decrements the waiting count however `wake` ends, including when the client goes away and
 /// its future is dropped mid-wait.
 struct WaitingGuard<'a> {
-    slot: &'a Slot,
-    metrics: &'a ManagerMetrics,
+    slot: &'a Arc<Slot>,
+    manager: &'a Manager,
 }
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        self.slot.lock().waiting -= 1;
-        self.metrics.held_clients.dec();
+        let removable = {
+            let mut st = self.slot.lock();
+            st.waiting -= 1;
+            st.removable()
+        };
+        self.manager.metrics.held_clients.dec();
+        if removable {
+            // The last client of a failed start of an endpoint that left the table.
+            self.manager.release_if_forgotten(self.slot);
+        }
     }
 }
 
@@ -118,7 +127,10 @@ pub struct Manager {
     backends: Backends,
     slots: DashMap<EndpointId, Arc<Slot>>,
     metrics: ManagerMetrics,
+    gauges: PhaseGauges,
     closing: AtomicBool,
+    /// Set by [`Manager::shutdown`]; ends [`Manager::follow_table`].
+    closed: watch::Sender<bool>,
 }
 
 impl Manager {
@@ -127,8 +139,10 @@ impl Manager {
             cfg,
             backends,
             slots: DashMap::new(),
+            gauges: PhaseGauges::new(&metrics),
             metrics,
             closing: AtomicBool::new(false),
+            closed: watch::channel(false).0,
         })
     }
 
@@ -136,15 +150,97 @@ impl Manager {
         &self.cfg
     }
 
+    /// The endpoint's slot, created Suspended if it has none. It may turn out `gone` (dropped
+    /// a moment ago because the endpoint left the table): whoever would start it takes a new
+    /// one ([`Manager::drop_gone`]).
     fn slot(&self, id: &EndpointId) -> Arc<Slot> {
         if let Some(s) = self.slots.get(id) {
             return Arc::clone(&s);
         }
-        let slot = self
-            .slots
-            .entry(id.clone())
-            .or_insert_with(|| Arc::new(Slot::new(id.clone(), self.cfg.max_starts_per_minute)));
+        let slot = self.slots.entry(id.clone()).or_insert_with(|| {
+            Arc::new(Slot::new(
+                id.clone(),
+                self.cfg.max_starts_per_minute,
+                self.gauges.endpoint(id),
+            ))
+        });
         Arc::clone(&slot)
+    }
+
+    /// Takes a `gone` slot out of the map, if it is still there, so that [`Manager::slot`]
+    /// makes a new one.
+    fn drop_gone(&self, slot: &Arc<Slot>) {
+        self.slots.remove_if(&slot.id, |_, s| Arc::ptr_eq(s, slot));
+    }
+
+    /// Drops the slot of an endpoint that left the routing table once nothing can use it any
+    /// more (see the `slot` module), with its metric series. Called after each change that
+    /// can make a forgotten slot removable.
+    fn release_if_forgotten(&self, slot: &Arc<Slot>) {
+        {
+            let mut st = slot.lock();
+            if !st.removable() {
+                return;
+            }
+            // Series first, under the lock: a new slot for the same id (the endpoint came
+            // back) can only be made once this one is out of the map, below, so its series
+            // are never the ones removed here.
+            st.remove();
+        }
+        debug!(endpoint = %slot.id, "endpoint left the routing table; its state is dropped");
+        self.drop_gone(slot);
+        slot.notify();
+    }
+
+    /// Forgets `id`, which left the routing table: its slot and metric series are dropped once
+    /// it is Suspended or Failed with no session attached and no client waiting. A running
+    /// compute is not stopped early; its idle timer suspends it as usual (sessions of a
+    /// removed endpoint keep their compute until they end). Returns whether the manager had
+    /// state for it.
+    pub fn forget(&self, id: &EndpointId) -> bool {
+        let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
+            return false;
+        };
+        slot.lock().forgotten = true;
+        self.release_if_forgotten(&slot);
+        true
+    }
+
+    /// Forgets every endpoint `table` no longer routes to a managed backend (absent, or now
+    /// static), and un-forgets those it routes again. Returns how many are forgotten (some of
+    /// them may still be running). O(endpoints the manager has seen): once per table change,
+    /// never per wake or suspend.
+    pub fn retain(&self, table: &RoutingTable) -> usize {
+        let slots: Vec<Arc<Slot>> = self.slots.iter().map(|s| Arc::clone(&s)).collect();
+        let mut forgotten = 0;
+        for slot in slots {
+            let routed = table
+                .lookup(&slot.id)
+                .is_some_and(|r| !matches!(r.backend, BackendSpec::Static { .. }));
+            slot.lock().forgotten = !routed;
+            if !routed {
+                forgotten += 1;
+                self.release_if_forgotten(&slot);
+            }
+        }
+        forgotten
+    }
+
+    /// Follows `table`'s changes with [`Manager::retain`] until [`Manager::shutdown`], so that
+    /// endpoints removed by a reload or by the Kubernetes source release their state without
+    /// anyone polling. Run it once per manager, next to the table's sources.
+    pub async fn follow_table(&self, table: &RoutingTable) {
+        let mut changes = table.subscribe();
+        let mut closed = self.closed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let forgotten = self.retain(table);
+            debug!(forgotten, "compute manager followed a routing table change");
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = closed.wait_for(|c| *c) => return,
+            }
+        }
     }
 
     /// Returns a running compute for `route`, starting it if needed. However many clients call
@@ -186,8 +282,25 @@ impl Manager {
         route: &Arc<Route>,
         started: Instant,
     ) -> Result<Attached, WakeError> {
-        let slot = self.slot(&route.endpoint);
         let deadline = started + self.cfg.wake_timeout;
+        loop {
+            let slot = self.slot(&route.endpoint);
+            if let Some(result) = self.wake_slot(&slot, route, deadline).await {
+                return result;
+            }
+            // Dropped between the look-up and the lock: the endpoint had left the table (this
+            // client looked it up just before) or has come back; either way, a new slot.
+            self.drop_gone(&slot);
+        }
+    }
+
+    /// [`Manager::wake_managed`] on one slot; `None` if that slot is `gone`.
+    async fn wake_slot(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        route: &Arc<Route>,
+        deadline: Instant,
+    ) -> Option<Result<Attached, WakeError>> {
         let mut rx = slot.changed.subscribe();
         let mut joined: Option<u64> = None;
         let mut waiting: Option<WaitingGuard<'_>> = None;
@@ -195,34 +308,38 @@ impl Manager {
             rx.borrow_and_update();
             let spawn_attempt = {
                 let mut st = slot.lock();
+                if st.gone {
+                    // Only before this client counts as waiting: a slot with waiters stays.
+                    return None;
+                }
                 if let Some(addr) = st.attach() {
                     drop(st);
-                    return Ok(Attached {
+                    return Some(Ok(Attached {
                         addr,
-                        lease: SessionLease::Local(LocalSession::new(Arc::clone(&slot))),
+                        lease: SessionLease::Local(LocalSession::new(Arc::clone(slot), self)),
                         cold: joined.is_some() || waiting.is_some(),
-                    });
+                    }));
                 }
                 if let State::Failed { attempt, error } = &st.state {
                     if Some(*attempt) == joined {
-                        return Err(WakeError::Backend(Arc::clone(error)));
+                        return Some(Err(WakeError::Backend(Arc::clone(error))));
                     }
                 }
                 if waiting.is_none() {
                     if st.waiting >= self.cfg.max_waiting_per_endpoint {
-                        return Err(WakeError::QueueFull);
+                        return Some(Err(WakeError::QueueFull));
                     }
                     st.waiting += 1;
                     self.metrics.held_clients.inc();
                     waiting = Some(WaitingGuard {
-                        slot: &slot,
-                        metrics: &self.metrics,
+                        slot,
+                        manager: self,
                     });
                 }
                 match st.state {
                     State::Suspended | State::Failed { .. } => {
                         if !st.take_start_token(self.cfg.max_starts_per_minute) {
-                            return Err(WakeError::RateLimited);
+                            return Some(Err(WakeError::RateLimited));
                         }
                         let attempt = st.begin_start();
                         joined = Some(attempt);
@@ -240,7 +357,7 @@ impl Manager {
             if let Some(attempt) = spawn_attempt {
                 slot.notify();
                 self.spawn_start(
-                    Arc::clone(&slot),
+                    Arc::clone(slot),
                     Arc::clone(route),
                     attempt,
                     StartKind::Wake,
@@ -250,7 +367,7 @@ impl Manager {
                 .await
                 .is_err()
             {
-                return Err(WakeError::Timeout(self.cfg.wake_timeout));
+                return Some(Err(WakeError::Timeout(self.cfg.wake_timeout)));
             }
         }
     }
@@ -316,8 +433,10 @@ impl Manager {
                         slot.lock().start_failed(attempt, Arc::new(error));
                     }
                 }
-                this.update_phase_gauges();
                 slot.notify();
+                // A failed adoption has no client to wait for; a failed wake's clients
+                // release the slot as they leave (`WaitingGuard`).
+                this.release_if_forgotten(&slot);
             }
             .instrument(span),
         );
@@ -388,13 +507,20 @@ impl Manager {
         if self.closing.load(Ordering::Acquire) {
             return false;
         }
-        let slot = self.slot(&route.endpoint);
-        let attempt = {
+        let (slot, attempt) = loop {
+            let slot = self.slot(&route.endpoint);
             let mut st = slot.lock();
+            if st.gone {
+                drop(st);
+                self.drop_gone(&slot);
+                continue;
+            }
             if !matches!(st.state, State::Suspended | State::Failed { .. }) {
                 return false;
             }
-            st.begin_start()
+            let attempt = st.begin_start();
+            drop(st);
+            break (slot, attempt);
         };
         slot.notify();
         self.spawn_start(slot, route, attempt, StartKind::Adopt);
@@ -432,7 +558,12 @@ impl Manager {
     }
 
     /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
-    async fn try_suspend(&self, slot: &Slot, attempt: Option<u64>, reason: SuspendReason) -> bool {
+    async fn try_suspend(
+        &self,
+        slot: &Arc<Slot>,
+        attempt: Option<u64>,
+        reason: SuspendReason,
+    ) -> bool {
         // Proxies of other replicas (or anything connected straight to the compute) hold no
         // guard here, so an idle or requested suspend also looks at the replicas' activity
         // reports and asks the compute itself. Done before taking the decision under the lock,
@@ -483,8 +614,8 @@ impl Manager {
             .suspends
             .with_label_values(&[reason.as_str()])
             .inc();
-        self.update_phase_gauges();
         slot.notify();
+        self.release_if_forgotten(slot);
         true
     }
 
@@ -603,43 +734,16 @@ impl Manager {
         }
     }
 
-    fn update_phase_gauges(&self) {
-        const ALL: [Phase; 5] = [
-            Phase::Suspended,
-            Phase::Starting,
-            Phase::Running,
-            Phase::Suspending,
-            Phase::Failed,
-        ];
-        let mut counts = [0i64; 5];
-        for s in self.slots.iter() {
-            let phase = s.lock().phase();
-            counts[phase as usize] += 1;
-            for p in ALL {
-                self.metrics
-                    .endpoint_state
-                    .with_label_values(&[s.id.as_str(), p.as_str()])
-                    .set(i64::from(p == phase));
-            }
-        }
-        for (p, c) in ALL.into_iter().zip(counts) {
-            self.metrics
-                .computes
-                .with_label_values(&[p.as_str()])
-                .set(c);
-        }
-    }
-
     /// Refuses new wakes and stops the computes that cannot outlive this process (the local
     /// backend's `postgres` children). Others (Kubernetes workloads) keep running for the next
     /// manager, which adopts them when it starts or becomes leader
     /// ([`Manager::adopt_when_ready`]).
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
-        let slots: Vec<Arc<Slot>> = self
-            .slots
-            .iter()
-            .map(|s| Arc::clone(&s))
+        self.closed.send_replace(true);
+        let all: Vec<Arc<Slot>> = self.slots.iter().map(|s| Arc::clone(&s)).collect();
+        let slots: Vec<Arc<Slot>> = all
+            .into_iter()
             .filter(|s| match &s.lock().state {
                 State::Running { compute, .. } => compute.stop_on_shutdown(),
                 _ => false,

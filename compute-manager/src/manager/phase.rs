@@ -1,7 +1,10 @@
 //! What the manager says about an endpoint's compute: its phase, why it was suspended, its
-//! counters.
+//! counters, and the gauges that show the phases.
 
-use crate::ComputeAddr;
+use pgwake_router::EndpointId;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
+
+use crate::{ComputeAddr, ManagerMetrics};
 
 /// The lifecycle of one endpoint's compute, as the manager sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,4 +77,76 @@ pub struct EndpointStats {
     /// Sessions that proxy replicas reported attached to this compute (unexpired reports only).
     pub remote_sessions: usize,
     pub addr: Option<ComputeAddr>,
+}
+
+/// The phase gauges, kept incrementally: a transition moves one endpoint's series and two
+/// totals (O(1)), instead of recounting every endpoint.
+#[derive(Clone)]
+pub(super) struct PhaseGauges {
+    /// `pgwake_computes{state}`, indexed by `Phase as usize`.
+    totals: [IntGauge; 5],
+    endpoint_state: IntGaugeVec,
+    crashes: IntCounterVec,
+}
+
+impl PhaseGauges {
+    pub(super) fn new(metrics: &ManagerMetrics) -> Self {
+        Self {
+            totals: Phase::ALL.map(|p| metrics.computes.with_label_values(&[p.as_str()])),
+            endpoint_state: metrics.endpoint_state.clone(),
+            crashes: metrics.crashes.clone(),
+        }
+    }
+
+    /// The series of a new endpoint, which starts Suspended.
+    pub(super) fn endpoint(&self, id: &EndpointId) -> EndpointGauges {
+        let state = Phase::ALL.map(|p| {
+            self.endpoint_state
+                .with_label_values(&[id.as_str(), p.as_str()])
+        });
+        state[Phase::Suspended as usize].set(1);
+        self.totals[Phase::Suspended as usize].inc();
+        EndpointGauges {
+            id: id.clone(),
+            phase: Phase::Suspended,
+            state,
+            all: self.clone(),
+        }
+    }
+}
+
+/// One endpoint's `pgwake_endpoint_state` series (1 for its phase, 0 for the others), moved by
+/// the slot under its lock so that concurrent transitions cannot apply out of order.
+pub(super) struct EndpointGauges {
+    id: EndpointId,
+    phase: Phase,
+    state: [IntGauge; 5],
+    all: PhaseGauges,
+}
+
+impl EndpointGauges {
+    pub(super) fn set(&mut self, to: Phase) {
+        let from = std::mem::replace(&mut self.phase, to);
+        if from == to {
+            return;
+        }
+        self.state[from as usize].set(0);
+        self.state[to as usize].set(1);
+        self.all.totals[from as usize].dec();
+        self.all.totals[to as usize].inc();
+    }
+
+    /// Removes every series labelled with this endpoint, and its count from the totals: the
+    /// endpoint is gone, and must not stay in the exposition for the life of the process.
+    pub(super) fn remove(&self) {
+        for p in Phase::ALL {
+            // Only fails for a series already gone.
+            let _ = self
+                .all
+                .endpoint_state
+                .remove_label_values(&[self.id.as_str(), p.as_str()]);
+        }
+        let _ = self.all.crashes.remove_label_values(&[self.id.as_str()]);
+        self.all.totals[self.phase as usize].dec();
+    }
 }

@@ -10,6 +10,13 @@
 //! | Running (same attempt)   | `exited`        | Suspended  |
 //! | Running (idle, unused)   | `begin_suspend` | Suspending |
 //! | Suspending               | `suspended`     | Suspended  |
+//!
+//! Every transition moves the endpoint's phase gauges with it (O(1), under the same lock).
+//!
+//! An endpoint that leaves the routing table is `forgotten`; its slot is `removable` once it
+//! is Suspended or Failed with nobody attached or waiting, and is then dropped (`gone`). A
+//! forgotten endpoint that is still running is suspended by its idle timer as usual: its
+//! sessions keep it, and no new ones can come (the proxy only wakes routed endpoints).
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -20,7 +27,7 @@ use pgwake_router::EndpointId;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::phase::{Phase, SuspendReason};
+use super::phase::{EndpointGauges, Phase, SuspendReason};
 use crate::{BackendError, ComputeAddr, RunningCompute};
 
 /// At most this many replicas are remembered per endpoint: a report from one more (all others
@@ -83,13 +90,18 @@ pub(super) struct Inner {
     pub(super) remote: HashMap<String, RemoteReport>,
     pub(super) idle_since: Instant,
     attempt: u64,
+    /// The endpoint left the routing table: drop the slot once it is `removable`.
+    pub(super) forgotten: bool,
+    /// Dropped from the manager's map: a wake that finds this takes a fresh slot instead.
+    pub(super) gone: bool,
+    gauges: EndpointGauges,
     /// Start tokens left and when they were last counted (see `max_starts_per_minute`).
     start_tokens: f64,
     tokens_at: Instant,
 }
 
 impl Inner {
-    pub(super) fn new(max_starts_per_minute: u32) -> Self {
+    pub(super) fn new(max_starts_per_minute: u32, gauges: EndpointGauges) -> Self {
         let now = Instant::now();
         Self {
             state: State::Suspended,
@@ -98,6 +110,9 @@ impl Inner {
             remote: HashMap::new(),
             idle_since: now,
             attempt: 0,
+            forgotten: false,
+            gone: false,
+            gauges,
             start_tokens: f64::from(max_starts_per_minute),
             tokens_at: now,
         }
@@ -105,6 +120,28 @@ impl Inner {
 
     pub(super) fn phase(&self) -> Phase {
         self.state.phase()
+    }
+
+    fn set_state(&mut self, state: State) {
+        self.gauges.set(state.phase());
+        self.state = state;
+    }
+
+    /// Whether a forgotten endpoint's slot may go now: nothing runs, nobody is attached or
+    /// waiting (so no task and no client will touch it again).
+    pub(super) fn removable(&self) -> bool {
+        self.forgotten
+            && !self.gone
+            && matches!(self.state, State::Suspended | State::Failed { .. })
+            && self.attached == 0
+            && self.waiting == 0
+    }
+
+    /// Marks the slot dropped and removes its metric series; the caller then takes it out of
+    /// the manager's map.
+    pub(super) fn remove(&mut self) {
+        self.gone = true;
+        self.gauges.remove();
     }
 
     /// Sessions that unexpired replica reports count at `now`.
@@ -139,10 +176,11 @@ impl Inner {
     /// Suspended or Failed → Starting, under a new attempt number, which the start task and
     /// its watchers carry so that they never act on a later attempt's state.
     pub(super) fn begin_start(&mut self) -> u64 {
+        debug_assert!(!self.gone, "a dropped slot never starts");
         self.attempt += 1;
-        self.state = State::Starting {
+        self.set_state(State::Starting {
             attempt: self.attempt,
-        };
+        });
         self.attempt
     }
 
@@ -154,18 +192,18 @@ impl Inner {
         compute: Arc<dyn RunningCompute>,
         idle_timeout: Duration,
     ) {
-        self.state = State::Running {
+        self.set_state(State::Running {
             attempt,
             compute,
             idle_timeout,
-        };
+        });
         self.idle_since = Instant::now();
     }
 
     /// The start of `attempt` failed: the clients that joined it get `error`, the next wake
     /// starts again.
     pub(super) fn start_failed(&mut self, attempt: u64, error: Arc<BackendError>) {
-        self.state = State::Failed { attempt, error };
+        self.set_state(State::Failed { attempt, error });
     }
 
     /// The compute of `attempt` went away on its own. Returns whether that was a crash (it was
@@ -173,7 +211,7 @@ impl Inner {
     pub(super) fn exited(&mut self, attempt: u64) -> bool {
         let crashed = matches!(self.state, State::Running { attempt: a, .. } if a == attempt);
         if crashed {
-            self.state = State::Suspended;
+            self.set_state(State::Suspended);
         }
         crashed
     }
@@ -206,13 +244,13 @@ impl Inner {
             }
             _ => return None,
         };
-        self.state = State::Suspending;
+        self.set_state(State::Suspending);
         Some(compute)
     }
 
     /// The stop begun by `begin_suspend` finished.
     pub(super) fn suspended(&mut self) {
-        self.state = State::Suspended;
+        self.set_state(State::Suspended);
     }
 
     /// When the compute of `attempt` becomes idle enough to suspend: `Some(None)` while it is
@@ -261,13 +299,16 @@ pub(super) struct Slot {
     pub(super) suspends: AtomicU64,
     pub(super) crashes: AtomicU64,
     pub(super) busy_deferrals: AtomicU64,
+    /// Times the lock was taken: tests check that a transition locks only its own slot.
+    #[cfg(test)]
+    pub(super) locks: AtomicU64,
 }
 
 impl Slot {
-    pub(super) fn new(id: EndpointId, max_starts_per_minute: u32) -> Self {
+    pub(super) fn new(id: EndpointId, max_starts_per_minute: u32, gauges: EndpointGauges) -> Self {
         Self {
             id,
-            inner: Mutex::new(Inner::new(max_starts_per_minute)),
+            inner: Mutex::new(Inner::new(max_starts_per_minute, gauges)),
             changed: watch::channel(()).0,
             starts: AtomicU64::new(0),
             start_failures: AtomicU64::new(0),
@@ -275,10 +316,15 @@ impl Slot {
             suspends: AtomicU64::new(0),
             crashes: AtomicU64::new(0),
             busy_deferrals: AtomicU64::new(0),
+            #[cfg(test)]
+            locks: AtomicU64::new(0),
         }
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
+        #[cfg(test)]
+        self.locks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A panic while holding this lock would be a bug in a few lines of bookkeeping; carrying
         // on with the data is better than poisoning every future connect to the endpoint.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -296,6 +342,8 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::manager::phase::PhaseGauges;
+    use crate::ManagerMetrics;
 
     struct Compute(ComputeAddr);
 
@@ -316,8 +364,17 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(60);
 
+    fn metrics() -> ManagerMetrics {
+        ManagerMetrics::new(&prometheus::Registry::new()).unwrap()
+    }
+
+    fn inner(max_starts_per_minute: u32) -> Inner {
+        let gauges = PhaseGauges::new(&metrics()).endpoint(&EndpointId::parse("ep").unwrap());
+        Inner::new(max_starts_per_minute, gauges)
+    }
+
     fn running() -> (Inner, u64) {
-        let mut st = Inner::new(0);
+        let mut st = inner(0);
         let attempt = st.begin_start();
         st.started(attempt, compute(), IDLE);
         (st, attempt)
@@ -325,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_start_runs_under_a_new_attempt_and_ends_running_or_failed() {
-        let mut st = Inner::new(0);
+        let mut st = inner(0);
         assert_eq!(st.phase(), Phase::Suspended);
         assert_eq!(st.attach(), None, "nothing to attach to before it runs");
         let first = st.begin_start();
@@ -420,7 +477,7 @@ mod tests {
 
     #[test]
     fn start_tokens_refill_at_the_configured_rate() {
-        let mut st = Inner::new(2);
+        let mut st = inner(2);
         assert!(st.take_start_token(2));
         assert!(st.take_start_token(2));
         assert!(!st.take_start_token(2), "the burst is spent");
@@ -428,6 +485,64 @@ mod tests {
         st.tokens_at -= Duration::from_secs(30);
         assert!(st.take_start_token(2));
         assert!(!st.take_start_token(2));
-        assert!(Inner::new(0).take_start_token(0), "0 is unlimited");
+        assert!(inner(0).take_start_token(0), "0 is unlimited");
+    }
+}
+
+#[cfg(test)]
+mod gauge_tests {
+    use super::*;
+    use crate::manager::phase::PhaseGauges;
+    use crate::ManagerMetrics;
+
+    fn value(m: &ManagerMetrics, endpoint: &str, phase: Phase) -> Option<i64> {
+        let name = "pgwake_endpoint_state";
+        let mut found = None;
+        for fam in prometheus::core::Collector::collect(&m.endpoint_state) {
+            assert_eq!(fam.get_name(), name);
+            for metric in fam.get_metric() {
+                let labels: Vec<(&str, &str)> = metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.get_name(), l.get_value()))
+                    .collect();
+                if labels.contains(&("endpoint", endpoint))
+                    && labels.contains(&("state", phase.as_str()))
+                {
+                    found = Some(metric.get_gauge().get_value() as i64);
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn transitions_move_the_gauges_and_removal_takes_the_series() {
+        let m = ManagerMetrics::new(&prometheus::Registry::new()).unwrap();
+        let all = PhaseGauges::new(&m);
+        let total = |p: Phase| m.computes.with_label_values(&[p.as_str()]).get();
+        let mut a = Inner::new(0, all.endpoint(&EndpointId::parse("a").unwrap()));
+        let _b = Inner::new(0, all.endpoint(&EndpointId::parse("b").unwrap()));
+        assert_eq!(total(Phase::Suspended), 2);
+        let attempt = a.begin_start();
+        assert_eq!((total(Phase::Suspended), total(Phase::Starting)), (1, 1));
+        assert_eq!(value(&m, "a", Phase::Starting), Some(1));
+        assert_eq!(value(&m, "a", Phase::Suspended), Some(0));
+        a.start_failed(attempt, Arc::new(BackendError::Config("x".into())));
+        assert_eq!((total(Phase::Starting), total(Phase::Failed)), (0, 1));
+
+        assert!(!a.removable(), "still routed");
+        a.forgotten = true;
+        a.waiting = 1;
+        assert!(!a.removable(), "a client waits");
+        a.waiting = 0;
+        assert!(a.removable());
+        a.remove();
+        assert!(!a.removable(), "once");
+        for p in Phase::ALL {
+            assert_eq!(value(&m, "a", p), None, "{p:?}");
+        }
+        assert_eq!(value(&m, "b", Phase::Suspended), Some(1));
+        assert_eq!((total(Phase::Failed), total(Phase::Suspended)), (0, 1));
     }
 }
