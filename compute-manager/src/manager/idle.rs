@@ -47,7 +47,7 @@ async fn crash_watch(
             .with_label_values(&[slot.id.as_str()])
             .inc();
         slot.notify();
-        manager.release_if_forgotten(&slot);
+        manager.slots.release_if_forgotten(&slot);
     }
 }
 

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use pgwake_router::EndpointId;
 
-use super::slot::Slot;
-use super::Manager;
+use super::slot::{Slot, Slots};
 use crate::ComputeAddr;
 
 /// What a client gets from a wake ([`Manager::wake`](crate::Manager::wake),
@@ -38,15 +37,15 @@ pub struct LocalSession {
     slot: Arc<Slot>,
     /// To drop the slot of an endpoint that left the routing table when its last session ends
     /// (after a crash; a running compute goes through its idle timer first).
-    manager: Weak<Manager>,
+    slots: Weak<Slots>,
 }
 
 impl LocalSession {
     /// Takes over one count of `slot`'s attached sessions (the caller added it under the lock).
-    pub(super) fn new(slot: Arc<Slot>, manager: &Arc<Manager>) -> Self {
+    pub(super) fn new(slot: Arc<Slot>, slots: &Arc<Slots>) -> Self {
         Self {
             slot,
-            manager: Arc::downgrade(manager),
+            slots: Arc::downgrade(slots),
         }
     }
 }
@@ -61,8 +60,8 @@ impl Drop for LocalSession {
             self.slot.notify();
         }
         if removable {
-            if let Some(m) = self.manager.upgrade() {
-                m.release_if_forgotten(&self.slot);
+            if let Some(slots) = self.slots.upgrade() {
+                slots.release_if_forgotten(&self.slot);
             }
         }
     }

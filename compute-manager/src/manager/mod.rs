@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use pgwake_router::{BackendSpec, EndpointId, Route, RoutingTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -25,7 +24,7 @@ pub(crate) use lease::Sessions;
 pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
 use phase::PhaseGauges;
 pub use phase::{EndpointStats, Phase, SuspendReason};
-use slot::{RemoteReport, Slot, State, MAX_REPLICAS_PER_ENDPOINT, MAX_REPORT_TTL};
+use slot::{RemoteReport, Slot, Slots, State, MAX_REPLICAS_PER_ENDPOINT, MAX_REPORT_TTL};
 
 use crate::{
     BackendError, ComputeAddr, ComputeBackend, Leadership, ManagerMetrics, RunningCompute,
@@ -83,7 +82,7 @@ impl Drop for WaitingGuard<'_> {
         self.manager.metrics.held_clients.dec();
         if removable {
             // The last client of a failed start of an endpoint that left the table.
-            self.manager.release_if_forgotten(self.slot);
+            self.manager.slots.release_if_forgotten(self.slot);
         }
     }
 }
@@ -125,9 +124,8 @@ impl Backends {
 pub struct Manager {
     cfg: ManagerConfig,
     backends: Backends,
-    slots: DashMap<EndpointId, Arc<Slot>>,
+    slots: Arc<Slots>,
     metrics: ManagerMetrics,
-    gauges: PhaseGauges,
     closing: AtomicBool,
     /// Set by [`Manager::shutdown`]; ends [`Manager::follow_table`].
     closed: watch::Sender<bool>,
@@ -136,10 +134,12 @@ pub struct Manager {
 impl Manager {
     pub fn new(cfg: ManagerConfig, backends: Backends, metrics: ManagerMetrics) -> Arc<Self> {
         Arc::new(Self {
+            slots: Arc::new(Slots::new(
+                cfg.max_starts_per_minute,
+                PhaseGauges::new(&metrics),
+            )),
             cfg,
             backends,
-            slots: DashMap::new(),
-            gauges: PhaseGauges::new(&metrics),
             metrics,
             closing: AtomicBool::new(false),
             closed: watch::channel(false).0,
@@ -150,46 +150,8 @@ impl Manager {
         &self.cfg
     }
 
-    /// The endpoint's slot, created Suspended if it has none. It may turn out `gone` (dropped
-    /// a moment ago because the endpoint left the table): whoever would start it takes a new
-    /// one ([`Manager::drop_gone`]).
     fn slot(&self, id: &EndpointId) -> Arc<Slot> {
-        if let Some(s) = self.slots.get(id) {
-            return Arc::clone(&s);
-        }
-        let slot = self.slots.entry(id.clone()).or_insert_with(|| {
-            Arc::new(Slot::new(
-                id.clone(),
-                self.cfg.max_starts_per_minute,
-                self.gauges.endpoint(id),
-            ))
-        });
-        Arc::clone(&slot)
-    }
-
-    /// Takes a `gone` slot out of the map, if it is still there, so that [`Manager::slot`]
-    /// makes a new one.
-    fn drop_gone(&self, slot: &Arc<Slot>) {
-        self.slots.remove_if(&slot.id, |_, s| Arc::ptr_eq(s, slot));
-    }
-
-    /// Drops the slot of an endpoint that left the routing table once nothing can use it any
-    /// more (see the `slot` module), with its metric series. Called after each change that
-    /// can make a forgotten slot removable.
-    fn release_if_forgotten(&self, slot: &Arc<Slot>) {
-        {
-            let mut st = slot.lock();
-            if !st.removable() {
-                return;
-            }
-            // Series first, under the lock: a new slot for the same id (the endpoint came
-            // back) can only be made once this one is out of the map, below, so its series
-            // are never the ones removed here.
-            st.remove();
-        }
-        debug!(endpoint = %slot.id, "endpoint left the routing table; its state is dropped");
-        self.drop_gone(slot);
-        slot.notify();
+        self.slots.get_or_create(id)
     }
 
     /// Forgets `id`, which left the routing table: its slot and metric series are dropped once
@@ -198,11 +160,11 @@ impl Manager {
     /// removed endpoint keep their compute until they end). Returns whether the manager had
     /// state for it.
     pub fn forget(&self, id: &EndpointId) -> bool {
-        let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
+        let Some(slot) = self.slots.get(id) else {
             return false;
         };
         slot.lock().forgotten = true;
-        self.release_if_forgotten(&slot);
+        self.slots.release_if_forgotten(&slot);
         true
     }
 
@@ -211,7 +173,7 @@ impl Manager {
     /// them may still be running). O(endpoints the manager has seen): once per table change,
     /// never per wake or suspend.
     pub fn retain(&self, table: &RoutingTable) -> usize {
-        let slots: Vec<Arc<Slot>> = self.slots.iter().map(|s| Arc::clone(&s)).collect();
+        let slots: Vec<Arc<Slot>> = self.slots.all();
         let mut forgotten = 0;
         for slot in slots {
             let routed = table
@@ -220,7 +182,7 @@ impl Manager {
             slot.lock().forgotten = !routed;
             if !routed {
                 forgotten += 1;
-                self.release_if_forgotten(&slot);
+                self.slots.release_if_forgotten(&slot);
             }
         }
         forgotten
@@ -290,7 +252,7 @@ impl Manager {
             }
             // Dropped between the look-up and the lock: the endpoint had left the table (this
             // client looked it up just before) or has come back; either way, a new slot.
-            self.drop_gone(&slot);
+            self.slots.drop_gone(&slot);
         }
     }
 
@@ -316,7 +278,10 @@ impl Manager {
                     drop(st);
                     return Some(Ok(Attached {
                         addr,
-                        lease: SessionLease::Local(LocalSession::new(Arc::clone(slot), self)),
+                        lease: SessionLease::Local(LocalSession::new(
+                            Arc::clone(slot),
+                            &self.slots,
+                        )),
                         cold: joined.is_some() || waiting.is_some(),
                     }));
                 }
@@ -436,7 +401,7 @@ impl Manager {
                 slot.notify();
                 // A failed adoption has no client to wait for; a failed wake's clients
                 // release the slot as they leave (`WaitingGuard`).
-                this.release_if_forgotten(&slot);
+                this.slots.release_if_forgotten(&slot);
             }
             .instrument(span),
         );
@@ -512,7 +477,7 @@ impl Manager {
             let mut st = slot.lock();
             if st.gone {
                 drop(st);
-                self.drop_gone(&slot);
+                self.slots.drop_gone(&slot);
                 continue;
             }
             if !matches!(st.state, State::Suspended | State::Failed { .. }) {
@@ -615,14 +580,14 @@ impl Manager {
             .with_label_values(&[reason.as_str()])
             .inc();
         slot.notify();
-        self.release_if_forgotten(slot);
+        self.slots.release_if_forgotten(slot);
         true
     }
 
     /// Suspends `id` now if no client is attached or waiting, reported by a proxy replica, or
     /// connected to the compute (the operator's or a test's way to do what the idle timer does). Returns whether a compute was stopped.
     pub async fn suspend(&self, id: &EndpointId) -> bool {
-        let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
+        let Some(slot) = self.slots.get(id) else {
             return false;
         };
         self.try_suspend(&slot, None, SuspendReason::Requested)
@@ -649,7 +614,7 @@ impl Manager {
         let expires_at = now + ttl.min(MAX_REPORT_TTL);
         let mut recorded = 0;
         for (id, sessions) in counts {
-            let Some(slot) = self.slots.get(&id).map(|s| Arc::clone(&s)) else {
+            let Some(slot) = self.slots.get(&id) else {
                 continue;
             };
             let mut st = slot.lock();
@@ -693,7 +658,7 @@ impl Manager {
 
     /// Endpoints the manager has seen (woken at least once).
     pub fn endpoints(&self) -> Vec<EndpointId> {
-        let mut ids: Vec<EndpointId> = self.slots.iter().map(|s| s.key().clone()).collect();
+        let mut ids: Vec<EndpointId> = self.slots.all().iter().map(|s| s.id.clone()).collect();
         ids.sort();
         ids
     }
@@ -741,7 +706,7 @@ impl Manager {
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
         self.closed.send_replace(true);
-        let all: Vec<Arc<Slot>> = self.slots.iter().map(|s| Arc::clone(&s)).collect();
+        let all: Vec<Arc<Slot>> = self.slots.all();
         let slots: Vec<Arc<Slot>> = all
             .into_iter()
             .filter(|s| match &s.lock().state {

@@ -23,11 +23,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use pgwake_router::EndpointId;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::debug;
 
-use super::phase::{EndpointGauges, Phase, SuspendReason};
+use super::phase::{EndpointGauges, Phase, PhaseGauges, SuspendReason};
 use crate::{BackendError, ComputeAddr, RunningCompute};
 
 /// At most this many replicas are remembered per endpoint: a report from one more (all others
@@ -335,6 +337,75 @@ impl Slot {
     }
 }
 
+/// Every endpoint's slot, by id; what a slot needs to drop itself from here is all that
+/// sessions and waiters hold besides their slot.
+pub(super) struct Slots {
+    map: DashMap<EndpointId, Arc<Slot>>,
+    max_starts_per_minute: u32,
+    gauges: PhaseGauges,
+}
+
+impl Slots {
+    pub(super) fn new(max_starts_per_minute: u32, gauges: PhaseGauges) -> Self {
+        Self {
+            map: DashMap::new(),
+            max_starts_per_minute,
+            gauges,
+        }
+    }
+
+    pub(super) fn get(&self, id: &EndpointId) -> Option<Arc<Slot>> {
+        self.map.get(id).map(|s| Arc::clone(&s))
+    }
+
+    /// The endpoint's slot, created Suspended if it has none. It may turn out `gone` (dropped a
+    /// moment ago because the endpoint left the table): whoever would start it calls
+    /// [`Slots::drop_gone`] and takes a new one.
+    pub(super) fn get_or_create(&self, id: &EndpointId) -> Arc<Slot> {
+        if let Some(s) = self.get(id) {
+            return s;
+        }
+        let slot = self.map.entry(id.clone()).or_insert_with(|| {
+            Arc::new(Slot::new(
+                id.clone(),
+                self.max_starts_per_minute,
+                self.gauges.endpoint(id),
+            ))
+        });
+        Arc::clone(&slot)
+    }
+
+    /// A snapshot, so that no slot is locked while the map is (a slot's removal takes them the
+    /// other way round).
+    pub(super) fn all(&self) -> Vec<Arc<Slot>> {
+        self.map.iter().map(|s| Arc::clone(&s)).collect()
+    }
+
+    /// Takes a `gone` slot out of the map, if it is still there.
+    pub(super) fn drop_gone(&self, slot: &Arc<Slot>) {
+        self.map.remove_if(&slot.id, |_, s| Arc::ptr_eq(s, slot));
+    }
+
+    /// Drops the slot of an endpoint that left the routing table once nothing can use it any
+    /// more (see the module's notes), with its metric series. Called after each change that
+    /// can make a forgotten slot removable.
+    pub(super) fn release_if_forgotten(&self, slot: &Arc<Slot>) {
+        {
+            let mut st = slot.lock();
+            if !st.removable() {
+                return;
+            }
+            // Series first, under the lock: a new slot for the same id (the endpoint came
+            // back) can only be made once this one is out of the map, below, so its series
+            // are never the ones removed here.
+            st.remove();
+        }
+        debug!(endpoint = %slot.id, "endpoint left the routing table; its state is dropped");
+        self.drop_gone(slot);
+        slot.notify();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The transition table, without tasks or a runtime.
@@ -342,7 +413,6 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::manager::phase::PhaseGauges;
     use crate::ManagerMetrics;
 
     struct Compute(ComputeAddr);
@@ -492,7 +562,6 @@ mod tests {
 #[cfg(test)]
 mod gauge_tests {
     use super::*;
-    use crate::manager::phase::PhaseGauges;
     use crate::ManagerMetrics;
 
     fn value(m: &ManagerMetrics, endpoint: &str, phase: Phase) -> Option<i64> {

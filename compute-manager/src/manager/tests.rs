@@ -805,8 +805,9 @@ fn computes_total(m: &Manager) -> i64 {
 /// Slot locks taken so far, on every slot but `except`.
 fn locks_elsewhere(m: &Manager, except: &EndpointId) -> u64 {
     m.slots
+        .all()
         .iter()
-        .filter(|s| s.key() != except)
+        .filter(|s| s.id != *except)
         .map(|s| s.locks.load(Ordering::Relaxed))
         .sum()
 }
