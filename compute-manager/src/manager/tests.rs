@@ -965,3 +965,27 @@ async fn churning_a_large_table_returns_to_the_baseline() {
     assert!(m.suspend(&r.endpoint).await);
     assert_eq!(locks_elsewhere(&m, &r.endpoint), before);
 }
+
+/// A client that looked the slot up just before the endpoint left the table (and the slot was
+/// dropped) never starts a compute on it: it takes the one new slot, so that two clients
+/// cannot start two computes for one endpoint across the removal.
+#[tokio::test(start_paused = true)]
+async fn a_wake_that_finds_its_slot_dropped_takes_a_new_one() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let stale = m.slot(&r.endpoint);
+    assert!(m.forget(&r.endpoint));
+    assert!(stale.lock().gone);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    assert!(
+        m.wake_slot(&stale, &r, deadline).await.is_none(),
+        "no start on a dropped slot"
+    );
+    assert_eq!(b.starts.load(Ordering::SeqCst), 0);
+    let a = m.wake(&r).await.unwrap();
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    assert!(!Arc::ptr_eq(&stale, &m.slot(&r.endpoint)));
+    assert_eq!(m.stats(&r.endpoint).unwrap().attached, 1);
+    drop(a);
+}
