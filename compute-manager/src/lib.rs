@@ -2,9 +2,10 @@
 //! computes nobody uses. The manager knows nothing of the client protocol; the proxy knows
 //! nothing of how a compute is started.
 //!
-//! Modules depend one way: `api` (server and client) → `waker` → `manager` → `backend`,
-//! `error`, `metrics`, `kubernetes::leader`; the backends (`local`, `kubernetes`) → `backend`,
-//! `error`, `probe`.
+//! Modules depend one way: `api::client` → `waker` → `manager`; `api::server` → `manager`;
+//! `manager` → `backend`, `error`, `metrics`, `kubernetes::leader` (and nothing of `api` or
+//! `waker`); the backends (`local`, `kubernetes`) → `backend`, `error`, `probe`. Inside
+//! `manager`: `lease` → `slot` → `phase`; `idle` → the `Manager` (it suspends through it).
 
 pub mod api;
 mod backend;
