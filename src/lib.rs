@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::KubernetesBackend;
-use pgwake_compute_manager::service::LeaderOnly;
+use pgwake_compute_manager::LeaderOnly;
 use pgwake_compute_manager::{
-    BackendError, Backends, ComputeBackend, LeaderElector, LeaderState, Leadership, LocalBackend,
-    Manager, ManagerConfig, ManagerMetrics, RemoteManager, Waker,
+    BackendError, Backends, ComputeBackend, ComputeWaker, LeaderElector, LeaderState, Leadership,
+    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::verifiers::VerifierStore;
@@ -318,14 +318,28 @@ impl Wiring<'_> {
         local: &Arc<LocalBackend>,
         kubernetes: Option<&KubernetesBackend>,
     ) -> Result<Arc<Manager>, StartError> {
-        Ok(Manager::new(
+        let manager = Manager::new(
             ManagerConfig::from(&self.config.compute),
             Backends {
                 local: Some(Arc::clone(local) as _),
                 kubernetes: kubernetes.map(|b| Arc::new(b.clone()) as Arc<dyn ComputeBackend>),
             },
             ManagerMetrics::new(&self.registry)?,
-        ))
+        );
+        // Endpoints removed by a reload or by the CRD source release the manager's state for
+        // them, once their computes are suspended.
+        let (m, t) = (Arc::clone(&manager), Arc::clone(&self.table));
+        self.tasks.spawn(
+            Stage::Sources,
+            "manager follows the table",
+            |shutdown| async move {
+                tokio::select! {
+                    _ = m.follow_table(&t) => {}
+                    _ = shutdown => {}
+                }
+            },
+        );
+        Ok(manager)
     }
 
     /// `[manager] leader_election`: the elector, and readiness that follows it. Without it
@@ -395,7 +409,7 @@ impl Wiring<'_> {
         &self,
         manager: &Arc<Manager>,
         leadership: &Leadership,
-    ) -> Result<Arc<dyn Waker>, StartError> {
+    ) -> Result<Arc<dyn ComputeWaker>, StartError> {
         let c = &self.config.compute;
         let Some(url) = &c.manager_url else {
             return Ok(if self.config.manager.leader_election {
@@ -456,7 +470,7 @@ impl Wiring<'_> {
 
     fn proxy(
         &self,
-        waker: Arc<dyn Waker>,
+        waker: Arc<dyn ComputeWaker>,
         certs: Option<&Arc<CertStore>>,
         auth: &Arc<Auth>,
     ) -> Result<Arc<Proxy>, StartError> {
@@ -531,7 +545,7 @@ impl Wiring<'_> {
             leadership.clone(),
         );
         self.tasks.spawn(Stage::Last, "manager API", |shutdown| {
-            pgwake_compute_manager::service::serve_api(l, m, t, lead, shutdown)
+            pgwake_compute_manager::serve_api(l, m, t, lead, shutdown)
         });
         Ok(Some(bound))
     }

@@ -319,3 +319,34 @@ async fn wake_rate_limit_refuses_with_53300() {
     assert_eq!(env.stats("demo").unwrap().starts, 1);
     env.stop().await;
 }
+
+/// An endpoint removed by a reload keeps its running compute while a session uses it; once
+/// suspended, it leaves no state in the manager and no metric series behind (issue 10).
+#[tokio::test]
+async fn an_endpoint_removed_by_a_reload_leaves_no_state_once_suspended() {
+    let admin_cfg = "[admin]\nlisten = \"127.0.0.1:0\"";
+    let second = "[[endpoint]]\nid = \"second\"\nbackend = \"local\"\n";
+    let env = Env::start_with(admin_cfg, &format!("{DEMO}{second}")).await;
+    let admin = env.pgwake().admin_addr().unwrap();
+    let client = env.client("second").await;
+    let (_, text) = http_get(admin, "/metrics").await;
+    assert!(text.contains("endpoint=\"second\""), "{text}");
+
+    let path = env.dir.path().join("reloaded.toml");
+    std::fs::write(&path, config_text(env.dir.path(), admin_cfg, DEMO)).unwrap();
+    assert_eq!(env.pgwake().reload(&path).unwrap().table.removed, 1);
+    let v: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 1, "a live session keeps its compute across the removal");
+    assert_eq!(env.stats("second").unwrap().phase, Phase::Running);
+
+    drop(client);
+    env.wait_detached("second", Duration::from_secs(10)).await;
+    env.suspend("second").await;
+    wait_until(Duration::from_secs(10), || env.stats("second").is_none())
+        .await
+        .unwrap_or_else(|_| panic!("state kept: {:?}", env.stats("second")));
+    let (_, text) = http_get(admin, "/metrics").await;
+    assert!(!text.contains("endpoint=\"second\""), "{text}");
+    assert_eq!(metric(&text, "pgwake_computes{state=\"suspended\"}"), 0.0);
+    env.stop().await;
+}

@@ -9,6 +9,46 @@ pub enum ErrorSource {
     Internal,
 }
 
+/// What kind of failure a [`BackendError`] is: for metrics labels, logs, the client message
+/// and the API's `kind` field (whose strings are a wire format: they never change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendErrorKind {
+    /// Not fixable by retrying: the operator must change the configuration.
+    Misconfigured,
+    DataDirectory,
+    /// Data pgwake once had is gone: refused, never re-created.
+    DataMissing,
+    /// A previous compute still holds the data directory.
+    DataDirectoryBusy,
+    StartFailed,
+    StartTimeout,
+    Io,
+}
+
+impl BackendErrorKind {
+    pub const ALL: [Self; 7] = [
+        Self::Misconfigured,
+        Self::DataDirectory,
+        Self::DataMissing,
+        Self::DataDirectoryBusy,
+        Self::StartFailed,
+        Self::StartTimeout,
+        Self::Io,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Misconfigured => "misconfigured",
+            Self::DataDirectory => "data_directory",
+            Self::DataMissing => "data_missing",
+            Self::DataDirectoryBusy => "data_directory_busy",
+            Self::StartFailed => "start_failed",
+            Self::StartTimeout => "start_timeout",
+            Self::Io => "io",
+        }
+    }
+}
+
 /// A backend could not start or stop a compute. The `Display` text is for operators' logs;
 /// clients only ever see [`WakeError::user_message`].
 #[derive(Debug, thiserror::Error)]
@@ -49,16 +89,16 @@ impl BackendError {
         }
     }
 
-    /// Short, stable name for metrics labels and the client message.
-    pub fn kind(&self) -> &'static str {
+    /// The class of failure, for metrics labels and the client message.
+    pub fn kind(&self) -> BackendErrorKind {
         match self {
-            Self::BinariesNotFound(_) | Self::Config(_) => "misconfigured",
-            Self::DataDir { .. } | Self::InitdbFailed { .. } => "data_directory",
-            Self::DataMissing { .. } => "data_missing",
-            Self::DataDirBusy(_) => "data_directory_busy",
-            Self::StartFailed { .. } => "start_failed",
-            Self::StartTimeout(_) => "start_timeout",
-            Self::Io { .. } => "io",
+            Self::BinariesNotFound(_) | Self::Config(_) => BackendErrorKind::Misconfigured,
+            Self::DataDir { .. } | Self::InitdbFailed { .. } => BackendErrorKind::DataDirectory,
+            Self::DataMissing { .. } => BackendErrorKind::DataMissing,
+            Self::DataDirBusy(_) => BackendErrorKind::DataDirectoryBusy,
+            Self::StartFailed { .. } => BackendErrorKind::StartFailed,
+            Self::StartTimeout(_) => BackendErrorKind::StartTimeout,
+            Self::Io { .. } => BackendErrorKind::Io,
         }
     }
 
@@ -81,6 +121,54 @@ impl BackendError {
     /// A `StartTimeout` may include waiting for a previous compute to exit.
     pub fn reached_startup(&self) -> bool {
         matches!(self, Self::StartFailed { .. } | Self::StartTimeout(_))
+    }
+}
+
+/// What kind of failure a [`WakeError`] is: for metrics labels, logs and the manager API's
+/// `kind` field, whose strings are a wire format between proxy and manager versions (they
+/// never change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WakeErrorKind {
+    Backend(BackendErrorKind),
+    Timeout,
+    QueueFull,
+    RateLimited,
+    ShuttingDown,
+    ManagerUnavailable,
+    NotLeader,
+    Remote,
+}
+
+impl WakeErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backend(k) => k.as_str(),
+            Self::Timeout => "timeout",
+            Self::QueueFull => "queue_full",
+            Self::RateLimited => "rate_limited",
+            Self::ShuttingDown => "shutting_down",
+            Self::ManagerUnavailable => "manager_unavailable",
+            Self::NotLeader => "not_leader",
+            Self::Remote => "remote",
+        }
+    }
+
+    /// The kind an API error body names, if it is one this version knows.
+    pub fn from_wire(kind: &str) -> Option<Self> {
+        const OTHERS: [WakeErrorKind; 7] = [
+            WakeErrorKind::Timeout,
+            WakeErrorKind::QueueFull,
+            WakeErrorKind::RateLimited,
+            WakeErrorKind::ShuttingDown,
+            WakeErrorKind::ManagerUnavailable,
+            WakeErrorKind::NotLeader,
+            WakeErrorKind::Remote,
+        ];
+        BackendErrorKind::ALL
+            .into_iter()
+            .map(Self::Backend)
+            .chain(OTHERS)
+            .find(|k| k.as_str() == kind)
     }
 }
 
@@ -110,7 +198,9 @@ pub enum WakeError {
 impl WakeError {
     pub fn source_side(&self) -> ErrorSource {
         match self {
-            Self::Backend(e) if e.kind() == "misconfigured" => ErrorSource::Internal,
+            Self::Backend(e) if e.kind() == BackendErrorKind::Misconfigured => {
+                ErrorSource::Internal
+            }
             Self::Backend(_) | Self::Timeout(_) => ErrorSource::Compute,
             Self::QueueFull | Self::RateLimited => ErrorSource::Client,
             Self::ShuttingDown | Self::ManagerUnavailable(_) | Self::NotLeader => {
@@ -133,16 +223,16 @@ impl WakeError {
         }
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> WakeErrorKind {
         match self {
-            Self::Backend(e) => e.kind(),
-            Self::Timeout(_) => "timeout",
-            Self::QueueFull => "queue_full",
-            Self::RateLimited => "rate_limited",
-            Self::ShuttingDown => "shutting_down",
-            Self::ManagerUnavailable(_) => "manager_unavailable",
-            Self::NotLeader => "not_leader",
-            Self::Remote { .. } => "remote",
+            Self::Backend(e) => WakeErrorKind::Backend(e.kind()),
+            Self::Timeout(_) => WakeErrorKind::Timeout,
+            Self::QueueFull => WakeErrorKind::QueueFull,
+            Self::RateLimited => WakeErrorKind::RateLimited,
+            Self::ShuttingDown => WakeErrorKind::ShuttingDown,
+            Self::ManagerUnavailable(_) => WakeErrorKind::ManagerUnavailable,
+            Self::NotLeader => WakeErrorKind::NotLeader,
+            Self::Remote { .. } => WakeErrorKind::Remote,
         }
     }
 
@@ -151,7 +241,7 @@ impl WakeError {
         match self {
             Self::Backend(e) => format!(
                 "the compute could not be started ({}); the operator has the details",
-                e.kind().replace('_', " ")
+                e.kind().as_str().replace('_', " ")
             ),
             Self::Timeout(d) => format!("the compute did not become ready within {}s", d.as_secs()),
             Self::QueueFull => "too many clients are waiting for this endpoint to start".into(),
@@ -165,5 +255,54 @@ impl WakeError {
             Self::NotLeader => "the compute manager is failing over; retry shortly".into(),
             Self::Remote { message, .. } => message.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API's `kind` strings are read by other versions of the proxy: these must not change.
+    #[test]
+    fn kinds_keep_their_wire_names_and_read_back() {
+        let wire = [
+            (
+                WakeErrorKind::Backend(BackendErrorKind::Misconfigured),
+                "misconfigured",
+            ),
+            (
+                WakeErrorKind::Backend(BackendErrorKind::DataDirectory),
+                "data_directory",
+            ),
+            (
+                WakeErrorKind::Backend(BackendErrorKind::StartFailed),
+                "start_failed",
+            ),
+            (
+                WakeErrorKind::Backend(BackendErrorKind::StartTimeout),
+                "start_timeout",
+            ),
+            (WakeErrorKind::Backend(BackendErrorKind::Io), "io"),
+            (WakeErrorKind::Timeout, "timeout"),
+            (WakeErrorKind::QueueFull, "queue_full"),
+            (WakeErrorKind::RateLimited, "rate_limited"),
+            (WakeErrorKind::ShuttingDown, "shutting_down"),
+            (WakeErrorKind::ManagerUnavailable, "manager_unavailable"),
+            (WakeErrorKind::NotLeader, "not_leader"),
+            (WakeErrorKind::Remote, "remote"),
+        ];
+        for (kind, name) in wire {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(WakeErrorKind::from_wire(name), Some(kind));
+        }
+        assert_eq!(WakeErrorKind::from_wire("bad_endpoint"), None);
+    }
+
+    #[test]
+    fn only_a_misconfiguration_is_internal() {
+        let misconfigured = WakeError::Backend(Arc::new(BackendError::Config("x".into())));
+        assert_eq!(misconfigured.source_side(), ErrorSource::Internal);
+        let timeout = WakeError::Backend(Arc::new(BackendError::StartTimeout(Duration::ZERO)));
+        assert_eq!(timeout.source_side(), ErrorSource::Compute);
     }
 }

@@ -1,7 +1,13 @@
 //! Turns "endpoint X is needed" into "a Postgres for X answers at this address", and suspends
 //! computes nobody uses. The manager knows nothing of the client protocol; the proxy knows
 //! nothing of how a compute is started.
+//!
+//! Modules depend one way: `api::client` → `waker` → `manager`; `api::server` → `manager`;
+//! `manager` → `backend`, `error`, `metrics`, `kubernetes::leader` (and nothing of `api` or
+//! `waker`); the backends (`local`, `kubernetes`) → `backend`, `error`, `probe`. Inside
+//! `manager`: `lease` → `slot` → `phase`; `idle` → the `Manager` (it suspends through it).
 
+pub mod api;
 mod backend;
 mod error;
 pub mod kubernetes;
@@ -10,18 +16,20 @@ mod manager;
 mod metrics;
 mod probe;
 pub mod roles;
-pub mod service;
+pub mod waker;
 
+pub use api::{serve_api, serve_http, RemoteManager};
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
-pub use error::{BackendError, ErrorSource, WakeError};
+pub use error::{BackendError, BackendErrorKind, ErrorSource, WakeError, WakeErrorKind};
 pub use kubernetes::{
     KubernetesBackend, KubernetesConfig, LeaderConfig, LeaderElector, LeaderError, LeaderState,
     Leadership,
 };
 pub use local::{LocalBackend, LocalConfig};
 pub use manager::{
-    ActivityGuard, Backends, EndpointStats, Lease, Manager, ManagerConfig, Phase, SuspendReason,
+    Attached, Backends, EndpointStats, LocalSession, Manager, ManagerConfig, Phase, RemoteSession,
+    SessionLease, SuspendReason,
 };
 pub use metrics::ManagerMetrics;
 pub use probe::{probe_ready, ProbeResult};
-pub use service::{RemoteManager, Waker};
+pub use waker::{ComputeWaker, LeaderOnly};

@@ -779,6 +779,7 @@ fn find_bins(bin_dir: Option<&Path>) -> Result<Bins, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BackendErrorKind;
     use std::os::unix::process::ExitStatusExt;
 
     fn classify(log: &str) -> BackendError {
@@ -799,7 +800,7 @@ mod tests {
         ] {
             let e = classify(log);
             assert!(!e.retryable(), "{e}");
-            assert_eq!(e.kind(), "data_directory");
+            assert_eq!(e.kind(), BackendErrorKind::DataDirectory);
             assert!(!e.reached_startup());
         }
         for log in [
@@ -808,7 +809,7 @@ mod tests {
         ] {
             let e = classify(log);
             assert!(e.retryable(), "{e}");
-            assert_eq!(e.kind(), "data_directory_busy");
+            assert_eq!(e.kind(), BackendErrorKind::DataDirectoryBusy);
             assert!(!e.reached_startup());
         }
         let e = classify("PANIC:  could not locate a valid checkpoint record");

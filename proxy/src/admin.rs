@@ -78,7 +78,7 @@ pub async fn serve(
         let resp = respond(&req, &registry, &health);
         std::future::ready(resp)
     };
-    pgwake_compute_manager::service::serve_http(listener, "admin", handle, shutdown).await;
+    pgwake_compute_manager::serve_http(listener, "admin", handle, shutdown).await;
 }
 
 fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {

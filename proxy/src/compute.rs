@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pgwake_compute_manager::{ComputeAddr, Lease};
+use pgwake_compute_manager::{Attached, ComputeAddr};
 use pgwake_router::Route;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,7 +24,7 @@ const CONNECT_ATTEMPTS: usize = 3;
 pub(crate) async fn connect(
     proxy: &Proxy,
     route: &Arc<Route>,
-) -> Result<(Lease, ComputeStream), ProxyError> {
+) -> Result<(Attached, ComputeStream), ProxyError> {
     let (lease, tcp) = connect_tcp(proxy, route).await?;
     debug!(addr = %lease.addr, cold = lease.cold, "connected to compute");
     let stream = match &proxy.compute_tls {
@@ -39,7 +39,10 @@ pub(crate) async fn connect(
     Ok((lease, stream))
 }
 
-async fn connect_tcp(proxy: &Proxy, route: &Arc<Route>) -> Result<(Lease, TcpStream), ProxyError> {
+async fn connect_tcp(
+    proxy: &Proxy,
+    route: &Arc<Route>,
+) -> Result<(Attached, TcpStream), ProxyError> {
     let endpoint = &route.endpoint;
     let mut last_err = None;
     for attempt in 0..CONNECT_ATTEMPTS {

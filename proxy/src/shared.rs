@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use pgwake_compute_manager::Waker;
+use pgwake_compute_manager::ComputeWaker;
 use pgwake_router::RoutingTable;
 use tokio::sync::Semaphore;
 
@@ -19,7 +19,7 @@ use crate::{ProxyConfig, ProxyMetrics};
 pub struct Proxy {
     pub(crate) cfg: ProxyConfig,
     pub(crate) table: Arc<RoutingTable>,
-    pub(crate) manager: Arc<dyn Waker>,
+    pub(crate) manager: Arc<dyn ComputeWaker>,
     pub(crate) metrics: ProxyMetrics,
     pub(crate) limits: Limits,
     pub(crate) cancels: Arc<Cancels>,
@@ -41,7 +41,7 @@ pub struct ProxyParts {
     pub cfg: ProxyConfig,
     pub table: Arc<RoutingTable>,
     /// The in-process manager, or a client of a remote one (`[compute] manager_url`).
-    pub manager: Arc<dyn Waker>,
+    pub manager: Arc<dyn ComputeWaker>,
     pub metrics: ProxyMetrics,
     pub limits: LimitsConfig,
     pub health: Arc<Health>,

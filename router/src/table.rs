@@ -6,6 +6,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use ipnet::IpNet;
 use serde::Deserialize;
+use tokio::sync::watch;
 
 use crate::EndpointId;
 
@@ -151,6 +152,10 @@ pub struct TableDiff {
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     routes: DashMap<EndpointId, Arc<Route>>,
+    /// Bumped after every change (a reload once, a source's upsert or remove each time), so
+    /// that state kept per endpoint elsewhere (the compute manager's) can follow removals
+    /// without polling the table.
+    version: watch::Sender<u64>,
     /// Ids the config file defines. A reload replaces exactly these, so endpoints another
     /// source added (the Kubernetes CRD reflector) survive it, and the file wins a conflict.
     file_owned: Mutex<HashSet<EndpointId>>,
@@ -174,11 +179,31 @@ impl RoutingTable {
     }
 
     pub fn upsert(&self, route: Route) {
-        self.routes.insert(route.endpoint.clone(), Arc::new(route));
+        self.insert(route);
+        self.changed();
     }
 
     pub fn remove(&self, id: &EndpointId) -> Option<Arc<Route>> {
-        self.routes.remove(id).map(|(_, r)| r)
+        let removed = self.routes.remove(id).map(|(_, r)| r);
+        if removed.is_some() {
+            self.changed();
+        }
+        removed
+    }
+
+    /// A receiver that sees every change of the table (coalesced: a slow
+    /// reader sees the latest version, not each step), for followers such as the compute
+    /// manager's `Manager::follow_table`.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn insert(&self, route: Route) {
+        self.routes.insert(route.endpoint.clone(), Arc::new(route));
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     fn file_ids(&self) -> MutexGuard<'_, HashSet<EndpointId>> {
@@ -249,7 +274,7 @@ impl RoutingTable {
                 Some(_) => diff.changed += 1,
                 None => diff.added += 1,
             }
-            self.upsert(route);
+            self.insert(route);
         }
         for id in owned.difference(&keep) {
             if self.routes.remove(id).is_some() {
@@ -257,6 +282,9 @@ impl RoutingTable {
             }
         }
         *owned = keep;
+        if diff != TableDiff::default() {
+            self.changed();
+        }
         Ok(diff)
     }
 }
@@ -295,6 +323,27 @@ mod tests {
         assert!(r.allows("2001:db8::1".parse().unwrap()));
         assert!(!r.allows("11.0.0.1".parse().unwrap()));
         assert!(!r.allows("::ffff:11.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn subscribers_see_each_change_once_and_no_change_at_all() {
+        let t = RoutingTable::new();
+        let mut rx = t.subscribe();
+        t.replace_all(vec![local("a"), local("b")]).unwrap();
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        t.replace_all(vec![local("a"), local("b")]).unwrap();
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same file again changes nothing"
+        );
+        t.replace_all(vec![local("a")]).unwrap();
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert!(t.remove(&EndpointId::parse("zz").unwrap()).is_none());
+        assert!(!rx.has_changed().unwrap(), "nothing removed");
+        t.remove(&EndpointId::parse("a").unwrap());
+        assert!(rx.has_changed().unwrap());
     }
 
     #[test]

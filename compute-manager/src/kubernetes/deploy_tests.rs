@@ -245,7 +245,7 @@ fn every_config_has_a_valid_kubernetes_table_that_watches_the_endpoints() {
         let k = kubernetes_config(&docs, cm);
         assert_eq!(k.namespace.as_deref(), Some("pgwake"), "{cm}");
         // Every pgwake routes from the PgwakeEndpoints: the proxies to accept clients, the
-        // manager to look the endpoint of a wake up (`service::route_request`).
+        // manager to look the endpoint of a wake up (`api::server::route_request`).
         assert!(k.watch_endpoints, "{cm}");
     }
     // Endpoints live in PgwakeEndpoints: a config-file endpoint would have to be in both

@@ -31,7 +31,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::coordination::v1::{Lease as CoordinationLease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use kube::{Api, Client};
@@ -175,12 +175,12 @@ enum Attempt {
 
 /// The record last read, and when (on our clock) it was first seen in that version.
 struct Observed {
-    lease: Lease,
+    lease: CoordinationLease,
     at: Instant,
 }
 
 pub struct LeaderElector {
-    api: Api<Lease>,
+    api: Api<CoordinationLease>,
     cfg: LeaderConfig,
     state: watch::Sender<LeaderState>,
     observed: Option<Observed>,
@@ -301,7 +301,7 @@ impl LeaderElector {
         }
     }
 
-    fn observe(&mut self, lease: Lease, at: Instant) {
+    fn observe(&mut self, lease: CoordinationLease, at: Instant) {
         self.observed = Some(Observed { lease, at });
     }
 
@@ -313,7 +313,7 @@ impl LeaderElector {
         let current = match self.api.get_opt(&name).await {
             Err(e) => return Attempt::Failed(e),
             Ok(None) => {
-                let lease = Lease {
+                let lease = CoordinationLease {
                     metadata: ObjectMeta {
                         name: Some(name),
                         ..ObjectMeta::default()

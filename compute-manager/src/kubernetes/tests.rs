@@ -16,6 +16,7 @@ use tower_test::mock;
 use super::deploy_tests::{granted, permission, reflector_permissions, Permission};
 use super::*;
 use crate::kubernetes::mock_api::{json_response, next_request, status_failure};
+use crate::BackendErrorKind;
 
 const NS: &str = "pgwake";
 const STS: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets";
@@ -575,7 +576,7 @@ async fn api_errors_are_retried_with_backoff_then_the_wake_gives_up() {
         Ok(_) => panic!("wake succeeded against a failing API"),
     };
     assert!(err.retryable(), "{err}");
-    assert_eq!(err.kind(), "io");
+    assert_eq!(err.kind(), BackendErrorKind::Io);
     assert!(err.to_string().contains("gave up after 4 tries"), "{err}");
     let at = server.await.unwrap();
     // Exponential backoff between the tries: 100, 200, 400 ms.
@@ -641,7 +642,7 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
         Err(e) => e,
         Ok(_) => panic!("wake succeeded with a failing image"),
     };
-    assert_eq!(err.kind(), "start_failed");
+    assert_eq!(err.kind(), BackendErrorKind::StartFailed);
     assert!(err.to_string().contains("ImagePullBackOff"), "{err}");
     server.await.unwrap();
 }
@@ -660,7 +661,7 @@ async fn permanent_errors_fail_at_once_as_misconfiguration() {
         Err(e) => e,
         Ok(_) => panic!("wake succeeded without permission"),
     };
-    assert_eq!(err.kind(), "misconfigured");
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured);
     assert!(!err.retryable());
     server.await.unwrap();
 }
@@ -942,7 +943,7 @@ fn a_bad_quantity_is_a_configuration_error() {
     };
     assert_eq!(
         desired_statefulset(&cfg(), NS, &local).unwrap_err().kind(),
-        "misconfigured"
+        BackendErrorKind::Misconfigured
     );
 }
 
@@ -1102,7 +1103,7 @@ async fn running_endpoints_fails_at_once_without_permission() {
         api.expect_quiet().await;
     });
     let err = b.running_endpoints().await.unwrap_err();
-    assert_eq!(err.kind(), "misconfigured");
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured);
     server.await.unwrap();
 }
 

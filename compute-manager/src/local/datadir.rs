@@ -211,6 +211,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BackendErrorKind;
 
     fn id(s: &str) -> EndpointId {
         EndpointId::parse(s).unwrap()
@@ -269,7 +270,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join(MARKER), "pgwake data root\nformat 2\n").unwrap();
         let err = check_root(tmp.path(), true).unwrap_err();
-        assert_eq!(err.kind(), "misconfigured", "{err}");
+        assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
         std::fs::write(tmp.path().join(MARKER), "").unwrap();
         assert!(check_root(tmp.path(), true).is_err());
     }

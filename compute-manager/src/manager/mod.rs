@@ -1,13 +1,30 @@
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+//! The compute manager: one slot per endpoint it has seen, a single-flight wake per slot, and
+//! an idle tracker per running compute.
+//!
+//! - `slot`: an endpoint's state and its transitions (no tasks, no I/O);
+//! - `lease`: what a session holds while attached ([`Attached`], [`SessionLease`]);
+//! - `idle`: the idle timer and the crash watch of a running compute;
+//! - `phase`: phases, suspend reasons and per-endpoint stats.
+
+mod idle;
+mod lease;
+mod phase;
+mod slot;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use pgwake_router::{BackendSpec, EndpointId, Route, RoutingTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
+
+pub(crate) use lease::Sessions;
+pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
+use phase::PhaseGauges;
+pub use phase::{EndpointStats, Phase, SuspendReason};
+use slot::{RemoteReport, Slot, Slots, State, MAX_REPLICAS_PER_ENDPOINT, MAX_REPORT_TTL};
 
 use crate::{
     BackendError, ComputeAddr, ComputeBackend, Leadership, ManagerMetrics, RunningCompute,
@@ -39,86 +56,6 @@ impl Default for ManagerConfig {
     }
 }
 
-/// The lifecycle of one endpoint's compute, as the manager sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Suspended,
-    Starting,
-    Running,
-    Suspending,
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Suspended => "suspended",
-            Phase::Starting => "starting",
-            Phase::Running => "running",
-            Phase::Suspending => "suspending",
-            Phase::Failed => "failed",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SuspendReason {
-    Idle,
-    Requested,
-    Shutdown,
-}
-
-impl SuspendReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            SuspendReason::Idle => "idle",
-            SuspendReason::Requested => "requested",
-            SuspendReason::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Counters and state of one endpoint, for tests, status APIs and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointStats {
-    pub phase: Phase,
-    pub attached: usize,
-    pub waiting: usize,
-    /// Computes this manager started: wakes that called the backend, whatever the outcome.
-    /// Not adoptions, which take over a compute another manager started.
-    pub starts: u64,
-    /// Wakes whose start failed (adoptions that fail are logged, not counted here).
-    pub start_failures: u64,
-    /// Running computes this manager took over at its start ([`Manager::adopt_running`]).
-    pub adoptions: u64,
-    pub suspends: u64,
-    pub crashes: u64,
-    /// Suspends called off because the compute still had client sessions (by the compute's own
-    /// count, or by unexpired reports from proxy replicas).
-    pub busy_deferrals: u64,
-    /// Sessions that proxy replicas reported attached to this compute (unexpired reports only).
-    pub remote_sessions: usize,
-    pub addr: Option<ComputeAddr>,
-}
-
-/// At most this many replicas are remembered per endpoint: a report from one more (all others
-/// still unexpired) is ignored, so a misbehaving client of the API cannot grow the map without
-/// bound. Far more than any real deployment runs.
-const MAX_REPLICAS_PER_ENDPOINT: usize = 1024;
-
-/// The longest a report counts: a replica that vanishes without a last report of 0 (killed,
-/// partitioned) holds its computes up at most this long, whatever ttl it asked for.
-const MAX_REPORT_TTL: Duration = Duration::from_secs(600);
-
-/// One proxy replica's last word about an endpoint.
-#[derive(Debug, Clone, Copy)]
-struct RemoteReport {
-    sessions: usize,
-    /// A replica that dies stops reporting; its sessions died with it, so its count only
-    /// holds until then.
-    expires_at: Instant,
-}
-
 /// Why a start runs: the backend call is the same, the bookkeeping differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StartKind {
@@ -128,184 +65,25 @@ enum StartKind {
     Adopt,
 }
 
-enum State {
-    Suspended,
-    Starting {
-        attempt: u64,
-    },
-    Running {
-        attempt: u64,
-        compute: Arc<dyn RunningCompute>,
-        idle_timeout: Duration,
-    },
-    Suspending,
-    Failed {
-        attempt: u64,
-        error: Arc<BackendError>,
-    },
-}
-
-impl State {
-    fn phase(&self) -> Phase {
-        match self {
-            State::Suspended => Phase::Suspended,
-            State::Starting { .. } => Phase::Starting,
-            State::Running { .. } => Phase::Running,
-            State::Suspending => Phase::Suspending,
-            State::Failed { .. } => Phase::Failed,
-        }
-    }
-}
-
-struct Inner {
-    state: State,
-    /// Connections holding an [`ActivityGuard`]; a compute with any is never suspended.
-    attached: usize,
-    /// Clients held in `wake` for this endpoint.
-    waiting: usize,
-    /// Sessions attached through proxy replicas that hold no guard here (manager service
-    /// mode), by replica id: counts above 0 only (a 0 removes the entry); expired entries
-    /// count for nothing and are purged when the map is full.
-    remote: HashMap<String, RemoteReport>,
-    idle_since: Instant,
-    attempt: u64,
-    /// Start tokens left and when they were last counted (see `max_starts_per_minute`).
-    start_tokens: f64,
-    tokens_at: Instant,
-}
-
-impl Inner {
-    /// Sessions that unexpired replica reports count at `now`.
-    fn remote_sessions(&self, now: Instant) -> usize {
-        self.remote
-            .values()
-            .filter(|r| r.expires_at > now)
-            .fold(0, |n, r| n.saturating_add(r.sessions))
-    }
-
-    /// Moves to Starting under a new attempt number, which the start task and its watchers
-    /// carry so that they never act on a later attempt's state.
-    fn begin_start(&mut self) -> u64 {
-        self.attempt += 1;
-        self.state = State::Starting {
-            attempt: self.attempt,
-        };
-        self.attempt
-    }
-
-    fn take_start_token(&mut self, per_minute: u32) -> bool {
-        if per_minute == 0 {
-            return true;
-        }
-        let now = Instant::now();
-        let burst = f64::from(per_minute);
-        let refill = now.saturating_duration_since(self.tokens_at).as_secs_f64() * burst / 60.0;
-        self.start_tokens = (self.start_tokens + refill).min(burst);
-        self.tokens_at = now;
-        if self.start_tokens >= 1.0 {
-            self.start_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-struct Slot {
-    id: EndpointId,
-    inner: Mutex<Inner>,
-    /// Bumped after every change a waiter or the idle task may care about. Subscribing before
-    /// looking at `inner` means no change between the look and the wait is ever missed.
-    changed: watch::Sender<()>,
-    starts: AtomicU64,
-    start_failures: AtomicU64,
-    adoptions: AtomicU64,
-    suspends: AtomicU64,
-    crashes: AtomicU64,
-    busy_deferrals: AtomicU64,
-}
-
-impl Slot {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding this lock would be a bug in a few lines of bookkeeping; carrying
-        // on with the data is better than poisoning every future connect to the endpoint.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn notify(&self) {
-        self.changed.send_replace(());
-    }
-}
-
-/// What a client gets from [`Manager::wake`]: where to connect, and the guard that keeps the
-/// compute from being suspended for as long as the connection lives.
-pub struct Lease {
-    pub addr: ComputeAddr,
-    pub guard: ActivityGuard,
-    /// True if this client had to wait for a start.
-    pub cold: bool,
-}
-
-/// Held by every proxied connection. The last one dropped starts the idle timer.
-pub struct ActivityGuard {
-    slot: Option<Arc<Slot>>,
-    /// Through a remote manager the session is counted in this proxy instead (and reported to
-    /// the manager); held only for its drop, which does the uncounting.
-    _remote: Option<crate::service::SessionGuard>,
-}
-
-impl ActivityGuard {
-    /// A guard that tracks nothing: for computes that are never suspended (static routes).
-    pub fn detached() -> Self {
-        Self {
-            slot: None,
-            _remote: None,
-        }
-    }
-
-    fn local(slot: Arc<Slot>) -> Self {
-        Self {
-            slot: Some(slot),
-            _remote: None,
-        }
-    }
-
-    pub(crate) fn remote(session: crate::service::SessionGuard) -> Self {
-        Self {
-            slot: None,
-            _remote: Some(session),
-        }
-    }
-}
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            let mut st = slot.lock();
-            st.attached -= 1;
-            let now_idle = st.attached == 0;
-            if now_idle {
-                st.idle_since = Instant::now();
-            }
-            drop(st);
-            if now_idle {
-                slot.notify();
-            }
-        }
-    }
-}
-
 /// Decrements the waiting count however `wake` ends, including when the client goes away and
 /// its future is dropped mid-wait.
 struct WaitingGuard<'a> {
-    slot: &'a Slot,
-    metrics: &'a ManagerMetrics,
+    slot: &'a Arc<Slot>,
+    manager: &'a Manager,
 }
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        self.slot.lock().waiting -= 1;
-        self.metrics.held_clients.dec();
+        let removable = {
+            let mut st = self.slot.lock();
+            st.waiting -= 1;
+            st.removable()
+        };
+        self.manager.metrics.held_clients.dec();
+        if removable {
+            // The last client of a failed start of an endpoint that left the table.
+            self.manager.slots.release_if_forgotten(self.slot);
+        }
     }
 }
 
@@ -347,19 +125,25 @@ pub struct Manager {
     /// Swapped by [`Manager::set_config`] (a config reload); read once per use.
     cfg: Mutex<ManagerConfig>,
     backends: Backends,
-    slots: DashMap<EndpointId, Arc<Slot>>,
+    slots: Arc<Slots>,
     metrics: ManagerMetrics,
     closing: AtomicBool,
+    /// Set by [`Manager::shutdown`]; ends [`Manager::follow_table`].
+    closed: watch::Sender<bool>,
 }
 
 impl Manager {
     pub fn new(cfg: ManagerConfig, backends: Backends, metrics: ManagerMetrics) -> Arc<Self> {
         Arc::new(Self {
+            slots: Arc::new(Slots::new(
+                cfg.max_starts_per_minute,
+                PhaseGauges::new(&metrics),
+            )),
             cfg: Mutex::new(cfg),
             backends,
-            slots: DashMap::new(),
             metrics,
             closing: AtomicBool::new(false),
+            closed: watch::channel(false).0,
         })
     }
 
@@ -374,46 +158,72 @@ impl Manager {
     }
 
     fn slot(&self, id: &EndpointId) -> Arc<Slot> {
-        if let Some(s) = self.slots.get(id) {
-            return Arc::clone(&s);
+        self.slots.get_or_create(id)
+    }
+
+    /// Forgets `id`, which left the routing table: its slot and metric series are dropped once
+    /// it is Suspended or Failed with no session attached and no client waiting. A running
+    /// compute is not stopped early; its idle timer suspends it as usual (sessions of a
+    /// removed endpoint keep their compute until they end). Returns whether the manager had
+    /// state for it.
+    pub fn forget(&self, id: &EndpointId) -> bool {
+        let Some(slot) = self.slots.get(id) else {
+            return false;
+        };
+        slot.lock().forgotten = true;
+        self.slots.release_if_forgotten(&slot);
+        true
+    }
+
+    /// Forgets every endpoint `table` no longer routes to a managed backend (absent, or now
+    /// static), and un-forgets those it routes again. Returns how many are forgotten (some of
+    /// them may still be running). O(endpoints the manager has seen): once per table change,
+    /// never per wake or suspend.
+    pub fn retain(&self, table: &RoutingTable) -> usize {
+        let slots: Vec<Arc<Slot>> = self.slots.all();
+        let mut forgotten = 0;
+        for slot in slots {
+            let routed = table
+                .lookup(&slot.id)
+                .is_some_and(|r| !matches!(r.backend, BackendSpec::Static { .. }));
+            slot.lock().forgotten = !routed;
+            if !routed {
+                forgotten += 1;
+                self.slots.release_if_forgotten(&slot);
+            }
         }
-        let slot = self.slots.entry(id.clone()).or_insert_with(|| {
-            Arc::new(Slot {
-                id: id.clone(),
-                inner: Mutex::new(Inner {
-                    state: State::Suspended,
-                    attached: 0,
-                    waiting: 0,
-                    remote: HashMap::new(),
-                    idle_since: Instant::now(),
-                    attempt: 0,
-                    start_tokens: f64::from(self.config().max_starts_per_minute),
-                    tokens_at: Instant::now(),
-                }),
-                changed: watch::channel(()).0,
-                starts: AtomicU64::new(0),
-                start_failures: AtomicU64::new(0),
-                adoptions: AtomicU64::new(0),
-                suspends: AtomicU64::new(0),
-                crashes: AtomicU64::new(0),
-                busy_deferrals: AtomicU64::new(0),
-            })
-        });
-        Arc::clone(&slot)
+        forgotten
+    }
+
+    /// Follows `table`'s changes with [`Manager::retain`] until [`Manager::shutdown`], so that
+    /// endpoints removed by a reload or by the Kubernetes source release their state without
+    /// anyone polling. Run it once per manager, next to the table's sources.
+    pub async fn follow_table(&self, table: &RoutingTable) {
+        let mut changes = table.subscribe();
+        let mut closed = self.closed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let forgotten = self.retain(table);
+            debug!(forgotten, "compute manager followed a routing table change");
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = closed.wait_for(|c| *c) => return,
+            }
+        }
     }
 
     /// Returns a running compute for `route`, starting it if needed. However many clients call
     /// this at once for a suspended endpoint, exactly one start happens and all of them wait on
     /// it, each for at most `wake_timeout`.
-    pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Lease, WakeError> {
+    pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Attached, WakeError> {
         let started = Instant::now();
         if let BackendSpec::Static { address } = &route.backend {
             // Always on: nothing to start or suspend, and re-reading the route on every connect
             // means a reload that moves the address takes effect at once.
             self.metrics.wakes.with_label_values(&["warm"]).inc();
-            return Ok(Lease {
+            return Ok(Attached {
                 addr: ComputeAddr::new(address.as_str()),
-                guard: ActivityGuard::detached(),
+                lease: SessionLease::Detached,
                 cold: false,
             });
         }
@@ -424,7 +234,7 @@ impl Manager {
         let outcome = match &result {
             Ok(l) if l.cold => "cold",
             Ok(_) => "warm",
-            Err(e) => e.kind(),
+            Err(e) => e.kind().as_str(),
         };
         self.metrics.wakes.with_label_values(&[outcome]).inc();
         if let Ok(l) = &result {
@@ -440,10 +250,29 @@ impl Manager {
         self: &Arc<Self>,
         route: &Arc<Route>,
         started: Instant,
-    ) -> Result<Lease, WakeError> {
-        let slot = self.slot(&route.endpoint);
+    ) -> Result<Attached, WakeError> {
         let wake_timeout = self.config().wake_timeout;
         let deadline = started + wake_timeout;
+        loop {
+            let slot = self.slot(&route.endpoint);
+            if let Some(result) = self.wake_slot(&slot, route, deadline, wake_timeout).await {
+                return result;
+            }
+            // Dropped between the look-up and the lock: the endpoint had left the table (this
+            // client looked it up just before) or has come back; either way, a new slot.
+            self.slots.drop_gone(&slot);
+        }
+    }
+
+    /// [`Manager::wake_managed`] on one slot; `None` if that slot is `gone`.
+    async fn wake_slot(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        route: &Arc<Route>,
+        deadline: Instant,
+        wake_timeout: Duration,
+    ) -> Option<Result<Attached, WakeError>> {
+        let cfg = self.config();
         let mut rx = slot.changed.subscribe();
         let mut joined: Option<u64> = None;
         let mut waiting: Option<WaitingGuard<'_>> = None;
@@ -451,37 +280,41 @@ impl Manager {
             rx.borrow_and_update();
             let spawn_attempt = {
                 let mut st = slot.lock();
-                match &st.state {
-                    State::Running { compute, .. } => {
-                        let addr = compute.addr().clone();
-                        st.attached += 1;
-                        drop(st);
-                        return Ok(Lease {
-                            addr,
-                            guard: ActivityGuard::local(Arc::clone(&slot)),
-                            cold: joined.is_some() || waiting.is_some(),
-                        });
+                if st.gone {
+                    // Only before this client counts as waiting: a slot with waiters stays.
+                    return None;
+                }
+                if let Some(addr) = st.attach() {
+                    drop(st);
+                    return Some(Ok(Attached {
+                        addr,
+                        lease: SessionLease::Local(LocalSession::new(
+                            Arc::clone(slot),
+                            &self.slots,
+                        )),
+                        cold: joined.is_some() || waiting.is_some(),
+                    }));
+                }
+                if let State::Failed { attempt, error } = &st.state {
+                    if Some(*attempt) == joined {
+                        return Some(Err(WakeError::Backend(Arc::clone(error))));
                     }
-                    State::Failed { attempt, error } if Some(*attempt) == joined => {
-                        return Err(WakeError::Backend(Arc::clone(error)));
-                    }
-                    _ => {}
                 }
                 if waiting.is_none() {
-                    if st.waiting >= self.config().max_waiting_per_endpoint {
-                        return Err(WakeError::QueueFull);
+                    if st.waiting >= cfg.max_waiting_per_endpoint {
+                        return Some(Err(WakeError::QueueFull));
                     }
                     st.waiting += 1;
                     self.metrics.held_clients.inc();
                     waiting = Some(WaitingGuard {
-                        slot: &slot,
-                        metrics: &self.metrics,
+                        slot,
+                        manager: self,
                     });
                 }
                 match st.state {
                     State::Suspended | State::Failed { .. } => {
-                        if !st.take_start_token(self.config().max_starts_per_minute) {
-                            return Err(WakeError::RateLimited);
+                        if !st.take_start_token(cfg.max_starts_per_minute) {
+                            return Some(Err(WakeError::RateLimited));
                         }
                         let attempt = st.begin_start();
                         joined = Some(attempt);
@@ -499,7 +332,7 @@ impl Manager {
             if let Some(attempt) = spawn_attempt {
                 slot.notify();
                 self.spawn_start(
-                    Arc::clone(&slot),
+                    Arc::clone(slot),
                     Arc::clone(route),
                     attempt,
                     StartKind::Wake,
@@ -509,7 +342,7 @@ impl Manager {
                 .await
                 .is_err()
             {
-                return Err(WakeError::Timeout(wake_timeout));
+                return Some(Err(WakeError::Timeout(wake_timeout)));
             }
         }
     }
@@ -561,104 +394,28 @@ impl Manager {
                             }
                         }
                         counter.with_label_values(&["ok"]).inc();
-                        {
-                            let mut st = slot.lock();
-                            st.state = State::Running {
-                                attempt,
-                                compute: Arc::clone(&compute),
-                                idle_timeout,
-                            };
-                            // An adopted compute, too, gets a whole idle_timeout from here.
-                            st.idle_since = Instant::now();
-                        }
-                        this.spawn_watchers(&slot, attempt, compute, idle_timeout);
+                        slot.lock().started(attempt, Arc::clone(&compute), idle_timeout);
+                        idle::track(&this, &slot, attempt, compute);
                     }
                     Err(error) => {
                         match kind {
                             StartKind::Wake => {
-                                warn!(error = %error, kind = error.kind(), "compute failed to start");
+                                warn!(error = %error, kind = error.kind().as_str(), "compute failed to start");
                                 slot.start_failures.fetch_add(1, Ordering::Relaxed);
                             }
-                            StartKind::Adopt => warn!(error = %error, kind = error.kind(), "could not adopt the running compute; the next wake starts it as usual"),
+                            StartKind::Adopt => warn!(error = %error, kind = error.kind().as_str(), "could not adopt the running compute; the next wake starts it as usual"),
                         }
-                        counter.with_label_values(&[error.kind()]).inc();
-                        slot.lock().state = State::Failed {
-                            attempt,
-                            error: Arc::new(error),
-                        };
+                        counter.with_label_values(&[error.kind().as_str()]).inc();
+                        slot.lock().start_failed(attempt, Arc::new(error));
                     }
                 }
-                this.update_phase_gauges();
                 slot.notify();
+                // A failed adoption has no client to wait for; a failed wake's clients
+                // release the slot as they leave (`WaitingGuard`).
+                this.slots.release_if_forgotten(&slot);
             }
             .instrument(span),
         );
-    }
-
-    fn spawn_watchers(
-        self: &Arc<Self>,
-        slot: &Arc<Slot>,
-        attempt: u64,
-        compute: Arc<dyn RunningCompute>,
-        idle_timeout: Duration,
-    ) {
-        // Crash watch: a compute that goes away on its own is marked suspended, so the next
-        // client starts a new one instead of being sent to a dead address.
-        let this = Arc::clone(self);
-        let s = Arc::clone(slot);
-        tokio::spawn(async move {
-            compute.exited().await;
-            let crashed = {
-                let mut st = s.lock();
-                let crashed = matches!(st.state, State::Running { attempt: a, .. } if a == attempt);
-                if crashed {
-                    st.state = State::Suspended;
-                }
-                crashed
-            };
-            if crashed {
-                warn!(endpoint = %s.id, "compute exited unexpectedly; it will be started again on the next connect");
-                s.crashes.fetch_add(1, Ordering::Relaxed);
-                this.metrics
-                    .crashes
-                    .with_label_values(&[s.id.as_str()])
-                    .inc();
-                this.update_phase_gauges();
-                s.notify();
-            }
-        });
-
-        let this = Arc::clone(self);
-        let s = Arc::clone(slot);
-        tokio::spawn(async move {
-            let mut rx = s.changed.subscribe();
-            loop {
-                rx.borrow_and_update();
-                let deadline = {
-                    let st = s.lock();
-                    match st.state {
-                        State::Running { attempt: a, .. } if a == attempt => {}
-                        _ => return,
-                    }
-                    (st.attached == 0 && st.waiting == 0).then(|| st.idle_since + idle_timeout)
-                };
-                match deadline {
-                    Some(d) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(d) => {
-                                this.try_suspend(&s, Some(attempt), SuspendReason::Idle).await;
-                            }
-                            r = rx.changed() => if r.is_err() { return },
-                        }
-                    }
-                    None => {
-                        if rx.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
     }
 
     /// Takes over the computes that run without this manager having started them, so that
@@ -692,7 +449,7 @@ impl Manager {
             let ids = match backend.running_endpoints().await {
                 Ok(ids) => ids,
                 Err(e) => {
-                    warn!(error = %e, kind = e.kind(), "could not list the running computes; they are adopted at their next wake");
+                    warn!(error = %e, kind = e.kind().as_str(), "could not list the running computes; they are adopted at their next wake");
                     continue;
                 }
             };
@@ -726,13 +483,20 @@ impl Manager {
         if self.closing.load(Ordering::Acquire) {
             return false;
         }
-        let slot = self.slot(&route.endpoint);
-        let attempt = {
+        let (slot, attempt) = loop {
+            let slot = self.slot(&route.endpoint);
             let mut st = slot.lock();
+            if st.gone {
+                drop(st);
+                self.slots.drop_gone(&slot);
+                continue;
+            }
             if !matches!(st.state, State::Suspended | State::Failed { .. }) {
                 return false;
             }
-            st.begin_start()
+            let attempt = st.begin_start();
+            drop(st);
+            break (slot, attempt);
         };
         slot.notify();
         self.spawn_start(slot, route, attempt, StartKind::Adopt);
@@ -770,7 +534,12 @@ impl Manager {
     }
 
     /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
-    async fn try_suspend(&self, slot: &Slot, attempt: Option<u64>, reason: SuspendReason) -> bool {
+    async fn try_suspend(
+        &self,
+        slot: &Arc<Slot>,
+        attempt: Option<u64>,
+        reason: SuspendReason,
+    ) -> bool {
         // Proxies of other replicas (or anything connected straight to the compute) hold no
         // guard here, so an idle or requested suspend also looks at the replicas' activity
         // reports and asks the compute itself. Done before taking the decision under the lock,
@@ -805,30 +574,8 @@ impl Manager {
                 return false;
             }
         }
-        let compute = {
-            let mut st = slot.lock();
-            let compute = match &st.state {
-                State::Running {
-                    attempt: a,
-                    compute,
-                    idle_timeout,
-                } if attempt.is_none_or(|x| x == *a) => {
-                    // A report can land while the compute was being asked above.
-                    let busy =
-                        st.attached > 0 || st.waiting > 0 || st.remote_sessions(Instant::now()) > 0;
-                    let idle_enough = reason != SuspendReason::Idle
-                        || Instant::now() >= st.idle_since + *idle_timeout;
-                    if (busy && reason != SuspendReason::Shutdown) || !idle_enough {
-                        return false;
-                    }
-                    Arc::clone(compute)
-                }
-                _ => return false,
-            };
-            // Decided under the same lock a connecting client takes to attach: from here on,
-            // new clients wait for the stop and then start the compute again.
-            st.state = State::Suspending;
-            compute
+        let Some(compute) = slot.lock().begin_suspend(attempt, reason, Instant::now()) else {
+            return false;
         };
         slot.notify();
         info!(endpoint = %slot.id, reason = reason.as_str(), "suspending compute");
@@ -837,21 +584,21 @@ impl Manager {
             warn!(endpoint = %slot.id, error = %e, "compute stop reported an error");
         }
         info!(endpoint = %slot.id, elapsed_ms = t0.elapsed().as_millis() as u64, "compute suspended");
-        slot.lock().state = State::Suspended;
+        slot.lock().suspended();
         slot.suspends.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .suspends
             .with_label_values(&[reason.as_str()])
             .inc();
-        self.update_phase_gauges();
         slot.notify();
+        self.slots.release_if_forgotten(slot);
         true
     }
 
     /// Suspends `id` now if no client is attached or waiting, reported by a proxy replica, or
     /// connected to the compute (the operator's or a test's way to do what the idle timer does). Returns whether a compute was stopped.
     pub async fn suspend(&self, id: &EndpointId) -> bool {
-        let Some(slot) = self.slots.get(id).map(|s| Arc::clone(&s)) else {
+        let Some(slot) = self.slots.get(id) else {
             return false;
         };
         self.try_suspend(&slot, None, SuspendReason::Requested)
@@ -878,7 +625,7 @@ impl Manager {
         let expires_at = now + ttl.min(MAX_REPORT_TTL);
         let mut recorded = 0;
         for (id, sessions) in counts {
-            let Some(slot) = self.slots.get(&id).map(|s| Arc::clone(&s)) else {
+            let Some(slot) = self.slots.get(&id) else {
                 continue;
             };
             let mut st = slot.lock();
@@ -922,7 +669,7 @@ impl Manager {
 
     /// Endpoints the manager has seen (woken at least once).
     pub fn endpoints(&self) -> Vec<EndpointId> {
-        let mut ids: Vec<EndpointId> = self.slots.iter().map(|s| s.key().clone()).collect();
+        let mut ids: Vec<EndpointId> = self.slots.all().iter().map(|s| s.id.clone()).collect();
         ids.sort();
         ids
     }
@@ -931,7 +678,7 @@ impl Manager {
         let slot = self.slots.get(id)?;
         let st = slot.lock();
         Some(EndpointStats {
-            phase: st.state.phase(),
+            phase: st.phase(),
             attached: st.attached,
             waiting: st.waiting,
             starts: slot.starts.load(Ordering::Relaxed),
@@ -954,39 +701,12 @@ impl Manager {
         let mut rx = slot.changed.subscribe();
         loop {
             rx.borrow_and_update();
-            if slot.lock().state.phase() == phase {
+            if slot.lock().phase() == phase {
                 return;
             }
             if rx.changed().await.is_err() {
                 return;
             }
-        }
-    }
-
-    fn update_phase_gauges(&self) {
-        const ALL: [Phase; 5] = [
-            Phase::Suspended,
-            Phase::Starting,
-            Phase::Running,
-            Phase::Suspending,
-            Phase::Failed,
-        ];
-        let mut counts = [0i64; 5];
-        for s in self.slots.iter() {
-            let phase = s.lock().state.phase();
-            counts[phase as usize] += 1;
-            for p in ALL {
-                self.metrics
-                    .endpoint_state
-                    .with_label_values(&[s.id.as_str(), p.as_str()])
-                    .set(i64::from(p == phase));
-            }
-        }
-        for (p, c) in ALL.into_iter().zip(counts) {
-            self.metrics
-                .computes
-                .with_label_values(&[p.as_str()])
-                .set(c);
         }
     }
 
@@ -996,10 +716,10 @@ impl Manager {
     /// ([`Manager::adopt_when_ready`]).
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
-        let slots: Vec<Arc<Slot>> = self
-            .slots
-            .iter()
-            .map(|s| Arc::clone(&s))
+        self.closed.send_replace(true);
+        let all: Vec<Arc<Slot>> = self.slots.all();
+        let slots: Vec<Arc<Slot>> = all
+            .into_iter()
             .filter(|s| match &s.lock().state {
                 State::Running { compute, .. } => compute.stop_on_shutdown(),
                 _ => false,
@@ -1013,5 +733,4 @@ impl Manager {
 }
 
 #[cfg(test)]
-#[path = "manager_tests.rs"]
 mod tests;

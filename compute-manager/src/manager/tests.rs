@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use pgwake_router::{BackendSpec, EndpointId, Route};
@@ -272,7 +273,10 @@ async fn failure_reaches_every_waiter_and_next_connect_retries() {
     let res = futures::future::join_all((0..10).map(|_| m.wake(&r))).await;
     for e in res {
         let e = e.err().unwrap();
-        assert_eq!(e.kind(), "start_failed");
+        assert_eq!(
+            e.kind(),
+            crate::WakeErrorKind::Backend(crate::BackendErrorKind::StartFailed)
+        );
         assert!(
             !e.user_message().contains("/var/lib"),
             "{}",
@@ -787,4 +791,233 @@ async fn adoption_waits_for_the_routes_at_most_the_bound_and_never_after_a_lost_
         None
     );
     assert!(m.stats(&id("ep")).is_none());
+}
+
+fn table_entry(i: usize) -> pgwake_router::EndpointConfig {
+    pgwake_router::EndpointConfig {
+        id: EndpointId::parse(&format!("ep{i}")).unwrap(),
+        backend: BackendSpec::Local {
+            settings: BTreeMap::new(),
+        },
+        idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
+        auth: None,
+        roles_file: None,
+    }
+}
+
+fn routed(table: &RoutingTable, i: usize) -> Arc<Route> {
+    table
+        .lookup(&EndpointId::parse(&format!("ep{i}")).unwrap())
+        .unwrap()
+}
+
+/// Series of the endpoint-labelled metrics (`pgwake_endpoint_state`, `pgwake_compute_crashes_total`).
+fn endpoint_series(m: &Manager) -> usize {
+    use prometheus::core::Collector;
+    let families = m
+        .metrics
+        .endpoint_state
+        .collect()
+        .into_iter()
+        .chain(m.metrics.crashes.collect());
+    families.map(|f| f.get_metric().len()).sum()
+}
+
+fn computes_total(m: &Manager) -> i64 {
+    Phase::ALL
+        .iter()
+        .map(|p| m.metrics.computes.with_label_values(&[p.as_str()]).get())
+        .sum()
+}
+
+/// Slot locks taken so far, on every slot but `except`.
+fn locks_elsewhere(m: &Manager, except: &EndpointId) -> u64 {
+    m.slots
+        .all()
+        .iter()
+        .filter(|s| s.id != *except)
+        .map(|s| s.locks.load(Ordering::Relaxed))
+        .sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_endpoint_keeps_its_compute_until_idle_then_its_state_goes() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let (gone, kept) = (route("gone", None), route("kept", None));
+    let session = m.wake(&gone).await.unwrap();
+    drop(m.wake(&kept).await.unwrap());
+    assert!(m.forget(&gone.endpoint));
+    assert!(!m.forget(&EndpointId::parse("never").unwrap()));
+    // Running with a session: the compute stays, and so does its state.
+    assert_eq!(m.stats(&gone.endpoint).unwrap().phase, Phase::Running);
+    tokio::time::sleep(cfg().idle_timeout * 2).await;
+    assert_eq!(m.stats(&gone.endpoint).unwrap().phase, Phase::Running);
+    assert_eq!(endpoint_series(&m), 10);
+    drop(session);
+    // The idle timer suspends it as usual, and the suspend drops the slot and its series.
+    tokio::time::timeout(cfg().idle_timeout * 2, async {
+        while m.stats(&gone.endpoint).is_some() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+    .await
+    .expect("the forgotten endpoint's state is dropped after its idle suspend");
+    assert_eq!(b.stops.load(Ordering::SeqCst), 2, "both computes stopped");
+    assert_eq!(m.endpoints(), vec![kept.endpoint.clone()]);
+    assert_eq!(endpoint_series(&m), 5, "only the kept endpoint's series");
+    assert_eq!(computes_total(&m), 1);
+    // Back in the table: a fresh slot, started once.
+    drop(m.wake(&gone).await.unwrap());
+    assert_eq!(m.stats(&gone.endpoint).unwrap().starts, 1);
+    assert_eq!(endpoint_series(&m), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_start_of_a_forgotten_endpoint_goes_when_its_clients_do() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_millis(50),
+        fail: true,
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let m2 = Arc::clone(&m);
+    let r2 = Arc::clone(&r);
+    let waiting = tokio::spawn(async move { m2.wake(&r2).await.map(|_| ()) });
+    phase_within(&m, &r.endpoint, Phase::Starting, Duration::from_millis(10)).await;
+    m.forget(&r.endpoint);
+    assert!(m.stats(&r.endpoint).is_some(), "a client waits on it");
+    assert!(waiting.await.unwrap().is_err());
+    assert_eq!(m.stats(&r.endpoint), None);
+    assert_eq!(endpoint_series(&m), 0);
+    assert_eq!(computes_total(&m), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_manager_follows_removals_from_the_table() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let table = Arc::new(RoutingTable::new());
+    table
+        .replace_all((0..3).map(table_entry).collect())
+        .unwrap();
+    let follow = {
+        let (m, t) = (Arc::clone(&m), Arc::clone(&table));
+        tokio::spawn(async move { m.follow_table(&t).await })
+    };
+    for i in 0..3 {
+        let r = routed(&table, i);
+        drop(m.wake(&r).await.unwrap());
+        assert!(m.suspend(&r.endpoint).await);
+    }
+    table.replace_all(vec![table_entry(1)]).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while m.endpoints().len() > 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("removed endpoints forgotten without a call");
+    assert_eq!(m.endpoints(), vec![EndpointId::parse("ep1").unwrap()]);
+    m.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(1), follow)
+        .await
+        .expect("follow_table ends with the manager")
+        .unwrap();
+}
+
+/// The growth bug (issue 10): a table of 100,000 endpoints churning by 10,000 per reload, with
+/// 1,000 wakes and suspends per round, keeps no state for removed endpoints, and a transition
+/// touches only its own slot.
+#[tokio::test(start_paused = true)]
+async fn churning_a_large_table_returns_to_the_baseline() {
+    const TABLE: usize = 100_000;
+    const CHURN: usize = 10_000;
+    const WAKES: usize = 1_000;
+    const KEPT: usize = 100;
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let table = RoutingTable::new();
+    table
+        .replace_all((0..TABLE).map(table_entry).collect())
+        .unwrap();
+    // Endpoints that stay in the table throughout (the removals take the lowest ids).
+    for i in TABLE - KEPT..TABLE {
+        let r = routed(&table, i);
+        drop(m.wake(&r).await.unwrap());
+        assert!(m.suspend(&r.endpoint).await);
+    }
+    let baseline = (m.endpoints().len(), endpoint_series(&m), computes_total(&m));
+    assert_eq!(baseline, (KEPT, KEPT * 5, KEPT as i64));
+
+    for round in 0..3 {
+        let (lo, hi) = (round * CHURN, TABLE + round * CHURN);
+        // Wake endpoints that this reload removes; half still have a session at the reload.
+        let mut sessions = Vec::new();
+        for i in lo..lo + WAKES {
+            let r = routed(&table, i);
+            let a = m.wake(&r).await.unwrap();
+            if i % 2 == 0 {
+                sessions.push((r, a));
+            } else {
+                drop(a);
+                assert!(m.suspend(&r.endpoint).await);
+            }
+        }
+        let diff = table
+            .replace_all((lo + CHURN..hi + CHURN).map(table_entry).collect())
+            .unwrap();
+        assert_eq!((diff.added, diff.removed), (CHURN, CHURN));
+        assert_eq!(m.retain(&table), WAKES, "round {round}");
+        assert_eq!(
+            m.endpoints().len(),
+            KEPT + WAKES / 2,
+            "the suspended ones went at once, the running ones stay"
+        );
+        for (r, a) in sessions {
+            drop(a);
+            assert!(m.suspend(&r.endpoint).await);
+        }
+        assert_eq!(
+            (m.endpoints().len(), endpoint_series(&m), computes_total(&m)),
+            baseline,
+            "round {round}"
+        );
+    }
+
+    // O(1) per transition: a wake and a suspend lock their own slot and no other.
+    let r = routed(&table, TABLE - 1);
+    let before = locks_elsewhere(&m, &r.endpoint);
+    drop(m.wake(&r).await.unwrap());
+    assert!(m.suspend(&r.endpoint).await);
+    assert_eq!(locks_elsewhere(&m, &r.endpoint), before);
+}
+
+/// A client that looked the slot up just before the endpoint left the table (and the slot was
+/// dropped) never starts a compute on it: it takes the one new slot, so that two clients
+/// cannot start two computes for one endpoint across the removal.
+#[tokio::test(start_paused = true)]
+async fn a_wake_that_finds_its_slot_dropped_takes_a_new_one() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let stale = m.slot(&r.endpoint);
+    assert!(m.forget(&r.endpoint));
+    assert!(stale.lock().gone);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    assert!(
+        m.wake_slot(&stale, &r, deadline, Duration::from_secs(1))
+            .await
+            .is_none(),
+        "no start on a dropped slot"
+    );
+    assert_eq!(b.starts.load(Ordering::SeqCst), 0);
+    let a = m.wake(&r).await.unwrap();
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    assert!(!Arc::ptr_eq(&stale, &m.slot(&r.endpoint)));
+    assert_eq!(m.stats(&r.endpoint).unwrap().attached, 1);
+    drop(a);
 }

@@ -10,9 +10,18 @@ use pgwake_router::BackendSpec;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyper::StatusCode;
+use pgwake_router::{EndpointId, Route, RoutingTable};
+use tokio::net::TcpListener;
+
 use super::*;
 use crate::{
-    BackendError, Backends, ComputeBackend, ManagerConfig, ManagerMetrics, Phase, RunningCompute,
+    BackendError, Backends, ComputeAddr, ComputeBackend, ComputeWaker, Leadership, Manager,
+    ManagerConfig, ManagerMetrics, Phase, RunningCompute, WakeError,
 };
 
 /// The proxy's report task, as `Pgwake::start` runs it; send on the sender to stop it (it then
