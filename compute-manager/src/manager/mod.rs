@@ -406,7 +406,11 @@ impl Manager {
                             StartKind::Adopt => warn!(error = %error, kind = error.kind().as_str(), "could not adopt the running compute; the next wake starts it as usual"),
                         }
                         counter.with_label_values(&[error.kind().as_str()]).inc();
-                        slot.lock().start_failed(attempt, Arc::new(error));
+                        let mut st = slot.lock();
+                        if kind == StartKind::Wake && !error.reached_startup() {
+                            st.give_back_start_token(this.config().max_starts_per_minute);
+                        }
+                        st.start_failed(attempt, Arc::new(error));
                     }
                 }
                 slot.notify();

@@ -271,6 +271,15 @@ impl Inner {
         }
     }
 
+    /// Returns the token of a start that failed before postgres's own start-up (see
+    /// [`crate::BackendError::reached_startup`]): such failures are cheap, and counting them would
+    /// keep an endpoint refused after their cause (a previous compute still exiting) is gone.
+    pub(super) fn give_back_start_token(&mut self, per_minute: u32) {
+        if per_minute > 0 {
+            self.start_tokens = (self.start_tokens + 1.0).min(f64::from(per_minute));
+        }
+    }
+
     pub(super) fn take_start_token(&mut self, per_minute: u32) -> bool {
         if per_minute == 0 {
             return true;

@@ -15,6 +15,9 @@ struct Script {
     start_delay: Duration,
     stop_delay: Duration,
     fail: bool,
+    /// Fails before postgres's own start-up, as a data directory still held by a previous
+    /// compute does.
+    fail_early: bool,
     stop_on_shutdown: bool,
     /// What `running_endpoints` reports (computes a previous manager left running); `start`
     /// for one of them plays the backend finding it up.
@@ -62,11 +65,14 @@ struct FakeCompute {
 impl ComputeBackend for FakeBackend {
     async fn start(&self, _route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
         let n = self.starts.fetch_add(1, Ordering::SeqCst);
-        let (delay, fail, stop_delay) = {
+        let (delay, fail, fail_early, stop_delay) = {
             let s = self.script.lock().unwrap();
-            (s.start_delay, s.fail, s.stop_delay)
+            (s.start_delay, s.fail, s.fail_early, s.stop_delay)
         };
         tokio::time::sleep(delay).await;
+        if fail_early {
+            return Err(BackendError::DataDirBusy("postmaster.pid of pid 42".into()));
+        }
         if fail {
             return Err(BackendError::StartFailed {
                 status: "exit 1".into(),
@@ -443,6 +449,49 @@ async fn start_rate_is_limited_per_endpoint() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     drop(m.wake(&r).await.unwrap());
     assert_eq!(b.starts.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_starts_that_reach_postgres_spend_the_start_budget() {
+    let b = FakeBackend::new(Script {
+        fail_early: true,
+        ..Script::default()
+    });
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            max_starts_per_minute: 2,
+            ..cfg()
+        },
+    );
+    let r = route("ep", None);
+    // A previous compute holding the directory fails every start at once: that costs nothing,
+    // so once it is gone the endpoint starts at once instead of staying refused (53300).
+    for _ in 0..5 {
+        let e = m.wake(&r).await.err().expect("start fails");
+        assert!(matches!(e, WakeError::Backend(_)), "{e:?}");
+    }
+    b.script.lock().unwrap().fail_early = false;
+    drop(m.wake(&r).await.unwrap());
+    assert_eq!(b.starts.load(Ordering::SeqCst), 6);
+
+    // Failures inside postgres's start-up (a crash loop) do spend it.
+    let b = FakeBackend::new(Script {
+        fail: true,
+        ..Script::default()
+    });
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            max_starts_per_minute: 2,
+            ..cfg()
+        },
+    );
+    for _ in 0..2 {
+        assert!(matches!(m.wake(&r).await, Err(WakeError::Backend(_))));
+    }
+    assert!(matches!(m.wake(&r).await, Err(WakeError::RateLimited)));
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(start_paused = true)]
