@@ -275,7 +275,7 @@ fn parse_network(s: &str) -> Option<IpNet> {
         .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-/// The CRD as YAML, exactly as committed in `deploy/crd.yaml` (a test keeps the two equal).
+/// The CRD as YAML, exactly as committed in `deploy/base/crd.yaml` (a test keeps the two equal).
 pub fn crd_yaml() -> String {
     let crd = PgwakeEndpoint::crd();
     let body = serde_yaml::to_string(&crd).expect("a CRD always serializes");

@@ -191,11 +191,11 @@ fn sync_never_touches_endpoints_of_the_config_file() {
 
 #[test]
 fn committed_crd_matches_the_rust_type() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/crd.yaml");
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         committed == crd_yaml(),
-        "deploy/crd.yaml is stale: run `cargo run -p pgwake-router --bin crdgen > deploy/crd.yaml`"
+        "deploy/base/crd.yaml is stale: run `cargo run -p pgwake-router --bin crdgen > deploy/base/crd.yaml`"
     );
 }
 
