@@ -39,6 +39,15 @@ pub struct KubernetesConfig {
     /// Image pull secrets for compute images in private registries.
     #[serde(default)]
     pub image_pull_secrets: Vec<String>,
+    /// The user and group compute containers run as, and the group that owns their volume.
+    /// Compute pods meet the `restricted` Pod Security level (non-root, no privilege
+    /// escalation, no capabilities, the runtime's seccomp profile), so the image must run as
+    /// a non-root user: 999 is `postgres` in the official `postgres` images, whose entrypoint
+    /// then runs initdb as that user without the chown it does as root.
+    #[serde(default = "d_postgres_uid")]
+    pub run_as_user: i64,
+    #[serde(default = "d_postgres_uid")]
+    pub fs_group: i64,
     /// How long Postgres gets to shut down cleanly (write its checkpoint) before it is killed.
     #[serde(default = "d_termination_grace", with = "humantime_serde")]
     pub termination_grace: Duration,
@@ -84,6 +93,9 @@ fn d_readiness_command() -> Vec<String> {
         .map(String::from)
         .to_vec()
 }
+fn d_postgres_uid() -> i64 {
+    999
+}
 fn d_termination_grace() -> Duration {
     Duration::from_secs(60)
 }
@@ -115,6 +127,8 @@ impl Default for KubernetesConfig {
             service_account: None,
             node_selector: BTreeMap::new(),
             image_pull_secrets: Vec::new(),
+            run_as_user: d_postgres_uid(),
+            fs_group: d_postgres_uid(),
             termination_grace: d_termination_grace(),
             stop_timeout: d_stop_timeout(),
             not_ready_grace: d_not_ready_grace(),
@@ -157,6 +171,12 @@ impl KubernetesConfig {
         if self.termination_grace.is_zero() || self.stop_timeout < self.termination_grace {
             errors.push(
                 "kubernetes.stop_timeout must be at least termination_grace, which must be more than 0"
+                    .to_string(),
+            );
+        }
+        if self.run_as_user <= 0 || self.fs_group <= 0 {
+            errors.push(
+                "kubernetes.run_as_user and fs_group must be more than 0 (compute pods run as non-root)"
                     .to_string(),
             );
         }

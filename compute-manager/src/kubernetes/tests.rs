@@ -877,6 +877,40 @@ fn statefulset_names_fit_kubernetes_limits_and_stay_distinct() {
     assert_eq!(pod_name("pgwake-demo"), "pgwake-demo-0");
 }
 
+/// What the `restricted` Pod Security Standard checks of a pod (the kubelet and admission
+/// enforce it in namespaces labelled `pod-security.kubernetes.io/enforce: restricted`): a
+/// compute pod passes, so pgwake runs in such namespaces.
+#[test]
+fn compute_pods_pass_the_restricted_pod_security_level() {
+    let sts = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    let psc = pod.security_context.expect("a pod securityContext");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert!(psc.run_as_user.is_some_and(|u| u > 0));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    for c in &pod.containers {
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("a container securityContext");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(sc.privileged, None, "{}", c.name);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..]),
+            "{}",
+            c.name
+        );
+        assert!(sc.capabilities.as_ref().unwrap().add.is_none());
+        // A container-level seccomp profile or user would override the pod's.
+        assert!(sc.seccomp_profile.is_none() && sc.run_as_user != Some(0));
+    }
+    for v in pod.volumes.iter().flatten() {
+        assert!(v.host_path.is_none());
+    }
+}
+
 #[test]
 fn desired_statefulset_carries_the_endpoint_template() {
     let sts = desired_statefulset(&cfg(), NS, &route()).unwrap();

@@ -101,6 +101,12 @@ pub fn desired_statefulset(
         "env": env.iter().map(|(k, v)| json!({ "name": k, "value": v })).collect::<Vec<_>>(),
         // exec, not tcpSocket: Postgres accepts TCP before it accepts queries (57P03), and
         // the postgres image's first-boot initdb runs a server on the socket only.
+        // The `restricted` Pod Security level, so computes run in namespaces that enforce it.
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"] },
+            "runAsNonRoot": true,
+        },
         "readinessProbe": {
             "exec": { "command": cfg.readiness_command.iter()
                 .map(|a| a.replace("{port}", &port.to_string())).collect::<Vec<_>>() },
@@ -132,6 +138,13 @@ pub fn desired_statefulset(
         // Service of the namespace into its environment.
         "automountServiceAccountToken": false,
         "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "fsGroup": cfg.fs_group,
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
     });
     if let Some(sa) = &cfg.service_account {
         pod_spec["serviceAccountName"] = json!(sa);
