@@ -256,3 +256,116 @@ fn tls_proxies_route_by_sni_and_require_tls() {
     without_tls.remove("tls");
     assert_eq!(without_tls, table("pgwake-proxy-config/pgwake.toml"));
 }
+
+/// Every metric family pgwake serves on /metrics (both roles' metrics, as the binary registers
+/// them), with its label names. From the collectors' descriptors, not from a scrape: a labelled
+/// family with no series yet is not in a scrape.
+fn served_metrics() -> BTreeMap<String, Vec<String>> {
+    use prometheus::core::Collector;
+    let registry = prometheus::Registry::new();
+    let p = pgwake_proxy::ProxyMetrics::new(&registry).unwrap();
+    let m = pgwake_compute_manager::ManagerMetrics::new(&registry).unwrap();
+    let collectors: Vec<&dyn Collector> = vec![
+        &p.accepted,
+        &p.active,
+        &p.closed,
+        &p.errors,
+        &p.bytes,
+        &p.cancels,
+        &p.tls_handshakes,
+        &m.wakes,
+        &m.wake_seconds,
+        &m.starts,
+        &m.adoptions,
+        &m.suspends,
+        &m.crashes,
+        &m.held_clients,
+        &m.computes,
+        &m.endpoint_state,
+    ];
+    let mut names = BTreeMap::new();
+    for c in collectors {
+        for d in c.desc() {
+            names.insert(d.fq_name.clone(), d.variable_labels.clone());
+        }
+    }
+    // Every family registered on the registry is in the list above.
+    let registered: usize = registry.gather().len();
+    assert!(names.len() >= registered);
+    names
+}
+
+/// `(metric, label names in its selector)` for every `pgwake_...` metric a PromQL text uses.
+fn metrics_used(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut used = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("pgwake_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = tail[..end].to_string();
+        let mut labels = Vec::new();
+        if let Some(selector) = tail[end..].strip_prefix('{') {
+            let selector = &selector[..selector.find('}').unwrap()];
+            for matcher in selector.split(',') {
+                let key = matcher.split(['=', '!', '~']).next().unwrap().trim();
+                labels.push(key.to_string());
+            }
+        }
+        used.push((name, labels));
+        rest = &tail[end..];
+    }
+    used
+}
+
+/// The alerting rules and the Grafana dashboard in deploy/monitoring use only metrics and
+/// labels that pgwake serves (a renamed metric would otherwise leave an alert that never
+/// fires and an empty panel).
+#[test]
+fn monitoring_uses_only_metrics_pgwake_serves() {
+    let served = served_metrics();
+    let dir = deploy_dir().join("monitoring");
+    let rules = yaml(&dir.join("prometheusrule.yaml"));
+    let mut exprs = Vec::new();
+    for group in rules["spec"]["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            exprs.push(rule["expr"].as_str().unwrap().to_string());
+        }
+    }
+    // JSON is YAML.
+    let dashboard = yaml(&dir.join("grafana-dashboard.json"));
+    for panel in dashboard["panels"].as_sequence().unwrap() {
+        for target in panel["targets"].as_sequence().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    exprs.push(
+        dashboard["templating"]["list"][1]["query"]["query"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    let mut checked = 0;
+    for expr in &exprs {
+        for (name, labels) in metrics_used(expr) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| served.contains_key(*f)))
+                .unwrap_or(&name);
+            let Some(known) = served.get(family) else {
+                panic!("{name} is not a pgwake metric (in {expr})");
+            };
+            for l in labels {
+                // Target labels Prometheus adds to every series.
+                let target = ["namespace", "pod", "job", "instance", "le"].contains(&l.as_str());
+                assert!(
+                    target || known.contains(&l),
+                    "{name} has no label {l} (in {expr})"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "{checked} metric uses");
+}

@@ -960,7 +960,12 @@ fn rendered(overlay: &str) -> Option<Docs> {
     Some(docs)
 }
 
-const OVERLAYS: [&str; 3] = ["overlays/scale-out", "overlays/single", "overlays/tls"];
+const OVERLAYS: [&str; 4] = [
+    "overlays/scale-out",
+    "overlays/single",
+    "overlays/tls",
+    "monitoring",
+];
 
 /// Each overlay renders, every object in it is a valid Kubernetes object, and the config of
 /// each Deployment is a generated ConfigMap whose name carries a hash of its content: an edit
@@ -989,11 +994,17 @@ fn every_overlay_renders_and_config_changes_roll_the_pods() {
                 "PodDisruptionBudget" => strict::<PodDisruptionBudget>(file, v),
                 "CustomResourceDefinition" => strict::<CustomResourceDefinition>(file, v),
                 "Certificate" => assert_eq!(v["apiVersion"], "cert-manager.io/v1"),
+                "PodMonitor" | "PrometheusRule" => {
+                    assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1")
+                }
                 other => panic!("{overlay}: unexpected kind {other}"),
             }
         }
         let deployments: Vec<Deployment> = all(&docs, "Deployment");
-        assert!(!deployments.is_empty(), "{overlay}");
+        assert!(
+            overlay == "monitoring" || !deployments.is_empty(),
+            "{overlay}"
+        );
         for d in deployments {
             let (_, spec, _) = pods(&d);
             let config = spec
