@@ -166,12 +166,20 @@ impl ComputeBackend for KubernetesBackend {
             shared: Some(Arc::clone(s)),
             name: name.clone(),
             id: route.endpoint.clone(),
+            failure: None,
         };
         if scaled == Scaled::Changed {
             s.set_status(&route.endpoint, EndpointState::Starting, None)
                 .await;
         }
-        let identity = s.wait_ready(&pod, port).await?;
+        let identity = match s.wait_ready(&pod, port).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                // The status written after scaling back down says why (condition Failed).
+                cleanup.failure = Some(failure_reason(&e));
+                return Err(e);
+            }
+        };
         let addr = ComputeAddr::new(identity.addr.to_string());
         s.set_status(&route.endpoint, EndpointState::Running, Some(&addr))
             .await;
@@ -459,14 +467,27 @@ impl Shared {
     /// Best effort: the status is for people, so a failure is logged and the wake goes on.
     /// Endpoints from the config file have no resource; their 404 is expected.
     async fn set_status(&self, id: &EndpointId, state: EndpointState, addr: Option<&ComputeAddr>) {
+        self.set_status_failed(id, state, addr, None).await
+    }
+
+    /// [`Self::set_status`], with the condition Failed set to `failure` (reason, message).
+    async fn set_status_failed(
+        &self,
+        id: &EndpointId,
+        state: EndpointState,
+        addr: Option<&ComputeAddr>,
+        failure: Option<(String, String)>,
+    ) {
         if !self.cfg.update_status {
             return;
         }
-        let status = PgwakeEndpointStatus {
+        let status = PgwakeEndpointStatus::new(
             state,
-            address: addr.map(|a| a.to_string()),
-            last_activity: Some(k8s_openapi::jiff::Timestamp::now().to_string()),
-        };
+            addr.map(|a| a.to_string()),
+            failure,
+            &k8s_openapi::jiff::Timestamp::now().to_string(),
+            None,
+        );
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
@@ -516,11 +537,23 @@ where
     })
 }
 
+/// The Failed condition's reason and message for a start that failed with `e`: Kubernetes'
+/// own reason where the pod had one (ImagePullBackOff, CrashLoopBackOff, ...).
+fn failure_reason(e: &BackendError) -> (String, String) {
+    match e {
+        BackendError::StartFailed { status, log_tail } => (status.clone(), log_tail.clone()),
+        BackendError::StartTimeout(_) => ("StartTimedOut".to_string(), e.to_string()),
+        other => ("StartFailed".to_string(), other.to_string()),
+    }
+}
+
 /// Scales the StatefulSet back to 0 when dropped while armed (a failed or abandoned start).
 struct ScaleDownOnDrop {
     shared: Option<Arc<Shared>>,
     name: String,
     id: EndpointId,
+    /// Why the start failed, for the status; `None` for an abandoned start (its clients gave up).
+    failure: Option<(String, String)>,
 }
 
 impl Drop for ScaleDownOnDrop {
@@ -532,11 +565,16 @@ impl Drop for ScaleDownOnDrop {
             return;
         };
         let (name, id) = (std::mem::take(&mut self.name), self.id.clone());
+        let failure = self.failure.take();
         rt.spawn(
             async move {
                 warn!("compute start failed or was abandoned; scaling it back to 0");
                 match shared.scale(&name, 0, None).await {
-                    Ok(_) => shared.set_status(&id, EndpointState::Suspended, None).await,
+                    Ok(_) => {
+                        shared
+                            .set_status_failed(&id, EndpointState::Suspended, None, failure)
+                            .await
+                    }
                     Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
                 }
             }

@@ -136,8 +136,9 @@ impl ApiServer {
         call.ok(reply);
     }
 
-    /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time.
-    async fn status(&mut self, state: &str, address: Option<&str>) {
+    /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time, the
+    /// conditions Ready and Suspended following the state. Returns the status written.
+    async fn status(&mut self, state: &str, address: Option<&str>) -> Value {
         let call = self
             .expect(Method::PATCH, &format!("{STATUS_DEMO}{PATCH_QUERY}"))
             .await;
@@ -151,9 +152,21 @@ impl ApiServer {
             1,
             "only status is patched"
         );
+        let condition = |t: &str| {
+            status["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == t))
+                .unwrap_or_else(|| panic!("no condition {t} in {status}"))["status"]
+                .clone()
+        };
+        let is = |b: bool| json!(if b { "True" } else { "False" });
+        assert_eq!(condition("Ready"), is(state == "Running"), "{status}");
+        assert_eq!(condition("Suspended"), is(state == "Suspended"), "{status}");
+        let status = status.clone();
         let mut ep = endpoint_json();
         ep["status"] = status.clone();
         call.ok(ep);
+        status
     }
 }
 
@@ -634,7 +647,20 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
         api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
             .await
             .ok(sts_json(0, "7002", &hash));
-        api.status("Suspended", None).await;
+        // The endpoint's status says why, with Kubernetes' reason (kubectl get pgwe -o wide).
+        let status = api.status("Suspended", None).await;
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .unwrap();
+        assert_eq!(failed["status"], "True", "{status}");
+        assert_eq!(failed["reason"], "ImagePullBackOff", "{status}");
+        assert!(
+            failed["message"].as_str().unwrap().contains("postgres:61"),
+            "{status}"
+        );
         api.expect_quiet().await;
     });
     let err = match b.start(&route()).await {
