@@ -393,8 +393,9 @@ impl Shared {
                     "statefulset {name} has no resourceVersion"
                 )));
             };
-            let new_template =
-                desired.filter(|d| workload::template_hash(d) != workload::template_hash(&current));
+            let new_template = desired
+                .filter(|d| workload::template_hash(d) != workload::template_hash(&current))
+                .map(|d| (&current, d));
             let patch = workload::scale_patch(rv, replicas, new_template);
             info!(
                 statefulset = name,

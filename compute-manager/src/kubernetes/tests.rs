@@ -377,6 +377,56 @@ fn pod_json_with(mut base: Value, stage: &str) -> Value {
     base
 }
 
+/// RFC 7386, as the API server applies a merge patch.
+fn apply_merge_patch(target: Value, patch: Value) -> Value {
+    match patch {
+        Value::Object(patch) => {
+            let mut target = match target {
+                Value::Object(t) => t,
+                _ => serde_json::Map::new(),
+            };
+            for (k, v) in patch {
+                if v.is_null() {
+                    target.remove(&k);
+                } else {
+                    let old = target.remove(&k).unwrap_or(Value::Null);
+                    target.insert(k, apply_merge_patch(old, v));
+                }
+            }
+            Value::Object(target)
+        }
+        other => other,
+    }
+}
+
+/// A template update from zero removes what the endpoint no longer has: a JSON merge patch of
+/// the new template alone would leave a dropped node selector, resource limit or annotation
+/// in the StatefulSet.
+#[test]
+fn template_updates_replace_the_template() {
+    let mut old = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let spec = old.spec.as_mut().unwrap();
+    let pod = spec.template.spec.as_mut().unwrap();
+    pod.node_selector = Some([("disk".to_string(), "ssd".to_string())].into());
+    pod.containers[0].resources =
+        Some(serde_json::from_value(json!({ "limits": { "memory": "1Gi", "cpu": "1" } })).unwrap());
+    spec.template.metadata.as_mut().unwrap().annotations =
+        Some([("old".to_string(), "x".to_string())].into());
+    let desired = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let patch = workload::scale_patch("5", 1, Some((&old, &desired)));
+    let old_template = json!(old.spec.as_ref().unwrap().template);
+    let new_template = json!(desired.spec.as_ref().unwrap().template);
+    assert_eq!(
+        apply_merge_patch(old_template.clone(), patch["spec"]["template"].clone()),
+        new_template
+    );
+    // Which the patch of the new template alone would not do.
+    assert_ne!(
+        apply_merge_patch(old_template, new_template.clone()),
+        new_template
+    );
+}
+
 fn pod_list(rv: &str, items: Vec<Value>) -> Value {
     json!({ "apiVersion": "v1", "kind": "PodList", "metadata": { "resourceVersion": rv }, "items": items })
 }
@@ -403,15 +453,23 @@ async fn serve_wake_from_zero(api: &mut ApiServer) {
         .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
         .await;
     let desired = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let mut body = patch.body.clone();
+    let template = body["spec"].as_object_mut().unwrap().remove("template");
     assert_eq!(
-        patch.body,
+        body,
         json!({
             "metadata": {
                 "resourceVersion": "1000",
                 "annotations": { "pgwake.io/template-hash": desired_hash() },
             },
-            "spec": { "replicas": 1, "template": desired.spec.unwrap().template },
+            "spec": { "replicas": 1 },
         })
+    );
+    // The patch replaces the template: merged into the old one, it gives the new one.
+    let old = sts_json(0, "1000", "0000000000000000")["spec"]["template"].clone();
+    assert_eq!(
+        apply_merge_patch(old, template.unwrap()),
+        json!(desired.spec.unwrap().template)
     );
     patch.ok(sts_json(1, "1001", &desired_hash()));
     api.status("Starting", None).await;

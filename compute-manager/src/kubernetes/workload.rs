@@ -248,24 +248,56 @@ pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
 }
 
 /// The merge patch that scales to `replicas`, conditional on `resource_version` (409 if the
-/// object changed since it was read). From zero, it also brings the template up to date.
+/// object changed since it was read). From zero, it also replaces the template of `current`
+/// with `desired`'s: a merge patch of the new template alone would merge it into the old one,
+/// and a field the endpoint no longer has (a node selector key, a resource limit, an
+/// annotation) would stay; the patch sets every such field to null.
 pub fn scale_patch(
     resource_version: &str,
     replicas: i32,
-    new_template: Option<&StatefulSet>,
+    new_template: Option<(&StatefulSet, &StatefulSet)>,
 ) -> Value {
     let mut patch = json!({
         "metadata": { "resourceVersion": resource_version },
         "spec": { "replicas": replicas },
     });
-    if let Some(desired) = new_template {
-        let template = desired.spec.as_ref().map(|s| &s.template);
-        patch["spec"]["template"] = json!(template);
+    if let Some((current, desired)) = new_template {
+        let template = |s: &StatefulSet| json!(s.spec.as_ref().map(|s| &s.template));
+        patch["spec"]["template"] = merge_patch_between(&template(current), &template(desired));
         patch["metadata"]["annotations"] = json!({
             ANNOTATION_TEMPLATE_HASH: template_hash(desired),
         });
     }
     patch
+}
+
+/// The JSON merge patch (RFC 7386) that turns `from` into `to`: members only in `from` become
+/// null, objects are compared member by member, anything else is replaced whole. Fields the
+/// API server defaulted in `from` are nulled too, and defaulted again.
+pub fn merge_patch_between(from: &Value, to: &Value) -> Value {
+    match (from, to) {
+        (Value::Object(from), Value::Object(to)) => {
+            let mut patch = serde_json::Map::new();
+            for (k, old) in from {
+                match to.get(k) {
+                    None => {
+                        patch.insert(k.clone(), Value::Null);
+                    }
+                    Some(new) if new != old => {
+                        patch.insert(k.clone(), merge_patch_between(old, new));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (k, new) in to {
+                if !from.contains_key(k) {
+                    patch.insert(k.clone(), new.clone());
+                }
+            }
+            Value::Object(patch)
+        }
+        (_, to) => to.clone(),
+    }
 }
 
 /// What a Pod's status says about the compute in it.
