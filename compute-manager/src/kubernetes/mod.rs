@@ -162,17 +162,19 @@ impl ComputeBackend for KubernetesBackend {
         let scaled = s.scale(&name, 1, Some(&desired)).await?;
         // Armed until the compute is handed over: a start that fails or is abandoned from here
         // on scales back down.
+        let pending = Arc::new(std::sync::Mutex::new(None));
         let mut cleanup = ScaleDownOnDrop {
             shared: Some(Arc::clone(s)),
             name: name.clone(),
             id: route.endpoint.clone(),
             failure: None,
+            pending: Arc::clone(&pending),
         };
         if scaled == Scaled::Changed {
             s.set_status(&route.endpoint, EndpointState::Starting, None)
                 .await;
         }
-        let identity = match s.wait_ready(&pod, port).await {
+        let identity = match s.wait_ready(&name, port, &pending).await {
             Ok(identity) => identity,
             Err(e) => {
                 // The status written after scaling back down says why (condition Failed).
@@ -420,17 +422,35 @@ impl Shared {
         watch_object(self.pods.clone(), pod).boxed()
     }
 
-    /// Watches pod `pod` until it is ready, or its containers are failing.
-    async fn wait_ready(&self, pod: &str, port: u16) -> Result<PodIdentity, BackendError> {
+    /// Watches the pod of StatefulSet `name` until it is ready, or its containers are
+    /// failing. Meanwhile `pending` holds why it is not ready yet, in Kubernetes' words, for
+    /// the status written if the start is abandoned.
+    async fn wait_ready(
+        &self,
+        name: &str,
+        port: u16,
+        pending: &PendingReason,
+    ) -> Result<PodIdentity, BackendError> {
+        let pod = pod_name(name);
+        let pod = pod.as_str();
         let mut retry = Retry::new(&self.cfg);
         let mut events = self.pod_events(pod);
         let mut last_logged = None;
+        let set_pending = |reason: Option<(String, String)>| {
+            if let Ok(mut slot) = pending.lock() {
+                *slot = reason;
+            }
+        };
         loop {
             match next(&mut events).await? {
                 Err(e) => retry.failed("watch compute pod", e.into()).await?,
-                Ok(None) => retry.succeeded(),
+                Ok(None) => {
+                    retry.succeeded();
+                    set_pending(Some(workload::no_pod_reason(name)));
+                }
                 Ok(Some(p)) => {
                     retry.succeeded();
+                    set_pending(workload::pending_reason(&p));
                     match pod_state(&p, port) {
                         PodState::Ready(identity) => return Ok(identity),
                         PodState::Failing { reason, message } => {
@@ -548,13 +568,18 @@ fn failure_reason(e: &BackendError) -> (String, String) {
     }
 }
 
+/// Why a starting compute's pod is not ready yet (reason, message), as last seen.
+type PendingReason = std::sync::Mutex<Option<(String, String)>>;
+
 /// Scales the StatefulSet back to 0 when dropped while armed (a failed or abandoned start).
 struct ScaleDownOnDrop {
     shared: Option<Arc<Shared>>,
     name: String,
     id: EndpointId,
-    /// Why the start failed, for the status; `None` for an abandoned start (its clients gave up).
+    /// Why the start failed, for the status; `None` for an abandoned start (its clients gave
+    /// up), whose status then says why its pod was still not ready (`pending`).
     failure: Option<(String, String)>,
+    pending: Arc<PendingReason>,
 }
 
 impl Drop for ScaleDownOnDrop {
@@ -566,7 +591,13 @@ impl Drop for ScaleDownOnDrop {
             return;
         };
         let (name, id) = (std::mem::take(&mut self.name), self.id.clone());
-        let failure = self.failure.take();
+        let failure = self.failure.take().or_else(|| {
+            let (reason, message) = self.pending.lock().ok()?.take()?;
+            Some((
+                reason,
+                format!("not ready when the start was abandoned: {message}"),
+            ))
+        });
         rt.spawn(
             async move {
                 warn!("compute start failed or was abandoned; scaling it back to 0");

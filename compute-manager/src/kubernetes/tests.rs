@@ -308,6 +308,17 @@ fn pod_json(rv: &str, stage: &str) -> Value {
         "pending" => {
             status["conditions"] = json!([cond("PodScheduled", false)]);
         }
+        // No default StorageClass: the claim never binds, the scheduler says so.
+        "unschedulable" => {
+            status["conditions"] = json!([{
+                "type": "PodScheduled",
+                "status": "False",
+                "lastProbeTime": null,
+                "lastTransitionTime": "2026-11-25T12:00:01Z",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+            }]);
+        }
         "creating" => {
             status["conditions"] = json!([cond("PodScheduled", true), cond("Ready", false)]);
             status["hostIP"] = json!("172.18.0.2");
@@ -652,6 +663,54 @@ async fn api_errors_are_retried_with_backoff_then_the_wake_gives_up() {
     // Exponential backoff between the tries: 100, 200, 400 ms.
     let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
     assert_eq!(gaps, [100, 200, 400]);
+}
+
+/// A pod that cannot be scheduled (here: its volume never binds) keeps the wake waiting until
+/// the manager gives up; the status written after scaling back down names the scheduler's
+/// reason and message (condition Failed), not just a timeout.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_start_reports_why_its_pod_was_not_ready() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "8000", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "8001", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8002", vec![pod_json("8002", "unschedulable")]));
+        let hanging = api.expect(Method::GET, &pods_watch("8002")).await;
+        api.get_sts(sts_json(1, "8003", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "8004", &hash));
+        let status = api.status("Suspended", None).await;
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .unwrap()
+            .clone();
+        drop(hanging);
+        api.expect_quiet().await;
+        failed
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    let failed = server.await.unwrap();
+    assert_eq!(failed["status"], "True", "{failed}");
+    assert_eq!(failed["reason"], "Unschedulable", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("unbound immediate PersistentVolumeClaims"),
+        "{failed}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -321,6 +321,50 @@ pub struct PodIdentity {
     pub restarts: i32,
 }
 
+/// Why a pod that is not ready yet is waiting, in Kubernetes' words (reason, message): not
+/// scheduled (no node fits, a volume that does not bind for want of a StorageClass), or its
+/// container waiting (pulling the image, ...). `None` when nothing says.
+pub fn pending_reason(pod: &Pod) -> Option<(String, String)> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        return Some((
+            c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+            c.message.clone().unwrap_or_default(),
+        ));
+    }
+    let waiting = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER)?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?;
+    Some((
+        waiting.reason.clone()?,
+        waiting.message.clone().unwrap_or_default(),
+    ))
+}
+
+/// The pending reason while a StatefulSet at 1 has no pod: its controller could not create
+/// it, and says why only in an Event.
+pub fn no_pod_reason(statefulset: &str) -> (String, String) {
+    (
+        "PodNotCreated".into(),
+        format!(
+            "statefulset {statefulset} has not created its pod (a quota, Pod Security admission \
+             or a webhook refusing it?): see the FailedCreate event in \
+             `kubectl describe statefulset {statefulset}`"
+        ),
+    )
+}
+
 /// Container "waiting" reasons that mean the start has failed.
 const FAILING_REASONS: &[&str] = &[
     "ErrImagePull",
