@@ -66,6 +66,18 @@ pub struct KubernetesConfig {
     pub api_retries: u32,
     #[serde(default = "d_retry_backoff", with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// Delete an endpoint's StatefulSet (and so its pod) with its `PgwakeEndpoint`: the
+    /// StatefulSet is created with the endpoint as its owner (an ownerReference), and
+    /// Kubernetes' garbage collector deletes it after the endpoint. Off by default: a
+    /// mistaken `kubectl delete pgwe` then loses nothing. StatefulSets created before this
+    /// was turned on keep no owner.
+    #[serde(default)]
+    pub delete_with_endpoint: bool,
+    /// With `delete_with_endpoint`, delete the data volume too (the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy.whenDeleted: Delete`, Kubernetes 1.27+): the
+    /// endpoint's data is gone with it.
+    #[serde(default)]
+    pub delete_volume_with_endpoint: bool,
     /// Write state, address and last activity to the `PgwakeEndpoint`'s status.
     #[serde(default = "d_true")]
     pub update_status: bool,
@@ -134,6 +146,8 @@ impl Default for KubernetesConfig {
             not_ready_grace: d_not_ready_grace(),
             api_retries: d_api_retries(),
             retry_backoff: d_retry_backoff(),
+            delete_with_endpoint: false,
+            delete_volume_with_endpoint: false,
             update_status: true,
             watch_endpoints: true,
             endpoint_selector: None,
@@ -178,6 +192,11 @@ impl KubernetesConfig {
             errors.push(
                 "kubernetes.run_as_user and fs_group must be more than 0 (compute pods run as non-root)"
                     .to_string(),
+            );
+        }
+        if self.delete_volume_with_endpoint && !self.delete_with_endpoint {
+            errors.push(
+                "kubernetes.delete_volume_with_endpoint needs delete_with_endpoint".to_string(),
             );
         }
         if self.retry_backoff.is_zero() {

@@ -454,6 +454,8 @@ fn roles_grant_exactly_what_the_code_uses() {
         ("", "pods", "list,watch"),
         // Shared::set_status: endpoints.patch_status.
         ("pgwake.io", "pgwakeendpoints/status", "patch"),
+        // Shared::scale with delete_with_endpoint: endpoints.get_opt, for the owner's uid.
+        ("pgwake.io", "pgwakeendpoints", "get"),
     ];
     let election = [
         // leader::LeaderElector: get, create when absent, replace (take over, renew, release).

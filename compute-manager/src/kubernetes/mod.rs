@@ -373,7 +373,26 @@ impl Shared {
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..PostParams::default()
                 };
-                match self.statefulsets.create(&post, desired).await {
+                let mut desired = desired.clone();
+                if self.cfg.delete_with_endpoint {
+                    let endpoint = desired
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(workload::LABEL_ENDPOINT))
+                        .cloned()
+                        .unwrap_or_default();
+                    match self.endpoints.get_opt(&endpoint).await {
+                        Ok(Some(ep)) => workload::owned_by(&mut desired, &ep),
+                        // A config-file endpoint has no resource to be deleted with.
+                        Ok(None) => {}
+                        Err(e) => {
+                            retry.failed("read PgwakeEndpoint", e.into()).await?;
+                            continue;
+                        }
+                    }
+                }
+                match self.statefulsets.create(&post, &desired).await {
                     Ok(_) => return Ok(Scaled::Changed),
                     Err(e) => {
                         retry.failed("create statefulset", e.into()).await?;

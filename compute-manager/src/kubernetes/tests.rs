@@ -23,6 +23,7 @@ const STS_DEMO: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo
 /// The list of pgwake's StatefulSets (any endpoint) that adoption makes.
 const STS_MANAGED: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dpgwake%2Cpgwake.io%2Fendpoint";
 const PATCH_QUERY: &str = "?&fieldManager=pgwake";
+const ENDPOINT_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo";
 const STATUS_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status";
 const PODS_LIST: &str =
     "/api/v1/namespaces/pgwake/pods?&fieldSelector=metadata.name%3Dpgwake-demo-0&limit=500";
@@ -563,6 +564,71 @@ async fn wake_creates_a_missing_statefulset() {
     server.await.unwrap();
 }
 
+/// `[kubernetes] delete_with_endpoint`: a StatefulSet created for a `PgwakeEndpoint` is owned
+/// by it (Kubernetes deletes it after the endpoint), and with `delete_volume_with_endpoint` its
+/// claim goes too; by default neither.
+#[tokio::test]
+async fn opt_in_cleanup_makes_the_endpoint_own_its_statefulset() {
+    let (client, mut api) = ApiServer::new();
+    let cleanup = KubernetesConfig {
+        delete_with_endpoint: true,
+        delete_volume_with_endpoint: true,
+        ..cfg()
+    };
+    assert!(cleanup.validate().is_empty());
+    let b = KubernetesBackend::new(client, cleanup.clone()).unwrap();
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_DEMO)
+            .await
+            .fail(404, "NotFound");
+        api.expect(Method::GET, ENDPOINT_DEMO)
+            .await
+            .ok(endpoint_json());
+        let create = api
+            .expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(
+            create.body["metadata"]["ownerReferences"],
+            json!([{
+                "apiVersion": "pgwake.io/v1",
+                "kind": "PgwakeEndpoint",
+                "name": "demo",
+                "uid": endpoint_json()["metadata"]["uid"],
+                "controller": true,
+            }])
+        );
+        assert_eq!(
+            create.body["spec"]["persistentVolumeClaimRetentionPolicy"],
+            json!({ "whenScaled": "Retain", "whenDeleted": "Delete" })
+        );
+        create.reply(201, sts_json(1, "3000", &desired_hash()));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("3001", vec![pod_json("3001", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    b.start(&route()).await.unwrap();
+    server.await.unwrap();
+
+    // By default: no owner, and the claim outlives the StatefulSet.
+    let default = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    assert!(default.metadata.owner_references.is_none());
+    let policy = default
+        .spec
+        .unwrap()
+        .persistent_volume_claim_retention_policy
+        .unwrap();
+    assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+    // Deleting the volume without the StatefulSet is not a thing.
+    let bad = KubernetesConfig {
+        delete_with_endpoint: false,
+        ..cleanup
+    };
+    assert_eq!(bad.validate().len(), 1);
+}
+
 #[tokio::test]
 async fn conflict_is_read_again_and_retried() {
     let (client, mut api) = ApiServer::new();
@@ -857,12 +923,20 @@ async fn suspend_scales_to_zero_and_waits_until_the_pod_is_gone() {
 #[tokio::test]
 async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the_reflector_use() {
     let (client, mut api) = ApiServer::new();
-    let b = backend(client);
+    // With the opt-in cleanup, which reads the endpoint to own its StatefulSet.
+    let cleanup = KubernetesConfig {
+        delete_with_endpoint: true,
+        ..cfg()
+    };
+    let b = KubernetesBackend::new(client, cleanup).unwrap();
     let hash = desired_hash();
     let (compute, api) = tokio::join!(async { b.start(&route()).await.unwrap() }, async move {
         api.expect(Method::GET, STS_DEMO)
             .await
             .fail(404, "NotFound");
+        api.expect(Method::GET, ENDPOINT_DEMO)
+            .await
+            .ok(endpoint_json());
         api.expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
             .await
             .reply(201, sts_json(1, "9000", &hash));

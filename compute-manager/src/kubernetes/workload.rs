@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use pgwake_router::crd::PgwakeEndpoint;
 use pgwake_router::{BackendSpec, EndpointId, Route};
 use serde_json::{json, Value};
 
@@ -176,7 +178,12 @@ pub fn desired_statefulset(
         // One pod; Parallel skips the ordered-start bookkeeping.
         "podManagementPolicy": "Parallel",
         // Scaling to zero must keep the claim: it is the data.
-        "persistentVolumeClaimRetentionPolicy": { "whenScaled": "Retain", "whenDeleted": "Retain" },
+        // Deleting it keeps the claim too, unless the operator opted into deleting the volume
+        // with the endpoint.
+        "persistentVolumeClaimRetentionPolicy": {
+            "whenScaled": "Retain",
+            "whenDeleted": if cfg.delete_volume_with_endpoint { "Delete" } else { "Retain" },
+        },
         "template": template,
     });
     if let Some(size) = storage {
@@ -210,6 +217,23 @@ pub fn desired_statefulset(
             "endpoint {id}: cannot build its StatefulSet (bad resource quantity?): {e}"
         ))
     })
+}
+
+/// `sts` owned by the `PgwakeEndpoint` `endpoint` (`[kubernetes] delete_with_endpoint`), so
+/// that the garbage collector deletes it after the endpoint. Not a blocking owner: that would
+/// need permission to update the endpoint's finalizers, and nothing waits for it.
+pub fn owned_by(sts: &mut StatefulSet, endpoint: &PgwakeEndpoint) {
+    let (Some(name), Some(uid)) = (&endpoint.metadata.name, &endpoint.metadata.uid) else {
+        return;
+    };
+    sts.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "pgwake.io/v1".into(),
+        kind: "PgwakeEndpoint".into(),
+        name: name.clone(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
 }
 
 /// The label selector of the StatefulSets this backend manages (any endpoint).
