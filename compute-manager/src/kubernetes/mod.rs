@@ -193,6 +193,7 @@ impl ComputeBackend for KubernetesBackend {
             name,
             addr,
             identity,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -641,6 +642,8 @@ struct PodCompute {
     name: String,
     addr: ComputeAddr,
     identity: PodIdentity,
+    /// Set by `stop`: the pod going away is then this backend's doing, not an exit.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -650,15 +653,38 @@ impl RunningCompute for PodCompute {
     }
 
     async fn stop(&self) -> Result<(), BackendError> {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         self.shared.stop(&self.id, &self.name).await
     }
 
+    /// Once the pod is gone on its own (evicted, OOM-killed, deleted, not ready for
+    /// `not_ready_grace`), the manager marks the compute suspended. The StatefulSet is still
+    /// at 1, though: its controller would recreate the pod, which would then run with no idle
+    /// timer, and the status would keep the old address. So it is scaled to 0 first (a
+    /// replacement pod gets a clean shutdown; the next client starts it again, with an idle
+    /// timer), and the status says Suspended, with the reason under the Failed condition.
     async fn exited(&self) {
         let pod = pod_name(&self.name);
         let why = monitor_pod(&self.shared, &pod, &self.identity)
             .instrument(tracing::info_span!("compute_pod", endpoint = %self.id))
             .await;
-        info!(endpoint = %self.id, pod, why, "compute pod gone");
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            info!(endpoint = %self.id, pod, why, "compute pod gone");
+            return;
+        }
+        warn!(endpoint = %self.id, pod, why, "compute pod gone on its own; scaling its statefulset to 0");
+        if let Err(e) = self.shared.scale(&self.name, 0, None).await {
+            warn!(endpoint = %self.id, error = %e, "could not scale the exited compute to 0");
+        }
+        self.shared
+            .set_status_failed(
+                &self.id,
+                EndpointState::Suspended,
+                None,
+                Some(("ComputeExited".into(), why)),
+            )
+            .await;
     }
 }
 

@@ -1015,6 +1015,55 @@ async fn exited_fires_when_the_pod_is_deleted() {
         api.expect(Method::GET, &pods_watch("8300"))
             .await
             .events(&[("DELETED", pod_json("8301", "terminating"))]);
+        serve_scale_down_after_exit(&mut api, "8302", "pod deleted").await;
+    });
+    tokio::time::timeout(Duration::from_secs(10), compute.exited())
+        .await
+        .expect("exited did not fire");
+    server.await.unwrap();
+}
+
+/// The API server's side of an unexpected exit: the StatefulSet, still at 1, is scaled to 0
+/// (its controller would otherwise bring the pod back, with no idle timer), and the status
+/// says Suspended, Failed with reason ComputeExited and `why`.
+async fn serve_scale_down_after_exit(api: &mut ApiServer, rv: &str, why: &str) {
+    let hash = desired_hash();
+    api.get_sts(sts_json(1, rv, &hash)).await;
+    let patch = api
+        .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await;
+    assert_eq!(patch.body["spec"], json!({ "replicas": 0 }));
+    patch.ok(sts_json(0, "9999", &hash));
+    let status = api.status("Suspended", None).await;
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .unwrap();
+    assert_eq!(failed["status"], "True", "{status}");
+    assert_eq!(failed["reason"], "ComputeExited", "{status}");
+    assert_eq!(failed["message"], why, "{status}");
+    api.expect_quiet().await;
+}
+
+/// Item 1 of the production review: a pod that is evicted and recreated by its StatefulSet's
+/// controller (a new uid) is not left running with no idle timer.
+#[tokio::test]
+async fn a_replaced_pod_is_scaled_to_zero_not_left_running() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8600", vec![pod_json("8600", "ready")]));
+        let mut replaced = pod_json("8601", "creating");
+        replaced["metadata"]["uid"] = json!("5e1d0c2b-0000-4000-8000-000000000001");
+        api.expect(Method::GET, &pods_watch("8600"))
+            .await
+            .events(&[("MODIFIED", replaced)]);
+        serve_scale_down_after_exit(&mut api, "8602", "pod replaced").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
         .await
@@ -1034,6 +1083,7 @@ async fn exited_fires_when_the_container_restarts() {
         api.expect(Method::GET, &pods_watch("8400"))
             .await
             .events(&[("MODIFIED", pod_json("8401", "restarted"))]);
+        serve_scale_down_after_exit(&mut api, "8402", "container restarted").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
         .await
@@ -1065,6 +1115,9 @@ async fn exited_fires_after_not_ready_grace_but_not_on_a_blip() {
         let t0 = tokio::time::Instant::now();
         let _hang = api.expect(Method::GET, &pods_watch("8503")).await;
         tx.send(t0).unwrap();
+        // (Virtual time: the mock's wait for a request is 30 s too, so start it later.)
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        serve_scale_down_after_exit(&mut api, "8504", "not ready for 30s").await;
         std::future::pending::<()>().await;
     });
     compute.exited().await;
