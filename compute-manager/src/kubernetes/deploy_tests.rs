@@ -456,6 +456,8 @@ fn roles_grant_exactly_what_the_code_uses() {
         ("pgwake.io", "pgwakeendpoints/status", "patch"),
         // Shared::scale with delete_with_endpoint: endpoints.get_opt, for the owner's uid.
         ("pgwake.io", "pgwakeendpoints", "get"),
+        // Shared::failure_event: events.create (no patch: each failure is its own Event).
+        ("events.k8s.io", "events", "create"),
     ];
     let election = [
         // leader::LeaderElector: get, create when absent, replace (take over, renew, release).

@@ -53,6 +53,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watch_object};
 use kube::{Api, Client};
@@ -92,6 +93,7 @@ struct Shared {
     statefulsets: Api<StatefulSet>,
     pods: Api<Pod>,
     endpoints: Api<PgwakeEndpoint>,
+    events: Api<K8sEvent>,
 }
 
 impl KubernetesBackend {
@@ -110,6 +112,7 @@ impl KubernetesBackend {
                 statefulsets: Api::namespaced(client.clone(), &namespace),
                 pods: Api::namespaced(client.clone(), &namespace),
                 endpoints: Api::namespaced(client.clone(), &namespace),
+                events: Api::namespaced(client.clone(), &namespace),
                 client,
                 namespace,
                 cfg,
@@ -525,7 +528,7 @@ impl Shared {
         let status = PgwakeEndpointStatus::new(
             state,
             addr.map(|a| a.to_string()),
-            failure,
+            failure.clone(),
             &k8s_openapi::jiff::Timestamp::now().to_string(),
             None,
         );
@@ -535,11 +538,24 @@ impl Shared {
         };
         let patch = Patch::Merge(json!({ "status": status }));
         match self.endpoints.patch_status(id.as_str(), &pp, &patch).await {
-            Ok(_) => {}
+            Ok(endpoint) => {
+                if let Some((reason, message)) = &failure {
+                    self.failure_event(&endpoint, reason, message).await;
+                }
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 debug!(endpoint = %id, "no PgwakeEndpoint to write status to");
             }
             Err(e) => warn!(endpoint = %id, error = %e, "could not update PgwakeEndpoint status"),
+        }
+    }
+
+    /// A Warning Event on the endpoint (`kubectl describe pgwe`, `kubectl get events`), for a
+    /// start that failed or a compute that went away. Best effort, like the status.
+    async fn failure_event(&self, endpoint: &PgwakeEndpoint, reason: &str, message: &str) {
+        let event = workload::failure_event(endpoint, reason, message, &self.namespace);
+        if let Err(e) = self.events.create(&PostParams::default(), &event).await {
+            warn!(endpoint = endpoint.metadata.name.as_deref().unwrap_or_default(), error = %e, "could not record an Event");
         }
     }
 

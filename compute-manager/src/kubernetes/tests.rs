@@ -23,6 +23,7 @@ const STS_DEMO: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo
 /// The list of pgwake's StatefulSets (any endpoint) that adoption makes.
 const STS_MANAGED: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dpgwake%2Cpgwake.io%2Fendpoint";
 const PATCH_QUERY: &str = "?&fieldManager=pgwake";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/pgwake/events?";
 const ENDPOINT_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo";
 const STATUS_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status";
 const PODS_LIST: &str =
@@ -135,6 +136,25 @@ impl ApiServer {
         let call = self.expect(Method::GET, STS_DEMO).await;
         assert_eq!(call.body, Value::Null);
         call.ok(reply);
+    }
+
+    /// The Warning Event a failure records on the endpoint, with Kubernetes' or pgwake's reason.
+    async fn event(&mut self, reason: &str) -> Value {
+        let call = self.expect(Method::POST, EVENTS).await;
+        let e = call.body.clone();
+        assert_eq!(e["apiVersion"], "events.k8s.io/v1", "{e}");
+        assert_eq!(e["type"], "Warning", "{e}");
+        assert_eq!(e["reason"], reason, "{e}");
+        assert_eq!(e["regarding"]["kind"], "PgwakeEndpoint", "{e}");
+        assert_eq!(e["regarding"]["name"], "demo", "{e}");
+        assert_eq!(
+            e["regarding"]["uid"],
+            endpoint_json()["metadata"]["uid"],
+            "{e}"
+        );
+        assert!(e["eventTime"].is_string(), "{e}");
+        call.reply(201, e.clone());
+        e
     }
 
     /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time, the
@@ -761,6 +781,7 @@ async fn an_abandoned_start_reports_why_its_pod_was_not_ready() {
             .find(|c| c["type"] == "Failed")
             .unwrap()
             .clone();
+        api.event("Unschedulable").await;
         drop(hanging);
         api.expect_quiet().await;
         failed
@@ -807,6 +828,7 @@ async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
         );
         patch.ok(sts_json(0, "6004", &hash));
         api.status("Suspended", None).await;
+        api.event("Unschedulable").await;
         drop(hanging);
         api.expect_quiet().await;
     });
@@ -844,6 +866,9 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
             failed["message"].as_str().unwrap().contains("postgres:61"),
             "{status}"
         );
+        // And a Warning Event on the endpoint (kubectl describe pgwe demo).
+        let event = api.event("ImagePullBackOff").await;
+        assert!(event["note"].as_str().unwrap().contains("postgres:61"));
         api.expect_quiet().await;
     });
     let err = match b.start(&route()).await {
@@ -973,6 +998,30 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
             .ok(sts_list(vec![sts_json(0, "9103", &desired_hash())]));
     });
     assert!(ids.is_empty(), "at 0 replicas: {ids:?}");
+    // And a start that fails, which records an Event.
+    let hash = desired_hash();
+    let (err, mut api) = tokio::join!(
+        async { b.start(&route()).await.err().expect("a failing start") },
+        async {
+            api.get_sts(sts_json(0, "9200", &hash)).await;
+            api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+                .await
+                .ok(sts_json(1, "9201", &hash));
+            api.status("Starting", None).await;
+            api.expect(Method::GET, PODS_LIST)
+                .await
+                .ok(pod_list("9202", vec![pod_json("9202", "imagepull")]));
+            api.get_sts(sts_json(1, "9203", &hash)).await;
+            api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+                .await
+                .ok(sts_json(0, "9204", &hash));
+            api.status("Suspended", None).await;
+            api.event("ImagePullBackOff").await;
+            api
+        }
+    );
+    assert_eq!(err.kind(), "start_failed");
+    api.expect_quiet().await;
     let mut used = api.seen;
     used.extend(reflector_permissions().await);
     for role in BACKEND_ROLES {
@@ -1044,6 +1093,8 @@ async fn serve_scale_down_after_exit(api: &mut ApiServer, rv: &str, why: &str) {
     assert_eq!(failed["status"], "True", "{status}");
     assert_eq!(failed["reason"], "ComputeExited", "{status}");
     assert_eq!(failed["message"], why, "{status}");
+    let event = api.event("ComputeExited").await;
+    assert_eq!(event["note"], why);
     api.expect_quiet().await;
 }
 

@@ -4,8 +4,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use pgwake_router::crd::PgwakeEndpoint;
 use pgwake_router::{BackendSpec, EndpointId, Route};
 use serde_json::{json, Value};
@@ -234,6 +236,52 @@ pub fn owned_by(sts: &mut StatefulSet, endpoint: &PgwakeEndpoint) {
         controller: Some(true),
         block_owner_deletion: None,
     }]);
+}
+
+/// The Warning Event (events.k8s.io/v1) about `endpoint` that a failed start or an exited
+/// compute records: `reason` is Kubernetes' (ImagePullBackOff, Unschedulable, ...) or
+/// pgwake's (ComputeExited, StartTimedOut), `message` is cut to the API's 1 kB.
+pub fn failure_event(
+    endpoint: &PgwakeEndpoint,
+    reason: &str,
+    message: &str,
+    namespace: &str,
+) -> K8sEvent {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = endpoint.metadata.name.clone().unwrap_or_default();
+    let mut note = message.to_string();
+    if note.len() > 1024 {
+        let mut cut = 1021;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    K8sEvent {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: Some(namespace.to_string()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".into()),
+        reason: Some(reason.chars().take(128).collect()),
+        action: Some("StartCompute".into()),
+        note: Some(note),
+        reporting_controller: Some("pgwake.io/compute-manager".into()),
+        reporting_instance: Some(std::env::var("HOSTNAME").unwrap_or_else(|_| "pgwake".into())),
+        regarding: Some(ObjectReference {
+            api_version: Some("pgwake.io/v1".into()),
+            kind: Some("PgwakeEndpoint".into()),
+            name: Some(name),
+            namespace: Some(namespace.to_string()),
+            uid: endpoint.metadata.uid.clone(),
+            resource_version: endpoint.metadata.resource_version.clone(),
+            ..ObjectReference::default()
+        }),
+        ..K8sEvent::default()
+    }
 }
 
 /// The label selector of the StatefulSets this backend manages (any endpoint).
