@@ -24,7 +24,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::{BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, Route, RoutingTable};
+use crate::{
+    BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, PodOverrides, Route, RoutingTable,
+};
 
 /// Environment variables a Neon compute gets from `spec.neon` (the names Neon's own compute
 /// wrapper reads).
@@ -118,6 +120,20 @@ pub struct ComputeTemplate {
     /// data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<ComputeStorage>,
+    /// Tolerations of the compute's pod, as in a pod spec (e.g. to run on nodes tainted for
+    /// databases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<serde_json::Value>,
+    /// Affinity of the compute's pod, as in a pod spec (node affinity for zones or instance
+    /// types, pod anti-affinity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<serde_json::Value>,
+    /// PriorityClass of the compute's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Annotations on the compute's pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -345,6 +361,12 @@ impl PgwakeEndpoint {
                 limits: c.resources.limits.clone(),
                 storage: c.storage.as_ref().map(|s| s.size.clone()),
                 storage_class: c.storage.as_ref().and_then(|s| s.storage_class.clone()),
+                pod: PodOverrides {
+                    tolerations: c.tolerations.clone(),
+                    affinity: c.affinity.clone(),
+                    priority_class_name: c.priority_class_name.clone(),
+                    annotations: c.pod_annotations.clone(),
+                },
             },
             idle_timeout,
             allow,
@@ -424,6 +446,21 @@ pub fn crd() -> CustomResourceDefinition {
             "isQuantity(self)",
             "size is a quantity such as 1Gi",
         );
+        // Pod-spec JSON passed through: a structural schema that keeps every field (the API
+        // server checks them when the StatefulSet is written).
+        let any_object = || JSONSchemaProps {
+            type_: Some("object".into()),
+            x_kubernetes_preserve_unknown_fields: Some(true),
+            ..JSONSchemaProps::default()
+        };
+        let tolerations = prop(compute, "tolerations");
+        tolerations.items = Some(JSONSchemaPropsOrArray::Schema(Box::new(any_object())));
+        let affinity = prop(compute, "affinity");
+        *affinity = JSONSchemaProps {
+            description: affinity.description.take(),
+            nullable: affinity.nullable,
+            ..any_object()
+        };
         let resources = prop(compute, "resources");
         for key in ["requests", "limits"] {
             add_rule(

@@ -85,6 +85,7 @@ fn converts_a_full_resource_into_a_kubernetes_route() {
             limits: BTreeMap::from([("memory".into(), "1Gi".into())]),
             storage: Some("2Gi".into()),
             storage_class: Some("fast".into()),
+            pod: PodOverrides::default(),
         }
     );
     let route = Route::from(c);
@@ -437,4 +438,47 @@ fn status_conditions_follow_the_state_and_name_the_failure() {
     let json = serde_json::to_value(&failed).unwrap();
     assert_eq!(json["conditions"][2]["type"], "Failed");
     assert_eq!(json["conditions"][2]["lastTransitionTime"], later);
+}
+
+/// Per-endpoint pod overrides pass through as Kubernetes JSON, under a structural schema that
+/// keeps their fields (`x-kubernetes-preserve-unknown-fields`).
+#[test]
+fn pod_overrides_pass_through() {
+    let toleration =
+        json!({ "key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule" });
+    let affinity = json!({ "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{ "matchExpressions": [
+            { "key": "topology.kubernetes.io/zone", "operator": "In", "values": ["eu-west-1a"] }
+        ]}]
+    }}});
+    let ep = endpoint(
+        "demo",
+        json!({ "compute": {
+            "image": "postgres:16",
+            "tolerations": [toleration],
+            "affinity": affinity,
+            "priorityClassName": "databases",
+            "podAnnotations": { "backup.velero.io/backup-volumes": "data" }
+        }}),
+    );
+    let c = ep.endpoint_config().unwrap();
+    let BackendSpec::Kubernetes { pod, .. } = c.backend else {
+        panic!("{:?}", c.backend)
+    };
+    assert_eq!(pod.tolerations, [toleration]);
+    assert_eq!(pod.affinity, Some(affinity));
+    assert_eq!(pod.priority_class_name.as_deref(), Some("databases"));
+    assert_eq!(pod.annotations["backup.velero.io/backup-volumes"], "data");
+
+    let crd = serde_json::to_value(crd()).unwrap();
+    let compute = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["compute"]["properties"];
+    for schema in [&compute["affinity"], &compute["tolerations"]["items"]] {
+        assert_eq!(schema["type"], "object", "{schema}");
+        assert_eq!(
+            schema["x-kubernetes-preserve-unknown-fields"], true,
+            "{schema}"
+        );
+    }
+    assert_eq!(compute["priorityClassName"]["type"], "string");
 }

@@ -9,4 +9,6 @@ mod table;
 
 pub use crd::{run_crd_source, PgwakeEndpoint};
 pub use id::{EndpointId, InvalidEndpointId};
-pub use table::{BackendSpec, EndpointConfig, Route, RouteError, RoutingTable, TableDiff};
+pub use table::{
+    BackendSpec, EndpointConfig, PodOverrides, Route, RouteError, RoutingTable, TableDiff,
+};

@@ -215,6 +215,7 @@ fn route() -> Route {
             limits: BTreeMap::new(),
             storage: Some("1Gi".into()),
             storage_class: None,
+            pod: Default::default(),
         },
         idle_timeout: None,
         allow: vec![],
@@ -1196,6 +1197,46 @@ fn statefulset_names_fit_kubernetes_limits_and_stay_distinct() {
     assert_ne!(a, b);
     assert_eq!(a, workload_name("pgwake-", &id(&long_a)), "stable");
     assert_eq!(pod_name("pgwake-demo"), "pgwake-demo-0");
+}
+
+/// An endpoint's pod overrides land in the pod template; an endpoint without them gets none
+/// (and keeps its template hash: no StatefulSet changes on upgrade).
+#[test]
+fn pod_overrides_land_in_the_pod_template() {
+    let plain = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let spec = plain.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert!(spec.tolerations.is_none() && spec.affinity.is_none());
+    assert!(spec.priority_class_name.is_none());
+    let mut r = route();
+    if let BackendSpec::Kubernetes { pod, .. } = &mut r.backend {
+        pod.tolerations = vec![json!({ "key": "dedicated", "operator": "Exists" })];
+        pod.affinity = Some(json!({ "podAntiAffinity": {} }));
+        pod.priority_class_name = Some("databases".into());
+        pod.annotations = [("a".to_string(), "b".to_string())].into();
+    }
+    let sts = desired_statefulset(&cfg(), NS, &r).unwrap();
+    let template = &sts.spec.as_ref().unwrap().template;
+    let spec = template.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("dedicated")
+    );
+    assert!(spec.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+    assert_eq!(spec.priority_class_name.as_deref(), Some("databases"));
+    assert_eq!(
+        template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["a"],
+        "b"
+    );
+    assert_ne!(
+        workload::template_hash(&sts),
+        workload::template_hash(&plain)
+    );
 }
 
 /// What the `restricted` Pod Security Standard checks of a pod (the kubelet and admission

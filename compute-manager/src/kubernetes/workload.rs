@@ -81,6 +81,7 @@ pub fn desired_statefulset(
         limits,
         storage,
         storage_class,
+        pod,
     } = &route.backend
     else {
         return Err(BackendError::Config(format!(
@@ -163,7 +164,19 @@ pub fn desired_statefulset(
             .map(|s| json!({ "name": s }))
             .collect();
     }
-    let template = json!({ "metadata": { "labels": labels }, "spec": pod_spec });
+    if !pod.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(pod.tolerations);
+    }
+    if let Some(affinity) = &pod.affinity {
+        pod_spec["affinity"] = affinity.clone();
+    }
+    if let Some(class) = &pod.priority_class_name {
+        pod_spec["priorityClassName"] = json!(class);
+    }
+    let mut template = json!({ "metadata": { "labels": labels }, "spec": pod_spec });
+    if !pod.annotations.is_empty() {
+        template["metadata"]["annotations"] = json!(pod.annotations);
+    }
     let hash = format!(
         "{:016x}",
         fnv1a(
