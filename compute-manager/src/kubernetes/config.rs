@@ -51,6 +51,14 @@ pub struct KubernetesConfig {
     /// How long Postgres gets to shut down cleanly (write its checkpoint) before it is killed.
     #[serde(default = "d_termination_grace", with = "humantime_serde")]
     pub termination_grace: Duration,
+    /// How long a start may take in all, even after every client waiting for it has given up
+    /// (`compute.wake_timeout`): a slow but progressing start (a node being added, a first
+    /// image pull, crash recovery) then finishes, so the next client finds the image pulled and
+    /// the data directory ready, and it is scaled back to 0 when it is ready or this runs out.
+    /// A client that comes meanwhile takes the start over. Unset: a start nobody waits for any
+    /// more is scaled back to 0 at once.
+    #[serde(default, with = "humantime_serde")]
+    pub start_timeout: Option<Duration>,
     /// How long a suspend waits for the pod to be gone.
     #[serde(default = "d_stop_timeout", with = "humantime_serde")]
     pub stop_timeout: Duration,
@@ -142,6 +150,7 @@ impl Default for KubernetesConfig {
             run_as_user: d_postgres_uid(),
             fs_group: d_postgres_uid(),
             termination_grace: d_termination_grace(),
+            start_timeout: None,
             stop_timeout: d_stop_timeout(),
             not_ready_grace: d_not_ready_grace(),
             api_retries: d_api_retries(),

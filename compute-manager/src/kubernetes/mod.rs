@@ -45,6 +45,7 @@ mod config;
 pub mod leader;
 mod workload;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,6 +95,9 @@ struct Shared {
     pods: Api<Pod>,
     endpoints: Api<PgwakeEndpoint>,
     events: Api<K8sEvent>,
+    /// Starts that go on after their clients gave up (`start_timeout`), by endpoint. The flag
+    /// says a new start has taken the compute over; whoever holds the lock decides.
+    continued: std::sync::Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<bool>>>>,
 }
 
 impl KubernetesBackend {
@@ -113,6 +117,7 @@ impl KubernetesBackend {
                 pods: Api::namespaced(client.clone(), &namespace),
                 endpoints: Api::namespaced(client.clone(), &namespace),
                 events: Api::namespaced(client.clone(), &namespace),
+                continued: std::sync::Mutex::new(HashMap::new()),
                 client,
                 namespace,
                 cfg,
@@ -159,6 +164,18 @@ impl ComputeBackend for KubernetesBackend {
             )));
         }
         let desired = desired_statefulset(&s.cfg, &s.namespace, route)?;
+        let started = Instant::now();
+        // A start that went on without clients (start_timeout) is taken over: it leaves the
+        // StatefulSet alone from now on, or has already scaled it back to 0 when this gets
+        // the lock.
+        let continued = s
+            .continued
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(&route.endpoint));
+        if let Some(c) = continued {
+            *c.lock().await = true;
+        }
         let name = self.workload_name(&route.endpoint);
         let pod = pod_name(&name);
         let port = workload::compute_port(&s.cfg, route);
@@ -172,6 +189,7 @@ impl ComputeBackend for KubernetesBackend {
             id: route.endpoint.clone(),
             failure: None,
             pending: Arc::clone(&pending),
+            go_on: s.cfg.start_timeout.map(|t| (port, started + t)),
         };
         if scaled == Scaled::Changed {
             s.set_status(&route.endpoint, EndpointState::Starting, None)
@@ -616,6 +634,9 @@ struct ScaleDownOnDrop {
     /// up), whose status then says why its pod was still not ready (`pending`).
     failure: Option<(String, String)>,
     pending: Arc<PendingReason>,
+    /// With `start_timeout`: the compute's port and the start's deadline. An abandoned start
+    /// then goes on until its pod is ready or the deadline passes.
+    go_on: Option<(u16, Instant)>,
 }
 
 impl Drop for ScaleDownOnDrop {
@@ -627,6 +648,21 @@ impl Drop for ScaleDownOnDrop {
             return;
         };
         let (name, id) = (std::mem::take(&mut self.name), self.id.clone());
+        if let (None, Some((port, deadline))) = (&self.failure, self.go_on) {
+            if deadline > Instant::now() {
+                let slot = Arc::new(tokio::sync::Mutex::new(false));
+                if let Ok(mut c) = shared.continued.lock() {
+                    c.insert(id.clone(), Arc::clone(&slot));
+                }
+                let pending = Arc::clone(&self.pending);
+                let span = tracing::info_span!("continued_start", endpoint = %id);
+                rt.spawn(
+                    continue_start(shared, id, name, port, deadline, pending, slot)
+                        .instrument(span),
+                );
+                return;
+            }
+        }
         let failure = self.failure.take().or_else(|| {
             let (reason, message) = self.pending.lock().ok()?.take()?;
             Some((
@@ -649,6 +685,63 @@ impl Drop for ScaleDownOnDrop {
             .instrument(tracing::info_span!("abandoned_start", endpoint = %self.id)),
         );
     }
+}
+
+/// An abandoned start that goes on (`start_timeout`): waits for the pod to be ready until
+/// `deadline`, then, unless a new start took it over meanwhile, scales the StatefulSet back to
+/// 0 (nobody is waiting for it; what was slow, the image pull or initdb, is done for the next
+/// wake) and writes the status.
+async fn continue_start(
+    shared: Arc<Shared>,
+    id: EndpointId,
+    name: String,
+    port: u16,
+    deadline: Instant,
+    pending: Arc<PendingReason>,
+    slot: Arc<tokio::sync::Mutex<bool>>,
+) {
+    info!("no client waits for the compute any more; its start goes on");
+    let outcome = tokio::time::timeout_at(deadline, shared.wait_ready(&name, port, &pending)).await;
+    // Held until the StatefulSet is back at 0, so that a start taking over waits for that.
+    let taken_over = slot.lock().await;
+    if *taken_over {
+        debug!("a new start took the compute over");
+        return;
+    }
+    if let Ok(mut c) = shared.continued.lock() {
+        if c.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            c.remove(&id);
+        }
+    }
+    let failure = match &outcome {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(failure_reason(e)),
+        Err(_) => {
+            let why = pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.take())
+                .map(|(reason, message)| format!("{reason}: {message}"))
+                .unwrap_or_else(|| "no reason given".into());
+            Some((
+                "StartTimedOut".to_string(),
+                format!("not ready within start_timeout: {why}"),
+            ))
+        }
+    };
+    match &failure {
+        None => info!("compute ready, with no client waiting; scaling it back to 0"),
+        Some((reason, _)) => warn!(reason, "continued start failed; scaling it back to 0"),
+    }
+    match shared.scale(&name, 0, None).await {
+        Ok(_) => {
+            shared
+                .set_status_failed(&id, EndpointState::Suspended, None, failure)
+                .await
+        }
+        Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
+    }
+    drop(taken_over);
 }
 
 /// A running compute pod.

@@ -801,6 +801,108 @@ async fn an_abandoned_start_reports_why_its_pod_was_not_ready() {
     );
 }
 
+fn with_start_timeout() -> KubernetesConfig {
+    KubernetesConfig {
+        start_timeout: Some(Duration::from_secs(600)),
+        ..cfg()
+    }
+}
+
+/// With `start_timeout`, a start its clients gave up on goes on: here its pod becomes ready
+/// later, and only then is the StatefulSet scaled back to 0 (nobody waits for it), with a
+/// status that reports no failure. Without it, the StatefulSet went to 0 at once
+/// (`a_wake_abandoned_by_the_manager_scales_back_to_zero`).
+#[tokio::test(start_paused = true)]
+async fn with_start_timeout_an_abandoned_start_goes_on_until_ready() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(client, with_start_timeout()).unwrap();
+    let hash = desired_hash();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "7500", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "7501", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7502", vec![pod_json("7502", "pending")]));
+        let hanging = api.expect(Method::GET, &pods_watch("7502")).await;
+        dropped_rx.await.unwrap();
+        drop(hanging);
+        // The start goes on in the background: it watches the pod again (no scale-down).
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7503", vec![pod_json("7503", "ready")]));
+        api.get_sts(sts_json(1, "7504", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(patch.body["spec"], json!({ "replicas": 0 }));
+        patch.ok(sts_json(0, "7505", &hash));
+        let status = api.status("Suspended", None).await;
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .unwrap()
+            .clone();
+        assert_eq!(failed["status"], "False", "{status}");
+        api.expect_quiet().await;
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    dropped_tx.send(()).unwrap();
+    server.await.unwrap();
+}
+
+/// A client that comes while an abandoned start goes on takes it over: no scale-down, no
+/// second scale-up, and the start it took over stands down when the pod gets ready.
+#[tokio::test(start_paused = true)]
+async fn a_new_wake_takes_over_a_start_that_went_on() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(client, with_start_timeout()).unwrap();
+    let hash = desired_hash();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let (continued_tx, continued_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "7600", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "7601", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7602", vec![pod_json("7602", "pending")]));
+        let first = api.expect(Method::GET, &pods_watch("7602")).await;
+        dropped_rx.await.unwrap();
+        drop(first);
+        // The start that went on.
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7603", vec![pod_json("7603", "pending")]));
+        let continued = api.expect(Method::GET, &pods_watch("7603")).await;
+        continued_tx.send(()).unwrap();
+        // The new wake: the StatefulSet is at 1 already, its pod becomes ready.
+        api.get_sts(sts_json(1, "7604", &hash)).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7605", vec![pod_json("7605", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        // The start that went on sees the pod ready too, and leaves it alone.
+        continued.events(&[("MODIFIED", pod_json("7606", "ready"))]);
+        api.expect_quiet().await;
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    dropped_tx.send(()).unwrap();
+    continued_rx.await.unwrap();
+    let compute = b.start(&route()).await.unwrap();
+    assert_eq!(compute.addr().to_string(), "10.244.0.17:5432");
+    server.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
     // The API server keeps failing the pod watch; the manager's wake_timeout (here a plain
