@@ -1,4 +1,4 @@
-//! A pgwake that runs the compute manager (the single-pod shape, deploy/single/20-config.yaml)
+//! A pgwake that runs the compute manager (the single-pod shape, deploy/overlays/single/pgwake.toml)
 //! starting while a compute it did not start is running, against a fake Kubernetes API server:
 //! once the PgwakeEndpoints are loaded it lists pgwake's StatefulSets, adopts the running one
 //! through the wake path (no scale, no client), and its shutdown leaves the compute running.
@@ -107,8 +107,7 @@ async fn a_starting_manager_adopts_the_running_compute_once_the_endpoints_are_lo
     common::use_fake_kube_api(dir.path(), api);
 
     let mut config = Config::parse(&common::shipped_config(
-        "deploy/single/20-config.yaml",
-        "pgwake-config",
+        "deploy/overlays/single/pgwake.toml",
     ))
     .unwrap();
     assert!(config.compute.manager_url.is_none());

@@ -1,5 +1,5 @@
 //! A scale-out proxy pod starting, against a fake Kubernetes API server: with the proxy config
-//! shipped in deploy/20-config.yaml, pgwake lists and then watches the PgwakeEndpoints (and
+//! shipped in deploy/overlays/scale-out/proxy.toml, pgwake lists and then watches the PgwakeEndpoints (and
 //! makes no other API call: the proxy Role allows nothing else), answers /readyz 503 until
 //! the list is in its routing table, then is ready and routes the endpoint.
 //!
@@ -51,8 +51,7 @@ async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_
     common::use_fake_kube_api(dir.path(), api);
 
     let mut config = Config::parse(&common::shipped_config(
-        "deploy/20-config.yaml",
-        "pgwake-proxy-config",
+        "deploy/overlays/scale-out/proxy.toml",
     ))
     .unwrap();
     assert!(config.compute.manager_url.is_some());
@@ -99,7 +98,7 @@ async fn a_proxy_is_ready_once_the_endpoints_are_loaded_and_calls_only_what_its_
     assert!(pgwake.table.lookup(&demo).is_some());
 
     // A list and a watch of pgwakeendpoints, nothing else: the proxy Role in
-    // deploy/10-rbac.yaml.
+    // deploy/overlays/scale-out/10-rbac.yaml.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(seen.try_recv().is_err(), "unexpected API request");
     pgwake.shutdown().await;

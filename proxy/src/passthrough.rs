@@ -431,7 +431,7 @@ mod splice {
 /// Buffer per direction for the copy path. 16 KiB is the largest TLS plaintext record, so a TLS
 /// session behind this relay is read and written in whole records (tokio's default of 8 KiB
 /// would split every full record into two writes); two of them keep a session at 32 KiB.
-const COPY_BUF_SIZE: usize = 16 * 1024;
+pub const COPY_BUF_SIZE: usize = 16 * 1024;
 
 /// Streams that are always ready (in-memory, or a TLS layer with buffered plaintext) would
 /// otherwise let one session monopolise a runtime thread; tokio's own sockets already yield via

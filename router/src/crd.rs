@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipnet::IpNet;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, ValidationRule,
+};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, CustomResource, CustomResourceExt, ResourceExt};
@@ -21,7 +24,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::{BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, Route, RoutingTable};
+use crate::{
+    BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, PodOverrides, Route, RoutingTable,
+};
 
 /// Environment variables a Neon compute gets from `spec.neon` (the names Neon's own compute
 /// wrapper reads).
@@ -43,6 +48,17 @@ pub const NEON_PAGESERVER_ENV: &str = "PAGESERVER_CONNSTRING";
     derive = "PartialEq",
     doc = "A Postgres endpoint that pgwake starts on the first connection and suspends when idle. The name is the endpoint id that clients pass (options=endpoint=NAME).",
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Failed\")].reason",
+        priority = 1
+    ),
     printcolumn(name = "Address", type_ = "string", json_path = ".status.address"),
     printcolumn(
         name = "Last-Activity",
@@ -104,6 +120,20 @@ pub struct ComputeTemplate {
     /// data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<ComputeStorage>,
+    /// Tolerations of the compute's pod, as in a pod spec (e.g. to run on nodes tainted for
+    /// databases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<serde_json::Value>,
+    /// Affinity of the compute's pod, as in a pod spec (node affinity for zones or instance
+    /// types, pod anti-affinity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<serde_json::Value>,
+    /// PriorityClass of the compute's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Annotations on the compute's pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -153,6 +183,78 @@ pub struct PgwakeEndpointStatus {
     pub address: Option<String>,
     /// When a client last woke the compute or the compute was last suspended (RFC 3339).
     pub last_activity: Option<String>,
+    /// `Ready` (the compute accepts connections), `Suspended` (scaled to zero) and `Failed`
+    /// (its last start failed: `reason` and `message` say why, until a start succeeds), in the
+    /// usual Kubernetes shape, for `kubectl wait --for=condition=Ready` and for tools that
+    /// read conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<EndpointCondition>,
+}
+
+/// One of the status conditions ([`PgwakeEndpointStatus::conditions`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointCondition {
+    /// Ready, Suspended or Failed.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// CamelCase, for machines: e.g. Unschedulable, ImagePullBackOff, StartTimedOut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For people: what Kubernetes said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When `status` last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+impl PgwakeEndpointStatus {
+    /// The status for `state`: its conditions follow from it, and from `failure`, the
+    /// `(reason, message)` of a start that just failed. A condition whose status is unchanged
+    /// since `previous` keeps its transition time.
+    pub fn new(
+        state: EndpointState,
+        address: Option<String>,
+        failure: Option<(String, String)>,
+        now: &str,
+        previous: Option<&PgwakeEndpointStatus>,
+    ) -> Self {
+        let condition = |type_: &str, on: bool, reason: Option<String>, message: Option<String>| {
+            let status = if on { "True" } else { "False" }.to_string();
+            let since = previous
+                .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+                .filter(|c| c.status == status)
+                .and_then(|c| c.last_transition_time.clone())
+                .unwrap_or_else(|| now.to_string());
+            EndpointCondition {
+                type_: type_.to_string(),
+                status,
+                reason,
+                message,
+                last_transition_time: Some(since),
+            }
+        };
+        let failed = failure.is_some();
+        let (reason, message) = failure.unzip();
+        Self {
+            state,
+            address,
+            last_activity: Some(now.to_string()),
+            conditions: vec![
+                condition("Ready", state == EndpointState::Running, None, None),
+                condition("Suspended", state == EndpointState::Suspended, None, None),
+                condition("Failed", failed, reason, message),
+            ],
+        }
+    }
+
+    /// The condition of `type_`, if any.
+    pub fn condition(&self, type_: &str) -> Option<&EndpointCondition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -259,6 +361,12 @@ impl PgwakeEndpoint {
                 limits: c.resources.limits.clone(),
                 storage: c.storage.as_ref().map(|s| s.size.clone()),
                 storage_class: c.storage.as_ref().and_then(|s| s.storage_class.clone()),
+                pod: PodOverrides {
+                    tolerations: c.tolerations.clone(),
+                    affinity: c.affinity.clone(),
+                    priority_class_name: c.priority_class_name.clone(),
+                    annotations: c.pod_annotations.clone(),
+                },
             },
             idle_timeout,
             allow,
@@ -277,9 +385,118 @@ fn parse_network(s: &str) -> Option<IpNet> {
         .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-/// The CRD as YAML, exactly as committed in `deploy/crd.yaml` (a test keeps the two equal).
+/// Go-style and humantime durations as pgwake reads them ("90s", "5m", "1h 30m").
+const DURATION_RULE: &str =
+    "self.matches('^([0-9]+ ?(ms|s|sec|secs|m|min|mins|h|hr|hrs|hour|hours|d|day|days) ?)+$')";
+
+/// The CRD: what kube derives from the types, plus what the derive cannot express: the
+/// `pgwake` category (`kubectl get pgwake`), and CEL validation (`x-kubernetes-validations`)
+/// so that the API server rejects what pgwake would refuse to route, at `kubectl apply`,
+/// instead of a warning in pgwake's log: the name as an endpoint id, durations, allowlist
+/// networks, resource quantities, and storage changes that cannot work (a StatefulSet's claim
+/// templates are immutable: adding storage later would leave the data on ephemeral disk,
+/// removing it would hide the volume). CIDR and IP checks need Kubernetes 1.31.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = PgwakeEndpoint::crd();
+    crd.spec.names.categories = Some(vec!["pgwake".to_string()]);
+    for version in &mut crd.spec.versions {
+        let root = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .expect("kube derives a schema");
+        add_rule(
+            root,
+            &format!(
+                "self.metadata.name.size() <= {} && self.metadata.name.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$')",
+                EndpointId::MAX_LEN
+            ),
+            "metadata.name is the endpoint id: up to 63 of [a-z0-9-], not starting or ending with '-'",
+        );
+        let spec = prop(root, "spec");
+        add_rule(
+            prop(spec, "idleTimeout"),
+            DURATION_RULE,
+            "idleTimeout is a duration such as \"90s\", \"5m\" or \"1h 30m\"",
+        );
+        add_rule(
+            prop(spec, "allowlist")
+                .items
+                .as_mut()
+                .and_then(|i| match i {
+                    JSONSchemaPropsOrArray::Schema(s) => Some(s.as_mut()),
+                    JSONSchemaPropsOrArray::Schemas(_) => None,
+                })
+                .expect("allowlist has an item schema"),
+            "isCIDR(self) || isIP(self)",
+            "allowlist entries are networks (10.0.0.0/8) or addresses (192.0.2.7)",
+        );
+        let compute = prop(spec, "compute");
+        add_rule(
+            compute,
+            "has(self.storage) == has(oldSelf.storage)",
+            "storage cannot be added to or removed from an existing endpoint: create a new endpoint",
+        );
+        let storage = prop(compute, "storage");
+        add_rule(
+            storage,
+            "self == oldSelf",
+            "storage is immutable: the volume claim is created once",
+        );
+        add_rule(
+            prop(storage, "size"),
+            "isQuantity(self)",
+            "size is a quantity such as 1Gi",
+        );
+        // Pod-spec JSON passed through: a structural schema that keeps every field (the API
+        // server checks them when the StatefulSet is written).
+        let any_object = || JSONSchemaProps {
+            type_: Some("object".into()),
+            x_kubernetes_preserve_unknown_fields: Some(true),
+            ..JSONSchemaProps::default()
+        };
+        let tolerations = prop(compute, "tolerations");
+        tolerations.items = Some(JSONSchemaPropsOrArray::Schema(Box::new(any_object())));
+        let affinity = prop(compute, "affinity");
+        *affinity = JSONSchemaProps {
+            description: affinity.description.take(),
+            nullable: affinity.nullable,
+            ..any_object()
+        };
+        let resources = prop(compute, "resources");
+        for key in ["requests", "limits"] {
+            add_rule(
+                prop(resources, key),
+                "self.all(k, isQuantity(self[k]))",
+                "resources are quantities such as 250m or 256Mi",
+            );
+        }
+    }
+    crd
+}
+
+fn prop<'a>(schema: &'a mut JSONSchemaProps, name: &str) -> &'a mut JSONSchemaProps {
+    schema
+        .properties
+        .as_mut()
+        .and_then(|p| p.get_mut(name))
+        .unwrap_or_else(|| panic!("no property {name} in the derived schema"))
+}
+
+fn add_rule(schema: &mut JSONSchemaProps, rule: &str, message: &str) {
+    schema
+        .x_kubernetes_validations
+        .get_or_insert_with(Vec::new)
+        .push(ValidationRule {
+            rule: rule.to_string(),
+            message: Some(message.to_string()),
+            ..ValidationRule::default()
+        });
+}
+
+/// The CRD as YAML, exactly as committed in `deploy/base/crd.yaml` (a test keeps the two equal).
 pub fn crd_yaml() -> String {
-    let crd = PgwakeEndpoint::crd();
+    let crd = crd();
     let body = serde_yaml::to_string(&crd).expect("a CRD always serializes");
     format!(
         "# Generated from router/src/crd.rs by `cargo run -p pgwake-router --bin crdgen`; do not edit.\n{body}"

@@ -85,6 +85,7 @@ fn converts_a_full_resource_into_a_kubernetes_route() {
             limits: BTreeMap::from([("memory".into(), "1Gi".into())]),
             storage: Some("2Gi".into()),
             storage_class: Some("fast".into()),
+            pod: PodOverrides::default(),
         }
     );
     let route = Route::from(c);
@@ -193,17 +194,17 @@ fn sync_never_touches_endpoints_of_the_config_file() {
 
 #[test]
 fn committed_crd_matches_the_rust_type() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/crd.yaml");
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         committed == crd_yaml(),
-        "deploy/crd.yaml is stale: run `cargo run -p pgwake-router --bin crdgen > deploy/crd.yaml`"
+        "deploy/base/crd.yaml is stale: run `cargo run -p pgwake-router --bin crdgen > deploy/base/crd.yaml`"
     );
 }
 
 #[test]
 fn crd_has_the_status_subresource_and_round_trips() {
-    let crd = PgwakeEndpoint::crd();
+    let crd = crd();
     assert_eq!(
         crd.metadata.name.as_deref(),
         Some("pgwakeendpoints.pgwake.io")
@@ -215,6 +216,7 @@ fn crd_has_the_status_subresource_and_round_trips() {
         state: EndpointState::Running,
         address: Some("10.0.0.5:5432".into()),
         last_activity: Some("2026-11-25T12:00:00Z".into()),
+        conditions: vec![],
     });
     let json = serde_json::to_value(&ep).unwrap();
     assert_eq!(json["status"]["state"], "Running");
@@ -279,4 +281,206 @@ async fn source_keeps_the_table_in_sync_through_the_reflector() {
     assert!(table.lookup(&id("c")).is_some());
     assert_eq!(store.state().len(), 2);
     task.abort();
+}
+
+/// The rules (`x-kubernetes-validations`) on the schema at `path` (property names from the
+/// root; `[]` steps into array items).
+fn rules_at(crd: &Value, path: &[&str]) -> Vec<String> {
+    let mut s = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    for p in path {
+        s = if *p == "[]" {
+            &s["items"]
+        } else {
+            &s["properties"][*p]
+        };
+        assert!(!s.is_null(), "no {p} in {path:?}");
+    }
+    s["x-kubernetes-validations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rules at {path:?}"))
+        .iter()
+        .map(|r| {
+            assert!(r["message"].is_string());
+            r["rule"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// The API server rejects at `kubectl apply` what pgwake could not route (a bad name,
+/// duration, network or quantity) and storage changes that cannot work on an existing
+/// StatefulSet (its claim templates are immutable).
+#[test]
+fn crd_validates_ids_durations_networks_quantities_and_keeps_storage() {
+    let crd = serde_json::to_value(crd()).unwrap();
+    let root = rules_at(&crd, &[]);
+    assert!(root[0].contains("self.metadata.name.matches("), "{root:?}");
+    assert!(root[0].contains("size() <= 63"), "{root:?}");
+    assert!(rules_at(&crd, &["spec", "idleTimeout"])[0].starts_with("self.matches("));
+    assert_eq!(
+        rules_at(&crd, &["spec", "allowlist", "[]"]),
+        ["isCIDR(self) || isIP(self)"]
+    );
+    assert_eq!(
+        rules_at(&crd, &["spec", "compute", "storage", "size"]),
+        ["isQuantity(self)"]
+    );
+    for key in ["requests", "limits"] {
+        assert_eq!(
+            rules_at(&crd, &["spec", "compute", "resources", key]),
+            ["self.all(k, isQuantity(self[k]))"]
+        );
+    }
+    assert_eq!(
+        rules_at(&crd, &["spec", "compute", "storage"]),
+        ["self == oldSelf"]
+    );
+    assert_eq!(
+        rules_at(&crd, &["spec", "compute"]),
+        ["has(self.storage) == has(oldSelf.storage)"]
+    );
+    assert_eq!(crd["spec"]["names"]["categories"], json!(["pgwake"]));
+}
+
+/// The duration rule accepts what pgwake parses and the id rule what `EndpointId` accepts,
+/// checked with the same regular expressions outside CEL (RE2 and the regex crate agree on
+/// these).
+#[test]
+fn crd_rules_agree_with_pgwakes_own_parsers() {
+    let crd = serde_json::to_value(crd()).unwrap();
+    let pattern = |rule: &str| -> regex::Regex {
+        let start = rule.find("matches('").unwrap() + "matches('".len();
+        let end = start + rule[start..].find("')").unwrap();
+        regex::Regex::new(&rule[start..end]).unwrap()
+    };
+    let duration = pattern(&rules_at(&crd, &["spec", "idleTimeout"])[0]);
+    for ok in ["90s", "5m", "1h 30m", "1h30m", "2 days", "500ms"] {
+        assert!(duration.is_match(ok), "{ok}");
+        humantime_serde::re::humantime::parse_duration(ok).unwrap();
+    }
+    for bad in ["", "5", "five minutes", "-5m", "5m;"] {
+        assert!(!duration.is_match(bad), "{bad}");
+    }
+    let name = pattern(&rules_at(&crd, &[])[0]);
+    for s in [
+        "demo",
+        "a",
+        "ep-1",
+        "x".repeat(63).as_str(),
+        "-a",
+        "a-",
+        "A",
+        "a_b",
+        "",
+    ] {
+        assert_eq!(
+            name.is_match(s) && s.len() <= 63,
+            EndpointId::parse(s).is_ok(),
+            "{s:?}"
+        );
+    }
+}
+
+/// Printer columns show the conditions; the status carries Ready, Suspended and Failed with
+/// Kubernetes' reason.
+#[test]
+fn status_conditions_follow_the_state_and_name_the_failure() {
+    let crd = crd();
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "State",
+            "Ready",
+            "Reason",
+            "Address",
+            "Last-Activity",
+            "Age"
+        ]
+    );
+    let now = "2026-11-30T00:00:00Z";
+    let running = PgwakeEndpointStatus::new(
+        EndpointState::Running,
+        Some("10.0.0.5:5432".into()),
+        None,
+        now,
+        None,
+    );
+    assert_eq!(running.condition("Ready").unwrap().status, "True");
+    assert_eq!(running.condition("Suspended").unwrap().status, "False");
+    assert_eq!(running.condition("Failed").unwrap().status, "False");
+    let later = "2026-11-30T01:00:00Z";
+    let failed = PgwakeEndpointStatus::new(
+        EndpointState::Suspended,
+        None,
+        Some(("ImagePullBackOff".into(), "Back-off pulling image".into())),
+        later,
+        Some(&running),
+    );
+    let f = failed.condition("Failed").unwrap();
+    assert_eq!(f.status, "True");
+    assert_eq!(f.reason.as_deref(), Some("ImagePullBackOff"));
+    assert_eq!(f.last_transition_time.as_deref(), Some(later));
+    // Unchanged conditions keep their transition time.
+    assert_eq!(failed.condition("Failed").unwrap().type_, "Failed");
+    let again =
+        PgwakeEndpointStatus::new(EndpointState::Suspended, None, None, "t3", Some(&failed));
+    assert_eq!(
+        again
+            .condition("Suspended")
+            .unwrap()
+            .last_transition_time
+            .as_deref(),
+        Some(later)
+    );
+    let json = serde_json::to_value(&failed).unwrap();
+    assert_eq!(json["conditions"][2]["type"], "Failed");
+    assert_eq!(json["conditions"][2]["lastTransitionTime"], later);
+}
+
+/// Per-endpoint pod overrides pass through as Kubernetes JSON, under a structural schema that
+/// keeps their fields (`x-kubernetes-preserve-unknown-fields`).
+#[test]
+fn pod_overrides_pass_through() {
+    let toleration =
+        json!({ "key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule" });
+    let affinity = json!({ "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{ "matchExpressions": [
+            { "key": "topology.kubernetes.io/zone", "operator": "In", "values": ["eu-west-1a"] }
+        ]}]
+    }}});
+    let ep = endpoint(
+        "demo",
+        json!({ "compute": {
+            "image": "postgres:16",
+            "tolerations": [toleration],
+            "affinity": affinity,
+            "priorityClassName": "databases",
+            "podAnnotations": { "backup.velero.io/backup-volumes": "data" }
+        }}),
+    );
+    let c = ep.endpoint_config().unwrap();
+    let BackendSpec::Kubernetes { pod, .. } = c.backend else {
+        panic!("{:?}", c.backend)
+    };
+    assert_eq!(pod.tolerations, [toleration]);
+    assert_eq!(pod.affinity, Some(affinity));
+    assert_eq!(pod.priority_class_name.as_deref(), Some("databases"));
+    assert_eq!(pod.annotations["backup.velero.io/backup-volumes"], "data");
+
+    let crd = serde_json::to_value(crd()).unwrap();
+    let compute = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["compute"]["properties"];
+    for schema in [&compute["affinity"], &compute["tolerations"]["items"]] {
+        assert_eq!(schema["type"], "object", "{schema}");
+        assert_eq!(
+            schema["x-kubernetes-preserve-unknown-fields"], true,
+            "{schema}"
+        );
+    }
+    assert_eq!(compute["priorityClassName"]["type"], "string");
 }

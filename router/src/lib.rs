@@ -10,5 +10,5 @@ mod table;
 pub use crd::{run_crd_source, PgwakeEndpoint};
 pub use id::{EndpointId, InvalidEndpointId};
 pub use table::{
-    AuthMode, BackendSpec, EndpointConfig, Route, RouteError, RoutingTable, TableDiff,
+    AuthMode, BackendSpec, EndpointConfig, PodOverrides, Route, RouteError, RoutingTable, TableDiff,
 };

@@ -47,6 +47,9 @@ pub enum AuthMode {
 }
 
 /// How the compute behind an endpoint is run.
+// One per endpoint, shared behind an `Arc<Route>`: the Kubernetes variant's size costs nothing
+// worth an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendSpec {
@@ -89,7 +92,25 @@ pub enum BackendSpec {
         storage: Option<String>,
         #[serde(default)]
         storage_class: Option<String>,
+        /// Scheduling and pod metadata for this endpoint's pod; from `PgwakeEndpoint`s only.
+        #[serde(skip)]
+        pod: PodOverrides,
     },
+}
+
+/// Per-endpoint additions to a Kubernetes compute's pod (`spec.compute` of a
+/// `PgwakeEndpoint`): where it may run and how it is labelled for other tools. The scheduling
+/// fields are kept as Kubernetes JSON and passed through as they are; the API server checks
+/// them when the StatefulSet is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodOverrides {
+    /// `[Toleration]`: e.g. run on nodes tainted for databases.
+    pub tolerations: Vec<serde_json::Value>,
+    /// An `Affinity`: node affinity (zones, instance types), pod (anti-)affinity.
+    pub affinity: Option<serde_json::Value>,
+    pub priority_class_name: Option<String>,
+    /// Annotations on the pod (not the StatefulSet): e.g. for a service mesh or a backup tool.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// What the table answers for an id. Shared as `Arc<Route>` so a reload that replaces an entry

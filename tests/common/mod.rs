@@ -241,17 +241,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http(addr, "GET", path).await
 }
 
-/// The pgwake.toml that a shipped manifest (`deploy/...yaml`) puts in ConfigMap `configmap`.
-pub fn shipped_config(manifest: &str, configmap: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest);
-    let text = std::fs::read_to_string(&path).unwrap();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-        if v["metadata"]["name"].as_str() == Some(configmap) {
-            return v["data"]["pgwake.toml"].as_str().unwrap().to_string();
-        }
-    }
-    panic!("no {configmap} in {manifest}");
+/// A pgwake.toml shipped in `deploy/` (an overlay's file that its kustomization puts in a
+/// ConfigMap), by its path from the repository root.
+pub fn shipped_config(path: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Points kube clients of this process at a fake API server on `api` (plain HTTP, no

@@ -39,9 +39,26 @@ pub struct KubernetesConfig {
     /// Image pull secrets for compute images in private registries.
     #[serde(default)]
     pub image_pull_secrets: Vec<String>,
+    /// The user and group compute containers run as, and the group that owns their volume.
+    /// Compute pods meet the `restricted` Pod Security level (non-root, no privilege
+    /// escalation, no capabilities, the runtime's seccomp profile), so the image must run as
+    /// a non-root user: 999 is `postgres` in the official `postgres` images, whose entrypoint
+    /// then runs initdb as that user without the chown it does as root.
+    #[serde(default = "d_postgres_uid")]
+    pub run_as_user: i64,
+    #[serde(default = "d_postgres_uid")]
+    pub fs_group: i64,
     /// How long Postgres gets to shut down cleanly (write its checkpoint) before it is killed.
     #[serde(default = "d_termination_grace", with = "humantime_serde")]
     pub termination_grace: Duration,
+    /// How long a start may take in all, even after every client waiting for it has given up
+    /// (`compute.wake_timeout`): a slow but progressing start (a node being added, a first
+    /// image pull, crash recovery) then finishes, so the next client finds the image pulled and
+    /// the data directory ready, and it is scaled back to 0 when it is ready or this runs out.
+    /// A client that comes meanwhile takes the start over. Unset: a start nobody waits for any
+    /// more is scaled back to 0 at once.
+    #[serde(default, with = "humantime_serde")]
+    pub start_timeout: Option<Duration>,
     /// How long a suspend waits for the pod to be gone.
     #[serde(default = "d_stop_timeout", with = "humantime_serde")]
     pub stop_timeout: Duration,
@@ -57,6 +74,18 @@ pub struct KubernetesConfig {
     pub api_retries: u32,
     #[serde(default = "d_retry_backoff", with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// Delete an endpoint's StatefulSet (and so its pod) with its `PgwakeEndpoint`: the
+    /// StatefulSet is created with the endpoint as its owner (an ownerReference), and
+    /// Kubernetes' garbage collector deletes it after the endpoint. Off by default: a
+    /// mistaken `kubectl delete pgwe` then loses nothing. StatefulSets created before this
+    /// was turned on keep no owner.
+    #[serde(default)]
+    pub delete_with_endpoint: bool,
+    /// With `delete_with_endpoint`, delete the data volume too (the StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy.whenDeleted: Delete`, Kubernetes 1.27+): the
+    /// endpoint's data is gone with it.
+    #[serde(default)]
+    pub delete_volume_with_endpoint: bool,
     /// Write state, address and last activity to the `PgwakeEndpoint`'s status.
     #[serde(default = "d_true")]
     pub update_status: bool,
@@ -83,6 +112,9 @@ fn d_readiness_command() -> Vec<String> {
     ["pg_isready", "-h", "127.0.0.1", "-p", "{port}", "-q"]
         .map(String::from)
         .to_vec()
+}
+fn d_postgres_uid() -> i64 {
+    999
 }
 fn d_termination_grace() -> Duration {
     Duration::from_secs(60)
@@ -115,11 +147,16 @@ impl Default for KubernetesConfig {
             service_account: None,
             node_selector: BTreeMap::new(),
             image_pull_secrets: Vec::new(),
+            run_as_user: d_postgres_uid(),
+            fs_group: d_postgres_uid(),
             termination_grace: d_termination_grace(),
+            start_timeout: None,
             stop_timeout: d_stop_timeout(),
             not_ready_grace: d_not_ready_grace(),
             api_retries: d_api_retries(),
             retry_backoff: d_retry_backoff(),
+            delete_with_endpoint: false,
+            delete_volume_with_endpoint: false,
             update_status: true,
             watch_endpoints: true,
             endpoint_selector: None,
@@ -158,6 +195,17 @@ impl KubernetesConfig {
             errors.push(
                 "kubernetes.stop_timeout must be at least termination_grace, which must be more than 0"
                     .to_string(),
+            );
+        }
+        if self.run_as_user <= 0 || self.fs_group <= 0 {
+            errors.push(
+                "kubernetes.run_as_user and fs_group must be more than 0 (compute pods run as non-root)"
+                    .to_string(),
+            );
+        }
+        if self.delete_volume_with_endpoint && !self.delete_with_endpoint {
+            errors.push(
+                "kubernetes.delete_volume_with_endpoint needs delete_with_endpoint".to_string(),
             );
         }
         if self.retry_backoff.is_zero() {

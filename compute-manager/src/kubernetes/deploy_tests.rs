@@ -1,9 +1,11 @@
 //! The manifests in `deploy/`: every document parses (as YAML and as its Kubernetes type), the
 //! example endpoints route, the ConfigMaps' `[kubernetes]` tables are valid, each Role grants
 //! exactly the API calls its pods' code makes, and the objects refer to each other
-//! consistently. Two shapes are checked: the default scale-out one (`deploy/*.yaml`: proxy
-//! Deployment + compute manager Deployment) and the single-pod alternative
-//! (`deploy/single/`, with the namespace and CRD of `deploy/`). The root crate's
+//! consistently. Two shapes are checked: the default scale-out one
+//! (`deploy/overlays/scale-out`: proxy Deployment + compute manager Deployment) and the
+//! single-pod alternative (`deploy/overlays/single`), both on `deploy/base` (namespace, CRD,
+//! the computes' NetworkPolicy), read from their kustomizations; and every overlay as
+//! `kubectl kustomize` renders it, where kubectl is installed. The root crate's
 //! `tests/deploy_config.rs` loads every shipped config with pgwake's own config loader.
 //!
 //! [`permission`] and [`granted`] are also used by the backend's API scenarios (`tests.rs`),
@@ -67,32 +69,87 @@ fn load(files: &[PathBuf]) -> Docs {
     docs
 }
 
-/// The default shape: what `kubectl apply -f deploy/` applies, and the examples.
-fn scale_out() -> Docs {
-    let mut files = yaml_in(&deploy_dir());
-    files.extend(yaml_in(&deploy_dir().join("examples")));
-    load(&files)
-}
-
-/// The single-pod alternative: `kubectl apply -f deploy/00-namespace.yaml -f deploy/crd.yaml
-/// -f deploy/single/`, and the examples.
-fn single() -> Docs {
-    let mut files = vec![
-        deploy_dir().join("00-namespace.yaml"),
-        deploy_dir().join("crd.yaml"),
-    ];
-    files.extend(yaml_in(&deploy_dir().join("single")));
-    files.extend(yaml_in(&deploy_dir().join("examples")));
-    load(&files)
-}
-
-/// Every manifest file under `deploy/`.
-fn every_document() -> Docs {
-    let mut files = yaml_in(&deploy_dir());
-    for sub in ["single", "examples"] {
-        files.extend(yaml_in(&deploy_dir().join(sub)));
+/// What `kubectl apply -k dir` applies, read without kubectl: the `resources` (files, and
+/// directories as kustomizations of their own) and the `configMapGenerator` ConfigMaps, under
+/// their names without the content hash kustomize appends (and rewrites every reference to).
+/// Patches are not applied: a kustomization with any is only checked rendered by kubectl
+/// ([`rendered`]).
+fn kustomization(dir: &Path) -> Docs {
+    let file = dir.join("kustomization.yaml");
+    let k: Value = serde_yaml::from_str(&std::fs::read_to_string(&file).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(
+        k.get("patches").is_none(),
+        "{}: has patches",
+        file.display()
+    );
+    let mut docs = Vec::new();
+    for r in k["resources"].as_array().into_iter().flatten() {
+        let path = dir.join(r.as_str().unwrap());
+        if path.is_dir() {
+            docs.extend(kustomization(&path));
+        } else {
+            docs.extend(load(&[path]));
+        }
     }
-    load(&files)
+    for g in k["configMapGenerator"].as_array().into_iter().flatten() {
+        let mut data = serde_json::Map::new();
+        for f in g["files"].as_array().unwrap() {
+            let f = f.as_str().unwrap();
+            let (key, path) = f.split_once('=').unwrap_or((f, f));
+            let text = std::fs::read_to_string(dir.join(path)).unwrap();
+            data.insert(key.to_string(), json!(text));
+        }
+        let name = dir
+            .strip_prefix(deploy_dir())
+            .unwrap()
+            .display()
+            .to_string();
+        docs.push((
+            format!("{name}/kustomization.yaml"),
+            json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": g["name"],
+                    "namespace": g["namespace"],
+                    "labels": g["options"]["labels"],
+                },
+                "data": data,
+            }),
+        ));
+    }
+    docs
+}
+
+fn examples() -> Docs {
+    load(&yaml_in(&deploy_dir().join("examples")))
+}
+
+/// The default shape: what `kubectl apply -k deploy/overlays/scale-out` applies, and the
+/// examples.
+fn scale_out() -> Docs {
+    let mut docs = kustomization(&deploy_dir().join("overlays/scale-out"));
+    docs.extend(examples());
+    docs
+}
+
+/// The single-pod alternative: `kubectl apply -k deploy/overlays/single`, and the examples.
+fn single() -> Docs {
+    let mut docs = kustomization(&deploy_dir().join("overlays/single"));
+    docs.extend(examples());
+    docs
+}
+
+/// Every manifest under `deploy/` (but the TLS overlay's patches), each once.
+fn every_document() -> Docs {
+    let mut docs = scale_out();
+    docs.extend(
+        kustomization(&deploy_dir().join("overlays/single"))
+            .into_iter()
+            .filter(|(file, _)| !file.starts_with("base/")),
+    );
+    docs
 }
 
 fn typed<T: DeserializeOwned>(file: &str, v: &Value) -> T {
@@ -196,7 +253,7 @@ fn every_manifest_parses_as_its_kubernetes_type() {
     );
     assert_eq!(
         names(&s, "NetworkPolicy"),
-        ["pgwake-manager", "pgwake-proxy"]
+        ["pgwake-computes", "pgwake-manager", "pgwake-proxy"]
     );
     assert_eq!(
         names(&s, "ServiceAccount"),
@@ -214,6 +271,7 @@ fn every_manifest_parses_as_its_kubernetes_type() {
     assert_eq!(names(&one, "Service"), ["pgwake"]);
     assert_eq!(names(&one, "Role"), ["pgwake"]);
     assert_eq!(names(&one, "ConfigMap"), ["pgwake-config"]);
+    assert_eq!(names(&one, "NetworkPolicy"), ["pgwake-computes"]);
     assert_eq!(names(&one, "CustomResourceDefinition").len(), 1);
 }
 
@@ -396,6 +454,10 @@ fn roles_grant_exactly_what_the_code_uses() {
         ("", "pods", "list,watch"),
         // Shared::set_status: endpoints.patch_status.
         ("pgwake.io", "pgwakeendpoints/status", "patch"),
+        // Shared::scale with delete_with_endpoint: endpoints.get_opt, for the owner's uid.
+        ("pgwake.io", "pgwakeendpoints", "get"),
+        // Shared::failure_event: events.create (no patch: each failure is its own Event).
+        ("events.k8s.io", "events", "create"),
     ];
     let election = [
         // leader::LeaderElector: get, create when absent, replace (take over, renew, release).
@@ -619,7 +681,8 @@ fn selected<'a>(
 }
 
 /// Services, PodDisruptionBudgets and NetworkPolicies select the pods of exactly one
-/// Deployment (never a compute's), by ports it declares.
+/// Deployment (never a compute's), by ports it declares; the computes' own NetworkPolicy is
+/// checked by `only_pgwake_reaches_the_computes`.
 fn check_selectors(docs: &Docs) {
     let deployments: Vec<Deployment> = all(docs, "Deployment");
     let cfg = KubernetesConfig {
@@ -649,6 +712,9 @@ fn check_selectors(docs: &Docs) {
         selectors.push(sel);
     }
     for np in all::<NetworkPolicy>(docs, "NetworkPolicy") {
+        if np.metadata.name.as_deref() == Some("pgwake-computes") {
+            continue;
+        }
         let spec = np.spec.unwrap();
         let sel = match_labels(&spec.pod_selector.unwrap());
         let (_, _, c) = pods(selected(&deployments, &sel));
@@ -870,4 +936,217 @@ fn single_pod_runs_proxy_and_manager_in_one() {
     let svc = svc.spec.unwrap();
     assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
     assert_eq!(svc.selector.unwrap(), labels);
+}
+
+/// `kubectl kustomize deploy/<overlay>`, parsed; `None` where kubectl is not installed (the
+/// overlays are then only checked through [`kustomization`], without their patches).
+fn rendered(overlay: &str) -> Option<Docs> {
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy_dir().join(overlay))
+        .output()
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("kubectl is not installed: {overlay} is not rendered");
+            return None;
+        }
+        r => r.unwrap(),
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {overlay}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap()) {
+        docs.push((overlay.to_string(), Value::deserialize(doc).unwrap()));
+    }
+    Some(docs)
+}
+
+const OVERLAYS: [&str; 4] = [
+    "overlays/scale-out",
+    "overlays/single",
+    "overlays/tls",
+    "monitoring",
+];
+
+/// Each overlay renders, every object in it is a valid Kubernetes object, and the config of
+/// each Deployment is a generated ConfigMap whose name carries a hash of its content: an edit
+/// to a `pgwake.toml` renames it, which changes the pod template, so `kubectl apply -k` rolls
+/// exactly the Deployments that read it.
+#[test]
+fn every_overlay_renders_and_config_changes_roll_the_pods() {
+    for overlay in OVERLAYS {
+        let Some(docs) = rendered(overlay) else {
+            return;
+        };
+        let mut configmaps = BTreeSet::new();
+        for (file, v) in &docs {
+            match v["kind"].as_str().unwrap() {
+                "Namespace" => strict::<Namespace>(file, v),
+                "ServiceAccount" => strict::<ServiceAccount>(file, v),
+                "Role" => strict::<Role>(file, v),
+                "RoleBinding" => strict::<RoleBinding>(file, v),
+                "ConfigMap" => {
+                    strict::<ConfigMap>(file, v);
+                    configmaps.insert(v["metadata"]["name"].as_str().unwrap().to_string());
+                }
+                "Deployment" => strict::<Deployment>(file, v),
+                "Service" => strict::<Service>(file, v),
+                "NetworkPolicy" => strict::<NetworkPolicy>(file, v),
+                "PodDisruptionBudget" => strict::<PodDisruptionBudget>(file, v),
+                "CustomResourceDefinition" => strict::<CustomResourceDefinition>(file, v),
+                "Certificate" => assert_eq!(v["apiVersion"], "cert-manager.io/v1"),
+                "PodMonitor" | "PrometheusRule" => {
+                    assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1")
+                }
+                other => panic!("{overlay}: unexpected kind {other}"),
+            }
+        }
+        let deployments: Vec<Deployment> = all(&docs, "Deployment");
+        assert!(
+            overlay == "monitoring" || !deployments.is_empty(),
+            "{overlay}"
+        );
+        for d in deployments {
+            let (_, spec, _) = pods(&d);
+            let config = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find_map(|v| v.config_map.as_ref())
+                .unwrap_or_else(|| panic!("{overlay}: {:?} has no config", d.metadata.name))
+                .name
+                .clone();
+            assert!(
+                configmaps.contains(&config),
+                "{overlay}: no ConfigMap {config}"
+            );
+            let (base, hash) = config.rsplit_once('-').unwrap();
+            assert!(
+                base.ends_with("-config") && hash.len() == 10,
+                "{overlay}: ConfigMap {config} has no content hash"
+            );
+        }
+    }
+}
+
+/// The TLS overlay: a cert-manager Certificate for the wildcard of the SNI domain, its Secret
+/// mounted where the proxies' `[tls]` reads it, TLS required, and external-dns publishing the
+/// wildcard at the load balancer; the rest of the proxy config is the scale-out one.
+#[test]
+fn the_tls_overlay_routes_by_sni_with_a_cert_manager_certificate() {
+    let Some(docs) = rendered("overlays/tls") else {
+        return;
+    };
+    let cert = find(&docs, "Certificate", "pgwake-tls");
+    assert_eq!(cert["spec"]["dnsNames"], json!(["*.db.example.com"]));
+    let secret = cert["spec"]["secretName"].as_str().unwrap();
+    assert!(cert["spec"]["issuerRef"]["name"].is_string());
+
+    let proxy: Deployment = get(&docs, "Deployment", "pgwake-proxy");
+    let (_, spec, container) = pods(&proxy);
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+        .expect("the certificate's Secret is mounted");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume.name)
+        .unwrap();
+    // A subPath mount would never see a renewal.
+    assert_eq!(mount.sub_path, None);
+
+    let configmap = docs
+        .iter()
+        .find(|(_, v)| {
+            v["kind"] == "ConfigMap"
+                && v["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("pgwake-proxy-config-")
+        })
+        .unwrap();
+    let toml: toml::Table =
+        toml::from_str(configmap.1["data"]["pgwake.toml"].as_str().unwrap()).unwrap();
+    let tls = toml["tls"].as_table().unwrap();
+    assert_eq!(tls["require_tls"].as_bool(), Some(true));
+    assert_eq!(
+        tls["domains"].as_array().unwrap()[0].as_str(),
+        Some("db.example.com")
+    );
+    let pair = tls["certificates"].as_array().unwrap()[0]
+        .as_table()
+        .unwrap();
+    assert_eq!(
+        pair["cert"].as_str(),
+        Some(format!("{}/tls.crt", mount.mount_path).as_str())
+    );
+    assert_eq!(
+        pair["key"].as_str(),
+        Some(format!("{}/tls.key", mount.mount_path).as_str())
+    );
+
+    let service: Service = get(&docs, "Service", "pgwake");
+    let annotations = service.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations["external-dns.alpha.kubernetes.io/hostname"],
+        "*.db.example.com"
+    );
+
+    // The TLS proxy.toml is the scale-out one plus [tls], nothing else.
+    let mut without_tls = toml.clone();
+    without_tls.remove("tls");
+    assert_eq!(
+        without_tls,
+        config_toml(&scale_out(), "pgwake-proxy-config")
+    );
+}
+
+/// Compute pods take Postgres connections from pgwake's pods only, on the compute's named
+/// port, in both shapes.
+#[test]
+fn only_pgwake_reaches_the_computes() {
+    for (docs, cm) in [
+        (scale_out(), "pgwake-manager-config"),
+        (single(), "pgwake-config"),
+    ] {
+        let k = kubernetes_config(&docs, cm);
+        let demo: PgwakeEndpoint = get(&docs, "PgwakeEndpoint", "demo");
+        let route = Route::from(demo.endpoint_config().unwrap());
+        let sts = desired_statefulset(&k, "pgwake", &route).unwrap();
+        let template = sts.spec.unwrap().template;
+        let compute_labels = template.metadata.unwrap().labels.unwrap();
+        let policy: NetworkPolicy = get(&docs, "NetworkPolicy", "pgwake-computes");
+        let spec = policy.spec.unwrap();
+        assert!(selects(
+            &match_labels(spec.pod_selector.as_ref().unwrap()),
+            &compute_labels
+        ));
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_string()][..])
+        );
+        let ingress = spec.ingress.unwrap();
+        assert_eq!(ingress.len(), 1);
+        let from = ingress[0].from.as_ref().unwrap();
+        assert_eq!(from.len(), 1);
+        let from = match_labels(from[0].pod_selector.as_ref().unwrap());
+        // Every pgwake Deployment of the shape, and nothing else of ours (not the computes).
+        for d in all::<Deployment>(&docs, "Deployment") {
+            assert!(selects(&from, &pods(&d).0), "{:?}", d.metadata.name);
+        }
+        assert!(!selects(&from, &compute_labels));
+        let container = &template.spec.unwrap().containers[0];
+        let port = ingress[0].ports.as_ref().unwrap()[0].port.as_ref().unwrap();
+        assert_eq!(
+            container_port(container, named_port(port)),
+            i32::from(k.port)
+        );
+    }
 }

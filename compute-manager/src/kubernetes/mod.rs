@@ -45,6 +45,7 @@ mod config;
 pub mod leader;
 mod workload;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watch_object};
 use kube::{Api, Client};
@@ -92,6 +94,10 @@ struct Shared {
     statefulsets: Api<StatefulSet>,
     pods: Api<Pod>,
     endpoints: Api<PgwakeEndpoint>,
+    events: Api<K8sEvent>,
+    /// Starts that go on after their clients gave up (`start_timeout`), by endpoint. The flag
+    /// says a new start has taken the compute over; whoever holds the lock decides.
+    continued: std::sync::Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<bool>>>>,
 }
 
 impl KubernetesBackend {
@@ -110,6 +116,8 @@ impl KubernetesBackend {
                 statefulsets: Api::namespaced(client.clone(), &namespace),
                 pods: Api::namespaced(client.clone(), &namespace),
                 endpoints: Api::namespaced(client.clone(), &namespace),
+                events: Api::namespaced(client.clone(), &namespace),
+                continued: std::sync::Mutex::new(HashMap::new()),
                 client,
                 namespace,
                 cfg,
@@ -156,22 +164,45 @@ impl ComputeBackend for KubernetesBackend {
             )));
         }
         let desired = desired_statefulset(&s.cfg, &s.namespace, route)?;
+        let started = Instant::now();
+        // A start that went on without clients (start_timeout) is taken over: it leaves the
+        // StatefulSet alone from now on, or has already scaled it back to 0 when this gets
+        // the lock.
+        let continued = s
+            .continued
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(&route.endpoint));
+        if let Some(c) = continued {
+            *c.lock().await = true;
+        }
         let name = self.workload_name(&route.endpoint);
         let pod = pod_name(&name);
         let port = workload::compute_port(&s.cfg, route);
         let scaled = s.scale(&name, 1, Some(&desired)).await?;
         // Armed until the compute is handed over: a start that fails or is abandoned from here
         // on scales back down.
+        let pending = Arc::new(std::sync::Mutex::new(None));
         let mut cleanup = ScaleDownOnDrop {
             shared: Some(Arc::clone(s)),
             name: name.clone(),
             id: route.endpoint.clone(),
+            failure: None,
+            pending: Arc::clone(&pending),
+            go_on: s.cfg.start_timeout.map(|t| (port, started + t)),
         };
         if scaled == Scaled::Changed {
             s.set_status(&route.endpoint, EndpointState::Starting, None)
                 .await;
         }
-        let identity = s.wait_ready(&pod, port).await?;
+        let identity = match s.wait_ready(&name, port, &pending).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                // The status written after scaling back down says why (condition Failed).
+                cleanup.failure = Some(failure_reason(&e));
+                return Err(e);
+            }
+        };
         let addr = ComputeAddr::new(identity.addr.to_string());
         s.set_status(&route.endpoint, EndpointState::Running, Some(&addr))
             .await;
@@ -183,6 +214,7 @@ impl ComputeBackend for KubernetesBackend {
             name,
             addr,
             identity,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -363,7 +395,26 @@ impl Shared {
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..PostParams::default()
                 };
-                match self.statefulsets.create(&post, desired).await {
+                let mut desired = desired.clone();
+                if self.cfg.delete_with_endpoint {
+                    let endpoint = desired
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(workload::LABEL_ENDPOINT))
+                        .cloned()
+                        .unwrap_or_default();
+                    match self.endpoints.get_opt(&endpoint).await {
+                        Ok(Some(ep)) => workload::owned_by(&mut desired, &ep),
+                        // A config-file endpoint has no resource to be deleted with.
+                        Ok(None) => {}
+                        Err(e) => {
+                            retry.failed("read PgwakeEndpoint", e.into()).await?;
+                            continue;
+                        }
+                    }
+                }
+                match self.statefulsets.create(&post, &desired).await {
                     Ok(_) => return Ok(Scaled::Changed),
                     Err(e) => {
                         retry.failed("create statefulset", e.into()).await?;
@@ -385,8 +436,9 @@ impl Shared {
                     "statefulset {name} has no resourceVersion"
                 )));
             };
-            let new_template =
-                desired.filter(|d| workload::template_hash(d) != workload::template_hash(&current));
+            let new_template = desired
+                .filter(|d| workload::template_hash(d) != workload::template_hash(&current))
+                .map(|d| (&current, d));
             let patch = workload::scale_patch(rv, replicas, new_template);
             info!(
                 statefulset = name,
@@ -411,17 +463,35 @@ impl Shared {
         watch_object(self.pods.clone(), pod).boxed()
     }
 
-    /// Watches pod `pod` until it is ready, or its containers are failing.
-    async fn wait_ready(&self, pod: &str, port: u16) -> Result<PodIdentity, BackendError> {
+    /// Watches the pod of StatefulSet `name` until it is ready, or its containers are
+    /// failing. Meanwhile `pending` holds why it is not ready yet, in Kubernetes' words, for
+    /// the status written if the start is abandoned.
+    async fn wait_ready(
+        &self,
+        name: &str,
+        port: u16,
+        pending: &PendingReason,
+    ) -> Result<PodIdentity, BackendError> {
+        let pod = pod_name(name);
+        let pod = pod.as_str();
         let mut retry = Retry::new(&self.cfg);
         let mut events = self.pod_events(pod);
         let mut last_logged = None;
+        let set_pending = |reason: Option<(String, String)>| {
+            if let Ok(mut slot) = pending.lock() {
+                *slot = reason;
+            }
+        };
         loop {
             match next(&mut events).await? {
                 Err(e) => retry.failed("watch compute pod", e.into()).await?,
-                Ok(None) => retry.succeeded(),
+                Ok(None) => {
+                    retry.succeeded();
+                    set_pending(Some(workload::no_pod_reason(name)));
+                }
                 Ok(Some(p)) => {
                     retry.succeeded();
+                    set_pending(workload::pending_reason(&p));
                     match pod_state(&p, port) {
                         PodState::Ready(identity) => return Ok(identity),
                         PodState::Failing { reason, message } => {
@@ -459,25 +529,51 @@ impl Shared {
     /// Best effort: the status is for people, so a failure is logged and the wake goes on.
     /// Endpoints from the config file have no resource; their 404 is expected.
     async fn set_status(&self, id: &EndpointId, state: EndpointState, addr: Option<&ComputeAddr>) {
+        self.set_status_failed(id, state, addr, None).await
+    }
+
+    /// [`Self::set_status`], with the condition Failed set to `failure` (reason, message).
+    async fn set_status_failed(
+        &self,
+        id: &EndpointId,
+        state: EndpointState,
+        addr: Option<&ComputeAddr>,
+        failure: Option<(String, String)>,
+    ) {
         if !self.cfg.update_status {
             return;
         }
-        let status = PgwakeEndpointStatus {
+        let status = PgwakeEndpointStatus::new(
             state,
-            address: addr.map(|a| a.to_string()),
-            last_activity: Some(k8s_openapi::jiff::Timestamp::now().to_string()),
-        };
+            addr.map(|a| a.to_string()),
+            failure.clone(),
+            &k8s_openapi::jiff::Timestamp::now().to_string(),
+            None,
+        );
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
         };
         let patch = Patch::Merge(json!({ "status": status }));
         match self.endpoints.patch_status(id.as_str(), &pp, &patch).await {
-            Ok(_) => {}
+            Ok(endpoint) => {
+                if let Some((reason, message)) = &failure {
+                    self.failure_event(&endpoint, reason, message).await;
+                }
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 debug!(endpoint = %id, "no PgwakeEndpoint to write status to");
             }
             Err(e) => warn!(endpoint = %id, error = %e, "could not update PgwakeEndpoint status"),
+        }
+    }
+
+    /// A Warning Event on the endpoint (`kubectl describe pgwe`, `kubectl get events`), for a
+    /// start that failed or a compute that went away. Best effort, like the status.
+    async fn failure_event(&self, endpoint: &PgwakeEndpoint, reason: &str, message: &str) {
+        let event = workload::failure_event(endpoint, reason, message, &self.namespace);
+        if let Err(e) = self.events.create(&PostParams::default(), &event).await {
+            warn!(endpoint = endpoint.metadata.name.as_deref().unwrap_or_default(), error = %e, "could not record an Event");
         }
     }
 
@@ -516,11 +612,31 @@ where
     })
 }
 
+/// The Failed condition's reason and message for a start that failed with `e`: Kubernetes'
+/// own reason where the pod had one (ImagePullBackOff, CrashLoopBackOff, ...).
+fn failure_reason(e: &BackendError) -> (String, String) {
+    match e {
+        BackendError::StartFailed { status, log_tail } => (status.clone(), log_tail.clone()),
+        BackendError::StartTimeout(_) => ("StartTimedOut".to_string(), e.to_string()),
+        other => ("StartFailed".to_string(), other.to_string()),
+    }
+}
+
+/// Why a starting compute's pod is not ready yet (reason, message), as last seen.
+type PendingReason = std::sync::Mutex<Option<(String, String)>>;
+
 /// Scales the StatefulSet back to 0 when dropped while armed (a failed or abandoned start).
 struct ScaleDownOnDrop {
     shared: Option<Arc<Shared>>,
     name: String,
     id: EndpointId,
+    /// Why the start failed, for the status; `None` for an abandoned start (its clients gave
+    /// up), whose status then says why its pod was still not ready (`pending`).
+    failure: Option<(String, String)>,
+    pending: Arc<PendingReason>,
+    /// With `start_timeout`: the compute's port and the start's deadline. An abandoned start
+    /// then goes on until its pod is ready or the deadline passes.
+    go_on: Option<(u16, Instant)>,
 }
 
 impl Drop for ScaleDownOnDrop {
@@ -532,17 +648,100 @@ impl Drop for ScaleDownOnDrop {
             return;
         };
         let (name, id) = (std::mem::take(&mut self.name), self.id.clone());
+        if let (None, Some((port, deadline))) = (&self.failure, self.go_on) {
+            if deadline > Instant::now() {
+                let slot = Arc::new(tokio::sync::Mutex::new(false));
+                if let Ok(mut c) = shared.continued.lock() {
+                    c.insert(id.clone(), Arc::clone(&slot));
+                }
+                let pending = Arc::clone(&self.pending);
+                let span = tracing::info_span!("continued_start", endpoint = %id);
+                rt.spawn(
+                    continue_start(shared, id, name, port, deadline, pending, slot)
+                        .instrument(span),
+                );
+                return;
+            }
+        }
+        let failure = self.failure.take().or_else(|| {
+            let (reason, message) = self.pending.lock().ok()?.take()?;
+            Some((
+                reason,
+                format!("not ready when the start was abandoned: {message}"),
+            ))
+        });
         rt.spawn(
             async move {
                 warn!("compute start failed or was abandoned; scaling it back to 0");
                 match shared.scale(&name, 0, None).await {
-                    Ok(_) => shared.set_status(&id, EndpointState::Suspended, None).await,
+                    Ok(_) => {
+                        shared
+                            .set_status_failed(&id, EndpointState::Suspended, None, failure)
+                            .await
+                    }
                     Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
                 }
             }
             .instrument(tracing::info_span!("abandoned_start", endpoint = %self.id)),
         );
     }
+}
+
+/// An abandoned start that goes on (`start_timeout`): waits for the pod to be ready until
+/// `deadline`, then, unless a new start took it over meanwhile, scales the StatefulSet back to
+/// 0 (nobody is waiting for it; what was slow, the image pull or initdb, is done for the next
+/// wake) and writes the status.
+async fn continue_start(
+    shared: Arc<Shared>,
+    id: EndpointId,
+    name: String,
+    port: u16,
+    deadline: Instant,
+    pending: Arc<PendingReason>,
+    slot: Arc<tokio::sync::Mutex<bool>>,
+) {
+    info!("no client waits for the compute any more; its start goes on");
+    let outcome = tokio::time::timeout_at(deadline, shared.wait_ready(&name, port, &pending)).await;
+    // Held until the StatefulSet is back at 0, so that a start taking over waits for that.
+    let taken_over = slot.lock().await;
+    if *taken_over {
+        debug!("a new start took the compute over");
+        return;
+    }
+    if let Ok(mut c) = shared.continued.lock() {
+        if c.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            c.remove(&id);
+        }
+    }
+    let failure = match &outcome {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(failure_reason(e)),
+        Err(_) => {
+            let why = pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.take())
+                .map(|(reason, message)| format!("{reason}: {message}"))
+                .unwrap_or_else(|| "no reason given".into());
+            Some((
+                "StartTimedOut".to_string(),
+                format!("not ready within start_timeout: {why}"),
+            ))
+        }
+    };
+    match &failure {
+        None => info!("compute ready, with no client waiting; scaling it back to 0"),
+        Some((reason, _)) => warn!(reason, "continued start failed; scaling it back to 0"),
+    }
+    match shared.scale(&name, 0, None).await {
+        Ok(_) => {
+            shared
+                .set_status_failed(&id, EndpointState::Suspended, None, failure)
+                .await
+        }
+        Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
+    }
+    drop(taken_over);
 }
 
 /// A running compute pod.
@@ -552,6 +751,8 @@ struct PodCompute {
     name: String,
     addr: ComputeAddr,
     identity: PodIdentity,
+    /// Set by `stop`: the pod going away is then this backend's doing, not an exit.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -561,15 +762,38 @@ impl RunningCompute for PodCompute {
     }
 
     async fn stop(&self) -> Result<(), BackendError> {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         self.shared.stop(&self.id, &self.name).await
     }
 
+    /// Once the pod is gone on its own (evicted, OOM-killed, deleted, not ready for
+    /// `not_ready_grace`), the manager marks the compute suspended. The StatefulSet is still
+    /// at 1, though: its controller would recreate the pod, which would then run with no idle
+    /// timer, and the status would keep the old address. So it is scaled to 0 first (a
+    /// replacement pod gets a clean shutdown; the next client starts it again, with an idle
+    /// timer), and the status says Suspended, with the reason under the Failed condition.
     async fn exited(&self) {
         let pod = pod_name(&self.name);
         let why = monitor_pod(&self.shared, &pod, &self.identity)
             .instrument(tracing::info_span!("compute_pod", endpoint = %self.id))
             .await;
-        info!(endpoint = %self.id, pod, why, "compute pod gone");
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            info!(endpoint = %self.id, pod, why, "compute pod gone");
+            return;
+        }
+        warn!(endpoint = %self.id, pod, why, "compute pod gone on its own; scaling its statefulset to 0");
+        if let Err(e) = self.shared.scale(&self.name, 0, None).await {
+            warn!(endpoint = %self.id, error = %e, "could not scale the exited compute to 0");
+        }
+        self.shared
+            .set_status_failed(
+                &self.id,
+                EndpointState::Suspended,
+                None,
+                Some(("ComputeExited".into(), why)),
+            )
+            .await;
     }
 }
 

@@ -24,6 +24,8 @@ const STS_DEMO: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets/pgwake-demo
 /// The list of pgwake's StatefulSets (any endpoint) that adoption makes.
 const STS_MANAGED: &str = "/apis/apps/v1/namespaces/pgwake/statefulsets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dpgwake%2Cpgwake.io%2Fendpoint";
 const PATCH_QUERY: &str = "?&fieldManager=pgwake";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/pgwake/events?";
+const ENDPOINT_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo";
 const STATUS_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status";
 const PODS_LIST: &str =
     "/api/v1/namespaces/pgwake/pods?&fieldSelector=metadata.name%3Dpgwake-demo-0&limit=500";
@@ -137,8 +139,28 @@ impl ApiServer {
         call.ok(reply);
     }
 
-    /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time.
-    async fn status(&mut self, state: &str, address: Option<&str>) {
+    /// The Warning Event a failure records on the endpoint, with Kubernetes' or pgwake's reason.
+    async fn event(&mut self, reason: &str) -> Value {
+        let call = self.expect(Method::POST, EVENTS).await;
+        let e = call.body.clone();
+        assert_eq!(e["apiVersion"], "events.k8s.io/v1", "{e}");
+        assert_eq!(e["type"], "Warning", "{e}");
+        assert_eq!(e["reason"], reason, "{e}");
+        assert_eq!(e["regarding"]["kind"], "PgwakeEndpoint", "{e}");
+        assert_eq!(e["regarding"]["name"], "demo", "{e}");
+        assert_eq!(
+            e["regarding"]["uid"],
+            endpoint_json()["metadata"]["uid"],
+            "{e}"
+        );
+        assert!(e["eventTime"].is_string(), "{e}");
+        call.reply(201, e.clone());
+        e
+    }
+
+    /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time, the
+    /// conditions Ready and Suspended following the state. Returns the status written.
+    async fn status(&mut self, state: &str, address: Option<&str>) -> Value {
         let call = self
             .expect(Method::PATCH, &format!("{STATUS_DEMO}{PATCH_QUERY}"))
             .await;
@@ -152,9 +174,21 @@ impl ApiServer {
             1,
             "only status is patched"
         );
+        let condition = |t: &str| {
+            status["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == t))
+                .unwrap_or_else(|| panic!("no condition {t} in {status}"))["status"]
+                .clone()
+        };
+        let is = |b: bool| json!(if b { "True" } else { "False" });
+        assert_eq!(condition("Ready"), is(state == "Running"), "{status}");
+        assert_eq!(condition("Suspended"), is(state == "Suspended"), "{status}");
+        let status = status.clone();
         let mut ep = endpoint_json();
         ep["status"] = status.clone();
         call.ok(ep);
+        status
     }
 }
 
@@ -182,6 +216,7 @@ fn route() -> Route {
             limits: BTreeMap::new(),
             storage: Some("1Gi".into()),
             storage_class: None,
+            pod: Default::default(),
         },
         idle_timeout: None,
         allow: vec![],
@@ -296,6 +331,17 @@ fn pod_json(rv: &str, stage: &str) -> Value {
         "pending" => {
             status["conditions"] = json!([cond("PodScheduled", false)]);
         }
+        // No default StorageClass: the claim never binds, the scheduler says so.
+        "unschedulable" => {
+            status["conditions"] = json!([{
+                "type": "PodScheduled",
+                "status": "False",
+                "lastProbeTime": null,
+                "lastTransitionTime": "2026-11-25T12:00:01Z",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+            }]);
+        }
         "creating" => {
             status["conditions"] = json!([cond("PodScheduled", true), cond("Ready", false)]);
             status["hostIP"] = json!("172.18.0.2");
@@ -365,6 +411,56 @@ fn pod_json_with(mut base: Value, stage: &str) -> Value {
     base
 }
 
+/// RFC 7386, as the API server applies a merge patch.
+fn apply_merge_patch(target: Value, patch: Value) -> Value {
+    match patch {
+        Value::Object(patch) => {
+            let mut target = match target {
+                Value::Object(t) => t,
+                _ => serde_json::Map::new(),
+            };
+            for (k, v) in patch {
+                if v.is_null() {
+                    target.remove(&k);
+                } else {
+                    let old = target.remove(&k).unwrap_or(Value::Null);
+                    target.insert(k, apply_merge_patch(old, v));
+                }
+            }
+            Value::Object(target)
+        }
+        other => other,
+    }
+}
+
+/// A template update from zero removes what the endpoint no longer has: a JSON merge patch of
+/// the new template alone would leave a dropped node selector, resource limit or annotation
+/// in the StatefulSet.
+#[test]
+fn template_updates_replace_the_template() {
+    let mut old = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let spec = old.spec.as_mut().unwrap();
+    let pod = spec.template.spec.as_mut().unwrap();
+    pod.node_selector = Some([("disk".to_string(), "ssd".to_string())].into());
+    pod.containers[0].resources =
+        Some(serde_json::from_value(json!({ "limits": { "memory": "1Gi", "cpu": "1" } })).unwrap());
+    spec.template.metadata.as_mut().unwrap().annotations =
+        Some([("old".to_string(), "x".to_string())].into());
+    let desired = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let patch = workload::scale_patch("5", 1, Some((&old, &desired)));
+    let old_template = json!(old.spec.as_ref().unwrap().template);
+    let new_template = json!(desired.spec.as_ref().unwrap().template);
+    assert_eq!(
+        apply_merge_patch(old_template.clone(), patch["spec"]["template"].clone()),
+        new_template
+    );
+    // Which the patch of the new template alone would not do.
+    assert_ne!(
+        apply_merge_patch(old_template, new_template.clone()),
+        new_template
+    );
+}
+
 fn pod_list(rv: &str, items: Vec<Value>) -> Value {
     json!({ "apiVersion": "v1", "kind": "PodList", "metadata": { "resourceVersion": rv }, "items": items })
 }
@@ -391,15 +487,23 @@ async fn serve_wake_from_zero(api: &mut ApiServer) {
         .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
         .await;
     let desired = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let mut body = patch.body.clone();
+    let template = body["spec"].as_object_mut().unwrap().remove("template");
     assert_eq!(
-        patch.body,
+        body,
         json!({
             "metadata": {
                 "resourceVersion": "1000",
                 "annotations": { "pgwake.io/template-hash": desired_hash() },
             },
-            "spec": { "replicas": 1, "template": desired.spec.unwrap().template },
+            "spec": { "replicas": 1 },
         })
+    );
+    // The patch replaces the template: merged into the old one, it gives the new one.
+    let old = sts_json(0, "1000", "0000000000000000")["spec"]["template"].clone();
+    assert_eq!(
+        apply_merge_patch(old, template.unwrap()),
+        json!(desired.spec.unwrap().template)
     );
     patch.ok(sts_json(1, "1001", &desired_hash()));
     api.status("Starting", None).await;
@@ -480,6 +584,71 @@ async fn wake_creates_a_missing_statefulset() {
     });
     b.start(&route()).await.unwrap();
     server.await.unwrap();
+}
+
+/// `[kubernetes] delete_with_endpoint`: a StatefulSet created for a `PgwakeEndpoint` is owned
+/// by it (Kubernetes deletes it after the endpoint), and with `delete_volume_with_endpoint` its
+/// claim goes too; by default neither.
+#[tokio::test]
+async fn opt_in_cleanup_makes_the_endpoint_own_its_statefulset() {
+    let (client, mut api) = ApiServer::new();
+    let cleanup = KubernetesConfig {
+        delete_with_endpoint: true,
+        delete_volume_with_endpoint: true,
+        ..cfg()
+    };
+    assert!(cleanup.validate().is_empty());
+    let b = KubernetesBackend::new(client, cleanup.clone()).unwrap();
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, STS_DEMO)
+            .await
+            .fail(404, "NotFound");
+        api.expect(Method::GET, ENDPOINT_DEMO)
+            .await
+            .ok(endpoint_json());
+        let create = api
+            .expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(
+            create.body["metadata"]["ownerReferences"],
+            json!([{
+                "apiVersion": "pgwake.io/v1",
+                "kind": "PgwakeEndpoint",
+                "name": "demo",
+                "uid": endpoint_json()["metadata"]["uid"],
+                "controller": true,
+            }])
+        );
+        assert_eq!(
+            create.body["spec"]["persistentVolumeClaimRetentionPolicy"],
+            json!({ "whenScaled": "Retain", "whenDeleted": "Delete" })
+        );
+        create.reply(201, sts_json(1, "3000", &desired_hash()));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("3001", vec![pod_json("3001", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    b.start(&route()).await.unwrap();
+    server.await.unwrap();
+
+    // By default: no owner, and the claim outlives the StatefulSet.
+    let default = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    assert!(default.metadata.owner_references.is_none());
+    let policy = default
+        .spec
+        .unwrap()
+        .persistent_volume_claim_retention_policy
+        .unwrap();
+    assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
+    // Deleting the volume without the StatefulSet is not a thing.
+    let bad = KubernetesConfig {
+        delete_with_endpoint: false,
+        ..cleanup
+    };
+    assert_eq!(bad.validate().len(), 1);
 }
 
 #[tokio::test]
@@ -584,6 +753,157 @@ async fn api_errors_are_retried_with_backoff_then_the_wake_gives_up() {
     assert_eq!(gaps, [100, 200, 400]);
 }
 
+/// A pod that cannot be scheduled (here: its volume never binds) keeps the wake waiting until
+/// the manager gives up; the status written after scaling back down names the scheduler's
+/// reason and message (condition Failed), not just a timeout.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_start_reports_why_its_pod_was_not_ready() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "8000", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "8001", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8002", vec![pod_json("8002", "unschedulable")]));
+        let hanging = api.expect(Method::GET, &pods_watch("8002")).await;
+        api.get_sts(sts_json(1, "8003", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "8004", &hash));
+        let status = api.status("Suspended", None).await;
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .unwrap()
+            .clone();
+        api.event("Unschedulable").await;
+        drop(hanging);
+        api.expect_quiet().await;
+        failed
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    let failed = server.await.unwrap();
+    assert_eq!(failed["status"], "True", "{failed}");
+    assert_eq!(failed["reason"], "Unschedulable", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("unbound immediate PersistentVolumeClaims"),
+        "{failed}"
+    );
+}
+
+fn with_start_timeout() -> KubernetesConfig {
+    KubernetesConfig {
+        start_timeout: Some(Duration::from_secs(600)),
+        ..cfg()
+    }
+}
+
+/// With `start_timeout`, a start its clients gave up on goes on: here its pod becomes ready
+/// later, and only then is the StatefulSet scaled back to 0 (nobody waits for it), with a
+/// status that reports no failure. Without it, the StatefulSet went to 0 at once
+/// (`a_wake_abandoned_by_the_manager_scales_back_to_zero`).
+#[tokio::test(start_paused = true)]
+async fn with_start_timeout_an_abandoned_start_goes_on_until_ready() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(client, with_start_timeout()).unwrap();
+    let hash = desired_hash();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "7500", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "7501", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7502", vec![pod_json("7502", "pending")]));
+        let hanging = api.expect(Method::GET, &pods_watch("7502")).await;
+        dropped_rx.await.unwrap();
+        drop(hanging);
+        // The start goes on in the background: it watches the pod again (no scale-down).
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7503", vec![pod_json("7503", "ready")]));
+        api.get_sts(sts_json(1, "7504", &hash)).await;
+        let patch = api
+            .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await;
+        assert_eq!(patch.body["spec"], json!({ "replicas": 0 }));
+        patch.ok(sts_json(0, "7505", &hash));
+        let status = api.status("Suspended", None).await;
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .unwrap()
+            .clone();
+        assert_eq!(failed["status"], "False", "{status}");
+        api.expect_quiet().await;
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    dropped_tx.send(()).unwrap();
+    server.await.unwrap();
+}
+
+/// A client that comes while an abandoned start goes on takes it over: no scale-down, no
+/// second scale-up, and the start it took over stands down when the pod gets ready.
+#[tokio::test(start_paused = true)]
+async fn a_new_wake_takes_over_a_start_that_went_on() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(client, with_start_timeout()).unwrap();
+    let hash = desired_hash();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let (continued_tx, continued_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "7600", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "7601", &hash));
+        api.status("Starting", None).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7602", vec![pod_json("7602", "pending")]));
+        let first = api.expect(Method::GET, &pods_watch("7602")).await;
+        dropped_rx.await.unwrap();
+        drop(first);
+        // The start that went on.
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7603", vec![pod_json("7603", "pending")]));
+        let continued = api.expect(Method::GET, &pods_watch("7603")).await;
+        continued_tx.send(()).unwrap();
+        // The new wake: the StatefulSet is at 1 already, its pod becomes ready.
+        api.get_sts(sts_json(1, "7604", &hash)).await;
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("7605", vec![pod_json("7605", "ready")]));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        // The start that went on sees the pod ready too, and leaves it alone.
+        continued.events(&[("MODIFIED", pod_json("7606", "ready"))]);
+        api.expect_quiet().await;
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
+    assert!(r.is_err(), "the wake should have hung");
+    dropped_tx.send(()).unwrap();
+    continued_rx.await.unwrap();
+    let compute = b.start(&route()).await.unwrap();
+    assert_eq!(compute.addr().to_string(), "10.244.0.17:5432");
+    server.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
     // The API server keeps failing the pod watch; the manager's wake_timeout (here a plain
@@ -612,6 +932,7 @@ async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
         );
         patch.ok(sts_json(0, "6004", &hash));
         api.status("Suspended", None).await;
+        api.event("Unschedulable").await;
         drop(hanging);
         api.expect_quiet().await;
     });
@@ -635,7 +956,23 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
         api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
             .await
             .ok(sts_json(0, "7002", &hash));
-        api.status("Suspended", None).await;
+        // The endpoint's status says why, with Kubernetes' reason (kubectl get pgwe -o wide).
+        let status = api.status("Suspended", None).await;
+        let failed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .unwrap();
+        assert_eq!(failed["status"], "True", "{status}");
+        assert_eq!(failed["reason"], "ImagePullBackOff", "{status}");
+        assert!(
+            failed["message"].as_str().unwrap().contains("postgres:61"),
+            "{status}"
+        );
+        // And a Warning Event on the endpoint (kubectl describe pgwe demo).
+        let event = api.event("ImagePullBackOff").await;
+        assert!(event["note"].as_str().unwrap().contains("postgres:61"));
         api.expect_quiet().await;
     });
     let err = match b.start(&route()).await {
@@ -715,12 +1052,20 @@ async fn suspend_scales_to_zero_and_waits_until_the_pod_is_gone() {
 #[tokio::test]
 async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the_reflector_use() {
     let (client, mut api) = ApiServer::new();
-    let b = backend(client);
+    // With the opt-in cleanup, which reads the endpoint to own its StatefulSet.
+    let cleanup = KubernetesConfig {
+        delete_with_endpoint: true,
+        ..cfg()
+    };
+    let b = KubernetesBackend::new(client, cleanup).unwrap();
     let hash = desired_hash();
     let (compute, api) = tokio::join!(async { b.start(&route()).await.unwrap() }, async move {
         api.expect(Method::GET, STS_DEMO)
             .await
             .fail(404, "NotFound");
+        api.expect(Method::GET, ENDPOINT_DEMO)
+            .await
+            .ok(endpoint_json());
         api.expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
             .await
             .reply(201, sts_json(1, "9000", &hash));
@@ -757,6 +1102,30 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
             .ok(sts_list(vec![sts_json(0, "9103", &desired_hash())]));
     });
     assert!(ids.is_empty(), "at 0 replicas: {ids:?}");
+    // And a start that fails, which records an Event.
+    let hash = desired_hash();
+    let (err, mut api) = tokio::join!(
+        async { b.start(&route()).await.err().expect("a failing start") },
+        async {
+            api.get_sts(sts_json(0, "9200", &hash)).await;
+            api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+                .await
+                .ok(sts_json(1, "9201", &hash));
+            api.status("Starting", None).await;
+            api.expect(Method::GET, PODS_LIST)
+                .await
+                .ok(pod_list("9202", vec![pod_json("9202", "imagepull")]));
+            api.get_sts(sts_json(1, "9203", &hash)).await;
+            api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+                .await
+                .ok(sts_json(0, "9204", &hash));
+            api.status("Suspended", None).await;
+            api.event("ImagePullBackOff").await;
+            api
+        }
+    );
+    assert_eq!(err.kind(), crate::BackendErrorKind::StartFailed);
+    api.expect_quiet().await;
     let mut used = api.seen;
     used.extend(reflector_permissions().await);
     for role in BACKEND_ROLES {
@@ -799,6 +1168,57 @@ async fn exited_fires_when_the_pod_is_deleted() {
         api.expect(Method::GET, &pods_watch("8300"))
             .await
             .events(&[("DELETED", pod_json("8301", "terminating"))]);
+        serve_scale_down_after_exit(&mut api, "8302", "pod deleted").await;
+    });
+    tokio::time::timeout(Duration::from_secs(10), compute.exited())
+        .await
+        .expect("exited did not fire");
+    server.await.unwrap();
+}
+
+/// The API server's side of an unexpected exit: the StatefulSet, still at 1, is scaled to 0
+/// (its controller would otherwise bring the pod back, with no idle timer), and the status
+/// says Suspended, Failed with reason ComputeExited and `why`.
+async fn serve_scale_down_after_exit(api: &mut ApiServer, rv: &str, why: &str) {
+    let hash = desired_hash();
+    api.get_sts(sts_json(1, rv, &hash)).await;
+    let patch = api
+        .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await;
+    assert_eq!(patch.body["spec"], json!({ "replicas": 0 }));
+    patch.ok(sts_json(0, "9999", &hash));
+    let status = api.status("Suspended", None).await;
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .unwrap();
+    assert_eq!(failed["status"], "True", "{status}");
+    assert_eq!(failed["reason"], "ComputeExited", "{status}");
+    assert_eq!(failed["message"], why, "{status}");
+    let event = api.event("ComputeExited").await;
+    assert_eq!(event["note"], why);
+    api.expect_quiet().await;
+}
+
+/// Item 1 of the production review: a pod that is evicted and recreated by its StatefulSet's
+/// controller (a new uid) is not left running with no idle timer.
+#[tokio::test]
+async fn a_replaced_pod_is_scaled_to_zero_not_left_running() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let server = tokio::spawn(async move {
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("8600", vec![pod_json("8600", "ready")]));
+        let mut replaced = pod_json("8601", "creating");
+        replaced["metadata"]["uid"] = json!("5e1d0c2b-0000-4000-8000-000000000001");
+        api.expect(Method::GET, &pods_watch("8600"))
+            .await
+            .events(&[("MODIFIED", replaced)]);
+        serve_scale_down_after_exit(&mut api, "8602", "pod replaced").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
         .await
@@ -818,6 +1238,7 @@ async fn exited_fires_when_the_container_restarts() {
         api.expect(Method::GET, &pods_watch("8400"))
             .await
             .events(&[("MODIFIED", pod_json("8401", "restarted"))]);
+        serve_scale_down_after_exit(&mut api, "8402", "container restarted").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
         .await
@@ -849,6 +1270,9 @@ async fn exited_fires_after_not_ready_grace_but_not_on_a_blip() {
         let t0 = tokio::time::Instant::now();
         let _hang = api.expect(Method::GET, &pods_watch("8503")).await;
         tx.send(t0).unwrap();
+        // (Virtual time: the mock's wait for a request is 30 s too, so start it later.)
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        serve_scale_down_after_exit(&mut api, "8504", "not ready for 30s").await;
         std::future::pending::<()>().await;
     });
     compute.exited().await;
@@ -876,6 +1300,80 @@ fn statefulset_names_fit_kubernetes_limits_and_stay_distinct() {
     assert_ne!(a, b);
     assert_eq!(a, workload_name("pgwake-", &id(&long_a)), "stable");
     assert_eq!(pod_name("pgwake-demo"), "pgwake-demo-0");
+}
+
+/// An endpoint's pod overrides land in the pod template; an endpoint without them gets none
+/// (and keeps its template hash: no StatefulSet changes on upgrade).
+#[test]
+fn pod_overrides_land_in_the_pod_template() {
+    let plain = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let spec = plain.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert!(spec.tolerations.is_none() && spec.affinity.is_none());
+    assert!(spec.priority_class_name.is_none());
+    let mut r = route();
+    if let BackendSpec::Kubernetes { pod, .. } = &mut r.backend {
+        pod.tolerations = vec![json!({ "key": "dedicated", "operator": "Exists" })];
+        pod.affinity = Some(json!({ "podAntiAffinity": {} }));
+        pod.priority_class_name = Some("databases".into());
+        pod.annotations = [("a".to_string(), "b".to_string())].into();
+    }
+    let sts = desired_statefulset(&cfg(), NS, &r).unwrap();
+    let template = &sts.spec.as_ref().unwrap().template;
+    let spec = template.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("dedicated")
+    );
+    assert!(spec.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+    assert_eq!(spec.priority_class_name.as_deref(), Some("databases"));
+    assert_eq!(
+        template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["a"],
+        "b"
+    );
+    assert_ne!(
+        workload::template_hash(&sts),
+        workload::template_hash(&plain)
+    );
+}
+
+/// What the `restricted` Pod Security Standard checks of a pod (the kubelet and admission
+/// enforce it in namespaces labelled `pod-security.kubernetes.io/enforce: restricted`): a
+/// compute pod passes, so pgwake runs in such namespaces.
+#[test]
+fn compute_pods_pass_the_restricted_pod_security_level() {
+    let sts = desired_statefulset(&cfg(), NS, &route()).unwrap();
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    let psc = pod.security_context.expect("a pod securityContext");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert!(psc.run_as_user.is_some_and(|u| u > 0));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    for c in &pod.containers {
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("a container securityContext");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(sc.privileged, None, "{}", c.name);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..]),
+            "{}",
+            c.name
+        );
+        assert!(sc.capabilities.as_ref().unwrap().add.is_none());
+        // A container-level seccomp profile or user would override the pod's.
+        assert!(sc.seccomp_profile.is_none() && sc.run_as_user != Some(0));
+    }
+    for v in pod.volumes.iter().flatten() {
+        assert!(v.host_path.is_none());
+    }
 }
 
 #[test]

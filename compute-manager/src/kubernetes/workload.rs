@@ -4,7 +4,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use pgwake_router::crd::PgwakeEndpoint;
 use pgwake_router::{BackendSpec, EndpointId, Route};
 use serde_json::{json, Value};
 
@@ -77,6 +81,7 @@ pub fn desired_statefulset(
         limits,
         storage,
         storage_class,
+        pod,
     } = &route.backend
     else {
         return Err(BackendError::Config(format!(
@@ -101,6 +106,12 @@ pub fn desired_statefulset(
         "env": env.iter().map(|(k, v)| json!({ "name": k, "value": v })).collect::<Vec<_>>(),
         // exec, not tcpSocket: Postgres accepts TCP before it accepts queries (57P03), and
         // the postgres image's first-boot initdb runs a server on the socket only.
+        // The `restricted` Pod Security level, so computes run in namespaces that enforce it.
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"] },
+            "runAsNonRoot": true,
+        },
         "readinessProbe": {
             "exec": { "command": cfg.readiness_command.iter()
                 .map(|a| a.replace("{port}", &port.to_string())).collect::<Vec<_>>() },
@@ -132,6 +143,13 @@ pub fn desired_statefulset(
         // Service of the namespace into its environment.
         "automountServiceAccountToken": false,
         "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "fsGroup": cfg.fs_group,
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
     });
     if let Some(sa) = &cfg.service_account {
         pod_spec["serviceAccountName"] = json!(sa);
@@ -146,7 +164,19 @@ pub fn desired_statefulset(
             .map(|s| json!({ "name": s }))
             .collect();
     }
-    let template = json!({ "metadata": { "labels": labels }, "spec": pod_spec });
+    if !pod.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(pod.tolerations);
+    }
+    if let Some(affinity) = &pod.affinity {
+        pod_spec["affinity"] = affinity.clone();
+    }
+    if let Some(class) = &pod.priority_class_name {
+        pod_spec["priorityClassName"] = json!(class);
+    }
+    let mut template = json!({ "metadata": { "labels": labels }, "spec": pod_spec });
+    if !pod.annotations.is_empty() {
+        template["metadata"]["annotations"] = json!(pod.annotations);
+    }
     let hash = format!(
         "{:016x}",
         fnv1a(
@@ -163,7 +193,12 @@ pub fn desired_statefulset(
         // One pod; Parallel skips the ordered-start bookkeeping.
         "podManagementPolicy": "Parallel",
         // Scaling to zero must keep the claim: it is the data.
-        "persistentVolumeClaimRetentionPolicy": { "whenScaled": "Retain", "whenDeleted": "Retain" },
+        // Deleting it keeps the claim too, unless the operator opted into deleting the volume
+        // with the endpoint.
+        "persistentVolumeClaimRetentionPolicy": {
+            "whenScaled": "Retain",
+            "whenDeleted": if cfg.delete_volume_with_endpoint { "Delete" } else { "Retain" },
+        },
         "template": template,
     });
     if let Some(size) = storage {
@@ -197,6 +232,69 @@ pub fn desired_statefulset(
             "endpoint {id}: cannot build its StatefulSet (bad resource quantity?): {e}"
         ))
     })
+}
+
+/// `sts` owned by the `PgwakeEndpoint` `endpoint` (`[kubernetes] delete_with_endpoint`), so
+/// that the garbage collector deletes it after the endpoint. Not a blocking owner: that would
+/// need permission to update the endpoint's finalizers, and nothing waits for it.
+pub fn owned_by(sts: &mut StatefulSet, endpoint: &PgwakeEndpoint) {
+    let (Some(name), Some(uid)) = (&endpoint.metadata.name, &endpoint.metadata.uid) else {
+        return;
+    };
+    sts.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "pgwake.io/v1".into(),
+        kind: "PgwakeEndpoint".into(),
+        name: name.clone(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
+}
+
+/// The Warning Event (events.k8s.io/v1) about `endpoint` that a failed start or an exited
+/// compute records: `reason` is Kubernetes' (ImagePullBackOff, Unschedulable, ...) or
+/// pgwake's (ComputeExited, StartTimedOut), `message` is cut to the API's 1 kB.
+pub fn failure_event(
+    endpoint: &PgwakeEndpoint,
+    reason: &str,
+    message: &str,
+    namespace: &str,
+) -> K8sEvent {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = endpoint.metadata.name.clone().unwrap_or_default();
+    let mut note = message.to_string();
+    if note.len() > 1024 {
+        let mut cut = 1021;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    K8sEvent {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: Some(namespace.to_string()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".into()),
+        reason: Some(reason.chars().take(128).collect()),
+        action: Some("StartCompute".into()),
+        note: Some(note),
+        reporting_controller: Some("pgwake.io/compute-manager".into()),
+        reporting_instance: Some(std::env::var("HOSTNAME").unwrap_or_else(|_| "pgwake".into())),
+        regarding: Some(ObjectReference {
+            api_version: Some("pgwake.io/v1".into()),
+            kind: Some("PgwakeEndpoint".into()),
+            name: Some(name),
+            namespace: Some(namespace.to_string()),
+            uid: endpoint.metadata.uid.clone(),
+            resource_version: endpoint.metadata.resource_version.clone(),
+            ..ObjectReference::default()
+        }),
+        ..K8sEvent::default()
+    }
 }
 
 /// The label selector of the StatefulSets this backend manages (any endpoint).
@@ -235,24 +333,56 @@ pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
 }
 
 /// The merge patch that scales to `replicas`, conditional on `resource_version` (409 if the
-/// object changed since it was read). From zero, it also brings the template up to date.
+/// object changed since it was read). From zero, it also replaces the template of `current`
+/// with `desired`'s: a merge patch of the new template alone would merge it into the old one,
+/// and a field the endpoint no longer has (a node selector key, a resource limit, an
+/// annotation) would stay; the patch sets every such field to null.
 pub fn scale_patch(
     resource_version: &str,
     replicas: i32,
-    new_template: Option<&StatefulSet>,
+    new_template: Option<(&StatefulSet, &StatefulSet)>,
 ) -> Value {
     let mut patch = json!({
         "metadata": { "resourceVersion": resource_version },
         "spec": { "replicas": replicas },
     });
-    if let Some(desired) = new_template {
-        let template = desired.spec.as_ref().map(|s| &s.template);
-        patch["spec"]["template"] = json!(template);
+    if let Some((current, desired)) = new_template {
+        let template = |s: &StatefulSet| json!(s.spec.as_ref().map(|s| &s.template));
+        patch["spec"]["template"] = merge_patch_between(&template(current), &template(desired));
         patch["metadata"]["annotations"] = json!({
             ANNOTATION_TEMPLATE_HASH: template_hash(desired),
         });
     }
     patch
+}
+
+/// The JSON merge patch (RFC 7386) that turns `from` into `to`: members only in `from` become
+/// null, objects are compared member by member, anything else is replaced whole. Fields the
+/// API server defaulted in `from` are nulled too, and defaulted again.
+pub fn merge_patch_between(from: &Value, to: &Value) -> Value {
+    match (from, to) {
+        (Value::Object(from), Value::Object(to)) => {
+            let mut patch = serde_json::Map::new();
+            for (k, old) in from {
+                match to.get(k) {
+                    None => {
+                        patch.insert(k.clone(), Value::Null);
+                    }
+                    Some(new) if new != old => {
+                        patch.insert(k.clone(), merge_patch_between(old, new));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (k, new) in to {
+                if !from.contains_key(k) {
+                    patch.insert(k.clone(), new.clone());
+                }
+            }
+            Value::Object(patch)
+        }
+        (_, to) => to.clone(),
+    }
 }
 
 /// What a Pod's status says about the compute in it.
@@ -274,6 +404,50 @@ pub struct PodIdentity {
     pub uid: String,
     pub addr: SocketAddr,
     pub restarts: i32,
+}
+
+/// Why a pod that is not ready yet is waiting, in Kubernetes' words (reason, message): not
+/// scheduled (no node fits, a volume that does not bind for want of a StorageClass), or its
+/// container waiting (pulling the image, ...). `None` when nothing says.
+pub fn pending_reason(pod: &Pod) -> Option<(String, String)> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        return Some((
+            c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+            c.message.clone().unwrap_or_default(),
+        ));
+    }
+    let waiting = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == CONTAINER)?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?;
+    Some((
+        waiting.reason.clone()?,
+        waiting.message.clone().unwrap_or_default(),
+    ))
+}
+
+/// The pending reason while a StatefulSet at 1 has no pod: its controller could not create
+/// it, and says why only in an Event.
+pub fn no_pod_reason(statefulset: &str) -> (String, String) {
+    (
+        "PodNotCreated".into(),
+        format!(
+            "statefulset {statefulset} has not created its pod (a quota, Pod Security admission \
+             or a webhook refusing it?): see the FailedCreate event in \
+             `kubectl describe statefulset {statefulset}`"
+        ),
+    )
 }
 
 /// Container "waiting" reasons that mean the start has failed.
