@@ -16,7 +16,7 @@ use pgwake_compute_manager::kubernetes::KubernetesBackend;
 use pgwake_compute_manager::LeaderOnly;
 use pgwake_compute_manager::{
     BackendError, Backends, ComputeBackend, ComputeWaker, LeaderElector, LeaderState, Leadership,
-    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager,
+    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, SuspendHook,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::verifiers::VerifierStore;
@@ -240,9 +240,6 @@ impl Pgwake {
         self.tasks.stop(Stage::Serve).await;
         self.tasks.stop(Stage::AfterDrain).await;
         self.tasks.stop(Stage::Sources).await;
-        // Last look at the roles before the computes stop: a role created in a session that
-        // just ended is known at the next wake.
-        self.learner.learn_once().await;
         // Stop the computes that die with this process (local ones; Kubernetes computes keep
         // running for the successor to adopt) while still holding the Lease, and release it
         // only then: a successor that took over earlier could act on computes this one is
@@ -511,12 +508,20 @@ impl Wiring<'_> {
         let auth = Auth::new(self.config.auth.clone(), verifiers, &self.registry)?;
         let learner = Arc::new(learn::Learner {
             table: Arc::clone(&self.table),
-            manager: Arc::clone(manager),
+            manager: Arc::downgrade(manager),
             local: Arc::clone(local),
             store: Arc::clone(auth.store()),
             interval: self.config.auth.learn_interval,
         });
         learner.load_saved();
+        // A last look at the roles before each suspend: a role created in the session that
+        // just ended is known at the next wake.
+        if manager
+            .set_suspend_hook(Arc::clone(&learner) as Arc<dyn SuspendHook>)
+            .is_err()
+        {
+            warn!("the compute manager already has a suspend hook; roles are learned on the timer only");
+        }
         let l = Arc::clone(&learner);
         self.tasks
             .spawn(Stage::Sources, "role learner", |shutdown| async move {

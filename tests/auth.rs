@@ -345,6 +345,56 @@ async fn roles_are_learned_from_the_compute_and_a_new_role_logs_in_after_suspend
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_created_just_before_a_suspend_logs_in_at_the_next_wake() {
+    use pgwake_router::EndpointId;
+    let dir = tempdir();
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, format!("{PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The timer never fires while the compute runs: only the look before the suspend can
+    // learn the role.
+    let extra = format!(
+        "[local]\nauth = \"scram-sha-256\"\ninitdb_args = [\"--no-sync\", \"--pwfile={}\"]\n[auth]\nlearn_interval = \"1h\"\n",
+        pwfile.display()
+    );
+    let env = Env::start_in(
+        dir,
+        &extra,
+        "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nauth = \"scram\"\n",
+    )
+    .await;
+    let id = EndpointId::parse("demo").unwrap();
+    // An operator's wake, and a role created straight on the compute.
+    let route = env.pgwake().table.lookup(&id).unwrap();
+    let attached = env.pgwake().manager.wake(&route).await.unwrap();
+    let direct = format!(
+        "host={} port={} user=postgres password={PASSWORD} dbname=postgres",
+        attached.addr.host(),
+        attached.addr.port().unwrap()
+    );
+    let (client, c) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(c);
+    client
+        .batch_execute("create role bob login password 'bpw'")
+        .await
+        .unwrap();
+    drop(client);
+    let _ = conn_task.await;
+    drop(attached);
+    env.suspend("demo").await;
+    let before = starts(&env);
+    assert_eq!(
+        login(&conn(&env, "demo", "bob", "bpw")).await,
+        None,
+        "the role was learned before the suspend"
+    );
+    assert_eq!(starts(&env), before + 1);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_failed_logins_is_throttled_other_addresses_are_served_and_nothing_wakes() {
     let dir = tempdir();
     let (local, endpoint) = roles(dir.path());

@@ -28,7 +28,7 @@ pub use kubernetes::{
 pub use local::{LocalBackend, LocalConfig};
 pub use manager::{
     Attached, Backends, EndpointStats, LocalSession, Manager, ManagerConfig, Phase, RemoteSession,
-    SessionLease, SuspendReason,
+    SessionLease, SuspendHook, SuspendReason,
 };
 pub use metrics::ManagerMetrics;
 pub use probe::{probe_ready, ProbeResult};

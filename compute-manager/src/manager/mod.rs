@@ -12,9 +12,10 @@ mod phase;
 mod slot;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use pgwake_router::{BackendSpec, EndpointId, Route, RoutingTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -54,6 +55,18 @@ impl Default for ManagerConfig {
             max_starts_per_minute: 0,
         }
     }
+}
+
+/// The longest a [`SuspendHook`] may hold up a suspend.
+const SUSPEND_HOOK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Called once a compute is about to be stopped by a suspend (idle, requested or at
+/// shutdown), no client attached, while it still answers: the last chance to read state from
+/// it (the proxy's copy of its login roles). Bounded by a timeout; a slow or failing hook
+/// delays the suspend, never prevents it.
+#[async_trait]
+pub trait SuspendHook: Send + Sync + 'static {
+    async fn before_suspend(&self, endpoint: &EndpointId, addr: &ComputeAddr);
 }
 
 /// Why a start runs: the backend call is the same, the bookkeeping differs.
@@ -130,6 +143,7 @@ pub struct Manager {
     closing: AtomicBool,
     /// Set by [`Manager::shutdown`]; ends [`Manager::follow_table`].
     closed: watch::Sender<bool>,
+    suspend_hook: OnceLock<Arc<dyn SuspendHook>>,
 }
 
 impl Manager {
@@ -144,7 +158,14 @@ impl Manager {
             metrics,
             closing: AtomicBool::new(false),
             closed: watch::channel(false).0,
+            suspend_hook: OnceLock::new(),
         })
+    }
+
+    /// Runs `hook` before every suspend from now on. Set once; a second hook is refused and
+    /// handed back.
+    pub fn set_suspend_hook(&self, hook: Arc<dyn SuspendHook>) -> Result<(), Arc<dyn SuspendHook>> {
+        self.suspend_hook.set(hook)
     }
 
     pub fn config(&self) -> ManagerConfig {
@@ -582,6 +603,16 @@ impl Manager {
             return false;
         };
         slot.notify();
+        if let Some(hook) = self.suspend_hook.get() {
+            let ran = tokio::time::timeout(
+                SUSPEND_HOOK_TIMEOUT,
+                hook.before_suspend(&slot.id, compute.addr()),
+            )
+            .await;
+            if ran.is_err() {
+                warn!(endpoint = %slot.id, "the before-suspend hook did not finish in time; suspending anyway");
+            }
+        }
         info!(endpoint = %slot.id, reason = reason.as_str(), "suspending compute");
         let t0 = Instant::now();
         if let Err(e) = compute.stop().await {
