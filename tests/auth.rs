@@ -5,36 +5,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
+use common::scram::{roles, self_signed, starts, tls_table, PASSWORD};
 use common::*;
 use tokio_postgres::error::SqlState;
-
-const PASSWORD: &str = "sekrit";
-
-/// Writes the role's verifier twice: as initdb's `--pwfile` (Postgres stores a verifier given
-/// as the password unchanged) and as the endpoint's roles file. Returns the config keys.
-fn roles(dir: &Path) -> (String, String) {
-    let verifier = postgres_protocol::password::scram_sha_256(PASSWORD.as_bytes());
-    let pwfile = dir.join("pw");
-    std::fs::write(&pwfile, format!("{verifier}\n")).unwrap();
-    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let roles_file = dir.join("demo.roles");
-    std::fs::write(
-        &roles_file,
-        format!("; pgbouncer auth_file format\n\"postgres\" \"{verifier}\"\n"),
-    )
-    .unwrap();
-    let local = format!(
-        "[local]\nauth = \"scram-sha-256\"\ninitdb_args = [\"--no-sync\", \"--pwfile={}\"]\n",
-        pwfile.display()
-    );
-    let endpoint = format!(
-        "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nroles_file = \"{}\"\n",
-        roles_file.display()
-    );
-    (local, endpoint)
-}
 
 fn conn(env: &Env, endpoint: &str, user: &str, password: &str) -> String {
     format!(
@@ -59,10 +33,6 @@ async fn login(conn: &str) -> Option<(String, String)> {
             Some((db.code().code().to_string(), db.message().to_string()))
         }
     }
-}
-
-fn starts(env: &Env) -> u64 {
-    env.stats("demo").map_or(0, |s| s.starts)
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -199,21 +169,12 @@ async fn failed_logins_are_throttled_without_a_wake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_channel_binding_require_over_tls_and_the_password_endpoint() {
-    use rcgen::{CertificateParams, KeyPair};
     let dir = tempdir();
     let (local, endpoint) = roles(dir.path());
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["*.db.localtest".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("c.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = self_signed(dir.path(), "c", &["*.db.localtest"]);
     let extra = format!(
-        "{local}[tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\ndomains = [\"db.localtest\"]\nallow_password_endpoint = true\n",
-        cert_path.display(),
-        key_path.display()
+        "{local}{}allow_password_endpoint = true\n",
+        tls_table(&cert_path, &key_path)
     );
     let env = Env::start_in(dir, &extra, &endpoint).await;
     let sni = format!(
