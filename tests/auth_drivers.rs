@@ -1,6 +1,7 @@
 //! Real client drivers logging in through SCRAM checked at the proxy (issue 11): node-postgres,
-//! asyncpg, pgjdbc and psycopg (libpq, `channel_binding=require` over TLS), each plaintext and
-//! over TLS, each with a wrong password first (28P01, nothing woken) and then the right one.
+//! asyncpg, pgjdbc and psycopg (libpq, `channel_binding=require` over TLS, also over direct
+//! TLS), each plaintext and over TLS, each with a wrong password first (28P01, nothing woken)
+//! and then the right one.
 //! The driver programs are in tests/drivers/ (`auth_*`); scripts/setup-deps.sh installs them.
 
 mod common;
@@ -23,6 +24,8 @@ struct Driver {
     binds_channel: bool,
     /// Whether its TLS run names the endpoint by SNI rather than by `options`.
     uses_sni: bool,
+    /// Whether it also runs over PostgreSQL 17's direct TLS (no SSLRequest).
+    direct_tls: bool,
     command: fn() -> Command,
 }
 
@@ -44,6 +47,7 @@ fn drivers() -> Vec<Driver> {
             name: "node-postgres",
             binds_channel: true,
             uses_sni: true,
+            direct_tls: false,
             command: || {
                 let mut c = Command::new("node");
                 c.arg(drivers_dir().join("auth_pg.js"));
@@ -60,6 +64,7 @@ fn drivers() -> Vec<Driver> {
             name: "asyncpg",
             binds_channel: false,
             uses_sni: false,
+            direct_tls: false,
             command: || {
                 let mut c = Command::new("python3");
                 c.arg(drivers_dir().join("auth_asyncpg.py"));
@@ -73,6 +78,7 @@ fn drivers() -> Vec<Driver> {
             name: "pgjdbc",
             binds_channel: false,
             uses_sni: false,
+            direct_tls: false,
             command: || {
                 let mut c = Command::new("java");
                 c.args(["-cp", JDBC_JAR])
@@ -81,18 +87,22 @@ fn drivers() -> Vec<Driver> {
             },
         });
     }
-    if driver_available(
-        "psycopg",
-        runs("python3", &["-c", "import psycopg"]),
-        "pip install psycopg",
-    ) {
+    let psycopg_binary = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .env("PSYCOPG_IMPL", "binary")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if driver_available("psycopg", psycopg_binary, "pip install 'psycopg[binary]'") {
         found.push(Driver {
             name: "psycopg",
             binds_channel: true,
             uses_sni: true,
+            direct_tls: true,
             command: || {
                 let mut c = Command::new("python3");
-                c.arg(drivers_dir().join("auth_psycopg.py"));
+                // psycopg-binary's own libpq (new enough for direct TLS), not Debian's.
+                c.arg(drivers_dir().join("auth_psycopg.py"))
+                    .env("PSYCOPG_IMPL", "binary");
                 c
             },
         });
@@ -105,6 +115,8 @@ struct Target<'a> {
     env: &'a Env,
     /// The CA file: TLS, verified; `None`: plaintext.
     ca: Option<&'a Path>,
+    /// Direct TLS (PostgreSQL 17) instead of SSLRequest.
+    direct: bool,
 }
 
 /// Runs `driver` with `password`: its one-line answer (`ok <user> <tls>` or `error <SQLSTATE>`).
@@ -119,6 +131,9 @@ async fn run(driver: &Driver, target: &Target<'_>, password: &str) -> String {
         cmd.env("PGW_CA", ca);
         if driver.uses_sni {
             cmd.env("PGW_SERVERNAME", "demo.db.localtest");
+        }
+        if target.direct {
+            cmd.env("PGW_SSLNEGOTIATION", "direct");
         }
     }
     let name = driver.name;
@@ -149,11 +164,29 @@ async fn drivers_log_in_through_proxy_side_scram_and_a_wrong_password_wakes_noth
     let plain = Target {
         env: &env,
         ca: None,
+        direct: false,
     };
     let tls = Target {
         env: &env,
         ca: Some(&cert),
+        direct: false,
     };
+    let direct_tls = Target {
+        env: &env,
+        ca: Some(&cert),
+        direct: true,
+    };
+    // Direct TLS needs libpq 17; psycopg-binary's may be older somewhere.
+    let mut direct_drivers = Vec::new();
+    for d in drivers.iter().filter(|d| d.direct_tls) {
+        match run(d, &direct_tls, "wrong").await.as_str() {
+            "error 28P01" => direct_drivers.push(d),
+            skip if skip.starts_with("skip") => {
+                eprintln!("SKIPPED {} over direct TLS: {skip}", d.name)
+            }
+            other => panic!("{} over direct TLS, wrong password: {other}", d.name),
+        }
+    }
 
     for d in &drivers {
         for (target, how) in [(&plain, "plaintext"), (&tls, "TLS")] {
@@ -184,6 +217,14 @@ async fn drivers_log_in_through_proxy_side_scram_and_a_wrong_password_wakes_noth
             run(d, &tls, PASSWORD).await,
             "ok postgres true",
             "{} over {how}",
+            d.name
+        );
+    }
+    for d in direct_drivers {
+        assert_eq!(
+            run(d, &direct_tls, PASSWORD).await,
+            "ok postgres true",
+            "{} over direct TLS with channel binding",
             d.name
         );
     }

@@ -2,7 +2,8 @@
 
 Reads PGW_HOST, PGW_PORT, PGW_USER, PGW_PASSWORD, PGW_ENDPOINT; with PGW_CA, TLS
 (sslmode=verify-full against that CA, channel_binding=require; PGW_SERVERNAME: the host name
-for SNI, then the endpoint comes from it). Prints "ok <current_user> <tls>" or
+for SNI, then the endpoint comes from it; PGW_SSLNEGOTIATION=direct: direct TLS, or
+"skip" when libpq is older than 17). Prints "ok <current_user> <tls>" or
 "error <SQLSTATE>"."""
 import os
 
@@ -22,6 +23,12 @@ else:
     params.update(host=env["PGW_HOST"], options="endpoint=" + env["PGW_ENDPOINT"])
 if env.get("PGW_CA"):
     params.update(sslmode="verify-full", sslrootcert=env["PGW_CA"], channel_binding="require")
+    if env.get("PGW_SSLNEGOTIATION") == "direct":
+        # PostgreSQL 17's direct TLS: psycopg-binary bundles a libpq new enough.
+        if psycopg.pq.version() < 170000:
+            print("skip libpq", psycopg.pq.version())
+            raise SystemExit(0)
+        params.update(sslnegotiation="direct")
 else:
     params.update(sslmode="disable")
 try:
