@@ -267,7 +267,16 @@ impl Section for ComputeConfig {
     }
 }
 
-impl Section for LocalConfig {}
+impl Section for LocalConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.log_max_size.0 < pgwake_compute_manager::local::MIN_LOG_SIZE {
+            errors.push(format!(
+                "log_max_size must be at least {} bytes (64KiB)",
+                pgwake_compute_manager::local::MIN_LOG_SIZE
+            ));
+        }
+    }
+}
 
 impl Section for LimitsConfig {
     fn validate(&self, errors: &mut Vec<String>) {
@@ -604,6 +613,20 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn the_compute_log_size_is_checked() {
+        let err = |v: &str| {
+            Config::parse(&format!("[local]\nlog_max_size = {v}\n"))
+                .unwrap_err()
+                .0
+                .join("\n")
+        };
+        assert!(err("\"1KiB\"").contains("log_max_size must be at least 65536 bytes"));
+        assert!(err("\"ten\"").contains("is not a size"));
+        let ok = Config::parse("[local]\nlog_max_size = \"1MiB\"\n").unwrap();
+        assert_eq!(ok.local.log_max_size.0, 1 << 20);
     }
 
     #[test]

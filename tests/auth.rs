@@ -7,34 +7,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use common::scram::{roles, self_signed, starts, tls_table, PASSWORD};
 use common::*;
 use tokio_postgres::error::SqlState;
-
-const PASSWORD: &str = "sekrit";
-
-/// Writes the role's verifier twice: as initdb's `--pwfile` (Postgres stores a verifier given
-/// as the password unchanged) and as the endpoint's roles file. Returns the config keys.
-fn roles(dir: &Path) -> (String, String) {
-    let verifier = postgres_protocol::password::scram_sha_256(PASSWORD.as_bytes());
-    let pwfile = dir.join("pw");
-    std::fs::write(&pwfile, format!("{verifier}\n")).unwrap();
-    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let roles_file = dir.join("demo.roles");
-    std::fs::write(
-        &roles_file,
-        format!("; pgbouncer auth_file format\n\"postgres\" \"{verifier}\"\n"),
-    )
-    .unwrap();
-    let local = format!(
-        "[local]\nauth = \"scram-sha-256\"\ninitdb_args = [\"--no-sync\", \"--pwfile={}\"]\n",
-        pwfile.display()
-    );
-    let endpoint = format!(
-        "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\nroles_file = \"{}\"\n",
-        roles_file.display()
-    );
-    (local, endpoint)
-}
 
 fn conn(env: &Env, endpoint: &str, user: &str, password: &str) -> String {
     format!(
@@ -59,10 +34,6 @@ async fn login(conn: &str) -> Option<(String, String)> {
             Some((db.code().code().to_string(), db.message().to_string()))
         }
     }
-}
-
-fn starts(env: &Env) -> u64 {
-    env.stats("demo").map_or(0, |s| s.starts)
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -199,21 +170,12 @@ async fn failed_logins_are_throttled_without_a_wake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_channel_binding_require_over_tls_and_the_password_endpoint() {
-    use rcgen::{CertificateParams, KeyPair};
     let dir = tempdir();
     let (local, endpoint) = roles(dir.path());
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["*.db.localtest".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("c.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = self_signed(dir.path(), "c", &["*.db.localtest"]);
     let extra = format!(
-        "{local}[tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\ndomains = [\"db.localtest\"]\nallow_password_endpoint = true\n",
-        cert_path.display(),
-        key_path.display()
+        "{local}{}allow_password_endpoint = true\n",
+        tls_table(&cert_path, &key_path)
     );
     let env = Env::start_in(dir, &extra, &endpoint).await;
     let sni = format!(
@@ -477,5 +439,111 @@ async fn a_client_that_stops_at_the_challenge_is_closed_after_auth_timeout() {
         .unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(starts(&env), 0);
+    env.stop().await;
+}
+
+/// A TLS-terminating man in the middle: takes the client's TLS with its own certificate
+/// (`cert`/`key`), opens its own TLS to `upstream` (trusting `upstream_ca`, SNI
+/// `demo.db.localtest`) and relays the bytes between the two sessions.
+async fn mitm(
+    listener: tokio::net::TcpListener,
+    cert: &Path,
+    key: &Path,
+    upstream: std::net::SocketAddr,
+    upstream_ca: &Path,
+) {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pem = |p: &Path| std::fs::read(p).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(&pem(cert)).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem(key)).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem(upstream_ca)).unwrap())
+        .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    loop {
+        let (mut down, _) = listener.accept().await.unwrap();
+        let (acceptor, connector) = (acceptor.clone(), connector.clone());
+        tokio::spawn(async move {
+            let mut req = [0u8; 8];
+            down.read_exact(&mut req).await?;
+            assert_eq!(req, SSL_REQUEST, "the client asks for TLS first");
+            down.write_all(b"S").await?;
+            let mut down = acceptor.accept(down).await?;
+            let mut up = tokio::net::TcpStream::connect(upstream).await?;
+            up.write_all(&SSL_REQUEST).await?;
+            let mut s = [0u8; 1];
+            up.read_exact(&mut s).await?;
+            assert_eq!(&s, b"S");
+            let name = rustls::pki_types::ServerName::try_from("demo.db.localtest").unwrap();
+            let mut up = connector.connect(name, up).await?;
+            tokio::io::copy_bidirectional(&mut down, &mut up).await?;
+            Ok::<_, std::io::Error>(())
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_terminating_man_in_the_middle_fails_channel_binding_and_wakes_nothing() {
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let (cert, key) = self_signed(dir.path(), "proxy", &["*.db.localtest"]);
+    // The client trusts the man in the middle's certificate (a CA it was tricked into
+    // trusting, or a corporate TLS inspection box): only channel binding can tell.
+    let (mitm_cert, mitm_key) = self_signed(dir.path(), "mitm", &["*.db.localtest"]);
+    let extra = format!("{local}{}", tls_table(&cert, &key));
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mitm_addr = listener.local_addr().unwrap();
+    let relay = tokio::spawn({
+        let (c, k, ca) = (mitm_cert.clone(), mitm_key, cert.clone());
+        let upstream = env.addr;
+        async move { mitm(listener, &c, &k, upstream, &ca).await }
+    });
+    let through_mitm = |binding: &str| {
+        format!(
+            "host=demo.db.localtest hostaddr=127.0.0.1 port={} user=postgres dbname=postgres \
+             sslmode=verify-full sslrootcert={} channel_binding={binding}",
+            mitm_addr.port(),
+            mitm_cert.display()
+        )
+    };
+    let run =
+        |conn: String| tokio::task::spawn_blocking(move || psql_with_password(&conn, PASSWORD));
+
+    // The right password, but the client binds to the certificate it saw (the man in the
+    // middle's) and the proxy to its own: the proof is refused, and nothing wakes.
+    let out = run(through_mitm("require")).await.unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("SCRAM channel binding check failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(starts(&env), 0);
+    assert!(postmaster_pid(&env.data_dir("demo")).is_none());
+
+    // The same relay without channel binding logs in (and wakes the compute): the relay
+    // itself works, channel binding is what caught it.
+    let out = run(through_mitm("disable")).await.unwrap();
+    assert_eq!(stdout(&out), "postgres", "{}", stderr(&out));
+    assert_eq!(starts(&env), 1);
+    relay.abort();
     env.stop().await;
 }

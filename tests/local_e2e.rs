@@ -251,3 +251,40 @@ async fn missing_binaries_are_a_clear_error() {
     assert!(!db.message().contains("/nonexistent"), "{}", db.message());
     pgwake.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_computes_log_is_rotated_and_stays_under_twice_the_limit() {
+    const LIMIT: u64 = 64 * 1024;
+    let env = Env::start("[local]\nlog_max_size = \"64KiB\"\n", DEMO).await;
+    let client = env.client("demo").await;
+    // About 10 times the limit, through the compute's stderr.
+    client
+        .batch_execute(
+            "do $$ begin for i in 1..5000 loop raise log 'filler % %', i, repeat('x', 100); \
+             end loop; end $$",
+        )
+        .await
+        .unwrap();
+    let log = env.data_dir("demo").with_extension("log");
+    let rotated = env.data_dir("demo").with_extension("log.1");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    wait_until(LONG, || size(&rotated) > 0)
+        .await
+        .expect("the log rotated to <id>.log.1");
+    let total = size(&log) + size(&rotated);
+    assert!(
+        size(&log) <= LIMIT && size(&rotated) <= LIMIT,
+        "{} + {} bytes",
+        size(&log),
+        size(&rotated)
+    );
+    assert!(total < 2 * LIMIT);
+    assert!(std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("LOG:  filler"));
+    // The compute is unaffected by its log's rotation.
+    let row = client.query_one("select 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    drop(client);
+    env.stop().await;
+}

@@ -8,6 +8,7 @@
 //! waited for or cleared away (see [`procs`]).
 
 mod datadir;
+mod log;
 mod procs;
 
 use std::collections::BTreeMap;
@@ -26,12 +27,15 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use log::LogPump;
+pub use log::{LogSize, MIN_LOG_SIZE};
+
 use crate::{probe_ready, BackendError, ComputeAddr, ComputeBackend, ProbeResult, RunningCompute};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
-    /// Holds one data directory per endpoint and its log file `<id>.log`.
+    /// Holds one data directory per endpoint and its log file `<id>.log` (with `<id>.log.1`).
     #[serde(default = "default_data_root")]
     pub data_root: PathBuf,
     /// Whether pgwake may create `data_root` (and mark it as its own) when it is missing or
@@ -63,6 +67,10 @@ pub struct LocalConfig {
     /// How long a fast shutdown may take before escalating to immediate shutdown.
     #[serde(default = "default_stop_timeout", with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// Largest size of a compute's log `<id>.log` (bytes, or `"10MiB"`): past it the file
+    /// becomes `<id>.log.1`, replacing the previous one, so a log takes at most twice this.
+    #[serde(default)]
+    pub log_max_size: LogSize,
 }
 
 fn default_data_root() -> PathBuf {
@@ -90,6 +98,7 @@ impl Default for LocalConfig {
             initdb_args: Vec::new(),
             settings: BTreeMap::new(),
             stop_timeout: default_stop_timeout(),
+            log_max_size: LogSize::default(),
         }
     }
 }
@@ -125,6 +134,8 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(2);
 /// How often `postmaster.pid` is read while waiting for the "ready" status: a small file
 /// read, far cheaper than a probe connection, so it can be frequent.
 const PID_FILE_INTERVAL: Duration = Duration::from_millis(1);
+/// How long the output of a postgres that exited during start-up may take to reach its log.
+const LOG_SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the processes of a postmaster that died may take to go after SIGKILL.
 const ORPHANS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at picking a free port, for the race where another process binds it first.
@@ -348,15 +359,7 @@ impl LocalBackend {
         bins: &Bins,
         port: u16,
         log: &Path,
-    ) -> Result<Child, BackendError> {
-        let logfile = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| BackendError::io(format!("open {}", log.display()), e))?;
-        let logfile2 = logfile
-            .try_clone()
-            .map_err(|e| BackendError::io("dup log file", e))?;
+    ) -> Result<(Child, LogPump), BackendError> {
         let mut cmd = self.command(&bins.postgres);
         cmd.arg("-D")
             .arg(dir)
@@ -380,7 +383,8 @@ impl LocalBackend {
         for (k, v) in &merged {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
-        cmd.stdout(logfile).stderr(logfile2);
+        // Through pgwake, not straight into the file: see [`log`] for the bound.
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         // If pgwake dies without stopping its computes, each gets a fast shutdown instead of
         // living on as an orphan that holds the data directory's lock.
         unsafe {
@@ -391,8 +395,18 @@ impl LocalBackend {
                 Ok(())
             });
         }
-        cmd.spawn()
-            .map_err(|e| BackendError::io(format!("spawn {}", bins.postgres.display()), e))
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| BackendError::io(format!("spawn {}", bins.postgres.display()), e))?;
+        let outputs: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = [
+            child.stdout.take().map(|o| Box::new(o) as _),
+            child.stderr.take().map(|o| Box::new(o) as _),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let pump = LogPump::start(outputs, log.to_path_buf(), self.cfg.log_max_size);
+        Ok((child, pump))
     }
 }
 
@@ -450,15 +464,16 @@ async fn wait_ready(
     dir: &Path,
     addr: SocketAddr,
     superuser: &str,
-    log: &Path,
-    log_start: u64,
+    log: &mut LogPump,
 ) -> Result<(), ReadyError> {
     let mut probes = 0u32;
     let mut polls = 0u32;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
-                let log_tail = read_log_since(log, log_start);
+                // Its last words may still be in the pipe: wait for them (bounded, as processes
+                // of a killed postmaster could hold the pipe open).
+                let log_tail = tail(&log.settle(LOG_SETTLE_TIMEOUT).await, 2000);
                 if log_tail.contains("could not bind")
                     || log_tail.contains("Address already in use")
                 {
@@ -510,9 +525,9 @@ impl ComputeBackend for LocalBackend {
         for _ in 0..PORT_ATTEMPTS {
             let port = (self.pick_port)()?;
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let log_start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-            let mut child = self.spawn_postgres(route, &dir, &bins, port, &log).await?;
-            match wait_ready(&mut child, &dir, addr, &self.cfg.superuser, &log, log_start).await {
+            let (mut child, mut log_pump) =
+                self.spawn_postgres(route, &dir, &bins, port, &log).await?;
+            match wait_ready(&mut child, &dir, addr, &self.cfg.superuser, &mut log_pump).await {
                 Ok(()) => {
                     if unrecorded {
                         self.record_found(&route.endpoint, &dir);
@@ -702,22 +717,6 @@ fn tail(s: &str, max: usize) -> String {
         start += 1;
     }
     format!("...{}", &s[start..])
-}
-
-fn read_log_since(log: &Path, offset: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(log) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    // Only the last few KiB: a crash loop must not make us read an unbounded log.
-    let from = offset.max(len.saturating_sub(4096));
-    if f.seek(SeekFrom::Start(from)).is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    let _ = f.take(4096).read_to_end(&mut buf);
-    tail(&String::from_utf8_lossy(&buf), 2000)
 }
 
 fn find_bins(bin_dir: Option<&Path>) -> Result<Bins, BackendError> {

@@ -28,6 +28,8 @@ struct Hello {
     startup: StartupMessage,
     client_addr: SocketAddr,
     sni: Option<String>,
+    /// Of the certificate the client's TLS handshake presented (SCRAM-SHA-256-PLUS).
+    channel_binding: Option<Vec<u8>>,
     /// The client address's place under `max_connections_per_ip`, for the whole connection.
     ip_slot: IpSlot,
 }
@@ -54,6 +56,7 @@ pub(crate) async fn handle(
         mut startup,
         client_addr,
         sni,
+        channel_binding,
         ip_slot: _ip_slot,
     }) = hello
     else {
@@ -78,7 +81,7 @@ pub(crate) async fn handle(
         startup.get("user").unwrap_or_default(),
         proxy_auth.as_ref().map(|a| a.password.as_str()),
         client_addr.ip(),
-        sni.as_deref(),
+        channel_binding.as_deref(),
     )
     .await?;
     let proxy_auth = ComputeCreds::after_login(verified, proxy_auth);
@@ -182,7 +185,7 @@ async fn hello(
         return Err(ProxyError::TooManyFromAddress);
     };
 
-    let mut sni = None;
+    let (mut sni, mut channel_binding) = (None, None);
     if let Some(acceptor) = &proxy.tls {
         // PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest.
         let mut first = [0u8; 2];
@@ -191,7 +194,7 @@ async fn hello(
             _ => 0,
         };
         if n > 0 && looks_like_tls(&first[..n]) {
-            sni = upgrade(proxy, acceptor, client, Negotiation::Direct).await?;
+            (sni, channel_binding) = upgrade(proxy, acceptor, client, Negotiation::Direct).await?;
         }
     }
 
@@ -208,7 +211,8 @@ async fn hello(
                     .as_ref()
                     .expect("TLS offered only when configured");
                 client.write_all(b"S").await.map_err(ProxyError::ClientIo)?;
-                sni = upgrade(proxy, acceptor, client, Negotiation::SslRequest).await?;
+                (sni, channel_binding) =
+                    upgrade(proxy, acceptor, client, Negotiation::SslRequest).await?;
             }
             First::Cancel { pid, secret } => {
                 proxy.cancels.handle_client_request(pid, &secret).await;
@@ -222,6 +226,7 @@ async fn hello(
                     startup,
                     client_addr,
                     sni,
+                    channel_binding,
                     ip_slot,
                 }));
             }
@@ -246,7 +251,7 @@ async fn upgrade(
     acceptor: &crate::tls::TlsAcceptor,
     client: &mut ClientStream,
     mode: Negotiation,
-) -> Result<Option<String>, ProxyError> {
+) -> Result<(Option<String>, Option<Vec<u8>>), ProxyError> {
     let tcp = client.take_plain().ok_or(ProxyError::NegotiationInTls)?;
     let session = acceptor.accept(tcp, mode).await.map_err(|e| {
         proxy
@@ -262,7 +267,7 @@ async fn upgrade(
         .with_label_values(&["ok"])
         .inc();
     *client = ClientStream::Tls(Box::new(session.stream));
-    Ok(session.sni)
+    Ok((session.sni, session.channel_binding))
 }
 
 /// The endpoint id, from SNI, `options`, or (when enabled, over TLS only) the password; the

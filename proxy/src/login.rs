@@ -188,7 +188,8 @@ pub(crate) enum Verified {
 }
 
 /// Runs the login for `role` at `endpoint`, bounded by `[proxy] auth_timeout`. `password` is
-/// the cleartext password of the `endpoint=ID;PASSWORD` fallback, already read from the client.
+/// the cleartext password of the `endpoint=ID;PASSWORD` fallback, already read from the client;
+/// `channel_binding` that of the certificate the client's TLS handshake presented.
 pub(crate) async fn login(
     proxy: &Proxy,
     client: &mut ClientStream,
@@ -196,7 +197,7 @@ pub(crate) async fn login(
     role: &str,
     password: Option<&str>,
     client_ip: IpAddr,
-    sni: Option<&str>,
+    channel_binding: Option<&[u8]>,
 ) -> Result<Verified, LoginError> {
     let auth = &proxy.auth;
     let route = proxy.table.lookup(endpoint);
@@ -221,10 +222,8 @@ pub(crate) async fn login(
         );
         return Err(LoginError::Throttled(scope));
     }
-    let cb = match (client.is_tls(), &proxy.tls) {
-        (true, Some(acceptor)) => acceptor
-            .channel_binding(sni)
-            .map_or(ChannelBinding::None, ChannelBinding::TlsServerEndPoint),
+    let cb = match (client.is_tls(), channel_binding) {
+        (true, Some(data)) => ChannelBinding::TlsServerEndPoint(data.to_vec()),
         _ => ChannelBinding::None,
     };
     let (exchange, verifier) = match lookup {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod scram;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

@@ -85,7 +85,11 @@ pub fn check_root(root: &Path, create: bool) -> Result<(), BackendError> {
             }
             name.as_ref()
         } else {
-            match name.strip_suffix(".log") {
+            // `<id>.log`, and `<id>.log.1` where the log was rotated.
+            match name
+                .strip_suffix(".log")
+                .or_else(|| name.strip_suffix(".log.1"))
+            {
                 Some(id) => id,
                 None => return Err(foreign(root, &name)),
             }
@@ -245,6 +249,7 @@ mod tests {
         std::fs::create_dir(root.join("demo")).unwrap();
         std::fs::write(root.join("demo/PG_VERSION"), "15\n").unwrap();
         std::fs::write(root.join("demo.log"), "log\n").unwrap();
+        std::fs::write(root.join("demo.log.1"), "older log\n").unwrap();
         // An initdb that failed under the old pgwake left an empty directory: not a cluster.
         std::fs::create_dir(root.join("other")).unwrap();
         check_root(root, false).unwrap();

@@ -216,7 +216,10 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// The server side: certificates from `store` (chosen by SNI on every handshake, so reloads
 /// apply to new handshakes at once), TLS 1.2 and 1.3, ALPN `postgresql` offered, no client
-/// certificates, rustls's default in-memory session cache (resumption skips the certificate).
+/// certificates, and no session resumption, as in PostgreSQL: a resumed session presents no
+/// certificate, and a client that resumes one from before a certificate reload would bind
+/// SCRAM-SHA-256-PLUS to the old certificate, failing every login (and tripping the
+/// failed-login throttle) for as long as its session lives.
 pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)
@@ -224,7 +227,22 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Arc::new(config)
+}
+
+/// The one certificate chosen for a handshake before it starts (see [`TlsAcceptor::accept`]).
+#[derive(Debug)]
+struct Pinned(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Pinned {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
 }
 
 /// A TLS session with a client, after the handshake.
@@ -236,6 +254,11 @@ pub struct TlsSession<IO = TcpStream> {
     /// The negotiated ALPN protocol: `Some(b"postgresql")` or `None` (allowed only after
     /// SSLRequest).
     pub alpn: Option<Vec<u8>>,
+    /// `tls-server-end-point` channel binding data of the certificate this handshake
+    /// presented, for SCRAM-SHA-256-PLUS; `None` when unknown (a config without a
+    /// [`CertStore`]) or when its signature algorithm has no usable hash (then PLUS is not
+    /// offered).
+    pub channel_binding: Option<Vec<u8>>,
 }
 
 impl<IO> fmt::Debug for TlsSession<IO> {
@@ -278,15 +301,6 @@ impl TlsAcceptor {
         }
     }
 
-    /// `tls-server-end-point` channel binding data of the leaf certificate a handshake with
-    /// this SNI presents; `None` when unknown or when its signature algorithm has no usable
-    /// hash (then SCRAM-SHA-256-PLUS is not offered). A certificate reload between the
-    /// handshake and this call makes a binding client fail once; a retry gets the new one.
-    pub fn channel_binding(&self, sni: Option<&str>) -> Option<Vec<u8>> {
-        let key = self.store.as_ref()?.certificate_for(sni);
-        crate::scram::tls_server_end_point(key.cert.first()?).ok()
-    }
-
     pub fn config(&self) -> &Arc<ServerConfig> {
         &self.config
     }
@@ -310,8 +324,26 @@ impl TlsAcceptor {
             let _ = io.shutdown().await;
             return Err(TlsError::DirectWithoutAlpn);
         }
+        // The certificate is chosen here, once, and the handshake pinned to it: the channel
+        // binding the login checks is then that of the certificate this client saw, even if a
+        // reload lands between the handshake and the login.
+        let pinned = self
+            .store
+            .as_ref()
+            .map(|store| store.certificate_for(start.client_hello().server_name()));
+        let channel_binding = pinned
+            .as_ref()
+            .and_then(|key| crate::scram::tls_server_end_point(key.cert.first()?).ok());
+        let config = match pinned {
+            Some(key) => {
+                let mut config = ServerConfig::clone(&self.config);
+                config.cert_resolver = Arc::new(Pinned(key));
+                Arc::new(config)
+            }
+            None => Arc::clone(&self.config),
+        };
         let stream = start
-            .into_stream(Arc::clone(&self.config))
+            .into_stream(config)
             .await
             .map_err(TlsError::from_handshake)?;
         let conn = stream.get_ref().1;
@@ -322,7 +354,12 @@ impl TlsAcceptor {
             return Err(TlsError::DirectWithoutAlpn);
         }
         let sni = conn.server_name().map(str::to_ascii_lowercase);
-        Ok(TlsSession { stream, sni, alpn })
+        Ok(TlsSession {
+            stream,
+            sni,
+            alpn,
+            channel_binding,
+        })
     }
 }
 

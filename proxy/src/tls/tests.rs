@@ -1013,3 +1013,63 @@ async fn psql_verify_full_with_sni() {
         eprintln!("SKIP sslnegotiation=direct: libpq {major} predates PostgreSQL 17");
     }
 }
+
+/// One handshake of a client using `client` (its session cache included) with `acceptor`.
+async fn handshake_with(
+    acceptor: &TlsAcceptor,
+    listener: &TcpListener,
+    client: &Arc<ClientConfig>,
+) -> (ClientStream, TlsSession) {
+    let addr = listener.local_addr().unwrap();
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("ep.db.localtest").unwrap();
+        TlsConnector::from(Arc::clone(client))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    };
+    let accept = async {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor.accept(tcp, Negotiation::SslRequest).await.unwrap()
+    };
+    let (mut client, mut session) = within(async { tokio::join!(connect, accept) }).await;
+    // A byte from the server, so the client has also read whatever session ticket came first.
+    within(session.stream.write_all(b"x")).await.unwrap();
+    let mut b = [0u8; 1];
+    within(client.read_exact(&mut b)).await.unwrap();
+    (client, session)
+}
+
+#[tokio::test]
+async fn channel_binding_is_of_the_certificate_the_client_saw_across_a_reload() {
+    let pki = Pki::new();
+    let old = pki.issue("main", &["*.db.localtest"]);
+    let store = store(&[&old]);
+    let acceptor = TlsAcceptor::new(Arc::clone(&store));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // One config for every connection: a rustls client caches sessions and would resume.
+    let client = Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROTOCOL_VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider())))
+            .with_no_client_auth(),
+    );
+    let binding_of = |c: &ClientStream| crate::scram::tls_server_end_point(&presented(c)).unwrap();
+
+    let (first, session) = handshake_with(&acceptor, &listener, &client).await;
+    assert_eq!(presented(&first), old.der);
+    // A reload between this handshake and the login: the binding is still the one the client
+    // computes from what it saw.
+    let new = pki.issue("main", &["*.db.localtest"]);
+    store.reload().unwrap();
+    assert_eq!(session.channel_binding, Some(binding_of(&first)));
+
+    // The same client again: a full handshake with the new certificate, not a resumed session
+    // that would still show it the old one while the proxy binds to the new.
+    let (second, session) = handshake_with(&acceptor, &listener, &client).await;
+    assert_eq!(presented(&second), new.der);
+    assert_eq!(session.channel_binding, Some(binding_of(&second)));
+}
