@@ -258,16 +258,16 @@ async fn unusable_secrets_refuse_every_login() {
         "denied",
         json!({ "rolesSecret": { "name": "other-app" } }),
     ));
-    f.apply(endpoint(
-        "broken",
-        json!({ "rolesSecret": { "name": "broken" } }),
-    ));
+    for ep in ["broken", "broken2"] {
+        f.apply(endpoint(ep, json!({ "rolesSecret": { "name": "broken" } })));
+    }
     f.apply(endpoint(
         "open",
         json!({ "auth": "passthrough", "rolesSecret": { "name": "nope" } }),
     ));
     f.apply(endpoint("plain", json!({})));
-    // The order of the reads follows a map's: answer by name.
+    // The order of the reads follows a map's: answer by name. A second get of a Secret would
+    // find no answer, and the pass would time out.
     let s = Arc::clone(&f.secrets);
     let mut answers: BTreeMap<&str, (u16, Value)> = BTreeMap::from([
         ("nope", (404, status_failure(404, "NotFound"))),
@@ -293,7 +293,7 @@ async fn unusable_secrets_refuse_every_login() {
     tokio::time::timeout(WAIT, futures::future::join(s.refresh(false), serve))
         .await
         .unwrap();
-    for ep in ["missing", "denied", "broken"] {
+    for ep in ["missing", "denied", "broken", "broken2"] {
         assert!(f.table.lookup(&id(ep)).is_some(), "{ep} is routed");
         assert_eq!(f.lookup(ep, "alice"), Some(Lookup::UnknownRole), "{ep}");
     }
