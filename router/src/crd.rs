@@ -3,6 +3,10 @@
 //! table in step with the resources in one namespace, so every proxy replica routes the same
 //! endpoints without a restart.
 //!
+//! Its login settings (`spec.auth`, `spec.rolesSecret`) are not part of the route: the source
+//! hands them to an [`AuthSink`] (the proxy's verifier store, fed from the named Secret by the
+//! root crate's `roles_secret` module) before it routes the endpoint.
+//!
 //! The resource's name is the endpoint id. Its status subresource (state, address, last
 //! activity) is written by the compute manager's Kubernetes backend, never by the router.
 

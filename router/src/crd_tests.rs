@@ -499,6 +499,29 @@ fn crd_rules_agree_with_pgwakes_own_parsers() {
             "{s:?}"
         );
     }
+    // Secret names are DNS subdomains; data keys are [-._a-zA-Z0-9]+.
+    let secret = pattern(&rules_at(&crd, &["spec", "rolesSecret", "name"])[0]);
+    for (s, ok) in [
+        ("demo-roles", true),
+        ("a.b-c", true),
+        ("a", true),
+        ("Demo", false),
+        ("-a", false),
+        ("a_b", false),
+        ("", false),
+    ] {
+        assert_eq!(secret.is_match(s), ok, "{s:?}");
+    }
+    let key = pattern(&rules_at(&crd, &["spec", "rolesSecret", "key"])[0]);
+    for (s, ok) in [
+        ("roles", true),
+        ("auth_file.txt", true),
+        ("a/b", false),
+        ("a b", false),
+        ("", false),
+    ] {
+        assert_eq!(key.is_match(s), ok, "{s:?}");
+    }
 }
 
 /// Printer columns show the conditions; the status carries Ready, Suspended and Failed with
