@@ -293,6 +293,9 @@ impl Section for AuthConfig {
         if self.learn_interval.is_zero() {
             errors.push("learn_interval must be more than 0".into());
         }
+        if self.roles_secret_interval.is_zero() {
+            errors.push("roles_secret_interval must be more than 0".into());
+        }
     }
 }
 

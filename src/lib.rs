@@ -5,6 +5,7 @@
 pub mod config;
 mod learn;
 pub mod reload;
+mod roles_secret;
 mod tasks;
 
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigErrors};
 pub use reload::{ConfigKey, ReloadError};
+use roles_secret::SecretRoles;
 use tasks::{Stage, Tasks};
 
 /// How long a manager that starts (or becomes leader) waits for the watched routing table's
@@ -102,9 +104,10 @@ impl Pgwake {
             .replace_all(config.endpoints.clone())
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
-        let kubernetes = w.kubernetes().await?;
+        let verifiers = VerifierStore::new();
+        let kubernetes = w.kubernetes(&verifiers).await?;
         let manager = w.manager(&local, kubernetes.as_ref())?;
-        let (auth, learner) = w.auth(&manager, &local)?;
+        let (auth, learner) = w.auth(&manager, &local, verifiers)?;
         let leadership = w.leader_election(kubernetes.as_ref())?;
         w.adoption(&manager, &leadership);
         let waker = w.waker(&manager, &leadership)?;
@@ -267,8 +270,11 @@ struct Wiring<'a> {
 
 impl Wiring<'_> {
     /// The Kubernetes backend (`[kubernetes]`) and, unless `watch_endpoints = false`, the
-    /// `PgwakeEndpoint` routing source.
-    async fn kubernetes(&self) -> Result<Option<KubernetesBackend>, StartError> {
+    /// `PgwakeEndpoint` routing source and the roles Secrets it names, read into `verifiers`.
+    async fn kubernetes(
+        &self,
+        verifiers: &Arc<VerifierStore>,
+    ) -> Result<Option<KubernetesBackend>, StartError> {
         let Some(k) = &self.config.kubernetes else {
             return Ok(None);
         };
@@ -278,12 +284,27 @@ impl Wiring<'_> {
             "Kubernetes backend enabled"
         );
         if k.watch_endpoints {
-            let (store, source) = pgwake_router::crd::crd_source(
+            let auth = &self.config.auth;
+            let secrets = SecretRoles::new(
+                kube::Api::namespaced(backend.client(), backend.namespace()),
+                Arc::clone(verifiers),
+                auth.roles_secrets,
+            );
+            let (store, source) = pgwake_router::crd::crd_source_with_auth(
                 backend.client(),
                 backend.namespace(),
                 k.endpoint_selector.as_deref(),
                 Arc::clone(&self.table),
+                Some(Arc::clone(&secrets) as Arc<dyn pgwake_router::crd::AuthSink>),
             );
+            let (s, interval) = (Arc::clone(&secrets), auth.roles_secret_interval);
+            self.tasks
+                .spawn(Stage::Sources, "roles Secrets", |shutdown| async move {
+                    tokio::select! {
+                        _ = s.run(interval) => {}
+                        _ = shutdown => {}
+                    }
+                });
             self.tasks
                 .spawn(Stage::Sources, "endpoint source", |shutdown| async move {
                     tokio::select! {
@@ -300,6 +321,9 @@ impl Wiring<'_> {
                 .spawn(Stage::Sources, "endpoints loaded", |shutdown| async move {
                     tokio::select! {
                         ready = store.wait_until_ready() => if ready.is_ok() {
+                            // And their roles: a replica that took clients before would
+                            // refuse their logins.
+                            secrets.refresh(false).await;
                             info!("PgwakeEndpoints loaded");
                             h.set_routes_loaded(true);
                         },
@@ -500,8 +524,8 @@ impl Wiring<'_> {
         &self,
         manager: &Arc<Manager>,
         local: &Arc<LocalBackend>,
+        verifiers: Arc<VerifierStore>,
     ) -> Result<(Arc<Auth>, Arc<learn::Learner>), StartError> {
-        let verifiers = VerifierStore::new();
         verifiers
             .load_config(&self.config.endpoint_auth)
             .map_err(StartError::Roles)?;

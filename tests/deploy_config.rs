@@ -369,3 +369,42 @@ fn monitoring_uses_only_metrics_pgwake_serves() {
     }
     assert!(checked >= 15, "{checked} metric uses");
 }
+
+/// The example endpoint's roles Secret parses as pgwake reads it, and its verifier is the one
+/// the compute gets (the postgres image's POSTGRES_PASSWORD, stored as is by initdb) and the
+/// one of the password the README tells clients to use: the logins checked at pgwake are the
+/// compute's.
+#[test]
+fn the_example_roles_secret_checks_the_example_password() {
+    use pgwake_proxy::scram::{verify_password, ChannelBinding, ServerExchange};
+    use pgwake_proxy::verifiers::parse_roles_file;
+
+    let text =
+        std::fs::read_to_string(deploy_dir().join("examples/postgres-endpoint.yaml")).unwrap();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let string_data = |name: &str, key: &str| -> String {
+        let d = docs
+            .iter()
+            .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Secret {name}"));
+        d["stringData"][key].as_str().unwrap().to_string()
+    };
+    let endpoint = docs.iter().find(|d| d["kind"] == "PgwakeEndpoint").unwrap();
+    assert_eq!(endpoint["spec"]["rolesSecret"]["name"], "demo-roles");
+    let roles = parse_roles_file(&string_data("demo-roles", "roles")).unwrap();
+    let postgres = roles["postgres"].clone();
+    assert_eq!(
+        postgres.to_string(),
+        string_data("demo-postgres", "POSTGRES_PASSWORD")
+    );
+    let check = |pw: &str| {
+        verify_password(
+            ServerExchange::new(postgres.clone(), ChannelBinding::None),
+            pw.as_bytes(),
+        )
+    };
+    assert!(check("change-me").is_ok());
+    assert!(check("change-me!").is_err());
+}

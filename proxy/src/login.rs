@@ -46,10 +46,27 @@ pub struct AuthConfig {
     /// known before the next suspend.
     #[serde(default = "d_learn_interval", with = "humantime_serde")]
     pub learn_interval: std::time::Duration,
+    /// Whether this process reads the Secrets that `PgwakeEndpoint`s name in `rolesSecret`
+    /// (`[kubernetes] watch_endpoints`). Off for a compute manager that serves no clients, so
+    /// that it needs no access to them; its `scram` endpoints then refuse every login.
+    #[serde(default = "d_true")]
+    pub roles_secrets: bool,
+    /// How often those Secrets are read again (also at once when a `PgwakeEndpoint` names a
+    /// different one): a changed password is in force within this time.
+    #[serde(default = "d_roles_secret_interval", with = "humantime_serde")]
+    pub roles_secret_interval: std::time::Duration,
 }
 
 fn d_learn_interval() -> std::time::Duration {
     std::time::Duration::from_secs(10)
+}
+
+fn d_true() -> bool {
+    true
+}
+
+fn d_roles_secret_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
 }
 
 impl Default for AuthConfig {
@@ -58,6 +75,8 @@ impl Default for AuthConfig {
             hide_unknown_endpoints: false,
             throttle: ThrottleConfig::default(),
             learn_interval: d_learn_interval(),
+            roles_secrets: true,
+            roles_secret_interval: d_roles_secret_interval(),
         }
     }
 }

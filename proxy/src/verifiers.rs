@@ -4,8 +4,16 @@
 //! Sources per endpoint, merged at lookup:
 //! - `[[endpoint]] roles_file = "..."`: a file in pgbouncer's `auth_file` format, re-read with
 //!   the routing table (SIGHUP);
-//! - learned from the compute itself (`pg_authid`, local backend), which wins over the file
-//!   for a role both have: it is what the compute will accept.
+//! - a Kubernetes Secret named by the endpoint's `PgwakeEndpoint` (`spec.rolesSecret`, same
+//!   format), kept in a map of its own by [`VerifierStore::set_secret`] so that config reloads
+//!   leave it alone;
+//! - learned from the compute itself (`pg_authid`, local backend), which wins over the others
+//!   for a role they share: it is what the compute will accept.
+//!
+//! Precedence for a role: learned > Secret > file. An endpoint is routed from one source (the
+//! config file wins over a `PgwakeEndpoint` of the same name), so the Secret and the file do
+//! not meet in practice; the mode is the file's when the file configures the endpoint, else
+//! the `PgwakeEndpoint`'s.
 //!
 //! `auth = "passthrough"` keeps the old behaviour for an endpoint: no check at the proxy, the
 //! compute authenticates (needed for `trust` demos). The default is `scram` for an endpoint
@@ -190,10 +198,19 @@ pub enum Lookup {
     UnknownRole,
 }
 
+/// What a `PgwakeEndpoint` says about its logins.
+#[derive(Debug)]
+struct SecretEntry {
+    mode: AuthMode,
+    roles: Arc<RoleMap>,
+}
+
 /// Verifiers of every endpoint. Lookups are lock-free (sharded map, `Arc`ed role maps).
 #[derive(Debug, Default)]
 pub struct VerifierStore {
     entries: DashMap<EndpointId, Entry>,
+    /// Endpoints from `PgwakeEndpoint`s: their mode and the roles of their Secret.
+    secrets: DashMap<EndpointId, SecretEntry>,
 }
 
 impl VerifierStore {
@@ -262,15 +279,57 @@ impl VerifierStore {
         self.entries.entry(endpoint.clone()).or_default().learned = Arc::new(roles);
     }
 
-    /// How to check `role` at `endpoint`; `None` when the store has no entry for the endpoint
-    /// at all (not in the config file, never learned: an endpoint from another source).
+    /// `endpoint` is a `PgwakeEndpoint` with auth `mode`: until [`Self::set_secret_roles`],
+    /// a scram one has no roles (every login refused). The roles already known stay.
+    pub fn set_secret_mode(&self, endpoint: &EndpointId, mode: AuthMode) {
+        self.secrets
+            .entry(endpoint.clone())
+            .and_modify(|e| e.mode = mode)
+            .or_insert_with(|| SecretEntry {
+                mode,
+                roles: Arc::default(),
+            });
+    }
+
+    /// The roles of `endpoint`'s Secret (empty: nobody may log in). Ignored for an endpoint
+    /// without [`Self::set_secret_mode`], i.e. one removed meanwhile.
+    pub fn set_secret_roles(&self, endpoint: &EndpointId, roles: RoleMap) {
+        if let Some(mut e) = self.secrets.get_mut(endpoint) {
+            e.roles = Arc::new(roles);
+        }
+    }
+
+    /// The roles of `endpoint`'s Secret as last set.
+    pub fn secret_roles(&self, endpoint: &EndpointId) -> Arc<RoleMap> {
+        self.secrets
+            .get(endpoint)
+            .map(|e| Arc::clone(&e.roles))
+            .unwrap_or_default()
+    }
+
+    /// `endpoint` is no longer a `PgwakeEndpoint`.
+    pub fn remove_secret(&self, endpoint: &EndpointId) {
+        self.secrets.remove(endpoint);
+    }
+
+    /// How to check `role` at `endpoint`; `None` when the store has no mode for the endpoint
+    /// (not in the config file, not a `PgwakeEndpoint`: the caller decides).
     pub fn lookup(&self, endpoint: &EndpointId, role: &str) -> Option<Lookup> {
-        let e = self.entries.get(endpoint)?;
-        if e.mode == Some(AuthMode::Passthrough) {
+        let e = self.entries.get(endpoint);
+        let s = self.secrets.get(endpoint);
+        let mode = e
+            .as_ref()
+            .and_then(|e| e.mode)
+            .or_else(|| s.as_ref().map(|s| s.mode))?;
+        if mode == AuthMode::Passthrough {
             return Some(Lookup::Passthrough);
         }
-        e.mode?;
-        Some(match e.learned.get(role).or_else(|| e.file.get(role)) {
+        let found = e
+            .as_ref()
+            .and_then(|e| e.learned.get(role))
+            .or_else(|| s.as_ref().and_then(|s| s.roles.get(role)))
+            .or_else(|| e.as_ref().and_then(|e| e.file.get(role)));
+        Some(match found {
             Some(v) => Lookup::Known(v.clone()),
             None => Lookup::UnknownRole,
         })
@@ -408,5 +467,60 @@ mod tests {
         // Removed from the config: no mode, so no answer (the caller decides).
         store.load_config(&[]).unwrap();
         assert_eq!(store.lookup(&id("e"), "alice"), None);
+    }
+
+    #[test]
+    fn secret_roles_survive_reloads_and_rank_between_learned_and_file() {
+        let store = VerifierStore::new();
+        let (secret, learned): (Verifier, Verifier) =
+            (v("secret").parse().unwrap(), v("learned").parse().unwrap());
+        // Roles before a mode belong to an endpoint removed meanwhile: ignored.
+        store.set_secret_roles(&id("k"), RoleMap::from([("alice".into(), secret.clone())]));
+        assert_eq!(store.lookup(&id("k"), "alice"), None);
+
+        store.set_secret_mode(&id("k"), AuthMode::Scram);
+        assert_eq!(store.lookup(&id("k"), "alice"), Some(Lookup::UnknownRole));
+        store.set_secret_roles(&id("k"), RoleMap::from([("alice".into(), secret.clone())]));
+        assert_eq!(
+            store.lookup(&id("k"), "alice"),
+            Some(Lookup::Known(secret.clone()))
+        );
+        // A config reload that does not know the endpoint leaves it alone.
+        store.load_config(&[]).unwrap();
+        assert_eq!(
+            store.lookup(&id("k"), "alice"),
+            Some(Lookup::Known(secret.clone()))
+        );
+        // Learned roles win.
+        store.set_learned(&id("k"), RoleMap::from([("alice".into(), learned.clone())]));
+        assert_eq!(
+            store.lookup(&id("k"), "alice"),
+            Some(Lookup::Known(learned))
+        );
+        store.set_learned(&id("k"), RoleMap::new());
+
+        // The mode changes, the roles stay for when it changes back.
+        store.set_secret_mode(&id("k"), AuthMode::Passthrough);
+        assert_eq!(store.lookup(&id("k"), "alice"), Some(Lookup::Passthrough));
+        store.set_secret_mode(&id("k"), AuthMode::Scram);
+        assert_eq!(
+            store.lookup(&id("k"), "alice"),
+            Some(Lookup::Known(secret.clone()))
+        );
+
+        // The config file's mode wins for an endpoint it configures.
+        store
+            .load_config(&[EndpointAuth {
+                id: id("k"),
+                auth: Some(AuthMode::Passthrough),
+                roles_file: None,
+            }])
+            .unwrap();
+        assert_eq!(store.lookup(&id("k"), "alice"), Some(Lookup::Passthrough));
+        store.load_config(&[]).unwrap();
+
+        store.remove_secret(&id("k"));
+        assert_eq!(store.lookup(&id("k"), "alice"), None);
+        assert!(store.secret_roles(&id("k")).is_empty());
     }
 }

@@ -3,6 +3,10 @@
 //! table in step with the resources in one namespace, so every proxy replica routes the same
 //! endpoints without a restart.
 //!
+//! Its login settings (`spec.auth`, `spec.rolesSecret`) are not part of the route: the source
+//! hands them to an [`AuthSink`] (the proxy's verifier store, fed from the named Secret by the
+//! root crate's `roles_secret` module) before it routes the endpoint.
+//!
 //! The resource's name is the endpoint id. Its status subresource (state, address, last
 //! activity) is written by the compute manager's Kubernetes backend, never by the router.
 
@@ -25,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
-    BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, PodOverrides, Route, RoutingTable,
+    AuthMode, BackendSpec, EndpointConfig, EndpointId, InvalidEndpointId, PodOverrides, Route,
+    RoutingTable,
 };
 
 /// Environment variables a Neon compute gets from `spec.neon` (the names Neon's own compute
@@ -89,6 +94,52 @@ pub struct PgwakeEndpointSpec {
     /// variables TENANT_ID, TIMELINE_ID and PAGESERVER_CONNSTRING.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neon: Option<NeonTimeline>,
+    /// How clients log in: "scram" (checked by pgwake with the verifiers of `rolesSecret`,
+    /// before any wake) or "passthrough" (the compute checks, after the wake). Unset: "scram"
+    /// with a `rolesSecret`, else "passthrough".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
+    /// A Secret in this namespace whose key holds the SCRAM verifiers of the roles that may
+    /// log in, one `"role" "SCRAM-SHA-256$..."` line each (pgbouncer's auth_file format, as
+    /// in pg_authid.rolpassword). pgwake's proxies need `get` on it (deploy/README.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles_secret: Option<RolesSecretRef>,
+}
+
+/// `spec.rolesSecret`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolesSecretRef {
+    /// Name of the Secret, in the endpoint's namespace.
+    pub name: String,
+    /// Key in the Secret's data; unset: "roles".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl RolesSecretRef {
+    /// The key read when `key` is unset.
+    pub const DEFAULT_KEY: &'static str = "roles";
+
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(Self::DEFAULT_KEY)
+    }
+}
+
+/// How a `PgwakeEndpoint`'s clients log in, as its [`AuthSink`] is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointAuthSpec {
+    pub mode: AuthMode,
+    /// Where its verifiers are; `None` with `mode` scram: nobody can log in.
+    pub roles_secret: Option<RolesSecretRef>,
+}
+
+/// Told how each routed `PgwakeEndpoint`'s clients log in, before its route enters the table
+/// (so that no login reaches an endpoint whose mode the proxy does not know yet), on every
+/// event for it (unchanged specs included: implementations compare), and with `None` once it
+/// is no longer routed by this source.
+pub trait AuthSink: Send + Sync {
+    fn endpoint_auth(&self, id: &EndpointId, auth: Option<&EndpointAuthSpec>);
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -285,6 +336,18 @@ pub enum CrdError {
 }
 
 impl PgwakeEndpoint {
+    /// How clients log in: `auth` as written, else scram when there is a `rolesSecret` to
+    /// check against, else passthrough (the rule of the config file's `roles_file`).
+    pub fn auth_spec(&self) -> EndpointAuthSpec {
+        let roles_secret = self.spec.roles_secret.clone();
+        let mode = self.spec.auth.unwrap_or(if roles_secret.is_some() {
+            AuthMode::Scram
+        } else {
+            AuthMode::Passthrough
+        });
+        EndpointAuthSpec { mode, roles_secret }
+    }
+
     /// The endpoint id: the resource's name.
     pub fn endpoint_id(&self) -> Result<EndpointId, CrdError> {
         let name = self.name_any();
@@ -371,7 +434,7 @@ impl PgwakeEndpoint {
             idle_timeout,
             allow,
             max_connections: spec.max_connections.map(|n| n as usize),
-            auth: None,
+            auth: Some(self.auth_spec().mode),
             roles_file: None,
         })
     }
@@ -463,6 +526,27 @@ pub fn crd() -> CustomResourceDefinition {
             nullable: affinity.nullable,
             ..any_object()
         };
+        // The derive describes the enum, not the field.
+        prop(spec, "auth").description = Some(
+            "How clients log in: \"scram\" (checked by pgwake with the verifiers of rolesSecret, before any wake) or \"passthrough\" (the compute checks, after the wake). Unset: \"scram\" with a rolesSecret, else \"passthrough\".".into(),
+        );
+        add_rule(
+            spec,
+            "!has(self.auth) || self.auth != 'scram' || has(self.rolesSecret)",
+            "auth: scram needs a rolesSecret holding the roles' verifiers",
+        );
+        let secret = prop(spec, "rolesSecret");
+        add_rule(
+            prop(secret, "name"),
+            "self.size() <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')",
+            "name is a Secret's name",
+        );
+        add_rule(
+            prop(secret, "key"),
+            "self.size() <= 253 && self.matches('^[-._a-zA-Z0-9]+$')",
+            "key is a key of the Secret's data",
+        );
+        let compute = prop(spec, "compute");
         let resources = prop(compute, "resources");
         for key in ["requests", "limits"] {
             add_rule(
@@ -506,17 +590,44 @@ pub fn crd_yaml() -> String {
 /// Applies watcher events to a routing table. Only ids this source put in the table are ever
 /// changed or removed: an id the config file already routes wins, and the resource is skipped
 /// with a warning.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CrdSync {
     owned: HashSet<EndpointId>,
     /// Ids seen since the last `Init` (a re-list), to drop the ones deleted while the watch
     /// was down once the list is complete.
     relisted: Option<HashSet<EndpointId>>,
+    auth: Option<Arc<dyn AuthSink>>,
+}
+
+impl std::fmt::Debug for CrdSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrdSync")
+            .field("owned", &self.owned)
+            .field("relisted", &self.relisted)
+            .field("auth", &self.auth.is_some())
+            .finish()
+    }
 }
 
 impl CrdSync {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A sync that also tells `auth` how each routed endpoint's clients log in.
+    pub fn with_auth(auth: Arc<dyn AuthSink>) -> Self {
+        Self {
+            auth: Some(auth),
+            ..Self::default()
+        }
+    }
+
+    fn forget(&mut self, table: &RoutingTable, id: &EndpointId) {
+        table.remove_unless_file_owned(id);
+        self.owned.remove(id);
+        if let Some(a) = &self.auth {
+            a.endpoint_auth(id, None);
+        }
     }
 
     /// The ids this source currently routes.
@@ -541,8 +652,7 @@ impl CrdSync {
                 let gone: Vec<EndpointId> = self.owned.difference(&seen).cloned().collect();
                 for id in gone {
                     info!(endpoint = %id, "PgwakeEndpoint gone; endpoint removed");
-                    table.remove_unless_file_owned(&id);
-                    self.owned.remove(&id);
+                    self.forget(table, &id);
                 }
             }
             watcher::Event::Apply(ep) => {
@@ -550,11 +660,19 @@ impl CrdSync {
             }
             watcher::Event::Delete(ep) => {
                 let Ok(id) = ep.endpoint_id() else { return };
-                if self.owned.remove(&id) {
+                if self.owned.contains(&id) {
                     info!(endpoint = %id, "PgwakeEndpoint deleted; endpoint removed");
-                    table.remove_unless_file_owned(&id);
+                    self.forget(table, &id);
                 }
             }
+        }
+    }
+
+    /// The config file took `id` over: its auth is the file's now.
+    fn disown(&mut self, id: &EndpointId) {
+        self.owned.remove(id);
+        if let Some(a) = &self.auth {
+            a.endpoint_auth(id, None);
         }
     }
 
@@ -576,8 +694,12 @@ impl CrdSync {
         let id = route.endpoint.clone();
         if table.is_file_owned(&id) {
             warn!(endpoint = %id, "PgwakeEndpoint skipped: the config file already defines this endpoint");
-            self.owned.remove(&id);
+            self.disown(&id);
             return None;
+        }
+        // Before the route: a login that finds the route finds its auth mode too.
+        if let Some(a) = &self.auth {
+            a.endpoint_auth(&id, Some(&ep.auth_spec()));
         }
         match table.lookup(&id) {
             Some(old) if *old == route => return Some(id),
@@ -585,7 +707,7 @@ impl CrdSync {
             None => info!(endpoint = %id, "PgwakeEndpoint added"),
         }
         if !table.upsert_unless_file_owned(route) {
-            self.owned.remove(&id);
+            self.disown(&id);
             return None;
         }
         self.owned.insert(id.clone());
@@ -607,6 +729,21 @@ pub fn crd_source(
     Store<PgwakeEndpoint>,
     impl Future<Output = ()> + Send + 'static,
 ) {
+    crd_source_with_auth(client, namespace, label_selector, table, None)
+}
+
+/// [`crd_source`] that also tells `auth` how each endpoint's clients log in
+/// ([`CrdSync::with_auth`]).
+pub fn crd_source_with_auth(
+    client: Client,
+    namespace: &str,
+    label_selector: Option<&str>,
+    table: Arc<RoutingTable>,
+    auth: Option<Arc<dyn AuthSink>>,
+) -> (
+    Store<PgwakeEndpoint>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let api: Api<PgwakeEndpoint> = Api::namespaced(client, namespace);
     let mut cfg = watcher::Config::default();
     if let Some(sel) = label_selector {
@@ -616,7 +753,10 @@ pub fn crd_source(
     let events = watcher(api, cfg).default_backoff().reflect(writer);
     let ns = namespace.to_string();
     let run = async move {
-        let mut sync = CrdSync::new();
+        let mut sync = match auth {
+            Some(a) => CrdSync::with_auth(a),
+            None => CrdSync::new(),
+        };
         let mut events = std::pin::pin!(events);
         info!(namespace = %ns, "watching PgwakeEndpoints");
         while let Some(event) = events.next().await {

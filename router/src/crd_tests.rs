@@ -193,6 +193,127 @@ fn sync_never_touches_endpoints_of_the_config_file() {
 }
 
 #[test]
+fn auth_defaults_to_scram_with_a_roles_secret() {
+    let secret = || {
+        Some(RolesSecretRef {
+            name: "r".into(),
+            key: None,
+        })
+    };
+    let spec = |extra: Value| {
+        let mut s = json!({ "compute": { "image": "postgres:16" } });
+        s.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        endpoint("e", s).auth_spec()
+    };
+    assert_eq!(
+        spec(json!({})),
+        EndpointAuthSpec {
+            mode: AuthMode::Passthrough,
+            roles_secret: None
+        }
+    );
+    assert_eq!(
+        spec(json!({ "rolesSecret": { "name": "r" } })),
+        EndpointAuthSpec {
+            mode: AuthMode::Scram,
+            roles_secret: secret()
+        }
+    );
+    assert_eq!(
+        spec(json!({ "auth": "passthrough", "rolesSecret": { "name": "r" } })).mode,
+        AuthMode::Passthrough
+    );
+    let s = spec(json!({ "rolesSecret": { "name": "r", "key": "verifiers" } }));
+    assert_eq!(s.roles_secret.unwrap().key(), "verifiers");
+    assert_eq!(secret().unwrap().key(), "roles");
+    let ep = endpoint(
+        "e",
+        json!({ "compute": { "image": "x" }, "rolesSecret": { "name": "r" } }),
+    );
+    assert_eq!(ep.endpoint_config().unwrap().auth, Some(AuthMode::Scram));
+    // Round trip, as the API server stores it.
+    assert_eq!(
+        serde_json::from_value::<PgwakeEndpoint>(serde_json::to_value(&ep).unwrap()).unwrap(),
+        ep
+    );
+    let crd = serde_json::to_value(crd()).unwrap();
+    assert!(rules_at(&crd, &["spec"])[0].contains("has(self.rolesSecret)"));
+}
+
+/// Records what the sync tells it, and whether the route was in the table by then.
+#[derive(Default)]
+struct Recorder {
+    table: std::sync::Mutex<Option<Arc<RoutingTable>>>,
+    seen: std::sync::Mutex<Vec<(EndpointId, Option<AuthMode>, bool)>>,
+}
+
+impl AuthSink for Recorder {
+    fn endpoint_auth(&self, id: &EndpointId, auth: Option<&EndpointAuthSpec>) {
+        let routed = self
+            .table
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|t| t.lookup(id).is_some());
+        self.seen
+            .lock()
+            .unwrap()
+            .push((id.clone(), auth.map(|a| a.mode), routed));
+    }
+}
+
+#[test]
+fn sync_reports_auth_before_routing_and_after_removal() {
+    let table = Arc::new(RoutingTable::new());
+    table
+        .replace_all(vec![crate::EndpointConfig {
+            id: id("cfg"),
+            backend: BackendSpec::Static {
+                address: "db:5432".into(),
+            },
+            idle_timeout: None,
+            allow: vec![],
+            max_connections: None,
+            auth: None,
+            roles_file: None,
+        }])
+        .unwrap();
+    let rec = Arc::new(Recorder::default());
+    *rec.table.lock().unwrap() = Some(Arc::clone(&table));
+    let mut sync = CrdSync::with_auth(Arc::clone(&rec) as Arc<dyn AuthSink>);
+    let secured = || {
+        endpoint(
+            "a",
+            json!({ "compute": { "image": "postgres:16" }, "rolesSecret": { "name": "r" } }),
+        )
+    };
+    sync.apply(&table, Event::Apply(secured()));
+    sync.apply(&table, Event::Apply(simple("cfg", "postgres:16")));
+    sync.apply(&table, Event::Delete(secured()));
+    sync.apply(&table, Event::Init);
+    sync.apply(&table, Event::InitApply(simple("b", "postgres:16")));
+    sync.apply(&table, Event::InitDone);
+    sync.apply(&table, Event::Init);
+    sync.apply(&table, Event::InitDone);
+    let seen = rec.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            // Told before the route exists.
+            (id("a"), Some(AuthMode::Scram), false),
+            // The config file's endpoint is not this source's.
+            (id("cfg"), None, true),
+            (id("a"), None, false),
+            (id("b"), Some(AuthMode::Passthrough), false),
+            // Gone in the re-list: told once the route is removed.
+            (id("b"), None, false),
+        ]
+    );
+}
+
+#[test]
 fn committed_crd_matches_the_rust_type() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/crd.yaml");
     let committed = std::fs::read_to_string(path).unwrap_or_default();
@@ -377,6 +498,29 @@ fn crd_rules_agree_with_pgwakes_own_parsers() {
             EndpointId::parse(s).is_ok(),
             "{s:?}"
         );
+    }
+    // Secret names are DNS subdomains; data keys are [-._a-zA-Z0-9]+.
+    let secret = pattern(&rules_at(&crd, &["spec", "rolesSecret", "name"])[0]);
+    for (s, ok) in [
+        ("demo-roles", true),
+        ("a.b-c", true),
+        ("a", true),
+        ("Demo", false),
+        ("-a", false),
+        ("a_b", false),
+        ("", false),
+    ] {
+        assert_eq!(secret.is_match(s), ok, "{s:?}");
+    }
+    let key = pattern(&rules_at(&crd, &["spec", "rolesSecret", "key"])[0]);
+    for (s, ok) in [
+        ("roles", true),
+        ("auth_file.txt", true),
+        ("a/b", false),
+        ("a b", false),
+        ("", false),
+    ] {
+        assert_eq!(key.is_match(s), ok, "{s:?}");
     }
 }
 

@@ -37,7 +37,9 @@ pub struct EndpointConfig {
 }
 
 /// How an endpoint authenticates clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// SCRAM at the proxy with the endpoint's verifiers, before any wake.

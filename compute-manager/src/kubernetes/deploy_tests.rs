@@ -395,9 +395,25 @@ pub(super) fn granted(name: &str) -> BTreeSet<Permission> {
         for role in all::<Role>(&every_document(), "Role") {
             let mut set = BTreeSet::new();
             for rule in role.rules.unwrap_or_default() {
-                assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+                assert!(rule.non_resource_urls.is_none());
+                // Names narrow one thing only: the proxies' `get` of roles Secrets
+                // ([`secret_names`]); any other Secret access is refused.
+                let by_name = rule.resource_names.as_ref().is_some_and(|n| !n.is_empty());
+                if rule.resource_names.is_some() {
+                    assert!(by_name, "empty resourceNames allow every name");
+                    assert_eq!(
+                        rule.resources.as_deref(),
+                        Some(&["secrets".to_string()][..])
+                    );
+                    assert_eq!(rule.verbs, ["get"]);
+                }
                 for group in rule.api_groups.unwrap_or_default() {
                     for res in rule.resources.clone().unwrap_or_default() {
+                        assert!(
+                            res != "secrets" || by_name,
+                            "Role {:?} reads Secrets without naming them",
+                            role.metadata.name
+                        );
                         for verb in &rule.verbs {
                             assert!(
                                 ![&group, &res, verb].contains(&&"*".to_string()),
@@ -421,6 +437,17 @@ pub(super) fn granted(name: &str) -> BTreeSet<Permission> {
         .get(name)
         .unwrap_or_else(|| panic!("no Role {name} in deploy/"))
         .clone()
+}
+
+/// The Secrets Role `name` may read, by name.
+fn secret_names(name: &str) -> BTreeSet<String> {
+    all::<Role>(&every_document(), "Role")
+        .into_iter()
+        .filter(|r| r.metadata.name.as_deref() == Some(name))
+        .flat_map(|r| r.rules.unwrap_or_default())
+        .filter(|r| r.resources.as_deref() == Some(&["secrets".to_string()][..]))
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect()
 }
 
 fn permissions(rules: &[(&str, &str, &str)]) -> BTreeSet<Permission> {
@@ -463,14 +490,20 @@ fn roles_grant_exactly_what_the_code_uses() {
         // leader::LeaderElector: get, create when absent, replace (take over, renew, release).
         ("coordination.k8s.io", "leases", "get,create,update"),
     ];
-    let proxy = permissions(&reflector);
-    let single_pod: BTreeSet<Permission> = permissions(&reflector)
+    let roles_secrets = [
+        // The root crate's src/roles_secret.rs: Api<Secret>::get_opt of each rolesSecret,
+        // by name (secret_names); not in the scale-out manager ([auth] roles_secrets = false).
+        ("", "secrets", "get"),
+    ];
+    let proxy: BTreeSet<Permission> = permissions(&reflector)
+        .into_iter()
+        .chain(permissions(&roles_secrets))
+        .collect();
+    let single_pod: BTreeSet<Permission> =
+        proxy.iter().cloned().chain(permissions(&backend)).collect();
+    let manager: BTreeSet<Permission> = permissions(&reflector)
         .into_iter()
         .chain(permissions(&backend))
-        .collect();
-    let manager: BTreeSet<Permission> = single_pod
-        .iter()
-        .cloned()
         .chain(permissions(&election))
         .collect();
     assert_eq!(granted("pgwake-proxy"), proxy);
@@ -541,11 +574,39 @@ pub(super) async fn reflector_permissions() -> BTreeSet<Permission> {
     seen
 }
 
+/// The proxies may read exactly the roles Secrets the example endpoints name, and the
+/// manager, which serves no logins, none (and is configured to read none).
+#[test]
+fn proxies_read_only_the_named_roles_secrets() {
+    let named: BTreeSet<String> = all::<PgwakeEndpoint>(&examples(), "PgwakeEndpoint")
+        .into_iter()
+        .filter_map(|e| e.spec.roles_secret.map(|r| r.name))
+        .collect();
+    assert!(!named.is_empty(), "an example names a roles Secret");
+    for name in &named {
+        find(&examples(), "Secret", name);
+    }
+    assert_eq!(secret_names("pgwake-proxy"), named);
+    assert_eq!(secret_names("pgwake"), named);
+    assert!(secret_names("pgwake-manager").is_empty());
+    assert_eq!(
+        config_toml(&scale_out(), "pgwake-manager-config")["auth"]["roles_secrets"].as_bool(),
+        Some(false)
+    );
+}
+
 #[tokio::test]
 async fn the_proxy_role_is_what_the_reflector_uses() {
-    let used = reflector_permissions().await;
+    let reflector = reflector_permissions().await;
+    // And the roles Secrets' reads, as src/roles_secret_tests.rs sees them (not the
+    // manager's: it reads none).
+    let mut used = reflector.clone();
+    used.insert(permission(
+        &Method::GET,
+        "/api/v1/namespaces/pgwake/secrets/demo-roles",
+    ));
     assert_eq!(used, granted("pgwake-proxy"));
-    assert!(used.is_subset(&granted("pgwake-manager")));
+    assert!(reflector.is_subset(&granted("pgwake-manager")));
     assert!(used.is_subset(&granted("pgwake")));
 }
 
