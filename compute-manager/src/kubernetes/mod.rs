@@ -64,7 +64,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute};
+use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute, StartBlocker};
 
 pub use config::KubernetesConfig;
 pub use leader::{LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership};
@@ -98,6 +98,9 @@ struct Shared {
     /// Starts that go on after their clients gave up (`start_timeout`), by endpoint. The flag
     /// says a new start has taken the compute over; whoever holds the lock decides.
     continued: std::sync::Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<bool>>>>,
+    /// Why each endpoint's latest start had no ready pod yet, for a client whose wait ends
+    /// (`start_blocker`); gone once the start succeeds.
+    pending: std::sync::Mutex<HashMap<EndpointId, Arc<PendingReason>>>,
 }
 
 impl KubernetesBackend {
@@ -118,6 +121,7 @@ impl KubernetesBackend {
                 endpoints: Api::namespaced(client.clone(), &namespace),
                 events: Api::namespaced(client.clone(), &namespace),
                 continued: std::sync::Mutex::new(HashMap::new()),
+                pending: std::sync::Mutex::new(HashMap::new()),
                 client,
                 namespace,
                 cfg,
@@ -183,6 +187,9 @@ impl ComputeBackend for KubernetesBackend {
         // Armed until the compute is handed over: a start that fails or is abandoned from here
         // on scales back down.
         let pending = Arc::new(std::sync::Mutex::new(None));
+        if let Ok(mut p) = s.pending.lock() {
+            p.insert(route.endpoint.clone(), Arc::clone(&pending));
+        }
         let mut cleanup = ScaleDownOnDrop {
             shared: Some(Arc::clone(s)),
             name: name.clone(),
@@ -203,6 +210,13 @@ impl ComputeBackend for KubernetesBackend {
                 return Err(e);
             }
         };
+        if let Ok(mut p) = s.pending.lock() {
+            if p.get(&route.endpoint)
+                .is_some_and(|p| Arc::ptr_eq(p, &pending))
+            {
+                p.remove(&route.endpoint);
+            }
+        }
         let addr = ComputeAddr::new(identity.addr.to_string());
         s.set_status(&route.endpoint, EndpointState::Running, Some(&addr))
             .await;
@@ -246,6 +260,13 @@ impl ComputeBackend for KubernetesBackend {
         ids.sort();
         ids.dedup();
         Ok(ids)
+    }
+
+    fn start_blocker(&self, id: &EndpointId) -> Option<StartBlocker> {
+        let pending = Arc::clone(self.shared.pending.lock().ok()?.get(id)?);
+        let pending = pending.lock().ok()?;
+        let (reason, message) = pending.as_ref()?;
+        Some(workload::start_blocker(reason, message))
     }
 }
 
@@ -495,9 +516,9 @@ impl Shared {
                     match pod_state(&p, port) {
                         PodState::Ready(identity) => return Ok(identity),
                         PodState::Failing { reason, message } => {
-                            return Err(BackendError::StartFailed {
-                                status: reason,
-                                log_tail: message,
+                            return Err(BackendError::Blocked {
+                                blocker: workload::start_blocker(&reason, &message),
+                                message,
                             })
                         }
                         PodState::NotReady => {
@@ -617,6 +638,9 @@ where
 fn failure_reason(e: &BackendError) -> (String, String) {
     match e {
         BackendError::StartFailed { status, log_tail } => (status.clone(), log_tail.clone()),
+        BackendError::Blocked { blocker, message } => {
+            (blocker.reason().to_string(), message.clone())
+        }
         BackendError::StartTimeout(_) => ("StartTimedOut".to_string(), e.to_string()),
         other => ("StartFailed".to_string(), other.to_string()),
     }

@@ -981,7 +981,34 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
     };
     assert_eq!(err.kind(), BackendErrorKind::StartFailed);
     assert!(err.to_string().contains("ImagePullBackOff"), "{err}");
+    // The client's 57P03 says what Kubernetes says, without the image's name.
+    let client = crate::WakeError::Backend(Arc::new(err));
+    assert!(client.retryable());
+    assert_eq!(
+        client.user_message(),
+        "the compute could not start: ImagePullBackOff (image not found)"
+    );
     server.await.unwrap();
+}
+
+/// Kubernetes' messages, as real clusters write them, become a reason word and a class.
+#[test]
+fn start_blockers_class_kubernetes_messages_without_names() {
+    let cases = [
+        ("Unschedulable", "0/3 nodes are available: 3 Insufficient memory. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod.", "Unschedulable (insufficient memory)"),
+        ("Unschedulable", "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.", "Unschedulable (insufficient cpu)"),
+        ("Unschedulable", "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling.", "Unschedulable (volume not bound)"),
+        ("Unschedulable", "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.", "Unschedulable (no node matches)"),
+        ("FailedCreate", "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: exceeded quota: compute, requested: memory=1Gi, used: memory=4Gi, limited: memory=4Gi", "FailedCreate (quota exceeded)"),
+        ("FailedCreate", "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true", "FailedCreate (Pod Security)"),
+        ("FailedCreate", "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: admission webhook \"validate.kyverno.svc-fail\" denied the request", "FailedCreate (admission webhook)"),
+        ("ErrImagePull", "failed to pull and unpack image \"registry.example.com/pg:16\": failed to resolve reference: pull access denied, repository does not exist or may require authorization: server message: insufficient_scope: authorization failed", "ErrImagePull (image pull not authorized)"),
+        ("ContainerCreating", "", "ContainerCreating"),
+    ];
+    for (reason, message, shown) in cases {
+        let b = workload::start_blocker(reason, message);
+        assert_eq!(b.to_string(), shown, "{message}");
+    }
 }
 
 #[tokio::test]
@@ -1483,10 +1510,11 @@ async fn through_the_manager_a_hanging_start_ends_in_wake_timeout_and_is_undone(
             .await
             .ok(sts_json(1, "9001", &hash));
         api.status("Starting", None).await;
-        // Unschedulable, say: the pod stays pending and the watch sees nothing new.
+        // Unschedulable (no StorageClass binds its claim): the pod stays pending and the
+        // watch sees nothing new.
         api.expect(Method::GET, PODS_LIST)
             .await
-            .ok(pod_list("9002", vec![pod_json("9002", "pending")]));
+            .ok(pod_list("9002", vec![pod_json("9002", "unschedulable")]));
         let _hanging = api.expect(Method::GET, &pods_watch("9002")).await;
         // At wake_timeout the manager drops the start; the backend scales back to 0.
         api.get_sts(sts_json(1, "9003", &hash)).await;
@@ -1501,11 +1529,13 @@ async fn through_the_manager_a_hanging_start_ends_in_wake_timeout_and_is_undone(
         Err(e) => e,
         Ok(_) => panic!("woke a compute that never got ready"),
     };
-    assert!(matches!(err, WakeError::Timeout(_)), "{err:?}");
+    // The client is told why, in Kubernetes' reason word and a class of its message, with
+    // no pod, node or claim names.
+    assert!(matches!(err, WakeError::Stalled { .. }), "{err:?}");
     assert!(err.retryable());
     assert_eq!(
         err.user_message(),
-        "the compute did not become ready within 5s"
+        "the compute did not become ready within 5s: Unschedulable (volume not bound)"
     );
     server.await.unwrap();
 }
