@@ -458,6 +458,8 @@ fn roles_grant_exactly_what_the_code_uses() {
         ("pgwake.io", "pgwakeendpoints", "get"),
         // Shared::failure_event: events.create (no patch: each failure is its own Event).
         ("events.k8s.io", "events", "create"),
+        // Shared::failed_create: core events.list by field selector, while a start has no pod.
+        ("", "events", "list"),
     ];
     let election = [
         // leader::LeaderElector: get, create when absent, replace (take over, renew, release).

@@ -31,6 +31,109 @@ const PODS_LIST: &str =
     "/api/v1/namespaces/pgwake/pods?&fieldSelector=metadata.name%3Dpgwake-demo-0&limit=500";
 const POD_IP: &str = "10.244.0.17";
 
+/// The core/v1 Events of StatefulSet pgwake-demo with reason FailedCreate.
+const EVENTS_FAILED_CREATE: &str = "/api/v1/namespaces/pgwake/events?&fieldSelector=involvedObject.kind%3DStatefulSet%2CinvolvedObject.name%3Dpgwake-demo%2Creason%3DFailedCreate";
+
+/// A core/v1 EventList as the API server returns it, with the statefulset-controller's
+/// FailedCreate Events last seen at `ages` (seconds before now) with `messages`.
+fn failed_create_events(rv: &str, events: &[(i64, &str)]) -> Value {
+    let at = |age: i64| {
+        let t =
+            k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(age);
+        t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    };
+    let items: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (age, message))| {
+            json!({
+                "metadata": {
+                    "name": format!("pgwake-demo.18a2f0c4b1d3e5f{i}"),
+                    "namespace": NS,
+                    "uid": format!("7c9e2b1a-4f3d-4e8a-9b6c-2d1e0f3a4b5{i}"),
+                    "resourceVersion": rv,
+                    "creationTimestamp": at(*age + 60),
+                },
+                "involvedObject": {
+                    "kind": "StatefulSet", "namespace": NS, "name": "pgwake-demo",
+                    "uid": "5b0e1c6e-2d7f-4a3e-9a51-0d6f2f1c9a10",
+                    "apiVersion": "apps/v1", "resourceVersion": "9301",
+                },
+                "reason": "FailedCreate",
+                "message": message,
+                "source": { "component": "statefulset-controller" },
+                "firstTimestamp": at(*age + 60),
+                "lastTimestamp": at(*age),
+                "count": 4,
+                "type": "Warning",
+                "eventTime": null,
+                "reportingComponent": "statefulset-controller",
+                "reportingInstance": "",
+            })
+        })
+        .collect();
+    json!({ "kind": "EventList", "apiVersion": "v1", "metadata": { "resourceVersion": rv }, "items": items })
+}
+
+const QUOTA_REFUSAL: &str = "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: exceeded quota: compute, requested: limits.memory=1Gi, used: limits.memory=4Gi, limited: limits.memory=4Gi";
+
+/// A wake from 0 whose StatefulSet creates no pod: the controller's FailedCreate Event ends
+/// it (after `stale` Event lists with only an older refusal), the start is undone, and the
+/// status and an Event say why.
+async fn serve_failed_create(api: &mut ApiServer, hash: &str, stale: usize) -> Value {
+    api.get_sts(sts_json(0, "9300", hash)).await;
+    api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await
+        .ok(sts_json(1, "9301", hash));
+    api.status("Starting", None).await;
+    api.expect(Method::GET, PODS_LIST)
+        .await
+        .ok(pod_list("9302", vec![]));
+    let hanging = api.expect(Method::GET, &pods_watch("9302")).await;
+    let old = "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: violates PodSecurity \"restricted:latest\"";
+    for _ in 0..stale {
+        // From a wake an hour ago: not this one's.
+        api.expect(Method::GET, EVENTS_FAILED_CREATE)
+            .await
+            .ok(failed_create_events("9303", &[(3600, old)]));
+    }
+    api.expect(Method::GET, EVENTS_FAILED_CREATE)
+        .await
+        .ok(failed_create_events(
+            "9304",
+            &[(3600, old), (0, QUOTA_REFUSAL)],
+        ));
+    api.get_sts(sts_json(1, "9305", hash)).await;
+    let patch = api
+        .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await;
+    assert_eq!(patch.body["spec"]["replicas"], 0);
+    patch.ok(sts_json(0, "9306", hash));
+    let status = api.status("Suspended", None).await;
+    let event = api.event("FailedCreate").await;
+    drop(hanging);
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .unwrap()
+        .clone();
+    assert_eq!(failed["reason"], "FailedCreate", "{status}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeded quota"),
+        "{status}"
+    );
+    assert!(
+        event["note"].as_str().unwrap().contains("exceeded quota"),
+        "{event}"
+    );
+    failed
+}
+
 fn pods_watch(rv: &str) -> String {
     format!(
         "/api/v1/namespaces/pgwake/pods?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Dpgwake-demo-0&allowWatchBookmarks=true&resourceVersion={rv}"
@@ -991,6 +1094,33 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
     server.await.unwrap();
 }
 
+/// A quota (or Pod Security, or a webhook) refusing the pod ends the wake at once with the
+/// StatefulSet controller's reason, rather than a bare timeout at wake_timeout.
+#[tokio::test(start_paused = true)]
+async fn a_pod_the_statefulset_cannot_create_ends_the_wake_with_failed_create() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        serve_failed_create(&mut api, &hash, 1).await;
+        api.expect_quiet().await;
+    });
+    let t0 = tokio::time::Instant::now();
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("woke a compute whose pod cannot be created"),
+    };
+    // Two looks at the Events, FAILED_CREATE_CHECK apart, not a wait for wake_timeout.
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(err.kind(), BackendErrorKind::StartFailed);
+    let client = crate::WakeError::Backend(Arc::new(err));
+    assert_eq!(
+        client.user_message(),
+        "the compute could not start: FailedCreate (quota exceeded)"
+    );
+    server.await.unwrap();
+}
+
 /// Kubernetes' messages, as real clusters write them, become a reason word and a class.
 #[test]
 fn start_blockers_class_kubernetes_messages_without_names() {
@@ -1148,6 +1278,16 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
                 .ok(sts_json(0, "9204", &hash));
             api.status("Suspended", None).await;
             api.event("ImagePullBackOff").await;
+            api
+        }
+    );
+    assert_eq!(err.kind(), crate::BackendErrorKind::StartFailed);
+    // And one whose pod the StatefulSet cannot create, which reads its Events.
+    let hash = desired_hash();
+    let (err, mut api) = tokio::join!(
+        async { b.start(&route()).await.err().expect("a refused pod") },
+        async {
+            serve_failed_create(&mut api, &hash, 0).await;
             api
         }
     );

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use pgwake_router::crd::PgwakeEndpoint;
@@ -539,4 +539,16 @@ pub fn start_blocker(reason: &str, message: &str) -> StartBlocker {
         None
     };
     StartBlocker::new(reason, detail)
+}
+
+/// When a (core/v1) Event last happened: its series' last time, else its last timestamp, else
+/// its event time (recorders fill in one or the other).
+pub fn last_seen(event: &CoreEvent) -> Option<k8s_openapi::jiff::Timestamp> {
+    event
+        .series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| event.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| event.event_time.as_ref().map(|t| t.0))
 }
