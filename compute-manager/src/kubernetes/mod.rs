@@ -67,7 +67,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute, StartBlocker};
 
 pub use config::KubernetesConfig;
-pub use leader::{LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership};
+pub use leader::{
+    label_leader_pod, LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership,
+    LABEL_LEADER,
+};
 pub use workload::{
     desired_statefulset, managed_selector, pod_name, pod_state, running_endpoint, workload_name,
     PodIdentity, PodState, ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY, MANAGED_BY,
