@@ -114,6 +114,17 @@ struct Shared {
     /// Why each endpoint's latest start had no ready pod yet, for a client whose wait ends
     /// (`start_blocker`); gone once the start succeeds.
     pending: std::sync::Mutex<HashMap<EndpointId, Arc<PendingReason>>>,
+    /// What was last written to each endpoint's status: conditions whose status does not
+    /// change keep their `lastTransitionTime`, and `observedGeneration` carries over.
+    written: std::sync::Mutex<HashMap<EndpointId, Written>>,
+}
+
+/// An endpoint's status as this manager last wrote it.
+#[derive(Debug, Clone, Default)]
+struct Written {
+    status: Option<PgwakeEndpointStatus>,
+    /// The generation of the resource whose spec the compute was last started from.
+    observed_generation: Option<i64>,
 }
 
 impl KubernetesBackend {
@@ -136,6 +147,7 @@ impl KubernetesBackend {
                 core_events: Api::namespaced(client.clone(), &namespace),
                 continued: std::sync::Mutex::new(HashMap::new()),
                 pending: std::sync::Mutex::new(HashMap::new()),
+                written: std::sync::Mutex::new(HashMap::new()),
                 client,
                 namespace,
                 cfg,
@@ -219,8 +231,14 @@ impl ComputeBackend for KubernetesBackend {
             }),
         };
         if scaled == Scaled::Changed {
-            s.set_status(&route.endpoint, EndpointState::Starting, None)
-                .await;
+            s.write_status(
+                &route.endpoint,
+                EndpointState::Starting,
+                None,
+                None,
+                Some(route),
+            )
+            .await;
         }
         let identity = match s.wait_ready(&name, port, since, &pending).await {
             Ok(identity) => identity,
@@ -238,8 +256,14 @@ impl ComputeBackend for KubernetesBackend {
             }
         }
         let addr = ComputeAddr::new(identity.addr.to_string());
-        s.set_status(&route.endpoint, EndpointState::Running, Some(&addr))
-            .await;
+        s.write_status(
+            &route.endpoint,
+            EndpointState::Running,
+            Some(&addr),
+            None,
+            Some(route),
+        )
+        .await;
         cleanup.shared = None;
         info!(endpoint = %route.endpoint, pod, addr = %addr, "compute pod ready");
         Ok(Box::new(PodCompute {
@@ -629,16 +653,39 @@ impl Shared {
         addr: Option<&ComputeAddr>,
         failure: Option<(String, String)>,
     ) {
+        self.write_status(id, state, addr, failure, None).await
+    }
+
+    /// [`Self::set_status_failed`] by a start of `started_from`: once the resource's spec (as
+    /// the patch returns it) is the one that route was made from, its `metadata.generation`
+    /// is the `observedGeneration` from then on. A manager that has not written an
+    /// endpoint's status yet (after a restart) leaves `observedGeneration` as stored and
+    /// dates every condition now.
+    async fn write_status(
+        &self,
+        id: &EndpointId,
+        state: EndpointState,
+        addr: Option<&ComputeAddr>,
+        failure: Option<(String, String)>,
+        started_from: Option<&Route>,
+    ) {
         if !self.cfg.update_status {
             return;
         }
-        let status = PgwakeEndpointStatus::new(
+        let written = self
+            .written
+            .lock()
+            .ok()
+            .and_then(|w| w.get(id).cloned())
+            .unwrap_or_default();
+        let mut status = PgwakeEndpointStatus::new(
             state,
             addr.map(|a| a.to_string()),
             failure.clone(),
             &k8s_openapi::jiff::Timestamp::now().to_string(),
-            None,
+            written.status.as_ref(),
         );
+        status.observed_generation = written.observed_generation;
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
@@ -646,6 +693,24 @@ impl Shared {
         let patch = Patch::Merge(json!({ "status": status }));
         match self.endpoints.patch_status(id.as_str(), &pp, &patch).await {
             Ok(endpoint) => {
+                let observed_generation = match started_from {
+                    Some(route)
+                        if endpoint.endpoint_config().ok().map(Route::from).as_ref()
+                            == Some(route) =>
+                    {
+                        endpoint.metadata.generation
+                    }
+                    _ => written.observed_generation,
+                };
+                if let Ok(mut w) = self.written.lock() {
+                    w.insert(
+                        id.clone(),
+                        Written {
+                            status: Some(status),
+                            observed_generation,
+                        },
+                    );
+                }
                 if let Some((reason, message)) = &failure {
                     self.failure_event(&endpoint, reason, message).await;
                 }

@@ -264,6 +264,11 @@ impl ApiServer {
     /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time, the
     /// conditions Ready and Suspended following the state. Returns the status written.
     async fn status(&mut self, state: &str, address: Option<&str>) -> Value {
+        self.status_of(state, address, endpoint_json()).await
+    }
+
+    /// [`Self::status`], answered with the resource `ep` (its status replaced).
+    async fn status_of(&mut self, state: &str, address: Option<&str>, ep: Value) -> Value {
         let call = self
             .expect(Method::PATCH, &format!("{STATUS_DEMO}{PATCH_QUERY}"))
             .await;
@@ -288,7 +293,7 @@ impl ApiServer {
         assert_eq!(condition("Ready"), is(state == "Running"), "{status}");
         assert_eq!(condition("Suspended"), is(state == "Suspended"), "{status}");
         let status = status.clone();
-        let mut ep = endpoint_json();
+        let mut ep = ep;
         ep["status"] = status.clone();
         call.ok(ep);
         status
@@ -1118,6 +1123,90 @@ async fn a_pod_the_statefulset_cannot_create_ends_the_wake_with_failed_create() 
         client.user_message(),
         "the compute could not start: FailedCreate (quota exceeded)"
     );
+    server.await.unwrap();
+}
+
+/// The resource `route()` is made from, at `generation`, as the API server returns it.
+fn endpoint_of_route(generation: i64) -> Value {
+    json!({
+        "apiVersion": "pgwake.io/v1",
+        "kind": "PgwakeEndpoint",
+        "metadata": {
+            "name": "demo", "namespace": NS, "uid": "0d9f...", "resourceVersion": "78",
+            "generation": generation, "creationTimestamp": "2026-11-25T11:00:00Z",
+        },
+        "spec": { "compute": {
+            "image": "postgres:16",
+            "envSecret": "demo-postgres",
+            "env": { "PGDATA": "/var/lib/postgresql/data/pgdata" },
+            "resources": { "requests": { "cpu": "250m" } },
+            "storage": { "size": "1Gi" },
+        } }
+    })
+}
+
+fn condition_of<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+/// observedGeneration is the generation whose spec the compute was started from, and a
+/// condition whose status does not change keeps its lastTransitionTime.
+#[tokio::test]
+async fn status_carries_the_observed_generation_and_keeps_unchanged_transition_times() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "9400", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "9401", &hash));
+        // The first write by this manager: no generation known yet.
+        let starting = api.status_of("Starting", None, endpoint_of_route(4)).await;
+        assert!(starting.get("observedGeneration").is_none(), "{starting}");
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9402", vec![pod_json("9402", "ready")]));
+        let running = api
+            .status_of("Running", Some("10.244.0.17:5432"), endpoint_of_route(4))
+            .await;
+        assert_eq!(running["observedGeneration"], 4, "{running}");
+        // Ready went from False to True: a new time. Suspended and Failed stayed False.
+        let at = |s: &Value, t: &str| condition_of(s, t)["lastTransitionTime"].clone();
+        assert_ne!(at(&running, "Ready"), at(&starting, "Ready"));
+        assert_eq!(at(&running, "Suspended"), at(&starting, "Suspended"));
+        assert_eq!(at(&running, "Failed"), at(&starting, "Failed"));
+        (api, running)
+    });
+    let compute = b.start(&route()).await.unwrap();
+    let (mut api, running) = server.await.unwrap();
+    // The spec changes (generation 5) while the compute runs: the suspend does not claim it.
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "9403", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "9404", &hash));
+        let mut changed = endpoint_of_route(5);
+        changed["spec"]["compute"]["image"] = json!("postgres:17");
+        let suspending = api.status_of("Suspending", None, changed.clone()).await;
+        assert_eq!(suspending["observedGeneration"], 4, "{suspending}");
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9405", vec![]));
+        let suspended = api.status_of("Suspended", None, changed).await;
+        assert_eq!(suspended["observedGeneration"], 4, "{suspended}");
+        let at = |s: &Value, t: &str| condition_of(s, t)["lastTransitionTime"].clone();
+        assert_eq!(at(&suspending, "Failed"), at(&running, "Failed"));
+        assert_ne!(at(&suspended, "Suspended"), at(&running, "Suspended"));
+        api.expect_quiet().await;
+    });
+    compute.stop().await.unwrap();
     server.await.unwrap();
 }
 
