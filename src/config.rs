@@ -110,8 +110,9 @@ pub struct ManagerServiceConfig {
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
     /// Several manager replicas, one leader (a `coordination.k8s.io` Lease in the
-    /// `[kubernetes]` namespace): the others refuse wakes and report not ready until they win
-    /// the Lease. Needs `listen` and `[kubernetes]`.
+    /// `[kubernetes]` namespace): the others refuse wakes until they win the Lease; the leader
+    /// labels its pod `pgwake.io/leader=true` for the Service. Needs `listen` and
+    /// `[kubernetes]`.
     #[serde(default)]
     pub leader_election: bool,
     #[serde(default = "d_lease_name")]

@@ -13,11 +13,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgwake_compute_manager::kubernetes::KubernetesBackend;
+use pgwake_compute_manager::kubernetes::{label_leader_pod, KubernetesBackend};
 use pgwake_compute_manager::LeaderOnly;
 use pgwake_compute_manager::{
-    BackendError, Backends, ComputeBackend, ComputeWaker, LeaderElector, LeaderState, Leadership,
-    LocalBackend, Manager, ManagerConfig, ManagerMetrics, RemoteManager, SuspendHook,
+    BackendError, Backends, ComputeBackend, ComputeWaker, LeaderElector, Leadership, LocalBackend,
+    Manager, ManagerConfig, ManagerMetrics, RemoteManager, SuspendHook,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
 use pgwake_proxy::verifiers::VerifierStore;
@@ -363,8 +363,8 @@ impl Wiring<'_> {
         Ok(manager)
     }
 
-    /// `[manager] leader_election`: the elector, and readiness that follows it. Without it
-    /// this process always leads.
+    /// `[manager] leader_election`: the elector, and the leader label on this process's pod
+    /// that follows it. Without it this process always leads.
     fn leader_election(
         &self,
         kubernetes: Option<&KubernetesBackend>,
@@ -379,20 +379,24 @@ impl Wiring<'_> {
             .leader_config(std::env::var("HOSTNAME").ok())
             .map_err(StartError::LeaderElection)?;
         info!(lease = %cfg.lease_name, identity = %cfg.identity, "leader election enabled; standing by until leader");
+        let retry = cfg.retry_period;
         let (elector, leadership) = LeaderElector::new(backend.client(), backend.namespace(), cfg);
-        self.health.set_standby(true);
-        // Ends when the elector does, or with its stage.
-        let (l, h) = (leadership.clone(), Arc::clone(&self.health));
-        self.tasks.spawn(
-            Stage::Election,
-            "readiness follows leadership",
-            |shutdown| async move {
-                tokio::select! {
-                    _ = follow_leadership(l, h) => {}
-                    _ = shutdown => {}
-                }
-            },
-        );
+        // Every replica stays Ready (a rollout must be able to finish); the leader labels its
+        // own pod, and Service pgwake-manager selects that label.
+        match std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")) {
+            Ok(pod) => {
+                let (client, ns, l) = (
+                    backend.client(),
+                    backend.namespace().to_string(),
+                    leadership.clone(),
+                );
+                self.tasks
+                    .spawn(Stage::Election, "leader label", |shutdown| async move {
+                        label_leader_pod(client, &ns, &pod, l, retry, shutdown).await
+                    });
+            }
+            Err(_) => warn!("neither POD_NAME nor HOSTNAME is set: the leader's pod is not labelled, so a Service cannot select it"),
+        }
         self.tasks
             .spawn(Stage::Election, "leader election", |shutdown| async move {
                 if let Err(e) = elector.run(shutdown).await {
@@ -611,18 +615,6 @@ impl Wiring<'_> {
     }
 }
 
-/// Readiness follows leadership: the manager Service then routes the proxies to the leader
-/// only. Ends when the elector does.
-async fn follow_leadership(mut leadership: Leadership, health: Arc<Health>) {
-    loop {
-        let state = leadership.state();
-        health.set_standby(state != LeaderState::Leading);
-        if state == LeaderState::Lost || leadership.changed().await.is_none() {
-            return;
-        }
-    }
-}
-
 /// Binds a listener and reports the address it got (port 0 in tests and configs).
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind { addr, source };
@@ -652,28 +644,3 @@ async fn watch_certificates(store: std::sync::Weak<CertStore>) {
 
 /// Lifts the soft open-files limit to the hard one (see [`pgwake_proxy::fd::raise_limit`]).
 pub use pgwake_proxy::fd::raise_limit as raise_fd_limit;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn readiness_follows_leadership_and_stays_off_once_lost() {
-        let health = Health::new();
-        health.set_standby(true);
-        let (state, leadership) = Leadership::manual(LeaderState::Standby);
-        let task = tokio::spawn(follow_leadership(leadership, Arc::clone(&health)));
-        state.send_replace(LeaderState::Leading);
-        // Let the follower run (cooperative scheduling on this one thread, no clock involved).
-        for _ in 0..100 {
-            if health.is_ready() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(health.is_ready(), "the leader is ready");
-        state.send_replace(LeaderState::Lost);
-        task.await.unwrap();
-        assert!(!health.is_ready(), "a deposed leader is not");
-    }
-}

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use pgwake_router::{EndpointId, Route};
 
-use crate::BackendError;
+use crate::{BackendError, StartBlocker};
 
 /// Where a running compute accepts Postgres connections, as `host:port` (`[v6]:port` for an
 /// IPv6 literal). Only the manager and the routing table produce these: a client never picks the
@@ -83,6 +83,12 @@ pub trait ComputeBackend: Send + Sync + 'static {
     /// default is none, right for computes that die with the process (local `postgres`).
     async fn running_endpoints(&self) -> Result<Vec<EndpointId>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// Why `id`'s start in progress is not done yet, when the platform says so in words a
+    /// client may see: a client whose wait ends is told this rather than a bare timeout.
+    fn start_blocker(&self, _id: &EndpointId) -> Option<StartBlocker> {
+        None
     }
 }
 

@@ -71,6 +71,14 @@ pub enum BackendError {
     StartFailed { status: String, log_tail: String },
     #[error("compute did not become ready within {0:?}")]
     StartTimeout(Duration),
+    /// The platform refuses to run the compute until someone fixes something (an image that
+    /// cannot be pulled, a crash loop, a pod that cannot be created): `blocker` is what the
+    /// client may be told, `message` the platform's full text for the operator.
+    #[error("compute could not start ({blocker}): {message}")]
+    Blocked {
+        blocker: StartBlocker,
+        message: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -96,7 +104,7 @@ impl BackendError {
             Self::DataDir { .. } | Self::InitdbFailed { .. } => BackendErrorKind::DataDirectory,
             Self::DataMissing { .. } => BackendErrorKind::DataMissing,
             Self::DataDirBusy(_) => BackendErrorKind::DataDirectoryBusy,
-            Self::StartFailed { .. } => BackendErrorKind::StartFailed,
+            Self::StartFailed { .. } | Self::Blocked { .. } => BackendErrorKind::StartFailed,
             Self::StartTimeout(_) => BackendErrorKind::StartTimeout,
             Self::Io { .. } => BackendErrorKind::Io,
         }
@@ -109,6 +117,7 @@ impl BackendError {
             Self::StartTimeout(_)
                 | Self::Io { .. }
                 | Self::StartFailed { .. }
+                | Self::Blocked { .. }
                 | Self::DataDirBusy(_)
         )
     }
@@ -120,7 +129,77 @@ impl BackendError {
     /// compute still holds the directory (`DataDirBusy`) or because it refuses the directory.
     /// A `StartTimeout` may include waiting for a previous compute to exit.
     pub fn reached_startup(&self) -> bool {
-        matches!(self, Self::StartFailed { .. } | Self::StartTimeout(_))
+        matches!(
+            self,
+            Self::StartFailed { .. } | Self::StartTimeout(_) | Self::Blocked { .. }
+        )
+    }
+}
+
+/// Why a platform does not run a compute, in words a client may see: the platform's own reason
+/// word (`Unschedulable`, `ImagePullBackOff`, `FailedCreate`) and a short class of the cause
+/// (`insufficient memory`, `quota exceeded`), never names, addresses or the platform's message.
+/// Built only from a reason word kept to letters and a detail from a fixed list, so
+/// nothing else can get in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartBlocker {
+    reason: String,
+    detail: Option<&'static str>,
+}
+
+/// Every detail a [`StartBlocker`] may carry.
+pub const BLOCKER_DETAILS: &[&str] = &[
+    "insufficient cpu",
+    "insufficient memory",
+    "insufficient resources",
+    "volume not bound",
+    "no node matches",
+    "quota exceeded",
+    "Pod Security",
+    "admission webhook",
+    "image not found",
+    "image pull not authorized",
+];
+
+/// Longest reason word kept (Kubernetes' own are CamelCase words well under this).
+const MAX_REASON: usize = 64;
+
+impl StartBlocker {
+    pub fn new(reason: &str, detail: Option<&'static str>) -> Self {
+        let mut reason: String = reason
+            .chars()
+            .filter(char::is_ascii_alphabetic)
+            .take(MAX_REASON)
+            .collect();
+        if reason.is_empty() {
+            reason.push_str("Unknown");
+        }
+        Self { reason, detail }
+    }
+
+    /// A blocker read from another manager's answer: the detail only if it is one this
+    /// version knows (so the wire cannot put anything else in front of a client).
+    pub fn from_wire(reason: &str, detail: Option<&str>) -> Self {
+        let detail = detail.and_then(|d| BLOCKER_DETAILS.iter().copied().find(|k| *k == d));
+        Self::new(reason, detail)
+    }
+
+    /// The platform's reason word.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    pub fn detail(&self) -> Option<&'static str> {
+        self.detail
+    }
+}
+
+impl std::fmt::Display for StartBlocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.detail {
+            Some(d) => write!(f, "{} ({d})", self.reason),
+            None => f.write_str(&self.reason),
+        }
     }
 }
 
@@ -179,6 +258,13 @@ pub enum WakeError {
     Backend(Arc<BackendError>),
     #[error("compute not ready within {0:?}")]
     Timeout(Duration),
+    /// Not ready within the wait, and the platform says why (a pod that cannot be scheduled,
+    /// a volume that does not bind, an image still being pulled).
+    #[error("compute not ready within {after:?}: {blocker}")]
+    Stalled {
+        after: Duration,
+        blocker: StartBlocker,
+    },
     #[error("too many clients waiting for this endpoint")]
     QueueFull,
     #[error("endpoint started too often recently")]
@@ -201,7 +287,7 @@ impl WakeError {
             Self::Backend(e) if e.kind() == BackendErrorKind::Misconfigured => {
                 ErrorSource::Internal
             }
-            Self::Backend(_) | Self::Timeout(_) => ErrorSource::Compute,
+            Self::Backend(_) | Self::Timeout(_) | Self::Stalled { .. } => ErrorSource::Compute,
             Self::QueueFull | Self::RateLimited => ErrorSource::Client,
             Self::ShuttingDown | Self::ManagerUnavailable(_) | Self::NotLeader => {
                 ErrorSource::Internal
@@ -214,6 +300,7 @@ impl WakeError {
         match self {
             Self::Backend(e) => e.retryable(),
             Self::Timeout(_)
+            | Self::Stalled { .. }
             | Self::QueueFull
             | Self::RateLimited
             | Self::ShuttingDown
@@ -226,7 +313,7 @@ impl WakeError {
     pub fn kind(&self) -> WakeErrorKind {
         match self {
             Self::Backend(e) => WakeErrorKind::Backend(e.kind()),
-            Self::Timeout(_) => WakeErrorKind::Timeout,
+            Self::Timeout(_) | Self::Stalled { .. } => WakeErrorKind::Timeout,
             Self::QueueFull => WakeErrorKind::QueueFull,
             Self::RateLimited => WakeErrorKind::RateLimited,
             Self::ShuttingDown => WakeErrorKind::ShuttingDown,
@@ -239,11 +326,20 @@ impl WakeError {
     /// What the client is told: the cause class, never paths, commands or log lines.
     pub fn user_message(&self) -> String {
         match self {
-            Self::Backend(e) => format!(
-                "the compute could not be started ({}); the operator has the details",
-                e.kind().as_str().replace('_', " ")
-            ),
+            Self::Backend(e) => match &**e {
+                BackendError::Blocked { blocker, .. } => {
+                    format!("the compute could not start: {blocker}")
+                }
+                e => format!(
+                    "the compute could not be started ({}); the operator has the details",
+                    e.kind().as_str().replace('_', " ")
+                ),
+            },
             Self::Timeout(d) => format!("the compute did not become ready within {}s", d.as_secs()),
+            Self::Stalled { after, blocker } => format!(
+                "the compute did not become ready within {}s: {blocker}",
+                after.as_secs()
+            ),
             Self::QueueFull => "too many clients are waiting for this endpoint to start".into(),
             Self::RateLimited => {
                 "the endpoint was started too often recently; retry in a minute".into()
@@ -296,6 +392,29 @@ mod tests {
             assert_eq!(WakeErrorKind::from_wire(name), Some(kind));
         }
         assert_eq!(WakeErrorKind::from_wire("bad_endpoint"), None);
+    }
+
+    #[test]
+    fn a_start_blocker_shows_only_its_reason_word_and_detail_class() {
+        let b = StartBlocker::new("Unschedulable", Some("insufficient memory"));
+        let e = WakeError::Backend(Arc::new(BackendError::Blocked {
+            blocker: b.clone(),
+            message: "0/3 nodes are available: 3 Insufficient memory. pod pgwake-demo-0".into(),
+        }));
+        assert_eq!(
+            e.user_message(),
+            "the compute could not start: Unschedulable (insufficient memory)"
+        );
+        let e = WakeError::Stalled {
+            after: Duration::from_secs(5),
+            blocker: StartBlocker::new("Bad reason: 10.0.0.1/pod-x", None),
+        };
+        assert_eq!(
+            e.user_message(),
+            "the compute did not become ready within 5s: Badreasonpodx"
+        );
+        assert_eq!(e.kind(), WakeErrorKind::Timeout);
+        assert!(e.retryable());
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub mod waker;
 
 pub use api::{serve_api, serve_http, RemoteManager};
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
-pub use error::{BackendError, BackendErrorKind, ErrorSource, WakeError, WakeErrorKind};
+pub use error::{
+    BackendError, BackendErrorKind, ErrorSource, StartBlocker, WakeError, WakeErrorKind,
+};
 pub use kubernetes::{
     KubernetesBackend, KubernetesConfig, LeaderConfig, LeaderElector, LeaderError, LeaderState,
     Leadership,

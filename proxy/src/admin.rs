@@ -23,9 +23,6 @@ pub struct Health {
     /// (the `PgwakeEndpoint` resources): until then an endpoint that exists would be refused
     /// as unknown, so a load balancer must not send clients yet.
     routes_loaded: watch::Sender<bool>,
-    /// True while this process is a standby compute manager (leader election): the manager
-    /// Service must send the proxies' wakes to the leader only.
-    standby: AtomicBool,
 }
 
 impl Health {
@@ -33,7 +30,6 @@ impl Health {
         Arc::new(Self {
             ready: AtomicBool::new(true),
             routes_loaded: watch::Sender::new(true),
-            standby: AtomicBool::new(false),
         })
     }
 
@@ -55,16 +51,10 @@ impl Health {
         self.routes_loaded.subscribe()
     }
 
-    pub fn set_standby(&self, standby: bool) {
-        self.standby.store(standby, Ordering::Release);
-    }
-
-    pub fn standby(&self) -> bool {
-        self.standby.load(Ordering::Acquire)
-    }
-
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.routes_loaded() && !self.standby()
+        // Not leadership: a standby compute manager is Ready too, so that its Deployment's
+        // rollouts complete; its Service selects the leader by a pod label instead.
+        self.ready.load(Ordering::Acquire) && self.routes_loaded()
     }
 }
 
@@ -106,10 +96,6 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" if health.standby() => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "standby: another compute manager is the leader\n",
-        ),
         "/readyz" if !health.routes_loaded() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "routing table not loaded yet\n",
@@ -139,12 +125,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readyz_of_a_standby_manager_is_503_until_it_leads() {
+    async fn readyz_is_503_until_the_routes_are_loaded() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let health = Health::new();
-        health.set_standby(true);
+        health.set_routes_loaded(false);
         tokio::spawn(serve(
             listener,
             Registry::new(),
@@ -161,19 +147,10 @@ mod tests {
         };
         let r = get("/readyz").await;
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
-        assert!(r.contains("standby"), "{r}");
-        // Alive all the same: the liveness probe must not restart a standby.
+        assert!(r.contains("routing table not loaded yet"), "{r}");
+        // Alive all the same: the liveness probe must not restart it.
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-        health.set_standby(false);
+        health.set_routes_loaded(true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-    }
-
-    #[test]
-    fn a_standby_manager_is_not_ready() {
-        let h = Health::new();
-        h.set_standby(true);
-        assert!(!h.is_ready());
-        h.set_standby(false);
-        assert!(h.is_ready());
     }
 }

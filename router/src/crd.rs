@@ -240,6 +240,10 @@ pub struct PgwakeEndpointStatus {
     /// read conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<EndpointCondition>,
+    /// The `metadata.generation` whose spec the compute was last started from. Left out (so
+    /// kept as stored) when the manager does not know it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// One of the status conditions ([`PgwakeEndpointStatus::conditions`]).
@@ -299,6 +303,7 @@ impl PgwakeEndpointStatus {
                 condition("Suspended", state == EndpointState::Suspended, None, None),
                 condition("Failed", failed, reason, message),
             ],
+            observed_generation: None,
         }
     }
 

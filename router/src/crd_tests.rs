@@ -338,10 +338,12 @@ fn crd_has_the_status_subresource_and_round_trips() {
         address: Some("10.0.0.5:5432".into()),
         last_activity: Some("2026-11-25T12:00:00Z".into()),
         conditions: vec![],
+        observed_generation: Some(3),
     });
     let json = serde_json::to_value(&ep).unwrap();
     assert_eq!(json["status"]["state"], "Running");
     assert_eq!(json["status"]["lastActivity"], "2026-11-25T12:00:00Z");
+    assert_eq!(json["status"]["observedGeneration"], 3);
     assert_eq!(serde_json::from_value::<PgwakeEndpoint>(json).unwrap(), ep);
 }
 

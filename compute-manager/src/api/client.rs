@@ -11,7 +11,9 @@ use tracing::{debug, warn};
 
 use super::types::{ActivityReport, ErrorBody, WakeResponse};
 use crate::manager::Sessions;
-use crate::{Attached, ComputeAddr, ComputeWaker, SessionLease, WakeError, WakeErrorKind};
+use crate::{
+    Attached, ComputeAddr, ComputeWaker, SessionLease, StartBlocker, WakeError, WakeErrorKind,
+};
 
 /// The proxy's side of the API.
 pub struct RemoteManager {
@@ -183,7 +185,13 @@ impl RemoteManager {
         let e: ErrorBody = serde_json::from_slice(&body)
             .map_err(|e| WakeError::ManagerUnavailable(format!("HTTP {status}: {e}")))?;
         Err(match WakeErrorKind::from_wire(&e.kind) {
-            Some(WakeErrorKind::Timeout) => WakeError::Timeout(self.wake_timeout),
+            Some(WakeErrorKind::Timeout) => match e.blocker {
+                Some(b) => WakeError::Stalled {
+                    after: self.wake_timeout,
+                    blocker: StartBlocker::from_wire(&b.reason, b.detail.as_deref()),
+                },
+                None => WakeError::Timeout(self.wake_timeout),
+            },
             Some(WakeErrorKind::QueueFull) => WakeError::QueueFull,
             Some(WakeErrorKind::RateLimited) => WakeError::RateLimited,
             Some(WakeErrorKind::ShuttingDown) => WakeError::ShuttingDown,

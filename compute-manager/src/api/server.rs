@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use super::types::{
-    ActivityReport, ApiErrorKind, ErrorBody, StatusBody, WakeResponse, MAX_REPLICA_ID_LEN,
-    MAX_REPORT_BYTES,
+    ActivityReport, ApiErrorKind, BlockerBody, ErrorBody, StatusBody, WakeResponse,
+    MAX_REPLICA_ID_LEN, MAX_REPORT_BYTES,
 };
 use crate::{Leadership, Manager, WakeError};
 
@@ -117,6 +117,7 @@ fn error(
             kind: kind.as_str().into(),
             retryable,
             message,
+            blocker: None,
         },
     )
 }
@@ -174,11 +175,21 @@ async fn route_request(
                             }
                             _ => StatusCode::SERVICE_UNAVAILABLE,
                         };
-                        error(
+                        let blocker = match &e {
+                            WakeError::Stalled { blocker, .. } => Some(BlockerBody {
+                                reason: blocker.reason().into(),
+                                detail: blocker.detail().map(Into::into),
+                            }),
+                            _ => None,
+                        };
+                        json(
                             status,
-                            ApiErrorKind::Wake(e.kind()),
-                            e.retryable(),
-                            e.user_message(),
+                            &ErrorBody {
+                                kind: ApiErrorKind::Wake(e.kind()).as_str().into(),
+                                retryable: e.retryable(),
+                                message: e.user_message(),
+                                blocker,
+                            },
                         )
                     }
                 },

@@ -142,6 +142,72 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A backend whose start never ends, and which says why (as a pod that cannot be scheduled).
+struct Stuck;
+
+#[async_trait]
+impl ComputeBackend for Stuck {
+    async fn start(&self, _route: &Route) -> Result<Box<dyn RunningCompute>, BackendError> {
+        std::future::pending().await
+    }
+
+    fn start_blocker(&self, _id: &EndpointId) -> Option<crate::StartBlocker> {
+        Some(crate::StartBlocker::new(
+            "Unschedulable",
+            Some("insufficient memory"),
+        ))
+    }
+}
+
+/// A wake that times out at the manager tells a proxy on the other side of the API why, as
+/// the proxy's own manager would.
+#[tokio::test]
+async fn a_remote_proxy_learns_why_a_wake_timed_out() {
+    let wake_timeout = Duration::from_secs(1);
+    let manager = Manager::new(
+        ManagerConfig {
+            wake_timeout,
+            ..ManagerConfig::default()
+        },
+        Backends::all(Arc::new(Stuck) as _),
+        ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let table = Arc::new(RoutingTable::new());
+    let route = Route {
+        endpoint: EndpointId::parse("ep").unwrap(),
+        backend: BackendSpec::Local {
+            settings: BTreeMap::new(),
+        },
+        idle_timeout: None,
+        allow: Vec::new(),
+        max_connections: None,
+    };
+    table.upsert(route.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve_api(
+        listener,
+        manager,
+        table,
+        crate::Leadership::always(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let remote = RemoteManager::new(&format!("http://{api}"), wake_timeout).unwrap();
+    let e = match remote.wake(&Arc::new(route)).await {
+        Err(e) => e,
+        Ok(_) => panic!("woke a compute that never starts"),
+    };
+    assert!(matches!(e, WakeError::Stalled { .. }), "{e:?}");
+    assert!(e.retryable());
+    assert_eq!(
+        e.user_message(),
+        "the compute did not become ready within 1s: Unschedulable (insufficient memory)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_held_through_a_remote_manager_keeps_its_compute() {
     let h = harness().await;

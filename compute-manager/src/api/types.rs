@@ -41,6 +41,18 @@ pub struct ErrorBody {
     pub retryable: bool,
     /// Already stripped of internals (it is what a client may be shown).
     pub message: String,
+    /// With a `timeout`: why the platform had not started the compute yet. Absent from older
+    /// managers' answers, ignored by older proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocker: Option<BlockerBody>,
+}
+
+/// A [`crate::StartBlocker`] on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlockerBody {
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// The most an activity report may be: some 20,000 endpoints at once, far beyond one proxy's

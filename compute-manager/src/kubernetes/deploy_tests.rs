@@ -485,10 +485,14 @@ fn roles_grant_exactly_what_the_code_uses() {
         ("pgwake.io", "pgwakeendpoints", "get"),
         // Shared::failure_event: events.create (no patch: each failure is its own Event).
         ("events.k8s.io", "events", "create"),
+        // Shared::failed_create: core events.list by field selector, while a start has no pod.
+        ("", "events", "list"),
     ];
     let election = [
         // leader::LeaderElector: get, create when absent, replace (take over, renew, release).
         ("coordination.k8s.io", "leases", "get,create,update"),
+        // leader::label_leader_pod: the leader's label on its own pod (a merge patch).
+        ("", "pods", "patch"),
     ];
     let roles_secrets = [
         // The root crate's src/roles_secret.rs: Api<Secret>::get_opt of each rolesSecret,
@@ -760,7 +764,9 @@ fn check_selectors(docs: &Docs) {
     let mut selectors = Vec::new();
     for svc in all::<Service>(docs, "Service") {
         let spec = svc.spec.unwrap();
-        let sel = spec.selector.unwrap();
+        let mut sel = spec.selector.unwrap();
+        // Put on one of its pods at run time by the leading manager, not in any template.
+        sel.remove(super::LABEL_LEADER);
         let (_, _, c) = pods(selected(&deployments, &sel));
         for p in spec.ports.unwrap() {
             container_port(&c, named_port(p.target_port.as_ref().unwrap()));
@@ -813,19 +819,36 @@ fn scale_out_proxies_reach_the_one_manager_through_its_service() {
     assert_eq!(pod.service_account_name.as_deref(), Some("pgwake-manager"));
     let mt = &configs["pgwake-manager"];
     assert_eq!(mt["manager"]["leader_election"].as_bool(), Some(true));
-    // Only the leader is Ready: a rollout that waited for new pods to be Ready would never
-    // end, so it replaces every pod at once (the Lease keeps leaders from overlapping).
+    // Both replicas are Ready (readiness does not follow leadership), so a rollout can wait
+    // for each new pod: one at a time, a new one up before an old one goes, and `kubectl
+    // rollout status` completes (the Lease keeps leaders from overlapping).
     let strategy = spec.strategy.unwrap();
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     let rolling = strategy.rolling_update.unwrap();
-    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
-    assert_eq!(
-        rolling.max_unavailable,
-        Some(IntOrString::String("100%".into()))
-    );
-    // The Service routes to Ready pods, and /readyz is where a standby says it is not ready.
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
     let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
     assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    // The Service reaches the leader by the label it puts on its own pod (label_leader_pod),
+    // named by the downward API.
+    let svc: Service = get(&docs, "Service", "pgwake-manager");
+    let selector = svc.spec.unwrap().selector.unwrap();
+    assert_eq!(
+        selector.get(super::LABEL_LEADER).map(String::as_str),
+        Some("true")
+    );
+    assert!(!manager_labels.contains_key(super::LABEL_LEADER));
+    let pod_name = c
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "POD_NAME")
+        .expect("POD_NAME env");
+    assert_eq!(
+        pod_name.value_from.unwrap().field_ref.unwrap().field_path,
+        "metadata.name"
+    );
     // The Lease identity is the pod name.
     let hostname = c
         .env
@@ -870,7 +893,10 @@ fn scale_out_proxies_reach_the_one_manager_through_its_service() {
     let svc: Service = get(&docs, "Service", "pgwake-manager");
     let svc = svc.spec.unwrap();
     assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
-    assert_eq!(svc.selector.as_ref().unwrap(), &manager_labels);
+    // The manager pods' labels, and the leader's.
+    let mut leader_labels = manager_labels.clone();
+    leader_labels.insert(super::LABEL_LEADER.into(), "true".into());
+    assert_eq!(svc.selector.as_ref().unwrap(), &leader_labels);
     let sp = svc.ports.unwrap().into_iter().next().unwrap();
     assert_eq!(sp.port, port.parse::<i32>().unwrap());
     assert_eq!(

@@ -32,9 +32,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease as CoordinationLease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -425,6 +427,75 @@ impl LeaderElector {
             }
         }
     }
+}
+
+/// The label the leading manager keeps on its own pod; Service `pgwake-manager` selects it, so
+/// the proxies reach the leader while every replica stays Ready (a standby that is not Ready
+/// would keep a Deployment's rollout from ever completing).
+pub const LABEL_LEADER: &str = "pgwake.io/leader";
+
+/// Keeps [`LABEL_LEADER`]`: "true"` on pod `pod` while `leadership` says this process leads,
+/// and removes it otherwise: at start (a restarted container keeps its pod, and the pod its
+/// labels), on losing leadership, when the elector stops and when `shutdown` resolves.
+///
+/// Best effort: a failed patch is tried again every `retry`, and a stale label is harmless (a
+/// standby's API answers 503 `not_leader`, which the proxies retry). A 404 means this process
+/// does not run in pod `pod` (outside Kubernetes, or a wrong name): it stops labelling.
+pub async fn label_leader_pod(
+    client: Client,
+    namespace: &str,
+    pod: &str,
+    mut leadership: Leadership,
+    retry: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    tokio::pin!(shutdown);
+    // What the pod carries as far as this process knows; unknown at first.
+    let mut labelled: Option<bool> = None;
+    loop {
+        let want = leadership.is_leader();
+        if labelled != Some(want) {
+            match set_leader_label(&pods, pod, want).await {
+                Ok(()) => labelled = Some(want),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    warn!(pod, "no pod of this name to label as leader; the manager Service cannot select the leader");
+                    return;
+                }
+                Err(e) => {
+                    warn!(pod, error = %e, leader = want, "could not update the leader label; retrying")
+                }
+            }
+        }
+        let settled = labelled == Some(want);
+        tokio::select! {
+            state = leadership.changed() => {
+                if state.is_none() {
+                    break;
+                }
+            }
+            () = tokio::time::sleep(retry), if !settled => {}
+            () = &mut shutdown => break,
+        }
+    }
+    if labelled != Some(false) {
+        if let Err(e) = set_leader_label(&pods, pod, false).await {
+            warn!(pod, error = %e, "could not remove the leader label");
+        }
+    }
+}
+
+/// Merge-patches [`LABEL_LEADER`] on `pod`: `"true"`, or null (removed).
+async fn set_leader_label(pods: &Api<Pod>, pod: &str, leader: bool) -> Result<(), kube::Error> {
+    let value = if leader { json!("true") } else { Value::Null };
+    let patch = json!({ "metadata": { "labels": { LABEL_LEADER: value } } });
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    pods.patch(pod, &pp, &Patch::Merge(&patch)).await?;
+    info!(pod, leader, "leader label updated");
+    Ok(())
 }
 
 fn secs(d: Duration) -> i32 {

@@ -486,3 +486,122 @@ fn durations_must_stop_a_deposed_leader_before_a_successor_starts() {
         assert!(errs.contains(needle), "{needle}: {errs}");
     }
 }
+
+const MY_POD: &str =
+    "/api/v1/namespaces/pgwake/pods/pgwake-manager-6d4f9-abcde?&fieldManager=pgwake";
+
+/// The manager's pod as the API server answers a patch of its labels.
+fn manager_pod(leader: Option<&str>) -> Value {
+    let mut labels = json!({
+        "app.kubernetes.io/name": "pgwake",
+        "app.kubernetes.io/component": "manager",
+        "pod-template-hash": "6d4f9",
+    });
+    if let Some(v) = leader {
+        labels[LABEL_LEADER] = json!(v);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": ME,
+            "generateName": "pgwake-manager-6d4f9-",
+            "namespace": "pgwake",
+            "uid": "0f6a3c2e-8b1d-4c5e-9f7a-1b2c3d4e5f60",
+            "resourceVersion": "4242",
+            "labels": labels,
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "pgwake-manager-6d4f9",
+                "uid": "2a9b8c7d-6e5f-4a3b-8c1d-0e9f8a7b6c5d", "controller": true,
+                "blockOwnerDeletion": true
+            }]
+        },
+        "spec": { "containers": [{ "name": "pgwake", "image": "pgwake:dev" }] },
+        "status": { "phase": "Running", "podIP": "10.244.0.9" }
+    })
+}
+
+struct LabelRun {
+    api: ApiServer,
+    state: watch::Sender<LeaderState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+fn start_labelling() -> LabelRun {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let (state, leadership) = Leadership::manual(LeaderState::Standby);
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(label_leader_pod(
+        Client::new(service, "default"),
+        "pgwake",
+        ME,
+        leadership,
+        DEFAULT_RETRY_PERIOD,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    LabelRun {
+        api: ApiServer {
+            handle,
+            start: Instant::now(),
+            seen: BTreeSet::new(),
+        },
+        state,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl LabelRun {
+    /// The next request is a merge patch setting the leader label to `value` (null: removed).
+    async fn label(&mut self, value: Value) -> Call {
+        let call = self.api.expect(Method::PATCH, MY_POD).await;
+        assert_eq!(
+            call.body,
+            json!({ "metadata": { "labels": { LABEL_LEADER: value } } })
+        );
+        call
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_leader_labels_its_pod_and_a_lost_leadership_removes_the_label() {
+    let mut run = start_labelling();
+    // On standby at start: a label left from before a container restart goes.
+    run.label(Value::Null).await.reply(200, manager_pod(None));
+    run.api.expect_quiet().await;
+    run.state.send_replace(LeaderState::Leading);
+    let first = run.label(json!("true")).await;
+    let at = first.at;
+    first.fail(503, "ServiceUnavailable");
+    // Tried again after the retry period.
+    let again = run.label(json!("true")).await;
+    assert_eq!(again.at - at, DEFAULT_RETRY_PERIOD);
+    again.reply(200, manager_pod(Some("true")));
+    run.api.expect_quiet().await;
+    run.state.send_replace(LeaderState::Lost);
+    run.label(Value::Null).await.reply(200, manager_pod(None));
+    // The elector ends after a loss: nothing left to remove.
+    drop(run.state);
+    run.task.await.unwrap();
+    run.api.expect_quiet().await;
+    let pods: BTreeSet<Permission> = [("".to_string(), "pods".to_string(), "patch".to_string())]
+        .into_iter()
+        .collect();
+    assert_eq!(run.api.seen, pods);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_removes_the_leader_label() {
+    let mut run = start_labelling();
+    run.state.send_replace(LeaderState::Leading);
+    run.label(json!("true"))
+        .await
+        .reply(200, manager_pod(Some("true")));
+    run.stop.take().unwrap().send(()).unwrap();
+    run.label(Value::Null).await.reply(200, manager_pod(None));
+    run.task.await.unwrap();
+    run.api.expect_quiet().await;
+}

@@ -53,7 +53,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watch_object};
@@ -64,10 +64,13 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute};
+use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute, StartBlocker};
 
 pub use config::KubernetesConfig;
-pub use leader::{LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership};
+pub use leader::{
+    label_leader_pod, LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership,
+    LABEL_LEADER,
+};
 pub use workload::{
     desired_statefulset, managed_selector, pod_name, pod_state, running_endpoint, workload_name,
     PodIdentity, PodState, ANNOTATION_TEMPLATE_HASH, LABEL_ENDPOINT, LABEL_MANAGED_BY, MANAGED_BY,
@@ -80,6 +83,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Conflicts (another writer got there first) in a row before giving up; each one means
 /// progress by someone, so this only guards against a livelock.
 const MAX_CONFLICTS: u32 = 10;
+/// How long a StatefulSet at 1 may have no pod before its Events are read for a
+/// `FailedCreate`, and how often again while it still has none.
+const FAILED_CREATE_CHECK: Duration = Duration::from_secs(2);
+/// How much older than the start a `FailedCreate` Event may look and still count (the API
+/// server's clock is not ours).
+const CLOCK_SLACK: k8s_openapi::jiff::SignedDuration =
+    k8s_openapi::jiff::SignedDuration::from_secs(5);
 
 /// Runs computes as StatefulSets in one namespace. Cheap to clone.
 #[derive(Clone)]
@@ -95,9 +105,26 @@ struct Shared {
     pods: Api<Pod>,
     endpoints: Api<PgwakeEndpoint>,
     events: Api<K8sEvent>,
+    /// The core/v1 view of Events, where the StatefulSet controller's `FailedCreate` is found
+    /// by field selector.
+    core_events: Api<CoreEvent>,
     /// Starts that go on after their clients gave up (`start_timeout`), by endpoint. The flag
     /// says a new start has taken the compute over; whoever holds the lock decides.
     continued: std::sync::Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<bool>>>>,
+    /// Why each endpoint's latest start had no ready pod yet, for a client whose wait ends
+    /// (`start_blocker`); gone once the start succeeds.
+    pending: std::sync::Mutex<HashMap<EndpointId, Arc<PendingReason>>>,
+    /// What was last written to each endpoint's status: conditions whose status does not
+    /// change keep their `lastTransitionTime`, and `observedGeneration` carries over.
+    written: std::sync::Mutex<HashMap<EndpointId, Written>>,
+}
+
+/// An endpoint's status as this manager last wrote it.
+#[derive(Debug, Clone, Default)]
+struct Written {
+    status: Option<PgwakeEndpointStatus>,
+    /// The generation of the resource whose spec the compute was last started from.
+    observed_generation: Option<i64>,
 }
 
 impl KubernetesBackend {
@@ -117,7 +144,10 @@ impl KubernetesBackend {
                 pods: Api::namespaced(client.clone(), &namespace),
                 endpoints: Api::namespaced(client.clone(), &namespace),
                 events: Api::namespaced(client.clone(), &namespace),
+                core_events: Api::namespaced(client.clone(), &namespace),
                 continued: std::sync::Mutex::new(HashMap::new()),
+                pending: std::sync::Mutex::new(HashMap::new()),
+                written: std::sync::Mutex::new(HashMap::new()),
                 client,
                 namespace,
                 cfg,
@@ -165,6 +195,8 @@ impl ComputeBackend for KubernetesBackend {
         }
         let desired = desired_statefulset(&s.cfg, &s.namespace, route)?;
         let started = Instant::now();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let since = now.checked_sub(CLOCK_SLACK).unwrap_or(now);
         // A start that went on without clients (start_timeout) is taken over: it leaves the
         // StatefulSet alone from now on, or has already scaled it back to 0 when this gets
         // the lock.
@@ -183,19 +215,32 @@ impl ComputeBackend for KubernetesBackend {
         // Armed until the compute is handed over: a start that fails or is abandoned from here
         // on scales back down.
         let pending = Arc::new(std::sync::Mutex::new(None));
+        if let Ok(mut p) = s.pending.lock() {
+            p.insert(route.endpoint.clone(), Arc::clone(&pending));
+        }
         let mut cleanup = ScaleDownOnDrop {
             shared: Some(Arc::clone(s)),
             name: name.clone(),
             id: route.endpoint.clone(),
             failure: None,
             pending: Arc::clone(&pending),
-            go_on: s.cfg.start_timeout.map(|t| (port, started + t)),
+            go_on: s.cfg.start_timeout.map(|t| GoOn {
+                port,
+                deadline: started + t,
+                since,
+            }),
         };
         if scaled == Scaled::Changed {
-            s.set_status(&route.endpoint, EndpointState::Starting, None)
-                .await;
+            s.write_status(
+                &route.endpoint,
+                EndpointState::Starting,
+                None,
+                None,
+                Some(route),
+            )
+            .await;
         }
-        let identity = match s.wait_ready(&name, port, &pending).await {
+        let identity = match s.wait_ready(&name, port, since, &pending).await {
             Ok(identity) => identity,
             Err(e) => {
                 // The status written after scaling back down says why (condition Failed).
@@ -203,9 +248,22 @@ impl ComputeBackend for KubernetesBackend {
                 return Err(e);
             }
         };
+        if let Ok(mut p) = s.pending.lock() {
+            if p.get(&route.endpoint)
+                .is_some_and(|p| Arc::ptr_eq(p, &pending))
+            {
+                p.remove(&route.endpoint);
+            }
+        }
         let addr = ComputeAddr::new(identity.addr.to_string());
-        s.set_status(&route.endpoint, EndpointState::Running, Some(&addr))
-            .await;
+        s.write_status(
+            &route.endpoint,
+            EndpointState::Running,
+            Some(&addr),
+            None,
+            Some(route),
+        )
+        .await;
         cleanup.shared = None;
         info!(endpoint = %route.endpoint, pod, addr = %addr, "compute pod ready");
         Ok(Box::new(PodCompute {
@@ -246,6 +304,13 @@ impl ComputeBackend for KubernetesBackend {
         ids.sort();
         ids.dedup();
         Ok(ids)
+    }
+
+    fn start_blocker(&self, id: &EndpointId) -> Option<StartBlocker> {
+        let pending = Arc::clone(self.shared.pending.lock().ok()?.get(id)?);
+        let pending = pending.lock().ok()?;
+        let (reason, message) = pending.as_ref()?;
+        Some(workload::start_blocker(reason, message))
     }
 }
 
@@ -466,10 +531,16 @@ impl Shared {
     /// Watches the pod of StatefulSet `name` until it is ready, or its containers are
     /// failing. Meanwhile `pending` holds why it is not ready yet, in Kubernetes' words, for
     /// the status written if the start is abandoned.
+    ///
+    /// A StatefulSet that creates no pod says why only in an Event: while there is no pod,
+    /// its `FailedCreate` Events since `since` are read every [`FAILED_CREATE_CHECK`], and one
+    /// ends the wait (a quota, Pod Security admission or a webhook refuses the pod until
+    /// someone acts).
     async fn wait_ready(
         &self,
         name: &str,
         port: u16,
+        since: k8s_openapi::jiff::Timestamp,
         pending: &PendingReason,
     ) -> Result<PodIdentity, BackendError> {
         let pod = pod_name(name);
@@ -482,22 +553,39 @@ impl Shared {
                 *slot = reason;
             }
         };
+        let mut look_for_failed_create: Option<Instant> = None;
         loop {
-            match next(&mut events).await? {
+            let event = tokio::select! {
+                e = next(&mut events) => e?,
+                () = sleep_until_opt(look_for_failed_create) => {
+                    look_for_failed_create = Some(Instant::now() + FAILED_CREATE_CHECK);
+                    if let Some(message) = self.failed_create(name, since).await {
+                        return Err(BackendError::Blocked {
+                            blocker: workload::start_blocker("FailedCreate", &message),
+                            message,
+                        });
+                    }
+                    continue;
+                }
+            };
+            match event {
                 Err(e) => retry.failed("watch compute pod", e.into()).await?,
                 Ok(None) => {
                     retry.succeeded();
                     set_pending(Some(workload::no_pod_reason(name)));
+                    look_for_failed_create
+                        .get_or_insert_with(|| Instant::now() + FAILED_CREATE_CHECK);
                 }
                 Ok(Some(p)) => {
                     retry.succeeded();
+                    look_for_failed_create = None;
                     set_pending(workload::pending_reason(&p));
                     match pod_state(&p, port) {
                         PodState::Ready(identity) => return Ok(identity),
                         PodState::Failing { reason, message } => {
-                            return Err(BackendError::StartFailed {
-                                status: reason,
-                                log_tail: message,
+                            return Err(BackendError::Blocked {
+                                blocker: workload::start_blocker(&reason, &message),
+                                message,
                             })
                         }
                         PodState::NotReady => {
@@ -511,6 +599,31 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The message of the StatefulSet controller's latest `FailedCreate` Event for `name` seen
+    /// since `since`. Best effort: a failed read leaves the wait to its timeout, as before.
+    async fn failed_create(
+        &self,
+        name: &str,
+        since: k8s_openapi::jiff::Timestamp,
+    ) -> Option<String> {
+        let lp = ListParams::default().fields(&format!(
+            "involvedObject.kind=StatefulSet,involvedObject.name={name},reason=FailedCreate"
+        ));
+        let list = match self.core_events.list(&lp).await {
+            Ok(list) => list,
+            Err(e) => {
+                debug!(statefulset = name, error = %e, "could not read its events");
+                return None;
+            }
+        };
+        list.items
+            .into_iter()
+            .filter_map(|e| Some((workload::last_seen(&e)?, e.message?)))
+            .filter(|(seen, _)| *seen >= since)
+            .max_by_key(|(seen, _)| *seen)
+            .map(|(_, message)| message)
     }
 
     /// Watches pod `pod` until it is gone.
@@ -540,16 +653,39 @@ impl Shared {
         addr: Option<&ComputeAddr>,
         failure: Option<(String, String)>,
     ) {
+        self.write_status(id, state, addr, failure, None).await
+    }
+
+    /// [`Self::set_status_failed`] by a start of `started_from`: once the resource's spec (as
+    /// the patch returns it) is the one that route was made from, its `metadata.generation`
+    /// is the `observedGeneration` from then on. A manager that has not written an
+    /// endpoint's status yet (after a restart) leaves `observedGeneration` as stored and
+    /// dates every condition now.
+    async fn write_status(
+        &self,
+        id: &EndpointId,
+        state: EndpointState,
+        addr: Option<&ComputeAddr>,
+        failure: Option<(String, String)>,
+        started_from: Option<&Route>,
+    ) {
         if !self.cfg.update_status {
             return;
         }
-        let status = PgwakeEndpointStatus::new(
+        let written = self
+            .written
+            .lock()
+            .ok()
+            .and_then(|w| w.get(id).cloned())
+            .unwrap_or_default();
+        let mut status = PgwakeEndpointStatus::new(
             state,
             addr.map(|a| a.to_string()),
             failure.clone(),
             &k8s_openapi::jiff::Timestamp::now().to_string(),
-            None,
+            written.status.as_ref(),
         );
+        status.observed_generation = written.observed_generation;
         let pp = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
@@ -557,6 +693,24 @@ impl Shared {
         let patch = Patch::Merge(json!({ "status": status }));
         match self.endpoints.patch_status(id.as_str(), &pp, &patch).await {
             Ok(endpoint) => {
+                let observed_generation = match started_from {
+                    Some(route)
+                        if endpoint.endpoint_config().ok().map(Route::from).as_ref()
+                            == Some(route) =>
+                    {
+                        endpoint.metadata.generation
+                    }
+                    _ => written.observed_generation,
+                };
+                if let Ok(mut w) = self.written.lock() {
+                    w.insert(
+                        id.clone(),
+                        Written {
+                            status: Some(status),
+                            observed_generation,
+                        },
+                    );
+                }
                 if let Some((reason, message)) = &failure {
                     self.failure_event(&endpoint, reason, message).await;
                 }
@@ -617,6 +771,9 @@ where
 fn failure_reason(e: &BackendError) -> (String, String) {
     match e {
         BackendError::StartFailed { status, log_tail } => (status.clone(), log_tail.clone()),
+        BackendError::Blocked { blocker, message } => {
+            (blocker.reason().to_string(), message.clone())
+        }
         BackendError::StartTimeout(_) => ("StartTimedOut".to_string(), e.to_string()),
         other => ("StartFailed".to_string(), other.to_string()),
     }
@@ -634,9 +791,20 @@ struct ScaleDownOnDrop {
     /// up), whose status then says why its pod was still not ready (`pending`).
     failure: Option<(String, String)>,
     pending: Arc<PendingReason>,
-    /// With `start_timeout`: the compute's port and the start's deadline. An abandoned start
-    /// then goes on until its pod is ready or the deadline passes.
-    go_on: Option<(u16, Instant)>,
+    /// With `start_timeout`: an abandoned start then goes on until its pod is ready or the
+    /// deadline passes.
+    go_on: Option<GoOn>,
+}
+
+/// How an abandoned start goes on (`start_timeout`).
+#[derive(Clone, Copy)]
+struct GoOn {
+    /// The compute's port.
+    port: u16,
+    /// The start's deadline.
+    deadline: Instant,
+    /// When the start began, by the wall clock less [`CLOCK_SLACK`], for `wait_ready`.
+    since: k8s_openapi::jiff::Timestamp,
 }
 
 impl Drop for ScaleDownOnDrop {
@@ -648,18 +816,15 @@ impl Drop for ScaleDownOnDrop {
             return;
         };
         let (name, id) = (std::mem::take(&mut self.name), self.id.clone());
-        if let (None, Some((port, deadline))) = (&self.failure, self.go_on) {
-            if deadline > Instant::now() {
+        if let (None, Some(go_on)) = (&self.failure, self.go_on) {
+            if go_on.deadline > Instant::now() {
                 let slot = Arc::new(tokio::sync::Mutex::new(false));
                 if let Ok(mut c) = shared.continued.lock() {
                     c.insert(id.clone(), Arc::clone(&slot));
                 }
                 let pending = Arc::clone(&self.pending);
                 let span = tracing::info_span!("continued_start", endpoint = %id);
-                rt.spawn(
-                    continue_start(shared, id, name, port, deadline, pending, slot)
-                        .instrument(span),
-                );
+                rt.spawn(continue_start(shared, id, name, go_on, pending, slot).instrument(span));
                 return;
             }
         }
@@ -695,13 +860,18 @@ async fn continue_start(
     shared: Arc<Shared>,
     id: EndpointId,
     name: String,
-    port: u16,
-    deadline: Instant,
+    go_on: GoOn,
     pending: Arc<PendingReason>,
     slot: Arc<tokio::sync::Mutex<bool>>,
 ) {
+    let GoOn {
+        port,
+        deadline,
+        since,
+    } = go_on;
     info!("no client waits for the compute any more; its start goes on");
-    let outcome = tokio::time::timeout_at(deadline, shared.wait_ready(&name, port, &pending)).await;
+    let outcome =
+        tokio::time::timeout_at(deadline, shared.wait_ready(&name, port, since, &pending)).await;
     // Held until the StatefulSet is back at 0, so that a start taking over waits for that.
     let taken_over = slot.lock().await;
     if *taken_over {

@@ -31,6 +31,109 @@ const PODS_LIST: &str =
     "/api/v1/namespaces/pgwake/pods?&fieldSelector=metadata.name%3Dpgwake-demo-0&limit=500";
 const POD_IP: &str = "10.244.0.17";
 
+/// The core/v1 Events of StatefulSet pgwake-demo with reason FailedCreate.
+const EVENTS_FAILED_CREATE: &str = "/api/v1/namespaces/pgwake/events?&fieldSelector=involvedObject.kind%3DStatefulSet%2CinvolvedObject.name%3Dpgwake-demo%2Creason%3DFailedCreate";
+
+/// A core/v1 EventList as the API server returns it, with the statefulset-controller's
+/// FailedCreate Events last seen at `ages` (seconds before now) with `messages`.
+fn failed_create_events(rv: &str, events: &[(i64, &str)]) -> Value {
+    let at = |age: i64| {
+        let t =
+            k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(age);
+        t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    };
+    let items: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (age, message))| {
+            json!({
+                "metadata": {
+                    "name": format!("pgwake-demo.18a2f0c4b1d3e5f{i}"),
+                    "namespace": NS,
+                    "uid": format!("7c9e2b1a-4f3d-4e8a-9b6c-2d1e0f3a4b5{i}"),
+                    "resourceVersion": rv,
+                    "creationTimestamp": at(*age + 60),
+                },
+                "involvedObject": {
+                    "kind": "StatefulSet", "namespace": NS, "name": "pgwake-demo",
+                    "uid": "5b0e1c6e-2d7f-4a3e-9a51-0d6f2f1c9a10",
+                    "apiVersion": "apps/v1", "resourceVersion": "9301",
+                },
+                "reason": "FailedCreate",
+                "message": message,
+                "source": { "component": "statefulset-controller" },
+                "firstTimestamp": at(*age + 60),
+                "lastTimestamp": at(*age),
+                "count": 4,
+                "type": "Warning",
+                "eventTime": null,
+                "reportingComponent": "statefulset-controller",
+                "reportingInstance": "",
+            })
+        })
+        .collect();
+    json!({ "kind": "EventList", "apiVersion": "v1", "metadata": { "resourceVersion": rv }, "items": items })
+}
+
+const QUOTA_REFUSAL: &str = "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: exceeded quota: compute, requested: limits.memory=1Gi, used: limits.memory=4Gi, limited: limits.memory=4Gi";
+
+/// A wake from 0 whose StatefulSet creates no pod: the controller's FailedCreate Event ends
+/// it (after `stale` Event lists with only an older refusal), the start is undone, and the
+/// status and an Event say why.
+async fn serve_failed_create(api: &mut ApiServer, hash: &str, stale: usize) -> Value {
+    api.get_sts(sts_json(0, "9300", hash)).await;
+    api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await
+        .ok(sts_json(1, "9301", hash));
+    api.status("Starting", None).await;
+    api.expect(Method::GET, PODS_LIST)
+        .await
+        .ok(pod_list("9302", vec![]));
+    let hanging = api.expect(Method::GET, &pods_watch("9302")).await;
+    let old = "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: violates PodSecurity \"restricted:latest\"";
+    for _ in 0..stale {
+        // From a wake an hour ago: not this one's.
+        api.expect(Method::GET, EVENTS_FAILED_CREATE)
+            .await
+            .ok(failed_create_events("9303", &[(3600, old)]));
+    }
+    api.expect(Method::GET, EVENTS_FAILED_CREATE)
+        .await
+        .ok(failed_create_events(
+            "9304",
+            &[(3600, old), (0, QUOTA_REFUSAL)],
+        ));
+    api.get_sts(sts_json(1, "9305", hash)).await;
+    let patch = api
+        .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+        .await;
+    assert_eq!(patch.body["spec"]["replicas"], 0);
+    patch.ok(sts_json(0, "9306", hash));
+    let status = api.status("Suspended", None).await;
+    let event = api.event("FailedCreate").await;
+    drop(hanging);
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .unwrap()
+        .clone();
+    assert_eq!(failed["reason"], "FailedCreate", "{status}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeded quota"),
+        "{status}"
+    );
+    assert!(
+        event["note"].as_str().unwrap().contains("exceeded quota"),
+        "{event}"
+    );
+    failed
+}
+
 fn pods_watch(rv: &str) -> String {
     format!(
         "/api/v1/namespaces/pgwake/pods?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Dpgwake-demo-0&allowWatchBookmarks=true&resourceVersion={rv}"
@@ -161,6 +264,11 @@ impl ApiServer {
     /// A status patch: state and address as given, lastActivity a fresh RFC 3339 time, the
     /// conditions Ready and Suspended following the state. Returns the status written.
     async fn status(&mut self, state: &str, address: Option<&str>) -> Value {
+        self.status_of(state, address, endpoint_json()).await
+    }
+
+    /// [`Self::status`], answered with the resource `ep` (its status replaced).
+    async fn status_of(&mut self, state: &str, address: Option<&str>, ep: Value) -> Value {
         let call = self
             .expect(Method::PATCH, &format!("{STATUS_DEMO}{PATCH_QUERY}"))
             .await;
@@ -185,7 +293,7 @@ impl ApiServer {
         assert_eq!(condition("Ready"), is(state == "Running"), "{status}");
         assert_eq!(condition("Suspended"), is(state == "Suspended"), "{status}");
         let status = status.clone();
-        let mut ep = endpoint_json();
+        let mut ep = ep;
         ep["status"] = status.clone();
         call.ok(ep);
         status
@@ -981,7 +1089,145 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
     };
     assert_eq!(err.kind(), BackendErrorKind::StartFailed);
     assert!(err.to_string().contains("ImagePullBackOff"), "{err}");
+    // The client's 57P03 says what Kubernetes says, without the image's name.
+    let client = crate::WakeError::Backend(Arc::new(err));
+    assert!(client.retryable());
+    assert_eq!(
+        client.user_message(),
+        "the compute could not start: ImagePullBackOff (image not found)"
+    );
     server.await.unwrap();
+}
+
+/// A quota (or Pod Security, or a webhook) refusing the pod ends the wake at once with the
+/// StatefulSet controller's reason, rather than a bare timeout at wake_timeout.
+#[tokio::test(start_paused = true)]
+async fn a_pod_the_statefulset_cannot_create_ends_the_wake_with_failed_create() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        serve_failed_create(&mut api, &hash, 1).await;
+        api.expect_quiet().await;
+    });
+    let t0 = tokio::time::Instant::now();
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("woke a compute whose pod cannot be created"),
+    };
+    // Two looks at the Events, FAILED_CREATE_CHECK apart, not a wait for wake_timeout.
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(err.kind(), BackendErrorKind::StartFailed);
+    let client = crate::WakeError::Backend(Arc::new(err));
+    assert_eq!(
+        client.user_message(),
+        "the compute could not start: FailedCreate (quota exceeded)"
+    );
+    server.await.unwrap();
+}
+
+/// The resource `route()` is made from, at `generation`, as the API server returns it.
+fn endpoint_of_route(generation: i64) -> Value {
+    json!({
+        "apiVersion": "pgwake.io/v1",
+        "kind": "PgwakeEndpoint",
+        "metadata": {
+            "name": "demo", "namespace": NS, "uid": "0d9f...", "resourceVersion": "78",
+            "generation": generation, "creationTimestamp": "2026-11-25T11:00:00Z",
+        },
+        "spec": { "compute": {
+            "image": "postgres:16",
+            "envSecret": "demo-postgres",
+            "env": { "PGDATA": "/var/lib/postgresql/data/pgdata" },
+            "resources": { "requests": { "cpu": "250m" } },
+            "storage": { "size": "1Gi" },
+        } }
+    })
+}
+
+fn condition_of<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+/// observedGeneration is the generation whose spec the compute was started from, and a
+/// condition whose status does not change keeps its lastTransitionTime.
+#[tokio::test]
+async fn status_carries_the_observed_generation_and_keeps_unchanged_transition_times() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(0, "9400", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(1, "9401", &hash));
+        // The first write by this manager: no generation known yet.
+        let starting = api.status_of("Starting", None, endpoint_of_route(4)).await;
+        assert!(starting.get("observedGeneration").is_none(), "{starting}");
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9402", vec![pod_json("9402", "ready")]));
+        let running = api
+            .status_of("Running", Some("10.244.0.17:5432"), endpoint_of_route(4))
+            .await;
+        assert_eq!(running["observedGeneration"], 4, "{running}");
+        // Ready went from False to True: a new time. Suspended and Failed stayed False.
+        let at = |s: &Value, t: &str| condition_of(s, t)["lastTransitionTime"].clone();
+        assert_ne!(at(&running, "Ready"), at(&starting, "Ready"));
+        assert_eq!(at(&running, "Suspended"), at(&starting, "Suspended"));
+        assert_eq!(at(&running, "Failed"), at(&starting, "Failed"));
+        (api, running)
+    });
+    let compute = b.start(&route()).await.unwrap();
+    let (mut api, running) = server.await.unwrap();
+    // The spec changes (generation 5) while the compute runs: the suspend does not claim it.
+    let hash = desired_hash();
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "9403", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "9404", &hash));
+        let mut changed = endpoint_of_route(5);
+        changed["spec"]["compute"]["image"] = json!("postgres:17");
+        let suspending = api.status_of("Suspending", None, changed.clone()).await;
+        assert_eq!(suspending["observedGeneration"], 4, "{suspending}");
+        api.expect(Method::GET, PODS_LIST)
+            .await
+            .ok(pod_list("9405", vec![]));
+        let suspended = api.status_of("Suspended", None, changed).await;
+        assert_eq!(suspended["observedGeneration"], 4, "{suspended}");
+        let at = |s: &Value, t: &str| condition_of(s, t)["lastTransitionTime"].clone();
+        assert_eq!(at(&suspending, "Failed"), at(&running, "Failed"));
+        assert_ne!(at(&suspended, "Suspended"), at(&running, "Suspended"));
+        api.expect_quiet().await;
+    });
+    compute.stop().await.unwrap();
+    server.await.unwrap();
+}
+
+/// Kubernetes' messages, as real clusters write them, become a reason word and a class.
+#[test]
+fn start_blockers_class_kubernetes_messages_without_names() {
+    let cases = [
+        ("Unschedulable", "0/3 nodes are available: 3 Insufficient memory. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod.", "Unschedulable (insufficient memory)"),
+        ("Unschedulable", "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.", "Unschedulable (insufficient cpu)"),
+        ("Unschedulable", "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling.", "Unschedulable (volume not bound)"),
+        ("Unschedulable", "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.", "Unschedulable (no node matches)"),
+        ("FailedCreate", "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: exceeded quota: compute, requested: memory=1Gi, used: memory=4Gi, limited: memory=4Gi", "FailedCreate (quota exceeded)"),
+        ("FailedCreate", "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true", "FailedCreate (Pod Security)"),
+        ("FailedCreate", "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: admission webhook \"validate.kyverno.svc-fail\" denied the request", "FailedCreate (admission webhook)"),
+        ("ErrImagePull", "failed to pull and unpack image \"registry.example.com/pg:16\": failed to resolve reference: pull access denied, repository does not exist or may require authorization: server message: insufficient_scope: authorization failed", "ErrImagePull (image pull not authorized)"),
+        ("ContainerCreating", "", "ContainerCreating"),
+    ];
+    for (reason, message, shown) in cases {
+        let b = workload::start_blocker(reason, message);
+        assert_eq!(b.to_string(), shown, "{message}");
+    }
 }
 
 #[tokio::test]
@@ -1125,6 +1371,16 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
         }
     );
     assert_eq!(err.kind(), crate::BackendErrorKind::StartFailed);
+    // And one whose pod the StatefulSet cannot create, which reads its Events.
+    let hash = desired_hash();
+    let (err, mut api) = tokio::join!(
+        async { b.start(&route()).await.err().expect("a refused pod") },
+        async {
+            serve_failed_create(&mut api, &hash, 0).await;
+            api
+        }
+    );
+    assert_eq!(err.kind(), crate::BackendErrorKind::StartFailed);
     api.expect_quiet().await;
     let mut used = api.seen;
     used.extend(reflector_permissions().await);
@@ -1135,6 +1391,8 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
         let granted: BTreeSet<Permission> = granted(role)
             .into_iter()
             .filter(|(group, res, _)| group != "coordination.k8s.io" && res != "secrets")
+            // And the leader label on the manager's own pod (leader_tests.rs too).
+            .filter(|p| *p != (String::new(), "pods".to_string(), "patch".to_string()))
             .collect();
         assert_eq!(used, granted, "Role {role}");
     }
@@ -1484,10 +1742,11 @@ async fn through_the_manager_a_hanging_start_ends_in_wake_timeout_and_is_undone(
             .await
             .ok(sts_json(1, "9001", &hash));
         api.status("Starting", None).await;
-        // Unschedulable, say: the pod stays pending and the watch sees nothing new.
+        // Unschedulable (no StorageClass binds its claim): the pod stays pending and the
+        // watch sees nothing new.
         api.expect(Method::GET, PODS_LIST)
             .await
-            .ok(pod_list("9002", vec![pod_json("9002", "pending")]));
+            .ok(pod_list("9002", vec![pod_json("9002", "unschedulable")]));
         let _hanging = api.expect(Method::GET, &pods_watch("9002")).await;
         // At wake_timeout the manager drops the start; the backend scales back to 0.
         api.get_sts(sts_json(1, "9003", &hash)).await;
@@ -1502,11 +1761,13 @@ async fn through_the_manager_a_hanging_start_ends_in_wake_timeout_and_is_undone(
         Err(e) => e,
         Ok(_) => panic!("woke a compute that never got ready"),
     };
-    assert!(matches!(err, WakeError::Timeout(_)), "{err:?}");
+    // The client is told why, in Kubernetes' reason word and a class of its message, with
+    // no pod, node or claim names.
+    assert!(matches!(err, WakeError::Stalled { .. }), "{err:?}");
     assert!(err.retryable());
     assert_eq!(
         err.user_message(),
-        "the compute did not become ready within 5s"
+        "the compute did not become ready within 5s: Unschedulable (volume not bound)"
     );
     server.await.unwrap();
 }

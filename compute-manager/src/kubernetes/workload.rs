@@ -4,8 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use pgwake_router::crd::PgwakeEndpoint;
@@ -13,7 +13,7 @@ use pgwake_router::{BackendSpec, EndpointId, Route};
 use serde_json::{json, Value};
 
 use super::KubernetesConfig;
-use crate::BackendError;
+use crate::{BackendError, StartBlocker};
 
 pub const LABEL_ENDPOINT: &str = "pgwake.io/endpoint";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -501,4 +501,54 @@ pub fn pod_state(pod: &Pod, port: u16) -> PodState {
         }),
         _ => PodState::NotReady,
     }
+}
+
+/// What a client may be told of why a pod does not run: Kubernetes' reason word and a class of
+/// its message (the message itself names nodes, pods, quotas and images: for the operator).
+pub fn start_blocker(reason: &str, message: &str) -> StartBlocker {
+    let m = message.to_ascii_lowercase();
+    let image = matches!(reason, "ErrImagePull" | "ImagePullBackOff");
+    let detail = if image {
+        if m.contains("not found") || m.contains("manifest unknown") {
+            Some("image not found")
+        } else if m.contains("unauthorized") || m.contains("denied") || m.contains("authoriz") {
+            Some("image pull not authorized")
+        } else {
+            None
+        }
+    } else if m.contains("insufficient memory") {
+        Some("insufficient memory")
+    } else if m.contains("insufficient cpu") {
+        Some("insufficient cpu")
+    } else if m.contains("insufficient") {
+        Some("insufficient resources")
+    } else if m.contains("unbound") && m.contains("persistentvolumeclaim") {
+        Some("volume not bound")
+    } else if m.contains("node affinity")
+        || m.contains("node selector")
+        || m.contains("untolerated taint")
+    {
+        Some("no node matches")
+    } else if m.contains("exceeded quota") {
+        Some("quota exceeded")
+    } else if m.contains("podsecurity") {
+        Some("Pod Security")
+    } else if m.contains("admission webhook") {
+        Some("admission webhook")
+    } else {
+        None
+    };
+    StartBlocker::new(reason, detail)
+}
+
+/// When a (core/v1) Event last happened: its series' last time, else its last timestamp, else
+/// its event time (recorders fill in one or the other).
+pub fn last_seen(event: &CoreEvent) -> Option<k8s_openapi::jiff::Timestamp> {
+    event
+        .series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| event.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| event.event_time.as_ref().map(|t| t.0))
 }

@@ -363,7 +363,18 @@ impl Manager {
                 .await
                 .is_err()
             {
-                return Some(Err(WakeError::Timeout(wake_timeout)));
+                let blocker = self
+                    .backends
+                    .for_spec(&route.backend)
+                    .ok()
+                    .and_then(|b| b.start_blocker(&route.endpoint));
+                return Some(Err(match blocker {
+                    Some(blocker) => WakeError::Stalled {
+                        after: wake_timeout,
+                        blocker,
+                    },
+                    None => WakeError::Timeout(wake_timeout),
+                }));
             }
         }
     }
