@@ -23,6 +23,8 @@ pub struct Config {
     pub local: LocalConfig,
     pub limits: LimitsConfig,
     pub admin: AdminConfig,
+    /// `[http]`: the serverless drivers' listener (Postgres over WebSocket).
+    pub http: pgwake_proxy::serverless::HttpConfig,
     pub tls: TlsConfig,
     pub manager: ManagerServiceConfig,
     /// Present: the Kubernetes backend is enabled (and, unless `watch_endpoints = false`,
@@ -279,6 +281,8 @@ impl Section for LimitsConfig {
 
 impl Section for AdminConfig {}
 
+impl Section for pgwake_proxy::serverless::HttpConfig {}
+
 impl Section for AuthConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         if self.learn_interval.is_zero() {
@@ -463,6 +467,7 @@ impl Config {
             local: load.section("local"),
             limits: load.section("limits"),
             admin: load.section("admin"),
+            http: load.section("http"),
             tls: load.section("tls"),
             manager: load.section("manager"),
             kubernetes: load.section("kubernetes"),

@@ -1,0 +1,120 @@
+//! The serverless driver `@neondatabase/serverless` (real, from npm) through pgwake's
+//! `[http]` listener: Postgres over WebSocket into real computes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+
+const PASSWORD: &str = "sekrit";
+
+fn driver_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// Whether node and the driver (`npm ci` in tests/drivers) are there; skips (or, under
+/// `PGWAKE_REQUIRE_DRIVERS`, fails) as tests/drivers.rs does.
+fn have_neon_driver() -> bool {
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let installed = driver_dir()
+        .join("node_modules/@neondatabase/serverless/package.json")
+        .exists();
+    if node && installed {
+        return true;
+    }
+    assert!(
+        std::env::var_os("PGWAKE_REQUIRE_DRIVERS").is_none(),
+        "node and @neondatabase/serverless are required (cd tests/drivers && npm ci)"
+    );
+    eprintln!("SKIPPED: node or @neondatabase/serverless missing (cd tests/drivers && npm ci)");
+    false
+}
+
+/// Computes that require SCRAM with one role `postgres`/[`PASSWORD`]; with `roles_file`, the
+/// endpoint checks logins at the proxy too (`auth = "scram"`), otherwise it is passthrough.
+fn scram_computes(dir: &Path, roles_file: bool) -> (String, String) {
+    let verifier = postgres_protocol::password::scram_sha_256(PASSWORD.as_bytes());
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, format!("{verifier}\n")).unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[local]\nauth = \"scram-sha-256\"\ninitdb_args = [\"--no-sync\", \"--pwfile={}\"]\n",
+        pwfile.display()
+    );
+    let mut endpoint = "[[endpoint]]\nid = \"demo\"\nbackend = \"local\"\n".to_string();
+    if roles_file {
+        let roles = dir.join("demo.roles");
+        std::fs::write(&roles, format!("\"postgres\" \"{verifier}\"\n")).unwrap();
+        endpoint += &format!("roles_file = \"{}\"\n", roles.display());
+    }
+    (extra, endpoint)
+}
+
+/// Runs tests/drivers/`script` with `args` and returns its stdout, failing on a non-zero exit.
+async fn node(script: &str, args: Vec<String>) -> String {
+    let path = driver_dir().join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(path)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "node failed: {stderr}\nstdout: {}",
+        stdout(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const WS_OK: &str = "select1 1\nparams 42 hé {\"a\":[1,2]}\ntx 2\nerror 22012\nafter error 2\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neon_driver_over_websocket_with_login_at_the_proxy() {
+    if !have_neon_driver() {
+        return;
+    }
+    let dir = tempdir();
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let args = vec![
+        port.to_string(),
+        "demo".into(),
+        PASSWORD.into(),
+        "scram".into(),
+    ];
+    let out = node("neon_ws.mjs", args).await;
+    assert_eq!(out, format!("{WS_OK}wrong password 28P01\n"));
+    assert_eq!(env.stats("demo").unwrap().starts, 1);
+    env.stop().await;
+}
+
+/// A passthrough endpoint: the compute asks for SCRAM, and pgwake answers it with the
+/// cleartext password the driver pipelined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neon_driver_over_websocket_passthrough() {
+    if !have_neon_driver() {
+        return;
+    }
+    let dir = tempdir();
+    let (extra, endpoint) = scram_computes(dir.path(), false);
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let out = node(
+        "neon_ws.mjs",
+        vec![port.to_string(), "demo".into(), PASSWORD.into()],
+    )
+    .await;
+    assert_eq!(out, WS_OK);
+    env.stop().await;
+}
