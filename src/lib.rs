@@ -585,10 +585,11 @@ impl Wiring<'_> {
             return Ok(None);
         };
         let (l, bound) = bind(a).await?;
-        info!(addr = %bound, "serverless listener (WebSocket) listening");
-        let p = Arc::clone(proxy);
-        self.tasks
-            .spawn(Stage::Serve, "http", |shutdown| p.serve_http(l, shutdown));
+        info!(addr = %bound, "serverless listener (WebSocket, /sql) listening");
+        let (p, cfg) = (Arc::clone(proxy), self.config.http.clone());
+        self.tasks.spawn(Stage::Serve, "http", |shutdown| {
+            p.serve_http(l, cfg, shutdown)
+        });
         Ok(Some(bound))
     }
 

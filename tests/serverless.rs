@@ -118,3 +118,33 @@ async fn neon_driver_over_websocket_passthrough() {
     assert_eq!(out, WS_OK);
     env.stop().await;
 }
+
+/// `neon()`: queries, types, batches (committed and rolled back), errors with their SQLSTATE,
+/// and a wrong password refused at the proxy before any wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neon_driver_sql_over_http() {
+    if !have_neon_driver() {
+        return;
+    }
+    let dir = tempdir();
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let args = vec![port.to_string(), "demo".into(), PASSWORD.into()];
+    let out = node("neon_http.mjs", args).await;
+    assert_eq!(
+        out,
+        "params 42 hé null\n\
+         types 9007199254740993 1.50 {\"a\":[1,2]} [1,2,3] 0102 2024-01-02T03:04:05.000Z [4,5]\n\
+         full SELECT 2 a 23 [[1],[2]]\n\
+         batch 2 1\n\
+         batch error 22012\n\
+         rolled back 1\n\
+         read only 25006\n\
+         error 22012\n\
+         syntax 42601\n\
+         wrong password 28P01\n"
+    );
+    assert_eq!(env.stats("demo").unwrap().starts, 1);
+    env.stop().await;
+}

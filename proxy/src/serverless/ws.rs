@@ -116,7 +116,7 @@ pub(super) fn upgrade(
 }
 
 /// `host:port`, `[v6]:port` or `host` → the host.
-fn host_without_port(h: &str) -> String {
+pub(super) fn host_without_port(h: &str) -> String {
     let h = h.trim();
     if let Some(rest) = h.strip_prefix('[') {
         return rest.split(']').next().unwrap_or_default().to_string();
@@ -124,15 +124,16 @@ fn host_without_port(h: &str) -> String {
     h.rsplit_once(':').map_or(h, |(host, _)| host).to_string()
 }
 
-/// One query parameter, percent-decoded; `None` when absent or not valid UTF-8.
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+/// One query parameter, percent-decoded (`+` is a plus, as in `encodeURIComponent` output);
+/// `None` when absent or not valid UTF-8.
+pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then(|| percent_decode(v)).flatten()
     })
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+pub(super) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -142,10 +143,6 @@ fn percent_decode(s: &str) -> Option<String> {
                 let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
             }
             c => {
                 out.push(c);
