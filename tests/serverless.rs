@@ -148,3 +148,99 @@ async fn neon_driver_sql_over_http() {
     assert_eq!(env.stats("demo").unwrap().starts, 1);
     env.stop().await;
 }
+
+/// One `POST /sql` with the driver's headers; returns the status and the JSON body.
+async fn post_sql(
+    http: &reqwest::Client,
+    port: u16,
+    conn: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let mut req = http
+        .post(format!("http://127.0.0.1:{port}/sql"))
+        .header("Neon-Raw-Text-Output", "true")
+        .header("Neon-Array-Mode", "true")
+        .body(body);
+    if let Some(c) = conn {
+        req = req.header("Neon-Connection-String", c);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, json)
+}
+
+/// Bad requests are clear HTTP errors and wake nothing; the first good request wakes the
+/// suspended endpoint, and so does one after a suspend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_over_http_refusals_wake_nothing_and_a_request_wakes() {
+    let dir = tempdir();
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let extra = extra.replace(
+        "[http]\nlisten = \"127.0.0.1:0\"\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\nmax_request_bytes = 4096\n",
+    );
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let http = reqwest::Client::new();
+    let good = format!("postgresql://postgres:{PASSWORD}@demo.pgwake.test/postgres");
+    let select1 = r#"{"query":"select $1::int + 1 as n","params":["1"]}"#;
+
+    let (s, b) = post_sql(&http, port, None, select1).await;
+    assert_eq!(
+        (s, b["message"].as_str()),
+        (400, Some("missing Neon-Connection-String header"))
+    );
+    let (s, b) = post_sql(&http, port, Some(&good), "{not json").await;
+    assert_eq!(
+        (s, b["message"].as_str()),
+        (400, Some("request body is not valid JSON"))
+    );
+    let big = format!(r#"{{"query":"select '{}'","params":[]}}"#, "x".repeat(8192));
+    let (s, _) = post_sql(&http, port, Some(&good), big).await;
+    assert_eq!(s, 413);
+    let unknown = format!("postgresql://postgres:{PASSWORD}@nope.pgwake.test/postgres");
+    let (s, b) = post_sql(&http, port, Some(&unknown), select1).await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("3D000")), "{b}");
+    let wrong = "postgresql://postgres:wrong@demo.pgwake.test/postgres";
+    let (s, b) = post_sql(&http, port, Some(wrong), select1).await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("28P01")), "{b}");
+    assert_eq!(env.stats("demo").map_or(0, |s| s.starts), 0);
+
+    let preflight = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("http://127.0.0.1:{port}/sql"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status().as_u16(), 200);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+
+    let started = std::time::Instant::now();
+    let (s, b) = post_sql(&http, port, Some(&good), select1).await;
+    let cold = started.elapsed();
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["rows"], serde_json::json!([["2"]]));
+    assert_eq!(
+        (b["command"].as_str(), b["rowCount"].as_u64()),
+        (Some("SELECT"), Some(1))
+    );
+    assert_eq!(b["fields"][0]["name"], "n");
+    assert_eq!(b["fields"][0]["dataTypeID"], 23);
+    assert_eq!(env.stats("demo").unwrap().starts, 1);
+    eprintln!("cold /sql request (initdb and first start): {cold:?}");
+
+    env.suspend("demo").await;
+    let started = std::time::Instant::now();
+    let (s, b) = post_sql(&http, port, Some(&good), select1).await;
+    eprintln!(
+        "/sql request to a suspended endpoint: {:?}",
+        started.elapsed()
+    );
+    assert_eq!((s, &b["rows"]), (200, &serde_json::json!([["2"]])));
+    assert_eq!(env.stats("demo").unwrap().starts, 2);
+    env.stop().await;
+}
