@@ -244,3 +244,65 @@ async fn sql_over_http_refusals_wake_nothing_and_a_request_wakes() {
     assert_eq!(env.stats("demo").unwrap().starts, 2);
     env.stop().await;
 }
+
+/// Waits (polling through `/sql` itself, with a deadline) until `n` queries sleep at the
+/// compute; false if they never do.
+async fn sleepers_become(http: &reqwest::Client, port: u16, conn: &str, n: u64) -> bool {
+    let q = r#"{"query":"select count(*) from pg_stat_activity where wait_event = 'PgSleep'","params":[]}"#;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        let (s, b) = post_sql(http, port, Some(conn), q).await;
+        assert_eq!(s, 200, "{b}");
+        if b["rows"][0][0].as_str() == Some(&n.to_string()) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A client that goes away mid-query, and a query over `query_timeout`, leave nothing running
+/// at the compute: the proxy cancels the query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_over_http_cancels_abandoned_and_timed_out_queries() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempdir();
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let extra = extra.replace(
+        "[http]\nlisten = \"127.0.0.1:0\"\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\nquery_timeout = \"3s\"\n",
+    );
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let http = reqwest::Client::new();
+    let conn = format!("postgresql://postgres:{PASSWORD}@demo.pgwake.test/postgres");
+    assert!(sleepers_become(&http, port, &conn, 0).await);
+
+    let body = r#"{"query":"select pg_sleep(60)","params":[]}"#;
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /sql HTTP/1.1\r\nHost: demo\r\nNeon-Connection-String: {conn}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    assert!(
+        sleepers_become(&http, port, &conn, 1).await,
+        "the query never started"
+    );
+    drop(raw);
+    assert!(
+        sleepers_become(&http, port, &conn, 0).await,
+        "the abandoned query still runs"
+    );
+
+    let (s, b) = post_sql(&http, port, Some(&conn), body).await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("57014")), "{b}");
+    assert!(
+        sleepers_become(&http, port, &conn, 0).await,
+        "the timed-out query still runs"
+    );
+    env.stop().await;
+}

@@ -378,8 +378,14 @@ async fn run(
     // The lease is the request's activity: no suspend while it is held.
     let (lease, mut compute) = crate::compute::connect(proxy, &route).await?;
 
+    // Armed once the compute gave its cancel key: a client that goes away mid-query (hyper
+    // then drops this future) or a query_timeout cancels the query at the compute.
+    let mut cancel = CancelOnDrop {
+        proxy: Arc::clone(proxy),
+        key: None,
+    };
     let work = async {
-        login_to_compute(proxy, &mut compute, &info, creds, &lease.addr).await?;
+        cancel.key = login_to_compute(proxy, &mut compute, &info, creds, &lease.addr).await?;
         let mut session = Session {
             io: &mut compute,
             limit: cfg.max_response_bytes,
@@ -417,9 +423,45 @@ async fn run(
         Ok(r) => r,
         Err(_) => Err(SqlError::Timeout),
     };
+    if !matches!(res, Err(SqlError::Timeout)) {
+        cancel.key = None;
+    }
+    drop(cancel);
     let _ = compute.write_all(&[b'X', 0, 0, 0, 4]).await;
     drop(lease);
     res
+}
+
+/// The proxy-side cancel key of a compute connection (as a client would have received it in
+/// BackendKeyData) and the guard that keeps it registered.
+struct CancelKey {
+    pid: i32,
+    secret: Vec<u8>,
+    _guard: crate::cancel::CancelGuard,
+}
+
+/// Sends a CancelRequest through the proxy's own cancel path when dropped with a key.
+struct CancelOnDrop {
+    proxy: Arc<Proxy>,
+    key: Option<CancelKey>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        let proxy = Arc::clone(&self.proxy);
+        // The guard moves into the task: the key must stay registered until it is used.
+        tokio::spawn(async move {
+            info!("cancelling an unfinished /sql query");
+            proxy
+                .cancels
+                .handle_client_request(key.pid, &key.secret)
+                .await;
+            drop(key);
+        });
+    }
 }
 
 /// StartupMessage and the compute's authentication, answered by the proxy with the verified
@@ -431,7 +473,7 @@ async fn login_to_compute<K: AsyncRead + AsyncWrite + Unpin>(
     info: &ConnInfo,
     creds: Option<ComputeCreds>,
     addr: &pgwake_compute_manager::ComputeAddr,
-) -> Result<(), SqlError> {
+) -> Result<Option<CancelKey>, SqlError> {
     let startup = StartupMessage {
         major: 3,
         minor: 0,
@@ -460,29 +502,48 @@ async fn login_to_compute<K: AsyncRead + AsyncWrite + Unpin>(
     let mut client = tokio::io::join(tokio::io::empty(), &mut said);
     let outcome = authenticate(proxy.cancels.map(), &mut client, compute, target, creds).await?;
     match outcome {
-        AuthOutcome::Ready(_) => Ok(()),
+        AuthOutcome::Ready(guard) => Ok(guard.and_then(|g| {
+            let (pid, secret) = backend_key(&said)?;
+            Some(CancelKey {
+                pid,
+                secret,
+                _guard: g,
+            })
+        })),
         AuthOutcome::Refused => Err(SqlError::Postgres(last_error(&said))),
     }
 }
 
+/// The messages in `buf` (a run of backend messages), as (tag, body); a cut message ends it.
+fn messages(mut rest: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
+        let body = rest.get(5..5 + len.checked_sub(4)?)?;
+        let tag = rest[0];
+        rest = &rest[5 + body.len()..];
+        Some((tag, body))
+    })
+}
+
+/// The BackendKeyData in `buf`.
+fn backend_key(buf: &[u8]) -> Option<(i32, Vec<u8>)> {
+    let (_, body) = messages(buf).find(|(tag, _)| *tag == b'K')?;
+    let pid = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    Some((pid, body[4..].to_vec()))
+}
+
 /// The ErrorResponse at the end of `buf` (a run of backend messages).
 fn last_error(buf: &[u8]) -> PgError {
-    let mut rest = buf;
-    let mut found = PgError {
-        message: "the compute refused the login".into(),
-        ..Default::default()
-    };
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let Some(body) = len.checked_sub(4).and_then(|n| rest.get(5..5 + n)) else {
-            break;
-        };
-        if rest[0] == b'E' {
-            found = PgError::parse(body);
-        }
-        rest = &rest[5 + body.len()..];
-    }
-    found
+    messages(buf)
+        .filter(|(tag, _)| *tag == b'E')
+        .last()
+        .map_or_else(
+            || PgError {
+                message: "the compute refused the login".into(),
+                ..Default::default()
+            },
+            |(_, body)| PgError::parse(body),
+        )
 }
 
 /// One logged-in compute connection, answering within the response limit.
