@@ -281,7 +281,16 @@ impl Section for LimitsConfig {
 
 impl Section for AdminConfig {}
 
-impl Section for pgwake_proxy::serverless::HttpConfig {}
+impl Section for pgwake_proxy::serverless::HttpConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_request_bytes == 0 || self.max_response_bytes == 0 {
+            errors.push("max_request_bytes and max_response_bytes must be at least 1".into());
+        }
+        if self.query_timeout.is_zero() {
+            errors.push("query_timeout must be more than 0".into());
+        }
+    }
+}
 
 impl Section for AuthConfig {
     fn validate(&self, errors: &mut Vec<String>) {
