@@ -76,7 +76,8 @@ async fn node(script: &str, args: Vec<String>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const WS_OK: &str = "select1 1\nparams 42 hé {\"a\":[1,2]}\ntx 2\nerror 22012\nafter error 2\n";
+const WS_OK: &str =
+    "select1 1\nparams 42 hé {\"a\":[1,2]}\ntx 2\nerror 22012\n5MB 5242880\nafter error 2\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neon_driver_over_websocket_with_login_at_the_proxy() {
@@ -141,6 +142,7 @@ async fn neon_driver_sql_over_http() {
          batch error 22012\n\
          rolled back 1\n\
          read only 25006\n\
+         5MB 5242880\n\
          error 22012\n\
          syntax 42601\n\
          wrong password 28P01\n"
@@ -242,6 +244,27 @@ async fn sql_over_http_refusals_wake_nothing_and_a_request_wakes() {
     );
     assert_eq!((s, &b["rows"]), (200, &serde_json::json!([["2"]])));
     assert_eq!(env.stats("demo").unwrap().starts, 2);
+    let count = |status: &str, kind: &str| {
+        env.pgwake()
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == "pgwake_sql_requests_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                let l = m.get_label();
+                l.iter()
+                    .any(|l| l.get_name() == "status" && l.get_value() == status)
+                    && l.iter()
+                        .any(|l| l.get_name() == "kind" && l.get_value() == kind)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum::<u64>()
+    };
+    assert_eq!(count("400", "bad_request"), 2);
+    assert_eq!(count("413", "request_too_large"), 1);
+    assert_eq!(count("400", "auth_failed"), 1);
+    assert_eq!(count("200", "ok"), 2);
     env.stop().await;
 }
 

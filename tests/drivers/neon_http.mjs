@@ -33,6 +33,8 @@ out('batch', res.length, res[1][0].n);
 out('batch error', await code(sql.transaction([sql`insert into items values (2)`, sql`select 1/0`])));
 out('rolled back', (await sql`select count(*)::int as n from items`)[0].n);
 out('read only', await code(sql.transaction([sql`insert into items values (3)`], { readOnly: true })));
+const [big] = await sql`select repeat('x', 5 * 1024 * 1024) as s`;
+out('5MB', big.s.length);
 out('error', await code(sql`select 1/0`));
 out('syntax', await code(sql`selec 1`));
 out('wrong password', await code(neon(url(password + 'x'))`select 1`));

@@ -37,6 +37,7 @@ try {
 } catch (e) {
   out('error', e.code);
 }
+out('5MB', (await c.query(`select repeat('x', 5 * 1024 * 1024) as s`)).rows[0].s.length);
 out('after error', (await c.query('select 2 as two')).rows[0].two);
 c.release();
 await pool.end();

@@ -290,18 +290,25 @@ pub(super) async fn handle(
 ) -> Response<Body> {
     let started = std::time::Instant::now();
     let res = run(proxy, cfg, req, peer).await;
-    let ms = started.elapsed().as_millis() as u64;
-    match res {
+    let elapsed = started.elapsed();
+    let ms = elapsed.as_millis() as u64;
+    let (resp, kind) = match res {
         Ok(body) => {
             info!(client = %peer, status = 200, ms, "sql request");
-            json_response(StatusCode::OK, &body)
+            (json_response(StatusCode::OK, &body), "ok")
         }
         Err(e) => {
             let resp = e.response();
             info!(client = %peer, status = resp.status().as_u16(), kind = e.kind(), error = %e, ms, "sql request failed");
-            resp
+            (resp, e.kind())
         }
-    }
+    };
+    let m = &proxy.metrics;
+    m.sql_seconds.observe(elapsed.as_secs_f64());
+    m.sql_requests
+        .with_label_values(&[resp.status().as_str(), kind])
+        .inc();
+    resp
 }
 
 async fn run(
