@@ -1,5 +1,6 @@
-//! The serverless driver `@neondatabase/serverless` (real, from npm) through pgwake's
-//! `[http]` listener: Postgres over WebSocket into real computes.
+//! The serverless driver `@neondatabase/serverless` (real, from npm; drizzle-orm on top)
+//! through pgwake's `[http]` listener: Postgres over WebSocket and SQL over HTTP into real
+//! computes.
 
 mod common;
 
@@ -21,15 +22,19 @@ fn have_neon_driver() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    let installed = driver_dir()
-        .join("node_modules/@neondatabase/serverless/package.json")
-        .exists();
+    let installed = ["@neondatabase/serverless", "drizzle-orm"].iter().all(|m| {
+        driver_dir()
+            .join("node_modules")
+            .join(m)
+            .join("package.json")
+            .exists()
+    });
     if node && installed {
         return true;
     }
     assert!(
         std::env::var_os("PGWAKE_REQUIRE_DRIVERS").is_none(),
-        "node and @neondatabase/serverless are required (cd tests/drivers && npm ci)"
+        "node, @neondatabase/serverless and drizzle-orm are required (cd tests/drivers && npm ci)"
     );
     eprintln!("SKIPPED: node or @neondatabase/serverless missing (cd tests/drivers && npm ci)");
     false
@@ -326,6 +331,25 @@ async fn sql_over_http_cancels_abandoned_and_timed_out_queries() {
     assert!(
         sleepers_become(&http, port, &conn, 0).await,
         "the timed-out query still runs"
+    );
+    env.stop().await;
+}
+
+/// drizzle-orm on `drizzle-orm/neon-http`: insert … returning, select, update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drizzle_orm_over_sql_over_http() {
+    if !have_neon_driver() {
+        return;
+    }
+    let dir = tempdir();
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let args = vec![port.to_string(), "demo".into(), PASSWORD.into()];
+    let out = node("drizzle_http.mjs", args).await;
+    assert_eq!(
+        out,
+        "drizzle 1 hello {\"tags\":[\"a\",\"b\"]} true\nupdated 1\n"
     );
     env.stop().await;
 }
