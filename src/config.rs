@@ -497,6 +497,9 @@ impl Config {
 
     /// The checks that need more than one section.
     fn validate(&self, errors: &mut Vec<String>) {
+        if self.http.tls && self.tls.certificates.is_empty() {
+            errors.push("[http]: tls = true needs [tls] certificates".into());
+        }
         if self.manager.leader_election {
             if self.kubernetes.is_none() {
                 errors.push(

@@ -62,11 +62,16 @@ fn scram_computes(dir: &Path, roles_file: bool) -> (String, String) {
 
 /// Runs tests/drivers/`script` with `args` and returns its stdout, failing on a non-zero exit.
 async fn node(script: &str, args: Vec<String>) -> String {
+    node_with(script, args, Vec::new()).await
+}
+
+async fn node_with(script: &str, args: Vec<String>, env: Vec<(&'static str, String)>) -> String {
     let path = driver_dir().join(script);
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("node")
             .arg(path)
             .args(args)
+            .envs(env)
             .output()
             .unwrap()
     })
@@ -351,5 +356,65 @@ async fn drizzle_orm_over_sql_over_http() {
         out,
         "drizzle 1 hello {\"tags\":[\"a\",\"b\"]} true\nupdated 1\n"
     );
+    env.stop().await;
+}
+
+/// `[http] tls = true`: wss:// and https:// with the `[tls]` certificates (checked by the
+/// driver against the test CA), under `require_tls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neon_driver_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    if !have_neon_driver() {
+        return;
+    }
+    let dir = tempdir();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A name of its own: with rcgen's default on both, the leaf looks self-signed.
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "pgwake serverless test CA");
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca_path, cert, key_path) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("c.pem"),
+        dir.path().join("c.key"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let extra = extra.replace("[http]\n", "[http]\ntls = true\n")
+        + &format!(
+            "[tls]\nrequire_tls = true\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+            cert.display(),
+            key_path.display()
+        );
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let vars = || {
+        vec![
+            ("PGWAKE_TLS", "1".to_string()),
+            ("NODE_EXTRA_CA_CERTS", ca_path.display().to_string()),
+        ]
+    };
+    let args = vec![
+        port.to_string(),
+        "demo".into(),
+        PASSWORD.into(),
+        "scram".into(),
+    ];
+    let out = node_with("neon_ws.mjs", args, vars()).await;
+    assert_eq!(out, format!("{WS_OK}wrong password 28P01\n"));
+    let args = vec![port.to_string(), "demo".into(), PASSWORD.into()];
+    let out = node_with("neon_http.mjs", args, vars()).await;
+    assert!(out.starts_with("params 42 hé null\n"), "{out}");
+    assert!(out.ends_with("wrong password 28P01\n"), "{out}");
     env.stop().await;
 }

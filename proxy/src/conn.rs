@@ -225,7 +225,7 @@ async fn hello(
                 return Ok(None);
             }
             First::Startup(startup) => {
-                if proxy.tls_cfg.require_tls && !client.is_tls() {
+                if proxy.tls_cfg.require_tls && !client.is_secure() {
                     return Err(ProxyError::TlsRequired);
                 }
                 return Ok(Some(Hello {

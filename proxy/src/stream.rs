@@ -33,6 +33,15 @@ impl ClientStream {
         }
     }
 
+    /// TLS to the proxy, by SSLRequest or under the WebSocket (wss://).
+    pub fn is_secure(&self) -> bool {
+        match self {
+            ClientStream::Tls(_) => true,
+            ClientStream::Ws(ws) => ws.secure,
+            _ => false,
+        }
+    }
+
     pub fn is_ws(&self) -> bool {
         matches!(self, ClientStream::Ws(_))
     }

@@ -4,7 +4,8 @@
 import { neon, neonConfig } from '@neondatabase/serverless';
 
 const [port, endpoint, password] = process.argv.slice(2);
-neonConfig.fetchEndpoint = () => `http://127.0.0.1:${port}/sql`;
+const scheme = process.env.PGWAKE_TLS === '1' ? 'https' : 'http';
+neonConfig.fetchEndpoint = () => `${scheme}://127.0.0.1:${port}/sql`;
 const url = (pw) => `postgresql://postgres:${encodeURIComponent(pw)}@${endpoint}.pgwake.test/postgres`;
 const sql = neon(url(password));
 const out = (...a) => console.log(...a);

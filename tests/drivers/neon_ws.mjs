@@ -6,7 +6,8 @@ import ws from 'ws';
 
 const [port, endpoint, password, mode] = process.argv.slice(2);
 neonConfig.webSocketConstructor = ws;
-neonConfig.useSecureWebSocket = false;
+// wss:// when pgwake's [http] tls is on (the test sets PGWAKE_TLS and NODE_EXTRA_CA_CERTS).
+neonConfig.useSecureWebSocket = process.env.PGWAKE_TLS === '1';
 // The host in the connection string is not resolvable: the driver only hands it to wsProxy.
 neonConfig.wsProxy = () => `127.0.0.1:${port}/v2?endpoint=${endpoint}`;
 const url = (pw) => `postgresql://postgres:${encodeURIComponent(pw)}@${endpoint}.pgwake.test/postgres`;

@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -31,10 +32,13 @@ pub use ws::WsStream;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Absent: no HTTP/WebSocket listener. Plaintext: put it behind a TLS-terminating load
-    /// balancer, or bind it to loopback.
+    /// Absent: no HTTP/WebSocket listener.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// HTTPS/WSS with the `[tls]` certificates (chosen by SNI as for Postgres clients); off:
+    /// plaintext, for a TLS-terminating load balancer in front or loopback.
+    #[serde(default)]
+    pub tls: bool,
     /// `POST /sql` bodies larger than this are refused with 413.
     #[serde(default = "d_max_bytes")]
     pub max_request_bytes: usize,
@@ -60,6 +64,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: None,
+            tls: false,
             max_request_bytes: d_max_bytes(),
             max_response_bytes: d_max_bytes(),
             query_timeout: d_query_timeout(),
@@ -68,6 +73,14 @@ impl Default for HttpConfig {
 }
 
 type Body = Full<Bytes>;
+
+/// What the connection under a request is.
+pub(crate) struct Link {
+    /// HTTPS: a WebSocket session on it counts as TLS for `[tls] require_tls`.
+    pub(crate) secure: bool,
+    /// The TLS SNI, which names the endpoint before the `Host` header does.
+    pub(crate) sni: Option<String>,
+}
 
 impl Proxy {
     /// Serves `[http] listen` until `shutdown` resolves. Upgraded WebSockets are sessions like
@@ -79,6 +92,16 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) {
         let cfg = Arc::new(cfg);
+        // The Postgres listener's certificates and SNI choice, with HTTP's ALPN instead of
+        // `postgresql` (browsers and fetch offer `http/1.1`, and rustls refuses a mismatch).
+        let https = match (&self.tls, cfg.tls) {
+            (Some(acceptor), true) => {
+                let mut config = ServerConfig::clone(acceptor.config());
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            _ => None,
+        };
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -94,31 +117,62 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let (this, cfg) = (Arc::clone(&self), Arc::clone(&cfg));
+            let (this, cfg, https) = (Arc::clone(&self), Arc::clone(&cfg), https.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let (this, cfg) = (Arc::clone(&this), Arc::clone(&cfg));
-                    async move { Ok::<_, Infallible>(this.route_http(&cfg, req, peer).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
+                let Some(acceptor) = https else {
+                    let link = Link {
+                        secure: false,
+                        sni: None,
+                    };
+                    return this.serve_conn(cfg, stream, peer, link).await;
+                };
+                let handshake =
+                    tokio::time::timeout(this.cfg.startup_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let sni = tls.get_ref().1.server_name().map(str::to_string);
+                        let link = Link { secure: true, sni };
+                        this.serve_conn(cfg, tls, peer, link).await
+                    }
+                    Ok(Err(e)) => debug!(client = %peer, error = %e, "https handshake failed"),
+                    Err(_) => debug!(client = %peer, "https handshake timed out"),
+                }
             });
         }
+    }
+
+    async fn serve_conn<IO>(
+        self: Arc<Self>,
+        cfg: Arc<HttpConfig>,
+        io: IO,
+        peer: SocketAddr,
+        link: Link,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let link = Arc::new(link);
+        let svc = hyper::service::service_fn(move |req| {
+            let (this, cfg, link) = (Arc::clone(&self), Arc::clone(&cfg), Arc::clone(&link));
+            async move { Ok::<_, Infallible>(this.route_http(&cfg, &link, req, peer).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await;
     }
 
     async fn route_http(
         self: &Arc<Self>,
         cfg: &HttpConfig,
+        link: &Link,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
         if ws::is_upgrade(&req) {
-            return ws::upgrade(self, req, peer);
+            return ws::upgrade(self, link, req, peer);
         }
         match (req.method(), req.uri().path()) {
-            (&Method::POST, "/sql") => sql::handle(self, cfg, req, peer).await,
+            (&Method::POST, "/sql") => sql::handle(self, cfg, link, req, peer).await,
             (&Method::OPTIONS, "/sql") => sql::cors_preflight(),
             (_, "/sql") => plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => plain(StatusCode::NOT_FOUND, "not found\n"),

@@ -285,11 +285,16 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
 pub(super) async fn handle(
     proxy: &Arc<Proxy>,
     cfg: &HttpConfig,
+    link: &super::Link,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
-    let res = run(proxy, cfg, req, peer).await;
+    let res = if proxy.tls_cfg.require_tls && !link.secure {
+        Err(ProxyError::TlsRequired.into())
+    } else {
+        run(proxy, cfg, req, peer).await
+    };
     let elapsed = started.elapsed();
     let ms = elapsed.as_millis() as u64;
     let (resp, kind) = match res {

@@ -41,6 +41,8 @@ pub struct WsClient {
     pub(crate) host: Option<String>,
     /// `?endpoint=ID` on the upgrade URL (for hosts outside `[tls] domains`).
     pub(crate) endpoint: Option<EndpointId>,
+    /// Over HTTPS (wss://).
+    pub(crate) secure: bool,
 }
 
 pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -56,6 +58,7 @@ pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// Answers the upgrade (101) and starts the session once hyper hands the connection over.
 pub(super) fn upgrade(
     proxy: &Arc<Proxy>,
+    link: &super::Link,
     mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
@@ -79,11 +82,13 @@ pub(super) fn upgrade(
         Some(Ok(id)) => Some(id),
         Some(Err(_)) => return plain(StatusCode::BAD_REQUEST, "invalid endpoint id\n"),
     };
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(host_without_port);
+    let host = link.sni.clone().or_else(|| {
+        req.headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_without_port)
+    });
+    let secure = link.secure;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let proxy = Arc::clone(proxy);
     tokio::spawn(async move {
@@ -103,6 +108,7 @@ pub(super) fn upgrade(
             io: WsStream::new(ws),
             host,
             endpoint,
+            secure,
         };
         proxy.spawn_client(ClientStream::Ws(Box::new(client)), peer);
     });
