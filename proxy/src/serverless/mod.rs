@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -151,11 +151,16 @@ impl Proxy {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let link = Arc::new(link);
+        let header_timeout = self.cfg.startup_timeout;
         let svc = hyper::service::service_fn(move |req| {
             let (this, cfg, link) = (Arc::clone(&self), Arc::clone(&cfg), Arc::clone(&link));
             async move { Ok::<_, Infallible>(this.route_http(&cfg, &link, req, peer).await) }
         });
+        // A client that opens a connection and trickles its headers is dropped after the
+        // startup timeout, as a TCP client that never sends its StartupMessage is.
         let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades()
             .await;
