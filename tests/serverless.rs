@@ -245,6 +245,14 @@ async fn sql_over_http_refusals_wake_nothing_and_a_request_wakes() {
     assert_eq!(env.stats("demo").unwrap().starts, 1);
     eprintln!("cold /sql request (initdb and first start): {cold:?}");
 
+    // The pool: the next requests with the same login reuse one compute connection.
+    let pid = r#"{"query":"select pg_backend_pid()","params":[]}"#;
+    let (_, a) = post_sql(&http, port, Some(&good), pid).await;
+    let (_, b) = post_sql(&http, port, Some(&good), pid).await;
+    assert_eq!(a["rows"], b["rows"], "a pooled connection was not reused");
+
+    // Its idle connection holds no lease: the suspend goes ahead and closes it, and the next
+    // request finds it dead and wakes the endpoint on a fresh one.
     env.suspend("demo").await;
     let started = std::time::Instant::now();
     let (s, b) = post_sql(&http, port, Some(&good), select1).await;
@@ -274,7 +282,7 @@ async fn sql_over_http_refusals_wake_nothing_and_a_request_wakes() {
     assert_eq!(count("400", "bad_request"), 2);
     assert_eq!(count("413", "request_too_large"), 1);
     assert_eq!(count("400", "auth_failed"), 1);
-    assert_eq!(count("200", "ok"), 2);
+    assert_eq!(count("200", "ok"), 4);
     env.stop().await;
 }
 

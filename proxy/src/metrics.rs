@@ -14,6 +14,8 @@ pub struct ProxyMetrics {
     /// `POST /sql` requests by HTTP status and kind (`ok` or the error's kind).
     pub sql_requests: IntCounterVec,
     pub sql_seconds: Histogram,
+    /// Idle compute connections in the `/sql` pool.
+    pub sql_pool_idle: IntGauge,
 }
 
 impl ProxyMetrics {
@@ -66,7 +68,12 @@ impl ProxyMetrics {
                     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ]),
             )?,
+            sql_pool_idle: IntGauge::new(
+                "pgwake_sql_pool_idle_connections",
+                "Idle compute connections in the SQL-over-HTTP pool",
+            )?,
         };
+        registry.register(Box::new(m.sql_pool_idle.clone()))?;
         registry.register(Box::new(m.sql_requests.clone()))?;
         registry.register(Box::new(m.sql_seconds.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;

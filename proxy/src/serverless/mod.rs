@@ -21,6 +21,7 @@ use tracing::debug;
 
 use crate::shared::Proxy;
 
+mod pool;
 pub mod sql;
 pub mod ws;
 
@@ -50,6 +51,14 @@ pub struct HttpConfig {
     /// closed, which ends the query at the compute's next write.
     #[serde(default = "d_query_timeout", with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// A `/sql` compute connection left idle this long is closed; `0s`: no pool (each request
+    /// opens and logs in its own).
+    #[serde(default = "d_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+fn d_pool_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn d_max_bytes() -> usize {
@@ -68,6 +77,7 @@ impl Default for HttpConfig {
             max_request_bytes: d_max_bytes(),
             max_response_bytes: d_max_bytes(),
             query_timeout: d_query_timeout(),
+            pool_idle_timeout: d_pool_idle_timeout(),
         }
     }
 }
@@ -91,6 +101,19 @@ impl Proxy {
         cfg: HttpConfig,
         shutdown: impl Future<Output = ()>,
     ) {
+        let pool = Arc::new(pool::Pool::new(cfg.pool_idle_timeout));
+        if !cfg.pool_idle_timeout.is_zero() {
+            let (weak, every) = (Arc::downgrade(&pool), cfg.pool_idle_timeout / 2);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    pool.sweep();
+                }
+            });
+        }
         let cfg = Arc::new(cfg);
         // The Postgres listener's certificates and SNI choice, with HTTP's ALPN instead of
         // `postgresql` (browsers and fetch offer `http/1.1`, and rustls refuses a mismatch).
@@ -117,14 +140,19 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let (this, cfg, https) = (Arc::clone(&self), Arc::clone(&cfg), https.clone());
+            let (this, cfg, https, pool) = (
+                Arc::clone(&self),
+                Arc::clone(&cfg),
+                https.clone(),
+                Arc::clone(&pool),
+            );
             tokio::spawn(async move {
                 let Some(acceptor) = https else {
                     let link = Link {
                         secure: false,
                         sni: None,
                     };
-                    return this.serve_conn(cfg, stream, peer, link).await;
+                    return this.serve_conn(cfg, pool, stream, peer, link).await;
                 };
                 let handshake =
                     tokio::time::timeout(this.cfg.startup_timeout, acceptor.accept(stream));
@@ -132,7 +160,7 @@ impl Proxy {
                     Ok(Ok(tls)) => {
                         let sni = tls.get_ref().1.server_name().map(str::to_string);
                         let link = Link { secure: true, sni };
-                        this.serve_conn(cfg, tls, peer, link).await
+                        this.serve_conn(cfg, pool, tls, peer, link).await
                     }
                     Ok(Err(e)) => debug!(client = %peer, error = %e, "https handshake failed"),
                     Err(_) => debug!(client = %peer, "https handshake timed out"),
@@ -144,6 +172,7 @@ impl Proxy {
     async fn serve_conn<IO>(
         self: Arc<Self>,
         cfg: Arc<HttpConfig>,
+        pool: Arc<pool::Pool>,
         io: IO,
         peer: SocketAddr,
         link: Link,
@@ -154,7 +183,8 @@ impl Proxy {
         let header_timeout = self.cfg.startup_timeout;
         let svc = hyper::service::service_fn(move |req| {
             let (this, cfg, link) = (Arc::clone(&self), Arc::clone(&cfg), Arc::clone(&link));
-            async move { Ok::<_, Infallible>(this.route_http(&cfg, &link, req, peer).await) }
+            let pool = Arc::clone(&pool);
+            async move { Ok::<_, Infallible>(this.route_http(&cfg, &pool, &link, req, peer).await) }
         });
         // A client that opens a connection and trickles its headers is dropped after the
         // startup timeout, as a TCP client that never sends its StartupMessage is.
@@ -169,6 +199,7 @@ impl Proxy {
     async fn route_http(
         self: &Arc<Self>,
         cfg: &HttpConfig,
+        pool: &pool::Pool,
         link: &Link,
         req: Request<Incoming>,
         peer: SocketAddr,
@@ -177,7 +208,7 @@ impl Proxy {
             return ws::upgrade(self, link, req, peer);
         }
         match (req.method(), req.uri().path()) {
-            (&Method::POST, "/sql") => sql::handle(self, cfg, link, req, peer).await,
+            (&Method::POST, "/sql") => sql::handle(self, cfg, pool, link, req, peer).await,
             (&Method::OPTIONS, "/sql") => sql::cors_preflight(),
             (_, "/sql") => plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => plain(StatusCode::NOT_FOUND, "not found\n"),

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::info;
 
+use super::pool::{Pool, PoolKey};
 use super::{percent_decode, query_param, Body, HttpConfig};
 use crate::auth::{authenticate, read_message, AuthOutcome, ComputeCreds, ProxyAuth};
 use crate::cancel::CancelTarget;
@@ -285,6 +286,7 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
 pub(super) async fn handle(
     proxy: &Arc<Proxy>,
     cfg: &HttpConfig,
+    pool: &Pool,
     link: &super::Link,
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -293,7 +295,7 @@ pub(super) async fn handle(
     let res = if proxy.tls_cfg.require_tls && !link.secure {
         Err(ProxyError::TlsRequired.into())
     } else {
-        run(proxy, cfg, req, peer).await
+        run(proxy, cfg, pool, req, peer).await
     };
     let elapsed = started.elapsed();
     let ms = elapsed.as_millis() as u64;
@@ -309,6 +311,7 @@ pub(super) async fn handle(
         }
     };
     let m = &proxy.metrics;
+    m.sql_pool_idle.set(pool.size() as i64);
     m.sql_seconds.observe(elapsed.as_secs_f64());
     m.sql_requests
         .with_label_values(&[resp.status().as_str(), kind])
@@ -319,6 +322,7 @@ pub(super) async fn handle(
 async fn run(
     proxy: &Arc<Proxy>,
     cfg: &HttpConfig,
+    pool: &Pool,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Value, SqlError> {
@@ -388,22 +392,47 @@ async fn run(
         .acquire_endpoint(&endpoint, route.max_connections)
         .ok_or_else(|| ProxyError::EndpointFull(endpoint.clone()))?;
     // The lease is the request's activity: no suspend while it is held.
-    let (lease, mut compute) = crate::compute::connect(proxy, &route).await?;
-
+    let lease = proxy
+        .manager
+        .wake(&route)
+        .await
+        .map_err(|source| ProxyError::Wake {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    let key =
+        |addr: &str| PoolKey::new(&endpoint, &info.user, &info.database, &info.password, addr);
     // Armed once the compute gave its cancel key: a client that goes away mid-query (hyper
     // then drops this future) or a query_timeout cancels the query at the compute.
     let mut cancel = CancelOnDrop {
         proxy: Arc::clone(proxy),
         key: None,
     };
+    let (mut compute, pool_key, _fresh_lease) = match pool.take(&key(lease.addr.as_str())) {
+        Some(idle) => {
+            cancel.key = idle.cancel;
+            (idle.conn, key(lease.addr.as_str()), None)
+        }
+        None => {
+            let (fresh, mut compute) = crate::compute::connect(proxy, &route).await?;
+            cancel.key = tokio::time::timeout(
+                cfg.query_timeout,
+                login_to_compute(proxy, &mut compute, &info, creds, &fresh.addr),
+            )
+            .await
+            .map_err(|_| SqlError::Timeout)??;
+            (compute, key(fresh.addr.as_str()), Some(fresh))
+        }
+    };
+    let mut idle_after = false;
     let work = async {
-        cancel.key = login_to_compute(proxy, &mut compute, &info, creds, &lease.addr).await?;
         let mut session = Session {
             io: &mut compute,
             limit: cfg.max_response_bytes,
             used: 0,
+            status: 0,
         };
-        match payload {
+        let res = match payload {
             Payload::Single(q) => {
                 let array_mode = q.array_mode.unwrap_or(default_array_mode);
                 session.query(&q, array_mode).await
@@ -429,24 +458,38 @@ async fn run(
                 session.simple("COMMIT").await?;
                 Ok(json!({ "results": results }))
             }
-        }
+        };
+        // Reusable only outside any transaction (a query may have left one open).
+        idle_after = session.status == b'I';
+        res
     };
     let res = match tokio::time::timeout(cfg.query_timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(SqlError::Timeout),
     };
-    if !matches!(res, Err(SqlError::Timeout)) {
-        cancel.key = None;
+    let timed_out = matches!(res, Err(SqlError::Timeout));
+    if !timed_out
+        && idle_after
+        && !matches!(
+            res,
+            Err(SqlError::ComputeIo(_) | SqlError::ResponseTooLarge)
+        )
+    {
+        pool.put(pool_key, compute, cancel.key.take());
+    } else {
+        if !timed_out {
+            cancel.key = None;
+        }
+        let _ = compute.write_all(&[b'X', 0, 0, 0, 4]).await;
     }
     drop(cancel);
-    let _ = compute.write_all(&[b'X', 0, 0, 0, 4]).await;
     drop(lease);
     res
 }
 
 /// The proxy-side cancel key of a compute connection (as a client would have received it in
 /// BackendKeyData) and the guard that keeps it registered.
-struct CancelKey {
+pub(super) struct CancelKey {
     pid: i32,
     secret: Vec<u8>,
     _guard: crate::cancel::CancelGuard,
@@ -563,6 +606,8 @@ struct Session<'a, K> {
     io: &'a mut K,
     limit: usize,
     used: usize,
+    /// The transaction status of the last ReadyForQuery (`I`, `T`, `E`).
+    status: u8,
 }
 
 impl<K: AsyncRead + AsyncWrite + Unpin> Session<'_, K> {
@@ -591,7 +636,10 @@ impl<K: AsyncRead + AsyncWrite + Unpin> Session<'_, K> {
         loop {
             match self.next().await? {
                 (b'E', body) => err = Some(PgError::parse(&body)),
-                (b'Z', _) => return err.map_or(Ok(()), |e| Err(SqlError::Postgres(e))),
+                (b'Z', body) => {
+                    self.status = body.first().copied().unwrap_or(0);
+                    return err.map_or(Ok(()), |e| Err(SqlError::Postgres(e)));
+                }
                 _ => {}
             }
         }
@@ -650,7 +698,10 @@ impl<K: AsyncRead + AsyncWrite + Unpin> Session<'_, K> {
                         .into_owned()
                 }
                 b'E' => err = Some(PgError::parse(&body)),
-                b'Z' => break,
+                b'Z' => {
+                    self.status = body.first().copied().unwrap_or(0);
+                    break;
+                }
                 _ => {}
             }
         }
