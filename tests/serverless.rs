@@ -371,39 +371,13 @@ async fn drizzle_orm_over_sql_over_http() {
 /// driver against the test CA), under `require_tls`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neon_driver_over_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     if !have_neon_driver() {
         return;
     }
     let dir = tempdir();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // A name of its own: with rcgen's default on both, the leaf looks self-signed.
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "pgwake serverless test CA");
-    let ca = params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let (ca_path, cert, key_path) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("c.pem"),
-        dir.path().join("c.key"),
-    );
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (ca_path, tls) = test_certificates(dir.path());
     let (extra, endpoint) = scram_computes(dir.path(), true);
-    let extra = extra.replace("[http]\n", "[http]\ntls = true\n")
-        + &format!(
-            "[tls]\nrequire_tls = true\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
-            cert.display(),
-            key_path.display()
-        );
+    let extra = extra.replace("[http]\n", "[http]\ntls = true\n") + &tls;
     let env = Env::start_in(dir, &extra, &endpoint).await;
     let port = env.pgwake().http_addr().unwrap().port();
     let vars = || {
@@ -424,5 +398,51 @@ async fn neon_driver_over_tls() {
     let out = node_with("neon_http.mjs", args, vars()).await;
     assert!(out.starts_with("params 42 hé null\n"), "{out}");
     assert!(out.ends_with("wrong password 28P01\n"), "{out}");
+    env.stop().await;
+}
+
+/// A test CA and a certificate for 127.0.0.1 signed by it, in `dir`; returns the CA's path and
+/// the `[tls]` table (with `require_tls`) that serves the certificate.
+fn test_certificates(dir: &Path) -> (std::path::PathBuf, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A name of its own: with rcgen's default on both, the leaf looks self-signed.
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "pgwake serverless test CA");
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca_path, cert, key_path) = (dir.join("ca.pem"), dir.join("c.pem"), dir.join("c.key"));
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let tls = format!(
+        "[tls]\nrequire_tls = true\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        cert.display(),
+        key_path.display()
+    );
+    (ca_path, tls)
+}
+
+/// Under `require_tls`, a plaintext `[http]` listener refuses `/sql` like a TCP client
+/// without TLS (28000), before any wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_sql_refused_under_require_tls() {
+    let dir = tempdir();
+    let (_, tls) = test_certificates(dir.path());
+    let (extra, endpoint) = scram_computes(dir.path(), true);
+    let env = Env::start_in(dir, &(extra + &tls), &endpoint).await;
+    let port = env.pgwake().http_addr().unwrap().port();
+    let conn = format!("postgresql://postgres:{PASSWORD}@demo.pgwake.test/postgres");
+    let body = r#"{"query":"select 1","params":[]}"#;
+    let (s, b) = post_sql(&reqwest::Client::new(), port, Some(&conn), body).await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("28000")), "{b}");
+    assert_eq!(env.stats("demo").map_or(0, |s| s.starts), 0);
     env.stop().await;
 }
