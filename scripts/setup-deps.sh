@@ -3,7 +3,8 @@
 # already there: PostgreSQL server + client (postgres, initdb, psql, pgbench), haproxy (the
 # PROXY-protocol test's load balancer), and the client drivers of the driver tests: psycopg and
 # asyncpg (pip), pgjdbc (Debian's libpostgresql-jdbc-java, with a JDK), node-postgres (npm ci
-# in tests/drivers, from its package-lock.json). Safe to run again.
+# in tests/drivers, from its package-lock.json) with the serverless driver and drizzle-orm.
+# Safe to run again.
 set -euo pipefail
 
 SUDO=""
@@ -46,9 +47,9 @@ if [ ! -f /usr/share/java/postgresql.jar ] || ! command -v java >/dev/null 2>&1 
 fi
 
 drivers="$(dirname "$0")/../tests/drivers"
-if [ ! -f "$drivers/node_modules/pg/package.json" ] \
+if [ ! -f "$drivers/node_modules/.package-lock.json" ] \
   || [ "$drivers/package-lock.json" -nt "$drivers/node_modules/.package-lock.json" ]; then
-  echo "setup-deps: installing node-postgres (npm ci)" >&2
+  echo "setup-deps: installing the JavaScript drivers (npm ci in tests/drivers)" >&2
   (cd "$drivers" && npm ci --no-audit --no-fund --silent)
 fi
 

@@ -23,6 +23,8 @@ pub struct Config {
     pub local: LocalConfig,
     pub limits: LimitsConfig,
     pub admin: AdminConfig,
+    /// `[http]`: the serverless drivers' listener (Postgres over WebSocket).
+    pub http: pgwake_proxy::serverless::HttpConfig,
     pub tls: TlsConfig,
     pub manager: ManagerServiceConfig,
     /// Present: the Kubernetes backend is enabled (and, unless `watch_endpoints = false`,
@@ -289,6 +291,17 @@ impl Section for LimitsConfig {
 
 impl Section for AdminConfig {}
 
+impl Section for pgwake_proxy::serverless::HttpConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_request_bytes == 0 || self.max_response_bytes == 0 {
+            errors.push("max_request_bytes and max_response_bytes must be at least 1".into());
+        }
+        if self.query_timeout.is_zero() {
+            errors.push("query_timeout must be more than 0".into());
+        }
+    }
+}
+
 impl Section for AuthConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         if self.learn_interval.is_zero() {
@@ -476,6 +489,7 @@ impl Config {
             local: load.section("local"),
             limits: load.section("limits"),
             admin: load.section("admin"),
+            http: load.section("http"),
             tls: load.section("tls"),
             manager: load.section("manager"),
             kubernetes: load.section("kubernetes"),
@@ -496,6 +510,9 @@ impl Config {
 
     /// The checks that need more than one section.
     fn validate(&self, errors: &mut Vec<String>) {
+        if self.http.tls && self.tls.certificates.is_empty() {
+            errors.push("[http]: tls = true needs [tls] certificates".into());
+        }
         if self.manager.leader_election {
             if self.kubernetes.is_none() {
                 errors.push(

@@ -71,6 +71,7 @@ pub struct Pgwake {
     learner: Arc<learn::Learner>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     cancel_addr: Option<SocketAddr>,
     manager_api_addr: Option<SocketAddr>,
     leadership: Leadership,
@@ -122,6 +123,7 @@ impl Pgwake {
         w.tasks.spawn(Stage::Serve, "proxy", |shutdown| {
             p.serve(listener, shutdown)
         });
+        let http_addr = w.http(&proxy).await?;
         let Wiring {
             registry,
             table,
@@ -140,6 +142,7 @@ impl Pgwake {
             learner,
             addr,
             admin_addr,
+            http_addr,
             cancel_addr,
             manager_api_addr,
             leadership,
@@ -165,6 +168,11 @@ impl Pgwake {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `[http] listen` as bound (serverless drivers).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -594,6 +602,21 @@ impl Wiring<'_> {
         let (r, h) = (self.registry.clone(), Arc::clone(&self.health));
         self.tasks.spawn(Stage::Last, "admin", |shutdown| {
             pgwake_proxy::admin::serve(l, r, h, shutdown)
+        });
+        Ok(Some(bound))
+    }
+
+    /// `[http] listen`: stops with the client listener; its WebSocket sessions then drain
+    /// with the TCP ones.
+    async fn http(&self, proxy: &Arc<Proxy>) -> Result<Option<SocketAddr>, StartError> {
+        let Some(a) = self.config.http.listen else {
+            return Ok(None);
+        };
+        let (l, bound) = bind(a).await?;
+        info!(addr = %bound, "serverless listener (WebSocket, /sql) listening");
+        let (p, cfg) = (Arc::clone(proxy), self.config.http.clone());
+        self.tasks.spawn(Stage::Serve, "http", |shutdown| {
+            p.serve_http(l, cfg, shutdown)
         });
         Ok(Some(bound))
     }

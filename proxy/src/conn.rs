@@ -71,7 +71,11 @@ pub(crate) async fn handle(
         return Err(ProxyError::NoUser);
     }
 
-    let (endpoint, proxy_auth) = find_endpoint(proxy, client, &mut startup, sni.as_deref()).await?;
+    let (endpoint, mut proxy_auth) =
+        find_endpoint(proxy, client, &mut startup, sni.as_deref()).await?;
+    if client.is_ws() && proxy_auth.is_none() {
+        proxy_auth = Some(ws_password(client, &startup).await?);
+    }
     tracing::Span::current().record("endpoint", endpoint.as_str());
     // Before the route is used and before any wake: failed logins never reach the manager.
     let verified = crate::login::login(
@@ -185,7 +189,12 @@ async fn hello(
         return Err(ProxyError::TooManyFromAddress);
     };
 
-    let (mut sni, mut channel_binding) = (None, None);
+    // A WebSocket's `Host` header names the endpoint the way an SNI does.
+    let mut sni = match client {
+        ClientStream::Ws(ws) => ws.host.clone(),
+        _ => None,
+    };
+    let mut channel_binding = None;
     if let Some(acceptor) = &proxy.tls {
         // PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest.
         let mut first = [0u8; 2];
@@ -201,6 +210,8 @@ async fn hello(
     loop {
         let encryption = match (&proxy.tls, client.is_tls()) {
             (_, true) => Encryption::Established,
+            // TLS, if any, is the WebSocket's (wss://); the driver sends no SSLRequest.
+            _ if client.is_ws() => Encryption::Unavailable,
             (Some(_), false) => Encryption::Available,
             (None, false) => Encryption::Unavailable,
         };
@@ -219,7 +230,7 @@ async fn hello(
                 return Ok(None);
             }
             First::Startup(startup) => {
-                if proxy.tls_cfg.require_tls && !client.is_tls() {
+                if proxy.tls_cfg.require_tls && !client.is_secure() {
                     return Err(ProxyError::TlsRequired);
                 }
                 return Ok(Some(Hello {
@@ -279,10 +290,10 @@ async fn find_endpoint(
     sni: Option<&str>,
 ) -> Result<(EndpointId, Option<ProxyAuth>), ProxyError> {
     let domains = &proxy.tls_cfg.domains;
-    let from_sni = if domains.is_empty() {
-        None
-    } else {
-        endpoint_from_sni(sni, domains)?
+    let from_sni = match client {
+        ClientStream::Ws(ws) if ws.endpoint.is_some() => ws.endpoint.clone(),
+        _ if domains.is_empty() => None,
+        _ => endpoint_from_sni(sni, domains)?,
     };
     let from_options = take_endpoint(startup)?;
     match (from_sni, from_options) {
@@ -303,4 +314,19 @@ async fn find_endpoint(
         }
         (None, None) => Err(ProxyError::NoEndpoint),
     }
+}
+
+/// The serverless driver pipelines its cleartext password right after the startup, without
+/// waiting to be asked, so a WebSocket client is always asked for one (and the question is
+/// already answered): the proxy then verifies it (SCRAM endpoints) or answers the compute's
+/// authentication with it (passthrough endpoints), exactly as for `endpoint=ID;PASSWORD`.
+async fn ws_password(
+    client: &mut ClientStream,
+    startup: &StartupMessage,
+) -> Result<ProxyAuth, ProxyError> {
+    let password = request_password(client).await?;
+    Ok(ProxyAuth {
+        user: startup.get_bytes("user").unwrap_or_default().to_vec(),
+        password,
+    })
 }

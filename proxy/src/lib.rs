@@ -21,6 +21,7 @@ pub mod passthrough;
 pub mod proxy_protocol;
 pub mod scram;
 mod server;
+pub mod serverless;
 mod shared;
 mod stream;
 pub mod throttle;

@@ -206,6 +206,29 @@ pub(crate) enum Verified {
     },
 }
 
+/// The login for a request that carries its password (SQL over HTTP): the same checks,
+/// throttle and failure accounting as [`login`], without a client stream to talk to.
+pub(crate) async fn check_password(
+    proxy: &Proxy,
+    endpoint: &EndpointId,
+    role: &str,
+    password: &str,
+    client_ip: IpAddr,
+) -> Result<Verified, LoginError> {
+    // With the password given, `login` never reads or writes the stream.
+    let mut no_stream = ClientStream::Gone;
+    login(
+        proxy,
+        &mut no_stream,
+        endpoint,
+        role,
+        Some(password),
+        client_ip,
+        None,
+    )
+    .await
+}
+
 /// Runs the login for `role` at `endpoint`, bounded by `[proxy] auth_timeout`. `password` is
 /// the cleartext password of the `endpoint=ID;PASSWORD` fallback, already read from the client;
 /// `channel_binding` that of the certificate the client's TLS handshake presented.

@@ -1,4 +1,4 @@
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The proxy's metrics, registered on the one registry the binary passes down. Every label
 /// value comes from an enum-like `&'static str`, never from the client.
@@ -11,6 +11,11 @@ pub struct ProxyMetrics {
     pub bytes: IntCounterVec,
     pub cancels: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    /// `POST /sql` requests by HTTP status and kind (`ok` or the error's kind).
+    pub sql_requests: IntCounterVec,
+    pub sql_seconds: Histogram,
+    /// Idle compute connections in the `/sql` pool.
+    pub sql_pool_idle: IntGauge,
 }
 
 impl ProxyMetrics {
@@ -47,7 +52,30 @@ impl ProxyMetrics {
                 Opts::new("pgwake_tls_handshakes_total", "TLS handshakes by outcome"),
                 &["outcome"],
             )?,
+            sql_requests: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_sql_requests_total",
+                    "SQL-over-HTTP requests by status and kind",
+                ),
+                &["status", "kind"],
+            )?,
+            sql_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgwake_sql_request_seconds",
+                    "SQL-over-HTTP request latency, wake included",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            )?,
+            sql_pool_idle: IntGauge::new(
+                "pgwake_sql_pool_idle_connections",
+                "Idle compute connections in the SQL-over-HTTP pool",
+            )?,
         };
+        registry.register(Box::new(m.sql_pool_idle.clone()))?;
+        registry.register(Box::new(m.sql_requests.clone()))?;
+        registry.register(Box::new(m.sql_seconds.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.cancels.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;

@@ -136,6 +136,11 @@ impl Proxy {
     }
 
     fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.spawn_client(ClientStream::Plain(stream), peer);
+    }
+
+    /// Runs one client (TCP, or an upgraded WebSocket from [`crate::serverless`]) in a task.
+    pub(crate) fn spawn_client(self: &Arc<Self>, mut stream: ClientStream, peer: SocketAddr) {
         self.metrics.accepted.inc();
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let span =
@@ -145,7 +150,6 @@ impl Proxy {
         let starting = Arc::clone(&self.pending).try_acquire_owned();
         tokio::spawn(
             async move {
-                let mut stream = ClientStream::Plain(stream);
                 let Ok(starting) = starting else {
                     refuse(&this, &mut stream, ProxyError::TooManyPendingStartups).await;
                     return;

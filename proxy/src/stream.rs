@@ -11,6 +11,8 @@ use tokio_rustls::server::TlsStream;
 pub enum ClientStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// Postgres over WebSocket (`[http] listen`): no PROXY header, no SSLRequest.
+    Ws(Box<crate::serverless::ws::WsClient>),
     /// Only while the TCP stream is lent to a TLS handshake that then failed.
     Gone,
 }
@@ -31,11 +33,24 @@ impl ClientStream {
         }
     }
 
+    /// TLS to the proxy, by SSLRequest or under the WebSocket (wss://).
+    pub fn is_secure(&self) -> bool {
+        match self {
+            ClientStream::Tls(_) => true,
+            ClientStream::Ws(ws) => ws.secure,
+            _ => false,
+        }
+    }
+
+    pub fn is_ws(&self) -> bool {
+        matches!(self, ClientStream::Ws(_))
+    }
+
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
             ClientStream::Plain(s) => Some(s),
             ClientStream::Tls(s) => Some(s.get_ref().0),
-            ClientStream::Gone => None,
+            ClientStream::Ws(_) | ClientStream::Gone => None,
         }
     }
 }
@@ -53,6 +68,7 @@ impl AsyncRead for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             ClientStream::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -67,6 +83,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -75,6 +92,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -83,6 +101,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Gone => Poll::Ready(Err(gone())),
         }
     }
