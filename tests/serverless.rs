@@ -250,6 +250,13 @@ async fn sql_over_http_refusals_wake_nothing_and_a_request_wakes() {
     let (_, a) = post_sql(&http, port, Some(&good), pid).await;
     let (_, b) = post_sql(&http, port, Some(&good), pid).await;
     assert_eq!(a["rows"], b["rows"], "a pooled connection was not reused");
+    // ...and nothing a request set reaches the next one on that connection.
+    let set = r#"{"query":"select set_config('search_path', 'leaked', false), pg_backend_pid()","params":[]}"#;
+    let (_, c) = post_sql(&http, port, Some(&good), set).await;
+    let show = r#"{"query":"select current_setting('search_path'), pg_backend_pid()","params":[]}"#;
+    let (_, d) = post_sql(&http, port, Some(&good), show).await;
+    assert_eq!(c["rows"][0]["pg_backend_pid"], d["rows"][0]["pg_backend_pid"], "{c} {d}");
+    assert_ne!(d["rows"][0]["current_setting"], "leaked", "{d}");
 
     // Its idle connection holds no lease: the suspend goes ahead and closes it, and the next
     // request finds it dead and wakes the endpoint on a fresh one.

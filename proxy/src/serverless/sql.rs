@@ -459,8 +459,10 @@ async fn run(
                 Ok(json!({ "results": results }))
             }
         };
-        // Reusable only outside any transaction (a query may have left one open).
-        idle_after = session.status == b'I';
+        // Reusable only outside any transaction (a query may have left one open), and only
+        // once nothing this request set (SET, temporary tables, prepared statements, advisory
+        // locks) can reach the next request that takes the connection from the pool.
+        idle_after = session.status == b'I' && session.simple("DISCARD ALL").await.is_ok();
         res
     };
     let res = match tokio::time::timeout(cfg.query_timeout, work).await {
