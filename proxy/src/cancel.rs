@@ -158,6 +158,12 @@ pub(crate) async fn serve_peers(
                         .instrument(span),
                     );
                 }
+                // Out of fds: the main listener's reserve answers clients and logs it; here the
+                // backlog waits for a session to end, and an ERROR every 10 ms would flood the log.
+                Err(e) if crate::fd::is_exhaustion(&e) => {
+                    debug!(error = %e, "cancel listener out of file descriptors; retrying");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 Err(e) => {
                     error!(error = %e, "cancel listener accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
