@@ -75,11 +75,18 @@ pub async fn copy(template: &Path, to: &Path) -> Result<(), BackendError> {
         .await
         .map_err(|e| BackendError::io(what(), e))?;
     if !out.status.success() {
+        // As a failed initdb (a full disk, permissions): the operator fixes it; the half-made
+        // copy is removed, and the next start copies again.
         let text = String::from_utf8_lossy(&out.stderr);
-        return Err(BackendError::io(
-            what(),
-            std::io::Error::other(format!("cp {}: {}", out.status, super::tail(&text, 1000))),
-        ));
+        return Err(BackendError::DataDir {
+            path: to.display().to_string(),
+            reason: format!(
+                "copying the template {} failed ({}): {}",
+                template.display(),
+                out.status,
+                super::tail(&text, 1000)
+            ),
+        });
     }
     // One syncfs instead of an fsync per file (a cluster has about a thousand), as initdb's
     // own `--sync-method=syncfs`.
@@ -147,6 +154,6 @@ mod tests {
         let err = copy(&tmp.path().join("missing"), &tmp.path().join("x"))
             .await
             .unwrap_err();
-        assert!(err.retryable(), "{err}");
+        assert_eq!(err.kind(), crate::BackendErrorKind::DataDirectory, "{err}");
     }
 }
