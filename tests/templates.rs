@@ -201,3 +201,73 @@ async fn with_templates_off_every_new_endpoint_runs_initdb() {
     drop((a, b));
     env.stop().await;
 }
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fills_the_disk_leaves_nothing_half_made_and_recovers_with_space() {
+    let env = Env::start("", "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\n").await;
+    let root = env.dir.path().join("data");
+    std::fs::create_dir(&root).unwrap();
+    // Room for the template (~40 MiB) but not for a copy of it too.
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=60m,mode=0755",
+            "pgwake-test-copy",
+        ])
+        .arg(&root)
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!("skipped: cannot mount a size-limited tmpfs here: {other:?}");
+            env.stop().await;
+            return;
+        }
+    }
+    let mount = Mount(root.clone());
+
+    let err = match tokio_postgres::connect(&env.conn_str("a"), tokio_postgres::NoTls).await {
+        Ok(_) => panic!("a new endpoint fit on a full disk"),
+        Err(e) => e,
+    };
+    let code = err.as_db_error().map(|d| d.code().code().to_owned());
+    assert_eq!(code.as_deref(), Some("08006"), "{err:?}");
+    assert_eq!(templates(&root).len(), 1, "the template was made");
+    assert!(
+        !root.join(".a.initdb").exists(),
+        "the half-made copy is left"
+    );
+    assert!(!root.join("a").exists());
+    assert!(!root.join(".pgwake/initialised/a").exists());
+
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let a = client_or_explain(&env, "a").await;
+    let n: i32 = a.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    drop(a);
+    let mut env = env;
+    if let Some(p) = env.pgwake.take() {
+        p.shutdown().await;
+    }
+    drop(mount);
+    drop(env);
+}
