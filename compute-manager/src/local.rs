@@ -1,6 +1,7 @@
 //! The embedded default backend: one real `postgres` process per endpoint, started directly
 //! (not through `pg_ctl`, which polls every 100 ms) on a free loopback port, with its data
-//! directory under `data_root/<endpoint>` created by `initdb` on first wake.
+//! directory under `data_root/<endpoint>` created on first wake: a copy of a template cluster
+//! made by `initdb` once (see [`template`]), or, with `template = false`, `initdb` itself.
 //!
 //! A data directory that once existed is never created again: the data root carries a marker
 //! and a record per initialised endpoint (see [`datadir`]), and a missing one is refused.
