@@ -1,6 +1,7 @@
 //! The embedded default backend: one real `postgres` process per endpoint, started directly
 //! (not through `pg_ctl`, which polls every 100 ms) on a free loopback port, with its data
-//! directory under `data_root/<endpoint>` created by `initdb` on first wake.
+//! directory under `data_root/<endpoint>` created on first wake: a copy of a template cluster
+//! made by `initdb` once (see [`template`]), or, with `template = false`, `initdb` itself.
 //!
 //! A data directory that once existed is never created again: the data root carries a marker
 //! and a record per initialised endpoint (see [`datadir`]), and a missing one is refused.
@@ -10,8 +11,10 @@
 mod datadir;
 mod log;
 mod procs;
+mod template;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -71,6 +74,12 @@ pub struct LocalConfig {
     /// becomes `<id>.log.1`, replacing the previous one, so a log takes at most twice this.
     #[serde(default)]
     pub log_max_size: LogSize,
+    /// Whether a new endpoint's cluster is a copy of a template cluster (made by initdb once
+    /// per PostgreSQL major version and initdb arguments, under `.pgwake/templates`) instead
+    /// of its own initdb. Clusters copied from one template share its database system
+    /// identifier.
+    #[serde(default = "default_template")]
+    pub template: bool,
 }
 
 fn default_data_root() -> PathBuf {
@@ -81,6 +90,9 @@ fn default_superuser() -> String {
 }
 fn default_auth() -> String {
     "trust".into()
+}
+fn default_template() -> bool {
+    true
 }
 fn default_stop_timeout() -> Duration {
     Duration::from_secs(60)
@@ -99,6 +111,7 @@ impl Default for LocalConfig {
             settings: BTreeMap::new(),
             stop_timeout: default_stop_timeout(),
             log_max_size: LogSize::default(),
+            template: default_template(),
         }
     }
 }
@@ -126,6 +139,11 @@ pub struct LocalBackend {
     /// Serialises changes to the data root's marker (starts of different endpoints run
     /// concurrently).
     root_lock: std::sync::Mutex<()>,
+    /// Single-flight for template creation: the first wakes of many new endpoints at once
+    /// wait for one initdb instead of each running its own.
+    template_lock: tokio::sync::Mutex<()>,
+    /// `postgres -V` of [`Self::bins`], for the template's key.
+    pg_version: OnceLock<String>,
 }
 
 /// How often a starting compute is probed. The gap between "port open" and "ready" is ~15 ms
@@ -181,6 +199,8 @@ impl LocalBackend {
             bins: OnceLock::new(),
             pick_port: Box::new(free_port),
             root_lock: std::sync::Mutex::new(()),
+            template_lock: tokio::sync::Mutex::new(()),
+            pg_version: OnceLock::new(),
         })
     }
 
@@ -294,38 +314,19 @@ impl LocalBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(BackendError::io(format!("read {}", dir.display()), e)),
         }
-        std::fs::create_dir(&building)
-            .map_err(|e| BackendError::io(format!("create {}", building.display()), e))?;
-        self.chown(&building)?;
-        info!(dir = %dir.display(), "initdb for new endpoint");
-        let out = self
-            .command(&bins.initdb)
-            .arg("-D")
-            .arg(&building)
-            .arg("-U")
-            .arg(&self.cfg.superuser)
-            .arg(format!("--auth={}", self.cfg.auth))
-            .args(["-E", "UTF8", "--locale=C"])
-            .args(&self.cfg.initdb_args)
-            .output()
-            .await;
-        let out = match out {
-            Ok(out) if out.status.success() => out,
-            failed => {
-                if let Err(e) = std::fs::remove_dir_all(&building) {
-                    warn!(dir = %building.display(), error = %e, "could not remove the failed initdb's directory; the next start will");
+        if self.cfg.template {
+            let template = self.ensure_template(bins).await?;
+            info!(dir = %dir.display(), template = %template.display(), "new endpoint from the template");
+            if let Err(e) = template::copy(&template, &building).await {
+                if let Err(e) = remove_if_exists(&building) {
+                    warn!(dir = %building.display(), error = %e, "could not remove the failed copy; the next start will");
                 }
-                let out = failed
-                    .map_err(|e| BackendError::io(format!("run {}", bins.initdb.display()), e))?;
-                let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-                text.push_str(&String::from_utf8_lossy(&out.stdout));
-                return Err(BackendError::InitdbFailed {
-                    status: out.status.to_string(),
-                    output: tail(&text, 2000),
-                });
+                return Err(e);
             }
-        };
-        drop(out);
+        } else {
+            info!(dir = %dir.display(), "initdb for new endpoint");
+            self.initdb(&building, bins).await?;
+        }
         // An empty directory in the way (an operator's mkdir) is replaced; rename cannot
         // replace a mount point (EBUSY): mount the data root, not one endpoint's directory.
         std::fs::rename(&building, dir).map_err(|e| {
@@ -337,6 +338,104 @@ impl LocalBackend {
         datadir::sync_dir(root)?;
         datadir::record(root, id)?;
         Ok(false)
+    }
+
+    /// The arguments of every initdb pgwake runs, but `-D`.
+    fn initdb_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "-U".into(),
+            self.cfg.superuser.clone().into(),
+            format!("--auth={}", self.cfg.auth).into(),
+            "-E".into(),
+            "UTF8".into(),
+            "--locale=C".into(),
+        ];
+        args.extend(self.cfg.initdb_args.iter().map(OsString::from));
+        args
+    }
+
+    /// Runs initdb into `building`, which must not exist; on failure nothing is left of it.
+    async fn initdb(&self, building: &Path, bins: &Bins) -> Result<(), BackendError> {
+        std::fs::create_dir(building)
+            .map_err(|e| BackendError::io(format!("create {}", building.display()), e))?;
+        self.chown(building)?;
+        let out = self
+            .command(&bins.initdb)
+            .arg("-D")
+            .arg(building)
+            .args(self.initdb_args())
+            .output()
+            .await;
+        match out {
+            Ok(out) if out.status.success() => Ok(()),
+            failed => {
+                if let Err(e) = std::fs::remove_dir_all(building) {
+                    warn!(dir = %building.display(), error = %e, "could not remove the failed initdb's directory; the next start will");
+                }
+                let out = failed
+                    .map_err(|e| BackendError::io(format!("run {}", bins.initdb.display()), e))?;
+                let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stdout));
+                Err(BackendError::InitdbFailed {
+                    status: out.status.to_string(),
+                    output: tail(&text, 2000),
+                })
+            }
+        }
+    }
+
+    async fn pg_version(&self, bins: &Bins) -> Result<&str, BackendError> {
+        if let Some(v) = self.pg_version.get() {
+            return Ok(v);
+        }
+        let out = self
+            .command(&bins.postgres)
+            .arg("-V")
+            .output()
+            .await
+            .map_err(|e| BackendError::io(format!("run {} -V", bins.postgres.display()), e))?;
+        if !out.status.success() {
+            return Err(BackendError::BinariesNotFound(format!(
+                "{} -V failed ({})",
+                bins.postgres.display(),
+                out.status
+            )));
+        }
+        let v = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(self.pg_version.get_or_init(|| v))
+    }
+
+    /// The template cluster for this PostgreSQL and these initdb arguments, made now if there
+    /// is none. Only a complete one carries the final name; the leftover of an interrupted
+    /// build (or anything else in its place without `PG_VERSION`) is removed and made again.
+    async fn ensure_template(&self, bins: &Bins) -> Result<PathBuf, BackendError> {
+        let _single = self.template_lock.lock().await;
+        let major = template::major_version(self.pg_version(bins).await?);
+        let key = template::key(&major, &self.initdb_args())?;
+        let templates = self.cfg.data_root.join(template::TEMPLATES);
+        let dir = templates.join(&key);
+        if datadir::exists(&dir.join("PG_VERSION"))? {
+            return Ok(dir);
+        }
+        std::fs::create_dir_all(&templates)
+            .map_err(|e| BackendError::io(format!("create {}", templates.display()), e))?;
+        let building = templates.join(format!(".{key}.initdb"));
+        for leftover in [&dir, &building] {
+            if datadir::exists(leftover)? {
+                warn!(dir = %leftover.display(), "removing a half-made template cluster");
+                remove_if_exists(leftover)?;
+            }
+        }
+        info!(template = %dir.display(), "initdb for a template cluster");
+        self.initdb(&building, bins).await?;
+        std::fs::rename(&building, &dir).map_err(|e| {
+            BackendError::io(
+                format!("rename {} to {}", building.display(), dir.display()),
+                e,
+            )
+        })?;
+        datadir::sync_dir(&templates)?;
+        Ok(dir)
     }
 
     /// Records a cluster pgwake did not create (an older pgwake did) once postgres has started
@@ -701,6 +800,15 @@ fn free_port() -> Result<u16, BackendError> {
     l.local_addr()
         .map(|a| a.port())
         .map_err(|e| BackendError::io("pick a free port", e))
+}
+
+fn remove_if_exists(p: &Path) -> Result<(), BackendError> {
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(BackendError::io(format!("remove {}", p.display()), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, BackendError> {
