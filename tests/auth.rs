@@ -73,6 +73,34 @@ fn psql_with_password(conn: &str, password: &str) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_endpoints_are_hidden_by_default_once_an_endpoint_checks_logins() {
+    let failed = Some((
+        SqlState::INVALID_PASSWORD.code().to_string(),
+        "password authentication failed for user \"postgres\"".to_string(),
+    ));
+    // No [auth] setting: a scram endpoint in the file hides which ids exist.
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let env = Env::start_in(dir, &local, &endpoint).await;
+    assert_eq!(
+        login(&conn(&env, "ghost", "postgres", PASSWORD)).await,
+        failed
+    );
+    env.stop().await;
+
+    // Said otherwise, the id's absence is told as before.
+    let dir = tempdir();
+    let (local, endpoint) = roles(dir.path());
+    let extra = format!("{local}[auth]\nhide_unknown_endpoints = false\n");
+    let env = Env::start_in(dir, &extra, &endpoint).await;
+    let (code, _) = login(&conn(&env, "ghost", "postgres", PASSWORD))
+        .await
+        .unwrap();
+    assert_eq!(code, SqlState::INVALID_CATALOG_NAME.code());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_unknown_role_and_unknown_endpoint_look_the_same_and_wake_nothing() {
     let dir = tempdir();
     let (local, endpoint) = roles(dir.path());

@@ -4,8 +4,9 @@
 //! ClientKey recovered from its proof then logs the proxy in to the compute
 //! ([`crate::auth`]).
 //!
-//! Unknown role (and, with `[auth] hide_unknown_endpoints`, unknown endpoint) runs the mock
-//! exchange: same messages, same work, same `28P01` as a wrong password.
+//! An unknown role, and an unknown endpoint once any endpoint uses scram (or as
+//! `[auth] hide_unknown_endpoints` says), runs the mock exchange: same messages, same work,
+//! same `28P01` as a wrong password.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,10 +36,11 @@ const MAX_LOGIN_MESSAGE: usize = scram::server::MAX_MESSAGE_LEN + 64;
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// An unknown endpoint gets the mock SCRAM exchange and `28P01`, like a wrong password,
-    /// instead of `3D000 endpoint "x" does not exist`. For deployments whose endpoints all use
-    /// `auth = "scram"`: a passthrough endpoint still answers with its compute's messages.
+    /// instead of `3D000 endpoint "x" does not exist`. Unset: hidden as soon as any endpoint
+    /// uses `auth = "scram"` (there is something to protect, and listing ids would help a
+    /// scanner), shown while every endpoint is passthrough (whose computes answer anyway).
     #[serde(default)]
-    pub hide_unknown_endpoints: bool,
+    pub hide_unknown_endpoints: Option<bool>,
     #[serde(default)]
     pub throttle: ThrottleConfig,
     /// How often the login roles of running local computes (`auth = "scram"` endpoints) are
@@ -72,7 +74,7 @@ fn d_roles_secret_interval() -> std::time::Duration {
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
-            hide_unknown_endpoints: false,
+            hide_unknown_endpoints: None,
             throttle: ThrottleConfig::default(),
             learn_interval: d_learn_interval(),
             roles_secrets: true,
@@ -244,7 +246,13 @@ pub(crate) async fn login(
     let auth = &proxy.auth;
     let route = proxy.table.lookup(endpoint);
     let lookup = match &route {
-        None if !auth.cfg.hide_unknown_endpoints => return Ok(Verified::NotChecked),
+        None if !auth
+            .cfg
+            .hide_unknown_endpoints
+            .unwrap_or_else(|| auth.store.has_scram_endpoints()) =>
+        {
+            return Ok(Verified::NotChecked)
+        }
         None => Lookup::UnknownRole,
         // The caller refuses it with its own message; the allowlist is the owner's to reveal.
         Some(r) if !r.allows(client_ip) => return Ok(Verified::NotChecked),

@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -211,6 +212,11 @@ pub struct VerifierStore {
     entries: DashMap<EndpointId, Entry>,
     /// Endpoints from `PgwakeEndpoint`s: their mode and the roles of their Secret.
     secrets: DashMap<EndpointId, SecretEntry>,
+    /// Whether an endpoint of the config file uses `scram` (set by each load).
+    scram_in_config: AtomicBool,
+    /// Whether a `PgwakeEndpoint` has used `scram` since start. Never cleared: a deployment
+    /// that protects endpoints keeps hiding which ids exist after one of them goes.
+    scram_in_secrets: AtomicBool,
 }
 
 impl VerifierStore {
@@ -245,6 +251,10 @@ impl VerifierStore {
             e.mode = Some(c.mode());
             e.file = file;
         }
+        self.scram_in_config.store(
+            configs.iter().any(|c| c.mode() == AuthMode::Scram),
+            Ordering::Relaxed,
+        );
         self.entries.retain(|id, e| {
             if !keep.contains(id) {
                 e.mode = None;
@@ -254,6 +264,14 @@ impl VerifierStore {
             !e.learned.is_empty() || e.mode.is_some()
         });
         Ok(())
+    }
+
+    /// Whether any endpoint checks logins at the proxy: then an unknown endpoint id is
+    /// answered like a wrong password unless `[auth] hide_unknown_endpoints` says otherwise
+    /// (telling it apart would let a scanner list the protected ids). O(1).
+    pub fn has_scram_endpoints(&self) -> bool {
+        self.scram_in_config.load(Ordering::Relaxed)
+            || self.scram_in_secrets.load(Ordering::Relaxed)
     }
 
     /// Endpoints configured with `auth = "scram"`: those whose computes' roles are worth
@@ -282,6 +300,9 @@ impl VerifierStore {
     /// `endpoint` is a `PgwakeEndpoint` with auth `mode`: until [`Self::set_secret_roles`],
     /// a scram one has no roles (every login refused). The roles already known stay.
     pub fn set_secret_mode(&self, endpoint: &EndpointId, mode: AuthMode) {
+        if mode == AuthMode::Scram {
+            self.scram_in_secrets.store(true, Ordering::Relaxed);
+        }
         self.secrets
             .entry(endpoint.clone())
             .and_modify(|e| e.mode = mode)
@@ -467,6 +488,36 @@ mod tests {
         // Removed from the config: no mode, so no answer (the caller decides).
         store.load_config(&[]).unwrap();
         assert_eq!(store.lookup(&id("e"), "alice"), None);
+    }
+
+    #[test]
+    fn the_store_knows_whether_any_endpoint_checks_logins() {
+        let store = VerifierStore::new();
+        let cfg = |name: &str, auth| EndpointAuth {
+            id: id(name),
+            auth: Some(auth),
+            roles_file: None,
+        };
+        assert!(!store.has_scram_endpoints());
+        store
+            .load_config(&[cfg("a", AuthMode::Passthrough)])
+            .unwrap();
+        assert!(!store.has_scram_endpoints(), "passthrough only");
+        store
+            .load_config(&[cfg("a", AuthMode::Passthrough), cfg("b", AuthMode::Scram)])
+            .unwrap();
+        assert!(store.has_scram_endpoints());
+        store
+            .load_config(&[cfg("a", AuthMode::Passthrough)])
+            .unwrap();
+        assert!(
+            !store.has_scram_endpoints(),
+            "the scram endpoint left the file"
+        );
+        store.set_secret_mode(&id("k"), AuthMode::Passthrough);
+        assert!(!store.has_scram_endpoints());
+        store.set_secret_mode(&id("k"), AuthMode::Scram);
+        assert!(store.has_scram_endpoints(), "a PgwakeEndpoint uses scram");
     }
 
     #[test]
