@@ -645,6 +645,18 @@ impl Shared {
         self.set_status_failed(id, state, addr, None).await
     }
 
+    /// Scales the StatefulSet of a start nobody waits for any more back to 0 and, once it is,
+    /// says Suspended, with `failure` (if the start failed) under the Failed condition.
+    async fn undo_start(&self, id: &EndpointId, name: &str, failure: Option<(String, String)>) {
+        match self.scale(name, 0, None).await {
+            Ok(_) => {
+                self.set_status_failed(id, EndpointState::Suspended, None, failure)
+                    .await
+            }
+            Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
+        }
+    }
+
     /// [`Self::set_status`], with the condition Failed set to `failure` (reason, message).
     async fn set_status_failed(
         &self,
@@ -838,14 +850,7 @@ impl Drop for ScaleDownOnDrop {
         rt.spawn(
             async move {
                 warn!("compute start failed or was abandoned; scaling it back to 0");
-                match shared.scale(&name, 0, None).await {
-                    Ok(_) => {
-                        shared
-                            .set_status_failed(&id, EndpointState::Suspended, None, failure)
-                            .await
-                    }
-                    Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
-                }
+                shared.undo_start(&id, &name, failure).await;
             }
             .instrument(tracing::info_span!("abandoned_start", endpoint = %self.id)),
         );
@@ -903,14 +908,7 @@ async fn continue_start(
         None => info!("compute ready, with no client waiting; scaling it back to 0"),
         Some((reason, _)) => warn!(reason, "continued start failed; scaling it back to 0"),
     }
-    match shared.scale(&name, 0, None).await {
-        Ok(_) => {
-            shared
-                .set_status_failed(&id, EndpointState::Suspended, None, failure)
-                .await
-        }
-        Err(e) => warn!(error = %e, "could not scale the compute back to 0"),
-    }
+    shared.undo_start(&id, &name, failure).await;
     drop(taken_over);
 }
 
