@@ -90,18 +90,7 @@ pub(crate) async fn handle(
     .await?;
     let proxy_auth = ComputeCreds::after_login(verified, proxy_auth);
 
-    let route = proxy
-        .table
-        .lookup(&endpoint)
-        .ok_or_else(|| ProxyError::UnknownEndpoint(endpoint.clone()))?;
-    // Before any wake: a refused client must not be able to start (and pay for) a compute.
-    if !route.allows(client_addr.ip()) {
-        return Err(ProxyError::NotAllowed(endpoint));
-    }
-    let _slot = proxy
-        .limits
-        .acquire_endpoint(&endpoint, route.max_connections)
-        .ok_or_else(|| ProxyError::EndpointFull(endpoint.clone()))?;
+    let (route, _slot) = proxy.admit(&endpoint, client_addr.ip())?;
     let (lease, mut compute) = compute::connect(proxy, &route).await?;
 
     let mut buf = BytesMut::with_capacity(256);

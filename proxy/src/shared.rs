@@ -2,16 +2,18 @@
 //! keys, TLS. Built once by the binary; the accept loops (`server`) and each connection
 //! (`conn`) only read it, so this module imports neither.
 
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use pgwake_compute_manager::ComputeWaker;
-use pgwake_router::RoutingTable;
+use pgwake_router::{EndpointId, Route, RoutingTable};
 use tokio::sync::Semaphore;
 
 use crate::admin::Health;
 use crate::cancel::Cancels;
-use crate::limits::{Limits, LimitsConfig};
+use crate::error::ProxyError;
+use crate::limits::{EndpointSlot, Limits, LimitsConfig};
 use crate::tls::{TlsAcceptor, TlsConfig};
 use crate::{ProxyConfig, ProxyMetrics};
 
@@ -55,6 +57,28 @@ pub struct ProxyParts {
 }
 
 impl Proxy {
+    /// `endpoint`'s route for a client at `ip`, and one of the endpoint's connection places
+    /// held for as long as the slot lives. Checked before any wake, for every transport: a
+    /// refused client must not be able to start (and pay for) a compute.
+    pub(crate) fn admit(
+        &self,
+        endpoint: &EndpointId,
+        ip: IpAddr,
+    ) -> Result<(Arc<Route>, EndpointSlot), ProxyError> {
+        let route = self
+            .table
+            .lookup(endpoint)
+            .ok_or_else(|| ProxyError::UnknownEndpoint(endpoint.clone()))?;
+        if !route.allows(ip) {
+            return Err(ProxyError::NotAllowed(endpoint.clone()));
+        }
+        let slot = self
+            .limits
+            .acquire_endpoint(endpoint, route.max_connections)
+            .ok_or_else(|| ProxyError::EndpointFull(endpoint.clone()))?;
+        Ok((route, slot))
+    }
+
     pub fn new(p: ProxyParts) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(p.cfg.max_connections));
         // "No limit" is still a semaphore, one too large to run out, so the drain can wait

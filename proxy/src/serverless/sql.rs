@@ -380,17 +380,7 @@ async fn run(
             password: info.password.clone(),
         }),
     );
-    let route = proxy
-        .table
-        .lookup(&endpoint)
-        .ok_or_else(|| ProxyError::UnknownEndpoint(endpoint.clone()))?;
-    if !route.allows(ip) {
-        return Err(ProxyError::NotAllowed(endpoint).into());
-    }
-    let _slot = proxy
-        .limits
-        .acquire_endpoint(&endpoint, route.max_connections)
-        .ok_or_else(|| ProxyError::EndpointFull(endpoint.clone()))?;
+    let (route, _slot) = proxy.admit(&endpoint, ip)?;
     // The lease is the request's activity: no suspend while it is held.
     let lease = proxy
         .manager
