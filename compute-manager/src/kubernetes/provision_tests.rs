@@ -539,3 +539,21 @@ async fn create_endpoint_creates_the_callers_spec() {
     assert_eq!(typed(&sent).spec, spec);
     assert!(fake.received().is_empty());
 }
+
+#[test]
+fn the_readmes_neon_table_is_valid() {
+    let path = format!("{}/../deploy/README.md", env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(path).unwrap();
+    let section = readme.split("## Branches on Neon").nth(1).unwrap();
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    let table: toml::Table = toml::from_str(block).unwrap();
+    let k: KubernetesConfig = table["kubernetes"].clone().try_into().unwrap();
+    let neon = k.neon.clone().unwrap();
+    assert_eq!(neon.pageserver_api, "http://pageserver.neon.svc:9898");
+    assert!(neon.pageserver_token_file.is_some());
+    assert_eq!(k.validate(), Vec::<String>::new());
+}
