@@ -346,3 +346,145 @@ impl EndpointResources {
         Ok(())
     }
 }
+
+/// One term of a label selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Term {
+    Eq(String, String),
+    NotEq(String, String),
+    Exists(String),
+    NotExists(String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+}
+
+/// `[kubernetes] endpoint_selector`, read as Kubernetes reads a label selector: which
+/// `PgwakeEndpoint`s this installation routes. An endpoint made here must match it (else
+/// nobody would route it), and one that does not is not this installation's to branch or
+/// delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointSelector {
+    terms: Vec<Term>,
+}
+
+impl EndpointSelector {
+    /// `None` or empty: every endpoint.
+    pub fn parse(selector: Option<&str>) -> Result<Self, String> {
+        let Some(s) = selector.map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok(Self::default());
+        };
+        // Commas separate terms, except inside the parentheses of `in` and `notin`.
+        let mut parts = Vec::new();
+        let (mut depth, mut start) = (0i32, 0);
+        for (i, c) in s.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            if depth < 0 {
+                return Err(format!("unbalanced parentheses in {s:?}"));
+            }
+        }
+        if depth != 0 {
+            return Err(format!("unbalanced parentheses in {s:?}"));
+        }
+        parts.push(&s[start..]);
+        let set = |values: &str| -> Result<Vec<String>, String> {
+            let inner = values
+                .trim()
+                .strip_prefix('(')
+                .and_then(|v| v.strip_suffix(')'))
+                .ok_or_else(|| format!("a set must be in parentheses: {values:?}"))?;
+            Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+        };
+        let terms = parts
+            .into_iter()
+            .map(|t| {
+                let t = t.trim();
+                let key = |k: &str| -> Result<String, String> {
+                    let k = k.trim();
+                    let label_char =
+                        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/');
+                    if k.is_empty() || !k.chars().all(label_char) {
+                        return Err(format!("bad term {t:?}"));
+                    }
+                    Ok(k.to_string())
+                };
+                if let Some(k) = t.strip_prefix('!') {
+                    Ok(Term::NotExists(key(k)?))
+                } else if let Some((k, v)) = t.split_once(" notin ") {
+                    Ok(Term::NotIn(key(k)?, set(v)?))
+                } else if let Some((k, v)) = t.split_once(" in ") {
+                    Ok(Term::In(key(k)?, set(v)?))
+                } else if let Some((k, v)) = t.split_once("!=") {
+                    Ok(Term::NotEq(key(k)?, v.trim().to_string()))
+                } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                    Ok(Term::Eq(key(k)?, v.trim().to_string()))
+                } else {
+                    Ok(Term::Exists(key(t)?))
+                }
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { terms })
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.terms.iter().all(|t| match t {
+            Term::Eq(k, v) => labels.get(k) == Some(v),
+            Term::NotEq(k, v) => labels.get(k) != Some(v),
+            Term::Exists(k) => labels.contains_key(k),
+            Term::NotExists(k) => !labels.contains_key(k),
+            Term::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
+            Term::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
+        })
+    }
+
+    /// `labels` with the labels that equality terms (`tier=dev`, and `in` with one value)
+    /// require added; `Err` (with the label keys at fault) if they then still do not match.
+    pub fn complete(
+        &self,
+        mut labels: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, String> {
+        for t in &self.terms {
+            match t {
+                Term::Eq(k, v) => {
+                    labels.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                Term::In(k, vs) if vs.len() == 1 => {
+                    labels.entry(k.clone()).or_insert_with(|| vs[0].clone());
+                }
+                _ => {}
+            }
+        }
+        if self.matches(&labels) {
+            return Ok(labels);
+        }
+        let keys: Vec<&str> = self
+            .terms
+            .iter()
+            .filter(|t| {
+                !Self {
+                    terms: vec![(*t).clone()],
+                }
+                .matches(&labels)
+            })
+            .map(|t| match t {
+                Term::Eq(k, _)
+                | Term::NotEq(k, _)
+                | Term::Exists(k)
+                | Term::NotExists(k)
+                | Term::In(k, _)
+                | Term::NotIn(k, _) => k.as_str(),
+            })
+            .collect();
+        Err(format!(
+            "its labels do not match this installation's endpoint selector (labels {})",
+            keys.join(", ")
+        ))
+    }
+}

@@ -331,7 +331,11 @@ async fn brancher() -> (NeonBrancher, ApiServer, FakePageserver) {
         neon: Some(NeonConfig::new(fake.url())),
         ..cfg()
     };
-    (NeonBrancher::new(pageserver, client, &cfg), api, fake)
+    (
+        NeonBrancher::new(pageserver, client, &cfg).unwrap(),
+        api,
+        fake,
+    )
 }
 
 fn tenant() -> TenantId {
@@ -556,4 +560,114 @@ fn the_readmes_neon_table_is_valid() {
     assert_eq!(neon.pageserver_api, "http://pageserver.neon.svc:9898");
     assert!(neon.pageserver_token_file.is_some());
     assert_eq!(k.validate(), Vec::<String>::new());
+}
+
+#[test]
+fn the_endpoint_selector_is_read_as_kubernetes_reads_it() {
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let all = EndpointSelector::parse(None).unwrap();
+    assert!(all.matches(&BTreeMap::new()));
+    assert_eq!(EndpointSelector::parse(Some(" ")).unwrap(), all);
+
+    let s = EndpointSelector::parse(Some(
+        "tier=dev, team==db,env in (a, b),zone notin (x),!legacy,owner,stage!=prod",
+    ))
+    .unwrap();
+    let good = labels(&[
+        ("tier", "dev"),
+        ("team", "db"),
+        ("env", "b"),
+        ("zone", "y"),
+        ("owner", "me"),
+    ]);
+    assert!(s.matches(&good));
+    for (k, v) in [
+        ("tier", "prod"),
+        ("env", "c"),
+        ("zone", "x"),
+        ("legacy", "1"),
+        ("stage", "prod"),
+    ] {
+        let mut l = good.clone();
+        l.insert(k.into(), v.into());
+        assert!(!s.matches(&l), "{k}={v}");
+    }
+    let mut no_owner = good.clone();
+    no_owner.remove("owner");
+    assert!(!s.matches(&no_owner));
+
+    // Equality terms are added to a new endpoint's labels; others must be met by the caller.
+    let s = EndpointSelector::parse(Some("tier=dev,env in (staging)")).unwrap();
+    assert_eq!(
+        s.complete(labels(&[("app", "x")])).unwrap(),
+        labels(&[("app", "x"), ("tier", "dev"), ("env", "staging")])
+    );
+    let e = s.complete(labels(&[("tier", "prod")])).unwrap_err();
+    assert!(e.contains("tier") && !e.contains("env"), "{e}");
+    let s = EndpointSelector::parse(Some("owner")).unwrap();
+    assert!(s.complete(BTreeMap::new()).unwrap_err().contains("owner"));
+
+    for bad in ["a in b", "x=1,(", "a b", "a in (b"] {
+        assert!(EndpointSelector::parse(Some(bad)).is_err(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn only_the_installations_endpoints_are_branched_made_and_deleted() {
+    let fake = FakePageserver::start().await;
+    let (client, mut api) = ApiServer::new();
+    let cfg = KubernetesConfig {
+        endpoint_selector: Some("tier=dev".into()),
+        neon: Some(NeonConfig::new(fake.url())),
+        ..cfg()
+    };
+    let b = NeonBrancher::from_config(client, &cfg).unwrap();
+    let mut other = neon_main();
+    other["metadata"]["labels"] = json!({ "tier": "prod" });
+
+    let (result, ()) = tokio::join!(b.create_branch(id("neon-main"), id("dev"), None), async {
+        api.get("neon-main").await.reply(200, &other);
+    });
+    assert_eq!(
+        result.unwrap_err().kind(),
+        NeonBranchErrorKind::UnknownParent
+    );
+
+    let (result, ()) = tokio::join!(b.delete(id("neon-main"), true), async {
+        api.get("neon-main").await.reply(200, &other);
+        api.quiet().await;
+    });
+    assert_eq!(result.unwrap_err().kind(), NeonBranchErrorKind::NotFound);
+
+    let spec = typed(&example("postgres-endpoint.yaml")).spec;
+    let (result, sent) = tokio::join!(
+        b.create_endpoint(id("fresh"), spec, BTreeMap::new()),
+        async {
+            let call = api.expect(Method::POST, CREATE).await;
+            let sent = call.body.clone();
+            let body = created(&call.body);
+            call.reply(201, &body);
+            sent
+        }
+    );
+    result.unwrap();
+    assert_eq!(sent["metadata"]["labels"], json!({ "tier": "dev" }));
+    assert!(fake.received().is_empty());
+
+    let (client, _api) = ApiServer::new();
+    let e = NeonBrancher::from_config(
+        client,
+        &KubernetesConfig {
+            neon: None,
+            ..cfg.clone()
+        },
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.kind(), NeonBranchErrorKind::Internal);
 }

@@ -17,7 +17,7 @@ mod tests;
 use std::collections::BTreeMap;
 
 use kube::Client;
-use pgwake_router::crd::{PgwakeEndpoint, PgwakeEndpointSpec};
+use pgwake_router::crd::{NeonTimeline, PgwakeEndpoint, PgwakeEndpointSpec};
 use pgwake_router::EndpointId;
 use tracing::{info, warn};
 
@@ -27,7 +27,8 @@ pub use pageserver::{
 };
 
 use crate::kubernetes::provision::{
-    branch_endpoint, new_endpoint, EndpointResources, ProvisionError, ProvisionErrorKind,
+    branch_endpoint, new_endpoint, EndpointResources, EndpointSelector, ProvisionError,
+    ProvisionErrorKind,
 };
 use crate::kubernetes::KubernetesConfig;
 use crate::ErrorSource;
@@ -104,6 +105,10 @@ pub enum NeonBranchError {
         value: String,
         reason: InvalidNeonId,
     },
+    /// `[kubernetes]` cannot be used for branches (no `[kubernetes.neon]`, a selector that
+    /// cannot be read).
+    #[error("configuration: {0}")]
+    Config(String),
     #[error(transparent)]
     Pageserver(#[from] PageserverError),
     #[error(transparent)]
@@ -116,6 +121,7 @@ impl NeonBranchError {
         match self {
             Self::UnknownParent(_) => K::UnknownParent,
             Self::BadParentSpec { .. } => K::Invalid,
+            Self::Config(_) => K::Internal,
             Self::Pageserver(e) => match e.kind() {
                 PageserverErrorKind::NotFound => K::UnknownParent,
                 PageserverErrorKind::BadLsn => K::BadLsn,
@@ -146,6 +152,7 @@ impl NeonBranchError {
             Self::BadParentSpec { id, field, .. } => {
                 format!("endpoint {id} has an invalid spec.neon.{field}")
             }
+            Self::Config(_) => "internal error".into(),
             Self::Pageserver(e) => e.client_message().to_string(),
             Self::Kubernetes(e) => e.client_message(),
         }
@@ -171,19 +178,60 @@ pub struct Deleted {
 }
 
 /// Creates and deletes endpoints and Neon branches as `PgwakeEndpoint`s in one namespace.
+/// Only endpoints that `[kubernetes] endpoint_selector` selects are this installation's: a
+/// new one gets the labels it requires, others are not branched or deleted.
 #[derive(Clone)]
 pub struct NeonBrancher {
     pageserver: PageserverClient,
     resources: EndpointResources,
+    selector: EndpointSelector,
 }
 
 impl NeonBrancher {
     /// `cfg.namespace` unset means the client's default namespace.
-    pub fn new(pageserver: PageserverClient, client: Client, cfg: &KubernetesConfig) -> Self {
-        Self {
+    pub fn new(
+        pageserver: PageserverClient,
+        client: Client,
+        cfg: &KubernetesConfig,
+    ) -> Result<Self, NeonBranchError> {
+        let selector = EndpointSelector::parse(cfg.endpoint_selector.as_deref())
+            .map_err(|e| NeonBranchError::Config(format!("kubernetes.endpoint_selector: {e}")))?;
+        Ok(Self {
             pageserver,
             resources: EndpointResources::new(client, cfg),
-        }
+            selector,
+        })
+    }
+
+    /// With the pageserver client of `cfg.neon`, which must be set.
+    pub fn from_config(client: Client, cfg: &KubernetesConfig) -> Result<Self, NeonBranchError> {
+        let neon = cfg.neon.as_ref().ok_or_else(|| {
+            NeonBranchError::Config("branches on Neon need [kubernetes.neon]".into())
+        })?;
+        Self::new(PageserverClient::new(neon)?, client, cfg)
+    }
+
+    /// The resource of `id`, if it is this installation's.
+    async fn endpoint(&self, id: &EndpointId) -> Result<Option<PgwakeEndpoint>, NeonBranchError> {
+        let ep = self.resources.get_opt(id).await?;
+        Ok(ep.filter(|ep| {
+            self.selector
+                .matches(ep.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+        }))
+    }
+
+    /// `ep`'s labels completed for the selector, or why they cannot match it.
+    fn selected(&self, mut ep: PgwakeEndpoint) -> Result<PgwakeEndpoint, NeonBranchError> {
+        let labels = ep.metadata.labels.take().unwrap_or_default();
+        let labels = self
+            .selector
+            .complete(labels)
+            .map_err(|reason| ProvisionError::Invalid {
+                id: ep.metadata.name.clone().unwrap_or_default(),
+                reasons: vec![reason],
+            })?;
+        ep.metadata.labels = (!labels.is_empty()).then_some(labels);
+        Ok(ep)
     }
 
     pub fn namespace(&self) -> &str {
@@ -199,35 +247,24 @@ impl NeonBrancher {
         new_id: &EndpointId,
         lsn: Option<Lsn>,
     ) -> Result<BranchCreated, NeonBranchError> {
-        let parent_ep = match self.resources.get(parent).await {
-            Err(e) if e.kind() == ProvisionErrorKind::NotFound => {
-                return Err(NeonBranchError::UnknownParent(parent.clone()))
-            }
-            r => r?,
-        };
+        let parent_ep = self
+            .endpoint(parent)
+            .await?
+            .ok_or_else(|| NeonBranchError::UnknownParent(parent.clone()))?;
         let Some(neon) = &parent_ep.spec.neon else {
             return Err(ProvisionError::NotNeon(parent.clone()).into());
         };
-        let bad = |field, value: &str, reason| NeonBranchError::BadParentSpec {
-            id: parent.clone(),
-            field,
-            value: value.to_string(),
-            reason,
-        };
-        let tenant =
-            TenantId::parse(&neon.tenant_id).map_err(|r| bad("tenantId", &neon.tenant_id, r))?;
-        let parent_timeline = TimelineId::parse(&neon.timeline_id)
-            .map_err(|r| bad("timelineId", &neon.timeline_id, r))?;
+        let (tenant, parent_timeline) = neon_ids(parent, neon)?;
         // Everything that can be checked before storage changes: the resource builds and
         // routes, and the id is free (a race for it is caught by the create below).
         let timeline = TimelineId::generate();
         let lsn_text = lsn.map(|l| l.to_string());
-        let resource = branch_endpoint(
+        let resource = self.selected(branch_endpoint(
             &parent_ep,
             new_id,
             &timeline.to_string(),
             lsn_text.as_deref(),
-        )?;
+        )?)?;
         if self.resources.get_opt(new_id).await?.is_some() {
             return Err(ProvisionError::AlreadyExists(new_id.clone()).into());
         }
@@ -282,7 +319,8 @@ impl NeonBrancher {
         spec: PgwakeEndpointSpec,
         labels: BTreeMap<String, String>,
     ) -> Result<PgwakeEndpoint, NeonBranchError> {
-        let resource = new_endpoint(id, spec, labels, self.resources.namespace())?;
+        let resource =
+            self.selected(new_endpoint(id, spec, labels, self.resources.namespace())?)?;
         Ok(self.resources.create(&resource).await?)
     }
 
@@ -294,23 +332,24 @@ impl NeonBrancher {
         id: &EndpointId,
         remove_timeline: bool,
     ) -> Result<Deleted, NeonBranchError> {
-        let ep = self.resources.get(id).await?;
+        let ep = self
+            .endpoint(id)
+            .await?
+            .ok_or_else(|| ProvisionError::NotFound(id.clone()))?;
         let timeline = match (&ep.spec.neon, remove_timeline) {
             (Some(neon), true) => {
-                let bad = |field, value: &str, reason| NeonBranchError::BadParentSpec {
-                    id: id.clone(),
-                    field,
-                    value: value.to_string(),
-                    reason,
+                let (tenant, timeline) = neon_ids(id, neon)?;
+                let timelines = match self.pageserver.timelines(tenant).await {
+                    // Storage does not know the tenant: the wrong pageserver, or a tenant
+                    // deleted there. Nothing is deleted until an operator looks.
+                    Err(e) if e.kind() == PageserverErrorKind::NotFound => {
+                        return Err(NeonBranchError::Config(format!(
+                            "endpoint {id}: tenant {tenant} is not on the pageserver: {e}"
+                        )))
+                    }
+                    r => r?,
                 };
-                let tenant = TenantId::parse(&neon.tenant_id)
-                    .map_err(|r| bad("tenantId", &neon.tenant_id, r))?;
-                let timeline = TimelineId::parse(&neon.timeline_id)
-                    .map_err(|r| bad("timelineId", &neon.timeline_id, r))?;
-                let children = self
-                    .pageserver
-                    .timelines(tenant)
-                    .await?
+                let children = timelines
                     .into_iter()
                     .filter(|t| t.ancestor_timeline_id == Some(timeline))
                     .count();
@@ -342,4 +381,22 @@ impl NeonBrancher {
                 "branch failed and its timeline could not be deleted; delete it by hand"),
         }
     }
+}
+
+/// The tenant and timeline of `id`'s `spec.neon`.
+fn neon_ids(
+    id: &EndpointId,
+    neon: &NeonTimeline,
+) -> Result<(TenantId, TimelineId), NeonBranchError> {
+    let bad = |field, value: &str, reason| NeonBranchError::BadParentSpec {
+        id: id.clone(),
+        field,
+        value: value.to_string(),
+        reason,
+    };
+    let tenant =
+        TenantId::parse(&neon.tenant_id).map_err(|r| bad("tenantId", &neon.tenant_id, r))?;
+    let timeline = TimelineId::parse(&neon.timeline_id)
+        .map_err(|r| bad("timelineId", &neon.timeline_id, r))?;
+    Ok((tenant, timeline))
 }
