@@ -414,6 +414,39 @@ async fn a_refused_resource_takes_its_timeline_with_it() {
 }
 
 #[tokio::test]
+async fn a_resource_create_without_an_answer_is_looked_up_before_it_is_undone() {
+    // Every try of the create fails (6 = api_retries + 1); the resource is then read.
+    for made in [true, false] {
+        let (b, mut api, fake) = brancher().await;
+        let (result, ()) = tokio::join!(b.create_branch(id("neon-main"), id("dev"), None), async {
+            api.get("neon-main").await.reply(200, &neon_main());
+            api.get("dev").await.fail(404, "NotFound");
+            let mut stored = Value::Null;
+            for _ in 0..6 {
+                let call = api.expect(Method::POST, CREATE).await;
+                stored = created(&call.body);
+                call.fail(503, "ServiceUnavailable");
+            }
+            let get = api.get("dev").await;
+            if made {
+                get.reply(200, &stored);
+            } else {
+                get.fail(404, "NotFound");
+            }
+            api.quiet().await;
+        });
+        if made {
+            let branch = result.unwrap();
+            assert!(fake.timeline(tenant(), branch.timeline).is_some());
+            assert_eq!(fake.timeline_count(), 2);
+        } else {
+            assert_eq!(result.unwrap_err().kind(), NeonBranchErrorKind::Unavailable);
+            assert_eq!(fake.timeline_count(), 1, "undone");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_create_that_storage_never_confirms_is_undone_too() {
     let (b, mut api, fake) = brancher().await;
     // Done, but every answer lost: the brancher cannot know, so it deletes the id it chose.

@@ -151,12 +151,9 @@ impl<'de> Deserialize<'de> for Lsn {
         let s = String::deserialize(d)?;
         // The pageserver writes 0/0 for LSNs it does not have yet (a new timeline's
         // `remote_consistent_lsn`); reading them must not fail, so only parsing is strict.
-        let (hi, lo) = s
-            .split_once('/')
-            .ok_or_else(|| serde::de::Error::custom(InvalidNeonId::NotLsn))?;
         match Self::parse(&s) {
             Ok(l) => Ok(l),
-            Err(InvalidNeonId::ZeroLsn) if !hi.is_empty() && !lo.is_empty() => Ok(Self(0)),
+            Err(InvalidNeonId::ZeroLsn) => Ok(Self(0)),
             Err(e) => Err(serde::de::Error::custom(e)),
         }
     }

@@ -296,6 +296,22 @@ impl NeonBrancher {
         };
         let endpoint = match self.resources.create(&resource).await {
             Ok(ep) => ep,
+            Err(e) if e.kind() == ProvisionErrorKind::Unavailable => {
+                // The create may have been done with every answer lost: look before undoing,
+                // so that no resource is left serving a deleted timeline.
+                match self.resources.get_opt(new_id).await {
+                    Ok(Some(found)) if found.spec == resource.spec => found,
+                    Ok(_) => {
+                        self.undo_timeline(tenant, timeline).await;
+                        return Err(e.into());
+                    }
+                    Err(again) => {
+                        warn!(endpoint = %new_id, %tenant, %timeline, error = %again,
+                            "cannot tell whether the branch's resource was created; its timeline is kept");
+                        return Err(e.into());
+                    }
+                }
+            }
             Err(e) => {
                 self.undo_timeline(tenant, timeline).await;
                 return Err(e.into());
