@@ -371,13 +371,20 @@ async fn a_branch_is_a_timeline_then_a_resource_that_serves_it() {
     assert_eq!(sent["metadata"]["labels"][LABEL_PARENT], "neon-main");
     let t = fake.timeline(tenant(), made.timeline).unwrap();
     assert_eq!(t.ancestor, Some((made.parent_timeline, lsn)));
-    // PG_VERSION of the parent's compute went along.
+    // The new timeline takes its Postgres version from its ancestor.
     let post = fake
         .received()
         .into_iter()
         .find(|r| r.method == "POST")
         .unwrap();
-    assert_eq!(post.body.unwrap()["pg_version"], 16);
+    assert_eq!(
+        post.body.unwrap(),
+        json!({
+            "new_timeline_id": made.timeline.to_string(),
+            "ancestor_timeline_id": MAIN,
+            "ancestor_start_lsn": "0/1000000",
+        })
+    );
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());
 }
 

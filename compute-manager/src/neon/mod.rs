@@ -33,10 +33,6 @@ use crate::kubernetes::provision::{
 use crate::kubernetes::KubernetesConfig;
 use crate::ErrorSource;
 
-/// The environment variable of a compute template that names its Postgres major version (as
-/// in deploy/examples/neon-endpoint.yaml); passed on as the new timeline's `pg_version`.
-const PG_VERSION_ENV: &str = "PG_VERSION";
-
 /// What kind of failure a [`NeonBranchError`] is, for the API's status and `kind` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NeonBranchErrorKind {
@@ -268,18 +264,15 @@ impl NeonBrancher {
         if self.resources.get_opt(new_id).await?.is_some() {
             return Err(ProvisionError::AlreadyExists(new_id.clone()).into());
         }
-        let pg_version = parent_ep
-            .spec
-            .compute
-            .env
-            .get(PG_VERSION_ENV)
-            .and_then(|v| v.trim().parse().ok());
         let request = BranchRequest {
             tenant,
             new_timeline_id: timeline,
             ancestor_timeline_id: parent_timeline,
             ancestor_start_lsn: lsn,
-            pg_version,
+            // A branch always has its ancestor's version; the pageserver accepts the field
+            // but ignores it, and refuses versions it does not know (PG_VERSION "18" on an
+            // older pageserver would fail the branch for nothing).
+            pg_version: None,
         };
         let info = match self.pageserver.create_branch(&request).await {
             Ok(info) => info,

@@ -151,7 +151,8 @@ pub struct BranchRequest {
     pub ancestor_timeline_id: TimelineId,
     /// Unset: the ancestor's last record LSN when the pageserver gets the request.
     pub ancestor_start_lsn: Option<Lsn>,
-    /// Postgres major version; the pageserver takes a branch's from its ancestor.
+    /// Postgres major version (14 to 17 as of the spec's pageserver, which refuses others).
+    /// The pageserver ignores it for a branch (it takes its ancestor's), so leave it unset.
     pub pg_version: Option<u32>,
 }
 
