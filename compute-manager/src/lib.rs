@@ -14,6 +14,7 @@ pub mod kubernetes;
 pub mod local;
 mod manager;
 mod metrics;
+pub mod neon;
 mod probe;
 pub mod roles;
 pub mod waker;

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -97,6 +98,81 @@ pub struct KubernetesConfig {
     /// several pgwake installations in one namespace.
     #[serde(default)]
     pub endpoint_selector: Option<String>,
+    /// `[kubernetes.neon]`: endpoints on Neon storage can be branched (a new timeline on the
+    /// pageserver, and a `PgwakeEndpoint` serving it). Absent: no Neon branches.
+    #[serde(default)]
+    pub neon: Option<NeonConfig>,
+}
+
+/// `[kubernetes.neon]`: the pageserver whose management API creates and deletes timelines.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeonConfig {
+    /// The pageserver's management API (its `listen_http_addr`, port 9898 by default), e.g.
+    /// `http://pageserver.neon.svc:9898`; plain HTTP, as inside a cluster.
+    pub pageserver_api: String,
+    /// A file holding the JWT the pageserver requires when it runs with
+    /// `http_auth_type = "NeonJWT"` (a mounted Secret: read on every call, so a rotated token
+    /// is used without a restart). Unset: no `Authorization` header.
+    #[serde(default)]
+    pub pageserver_token_file: Option<PathBuf>,
+    /// How long one call may take. Creating a branch at an LSN the pageserver has not received
+    /// yet waits for it, so this is longer than a usual API call.
+    #[serde(default = "d_neon_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Failed calls (503, 429, timeouts, connection errors) tolerated before giving up; the
+    /// wait between tries starts at `retry_backoff` and doubles up to 5 s.
+    #[serde(default = "d_api_retries")]
+    pub retries: u32,
+    #[serde(default = "d_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// How long removing a timeline waits for the pageserver to finish the deletion it
+    /// accepted (it finishes on its own after that).
+    #[serde(default = "d_neon_delete_wait", with = "humantime_serde")]
+    pub delete_wait: Duration,
+}
+
+impl NeonConfig {
+    /// Defaults for everything but the URL.
+    pub fn new(pageserver_api: impl Into<String>) -> Self {
+        Self {
+            pageserver_api: pageserver_api.into(),
+            pageserver_token_file: None,
+            request_timeout: d_neon_request_timeout(),
+            retries: d_api_retries(),
+            retry_backoff: d_retry_backoff(),
+            delete_wait: d_neon_delete_wait(),
+        }
+    }
+
+    /// Every problem at once, one line each.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let host = self
+            .pageserver_api
+            .strip_prefix("http://")
+            .map(|rest| rest.split('/').next().unwrap_or(""));
+        match host {
+            Some(h) if !h.is_empty() && !h.contains(['?', '#', '@', ' ']) => {}
+            _ => errors.push(format!(
+                "kubernetes.neon.pageserver_api {:?} must be an http:// URL with a host",
+                self.pageserver_api
+            )),
+        }
+        if let Some(p) = &self.pageserver_token_file {
+            if !p.is_absolute() {
+                errors.push(format!(
+                    "kubernetes.neon.pageserver_token_file {p:?} must be absolute"
+                ));
+            }
+        }
+        if self.request_timeout.is_zero() || self.retry_backoff.is_zero() {
+            errors.push(
+                "kubernetes.neon.request_timeout and retry_backoff must be more than 0".to_string(),
+            );
+        }
+        errors
+    }
 }
 
 fn d_name_prefix() -> String {
@@ -131,6 +207,12 @@ fn d_api_retries() -> u32 {
 fn d_retry_backoff() -> Duration {
     Duration::from_millis(200)
 }
+fn d_neon_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_neon_delete_wait() -> Duration {
+    Duration::from_secs(60)
+}
 fn d_true() -> bool {
     true
 }
@@ -160,6 +242,7 @@ impl Default for KubernetesConfig {
             update_status: true,
             watch_endpoints: true,
             endpoint_selector: None,
+            neon: None,
         }
     }
 }
@@ -211,6 +294,58 @@ impl KubernetesConfig {
         if self.retry_backoff.is_zero() {
             errors.push("kubernetes.retry_backoff must be more than 0".to_string());
         }
+        if let Some(neon) = &self.neon {
+            errors.extend(neon.validate());
+        }
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<KubernetesConfig, String> {
+        toml::from_str(toml_text).map_err(|e| e.message().to_string())
+    }
+
+    #[test]
+    fn the_neon_table_is_optional_and_checked() {
+        assert_eq!(parse("").unwrap().neon, None);
+        let c = parse(
+            "[neon]\npageserver_api = \"http://pageserver.neon.svc:9898\"\n\
+             pageserver_token_file = \"/var/run/secrets/neon/token\"\nretries = 2\n",
+        )
+        .unwrap();
+        let neon = c.neon.clone().unwrap();
+        assert_eq!(neon.pageserver_api, "http://pageserver.neon.svc:9898");
+        assert_eq!(neon.retries, 2);
+        assert_eq!(neon.request_timeout, Duration::from_secs(30));
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+
+        assert!(parse("[neon]\n").unwrap_err().contains("pageserver_api"));
+        assert!(parse("[neon]\npageserver_api = \"http://p\"\nport = 1\n")
+            .unwrap_err()
+            .contains("unknown field"));
+
+        let bad = KubernetesConfig {
+            neon: Some(NeonConfig {
+                pageserver_token_file: Some("token".into()),
+                request_timeout: Duration::ZERO,
+                ..NeonConfig::new("https://pageserver:9898")
+            }),
+            ..KubernetesConfig::default()
+        };
+        let errors = bad.validate();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("pageserver_api"), "{errors:?}");
+        assert!(errors[1].contains("absolute"), "{errors:?}");
+        assert!(errors[2].contains("request_timeout"), "{errors:?}");
+        for url in ["http://", "pageserver:9898", "http:///v1", "http://a b"] {
+            assert_eq!(NeonConfig::new(url).validate().len(), 1, "{url}");
+        }
+        assert!(NeonConfig::new("http://10.0.0.5:9898/")
+            .validate()
+            .is_empty());
     }
 }

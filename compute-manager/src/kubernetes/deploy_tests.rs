@@ -494,6 +494,12 @@ fn roles_grant_exactly_what_the_code_uses() {
         // leader::label_leader_pod: the leader's label on its own pod (a merge patch).
         ("", "pods", "patch"),
     ];
+    let provision = [
+        // provision::EndpointResources: endpoints and branches created and deleted on request
+        // (get_opt of the parent and of the new id, create, delete); provision_tests.rs
+        // checks each call against the manager's Roles.
+        ("pgwake.io", "pgwakeendpoints", "get,create,delete"),
+    ];
     let roles_secrets = [
         // The root crate's src/roles_secret.rs: Api<Secret>::get_opt of each rolesSecret,
         // by name (secret_names); not in the scale-out manager ([auth] roles_secrets = false).
@@ -503,11 +509,16 @@ fn roles_grant_exactly_what_the_code_uses() {
         .into_iter()
         .chain(permissions(&roles_secrets))
         .collect();
-    let single_pod: BTreeSet<Permission> =
-        proxy.iter().cloned().chain(permissions(&backend)).collect();
+    let single_pod: BTreeSet<Permission> = proxy
+        .iter()
+        .cloned()
+        .chain(permissions(&backend))
+        .chain(permissions(&provision))
+        .collect();
     let manager: BTreeSet<Permission> = permissions(&reflector)
         .into_iter()
         .chain(permissions(&backend))
+        .chain(permissions(&provision))
         .chain(permissions(&election))
         .collect();
     assert_eq!(granted("pgwake-proxy"), proxy);

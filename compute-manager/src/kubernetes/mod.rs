@@ -43,6 +43,7 @@
 
 mod config;
 pub mod leader;
+pub mod provision;
 mod workload;
 
 use std::collections::HashMap;
@@ -66,7 +67,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute, StartBlocker};
 
-pub use config::KubernetesConfig;
+pub use config::{KubernetesConfig, NeonConfig};
 pub use leader::{
     label_leader_pod, LeaderConfig, LeaderElector, LeaderError, LeaderState, Leadership,
     LABEL_LEADER,
@@ -1031,3 +1032,6 @@ mod deploy_tests;
 
 #[cfg(test)]
 mod mock_api;
+
+#[cfg(test)]
+mod provision_tests;
