@@ -19,10 +19,10 @@
 //!
 //! # Protocol
 //! - **wake**: read the StatefulSet; create it (replicas 1) if absent; if it is at 0, merge-patch
-//!   `replicas: 1` with its `resourceVersion` (409 → read again). Then watch (list + watch,
-//!   not polling) pod `<name>-0` until it is Ready with an IP, and answer `podIP:port`. Failing
+//!   `replicas: 1` with its `resourceVersion` (409 → read again). Then wait, on the pod watch
+//!   (below), until pod `<name>-0` is Ready with an IP, and answer `podIP:port`. Failing
 //!   containers (bad image, missing secret, crash loop) end the wait early with their reason.
-//! - **stop**: merge-patch `replicas: 0` the same way, then watch until the pod is gone. The
+//! - **stop**: merge-patch `replicas: 0` the same way, then wait until the pod is gone. The
 //!   kubelet sends the image's stop signal (`postgres` images: SIGINT, a fast shutdown that
 //!   writes a checkpoint) and waits `termination_grace` before killing.
 //! - **adopt** (`running_endpoints`): one list of the StatefulSets labelled
@@ -31,9 +31,15 @@
 //!   manager (a restart, or a standby that becomes leader) wakes each of these: the wake finds
 //!   the StatefulSet at 1, waits for the pod to be Ready, and the endpoint's idle timer runs
 //!   again.
-//! - **exited**: a watch on the pod (started when the manager first asks) fires when it is
+//! - **exited**: a wait on the pod (from when the manager first asks) ends when it is
 //!   deleted, replaced (new uid or IP), its container restarts, or it stays not-ready for
 //!   `not_ready_grace`.
+//! - **the pod watch** (`pod_watch.rs`): starts, stops and exit waits all read one watch (list,
+//!   then watch; not polling) of the pods labelled as pgwake's computes in the namespace, not
+//!   one each: a manager with 500 running computes holds one watch connection to the API
+//!   server, not 500. It runs while anyone waits on a pod (and `LINGER` after),
+//!   and retries its failures with the backoff below; a wait gives up on them as a single
+//!   call would.
 //! - API errors (5xx, 429, connection failures) are retried with exponential backoff, at most
 //!   `api_retries` times per step; 4xx other than 404/409 fail at once as misconfiguration.
 //! - A wake that fails or is abandoned (the manager's `wake_timeout`) scales the StatefulSet

@@ -12,6 +12,12 @@
 //! pod, an O(n) scan per event with n waiters. A channel per pod gives both: the current state
 //! on subscribing, and a wake-up on changes of that pod only (one map look-up per event).
 //!
+//! A waiter sees its pod's latest state, not necessarily every state in between (two events
+//! applied before it runs leave the second): what the backend asks (ready? gone? replaced,
+//! restarted, not ready for `not_ready_grace`?) is read from a state, with the uid and the
+//! restart count telling incarnations apart, so a skipped state hides only a blip shorter
+//! than the event delivery.
+//!
 //! The watch runs while someone waits on a pod (a start, a stop, a running compute's exit
 //! watch) and for [`LINGER`] after the last one leaves, so that a start followed by its exit
 //! watch shares one list. It is started by the first subscriber and stops on its own once
