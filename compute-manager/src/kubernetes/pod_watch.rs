@@ -97,6 +97,11 @@ impl PodWatch {
     /// running.
     pub(super) fn subscribe(self: &Arc<Self>, pod: &str) -> PodSubscription {
         let mut inner = self.lock();
+        // A task that ended without clearing its slot panicked: what it saw may be stale.
+        if inner.task.as_ref().is_some_and(JoinHandle::is_finished) {
+            inner.task = None;
+            inner.synced = false;
+        }
         inner.subscribers += 1;
         inner.idle_since = None;
         let initial = if inner.synced {
@@ -281,11 +286,14 @@ async fn run(hub: Weak<PodWatch>, api: Api<Pod>, cfg: KubernetesConfig) {
         match event {
             // The watcher's stream never ends; the next subscriber starts a new one.
             None => {
-                h.lock().task = None;
+                let mut inner = h.lock();
+                inner.task = None;
+                inner.synced = false;
                 return;
             }
             Some(Ok(event)) => {
-                if failures > 0 {
+                // Not `Init`: the watcher says it before each try of its list, which may fail.
+                if failures > 0 && !matches!(event, Event::Init) {
                     failures = 0;
                     h.health.send_replace(Health::default());
                 }

@@ -2024,6 +2024,42 @@ async fn a_refused_pod_watch_fails_the_start_as_misconfiguration() {
     server.await.unwrap();
 }
 
+/// A pod watch that keeps failing (the API server unreachable) ends a start after
+/// `api_retries` failures in a row, as any other call would; the start is undone.
+#[tokio::test(start_paused = true)]
+async fn a_pod_watch_that_keeps_failing_ends_the_start_after_api_retries() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(
+        client,
+        KubernetesConfig {
+            api_retries: 2,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let hash = desired_hash();
+    api.pods.fail_lists(503, "ServiceUnavailable", 100);
+    let pods = Arc::clone(&api.pods);
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "9750", &hash)).await;
+        api.get_sts(sts_json(1, "9751", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "9752", &hash));
+        api.status("Suspended", None).await;
+        api.event("StartFailed").await;
+    });
+    let err = match tokio::time::timeout(Duration::from_secs(60), b.start(&route())).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(_)) => panic!("woke a compute whose pods cannot be watched"),
+        Err(_) => panic!("the start waits on a failing watch for ever"),
+    };
+    assert_eq!(err.kind(), BackendErrorKind::Io, "{err}");
+    assert!(err.to_string().contains("gave up after 3 tries"), "{err}");
+    server.await.unwrap();
+    assert_eq!(pods.lists(), 3);
+}
+
 /// The watch runs while someone waits on a pod, and a while after: it stops once nobody has
 /// for `LINGER`, and the next wait starts it again.
 #[tokio::test(start_paused = true)]
