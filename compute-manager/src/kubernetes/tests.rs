@@ -148,6 +148,8 @@ struct ApiServer {
     pods: Arc<PodServer>,
     /// The permissions the requests so far needed.
     seen: BTreeSet<Permission>,
+    /// Ends once every clone of the client is gone.
+    router: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One request the backend made, waiting for its answer.
@@ -175,13 +177,14 @@ impl ApiServer {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let pods = Arc::new(PodServer::default());
         let (tx, requests) = mpsc::unbounded_channel();
-        tokio::spawn(fake_pods::route(handle, Arc::clone(&pods), tx));
+        let router = tokio::spawn(fake_pods::route(handle, Arc::clone(&pods), tx));
         (
             Client::new(service, "default"),
             Self {
                 requests,
                 pods,
                 seen: BTreeSet::new(),
+                router: Some(router),
             },
         )
     }
@@ -2086,4 +2089,22 @@ async fn the_pod_watch_stops_when_nobody_waits_and_starts_again_on_need() {
     exited.await;
     let api = server.await.unwrap();
     assert_eq!(api.pods.lists(), 2);
+}
+
+/// The pod watch ends with the backend: dropped with its computes, it leaves no task behind
+/// that holds the client (the mock API sees the client go).
+#[tokio::test(start_paused = true)]
+async fn the_pod_watch_ends_with_the_backend() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    assert!(b.shared.pod_watch.running());
+    let router = api.router.take().unwrap();
+    drop(compute);
+    drop(b);
+    // Well within LINGER, after which an idle watch would end on its own anyway.
+    tokio::time::timeout(Duration::from_secs(1), router)
+        .await
+        .expect("the client outlived the backend")
+        .unwrap();
 }
