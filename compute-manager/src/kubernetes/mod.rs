@@ -37,9 +37,8 @@
 //! - **the pod watch** (`pod_watch.rs`): starts, stops and exit waits all read one watch (list,
 //!   then watch; not polling) of the pods labelled as pgwake's computes in the namespace, not
 //!   one each: a manager with 500 running computes holds one watch connection to the API
-//!   server, not 500. It runs while anyone waits on a pod (and `LINGER` after),
-//!   and retries its failures with the backoff below; a wait gives up on them as a single
-//!   call would.
+//!   server, not 500. It runs while anyone waits on a pod (and `LINGER` after), and retries
+//!   its failures with the backoff below; a wait gives up on them as a single call would.
 //! - API errors (5xx, 429, connection failures) are retried with exponential backoff, at most
 //!   `api_retries` times per step; 4xx other than 404/409 fail at once as misconfiguration.
 //! - A wake that fails or is abandoned (the manager's `wake_timeout`) scales the StatefulSet
