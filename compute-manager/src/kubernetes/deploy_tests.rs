@@ -477,7 +477,8 @@ fn roles_grant_exactly_what_the_code_uses() {
         // (replicas, and the template on a wake from 0); no scale subresource.
         // running_endpoints (adoption): statefulsets.list by label; no watch.
         ("apps", "statefulsets", "get,list,create,patch"),
-        // Shared::pod_events: watch_object (a list and a watch with a field selector).
+        // pod_watch::PodWatch: one kube-runtime watcher of the compute pods by label (a paged
+        // list, then a watch from its resourceVersion; no get).
         ("", "pods", "list,watch"),
         // Shared::set_status: endpoints.patch_status.
         ("pgwake.io", "pgwakeendpoints/status", "patch"),

@@ -19,10 +19,10 @@
 //!
 //! # Protocol
 //! - **wake**: read the StatefulSet; create it (replicas 1) if absent; if it is at 0, merge-patch
-//!   `replicas: 1` with its `resourceVersion` (409 → read again). Then watch (list + watch,
-//!   not polling) pod `<name>-0` until it is Ready with an IP, and answer `podIP:port`. Failing
+//!   `replicas: 1` with its `resourceVersion` (409 → read again). Then wait, on the pod watch
+//!   (below), until pod `<name>-0` is Ready with an IP, and answer `podIP:port`. Failing
 //!   containers (bad image, missing secret, crash loop) end the wait early with their reason.
-//! - **stop**: merge-patch `replicas: 0` the same way, then watch until the pod is gone. The
+//! - **stop**: merge-patch `replicas: 0` the same way, then wait until the pod is gone. The
 //!   kubelet sends the image's stop signal (`postgres` images: SIGINT, a fast shutdown that
 //!   writes a checkpoint) and waits `termination_grace` before killing.
 //! - **adopt** (`running_endpoints`): one list of the StatefulSets labelled
@@ -31,9 +31,14 @@
 //!   manager (a restart, or a standby that becomes leader) wakes each of these: the wake finds
 //!   the StatefulSet at 1, waits for the pod to be Ready, and the endpoint's idle timer runs
 //!   again.
-//! - **exited**: a watch on the pod (started when the manager first asks) fires when it is
+//! - **exited**: a wait on the pod (from when the manager first asks) ends when it is
 //!   deleted, replaced (new uid or IP), its container restarts, or it stays not-ready for
 //!   `not_ready_grace`.
+//! - **the pod watch** (`pod_watch.rs`): starts, stops and exit waits all read one watch (list,
+//!   then watch; not polling) of the pods labelled as pgwake's computes in the namespace, not
+//!   one each: a manager with 500 running computes holds one watch connection to the API
+//!   server, not 500. It runs while anyone waits on a pod (and `LINGER` after), and retries
+//!   its failures with the backoff below; a wait gives up on them as a single call would.
 //! - API errors (5xx, 429, connection failures) are retried with exponential backoff, at most
 //!   `api_retries` times per step; 4xx other than 404/409 fail at once as misconfiguration.
 //! - A wake that fails or is abandoned (the manager's `wake_timeout`) scales the StatefulSet
@@ -43,6 +48,7 @@
 
 mod config;
 pub mod leader;
+mod pod_watch;
 pub mod provision;
 mod workload;
 
@@ -51,13 +57,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use k8s_openapi::api::core::v1::Event as CoreEvent;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher::{self, watch_object};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use pgwake_router::crd::{EndpointState, PgwakeEndpoint, PgwakeEndpointStatus};
 use pgwake_router::{BackendSpec, EndpointId, Route};
@@ -66,6 +70,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{BackendError, ComputeAddr, ComputeBackend, RunningCompute, StartBlocker};
+use pod_watch::{Health, PodWatch, Seen};
 
 pub use config::{KubernetesConfig, NeonConfig};
 pub use leader::{
@@ -103,7 +108,8 @@ struct Shared {
     client: Client,
     namespace: String,
     statefulsets: Api<StatefulSet>,
-    pods: Api<Pod>,
+    /// The one watch of the compute pods that starts, stops and exit watches share.
+    pod_watch: Arc<PodWatch>,
     endpoints: Api<PgwakeEndpoint>,
     events: Api<K8sEvent>,
     /// The core/v1 view of Events, where the StatefulSet controller's `FailedCreate` is found
@@ -142,7 +148,7 @@ impl KubernetesBackend {
         Ok(Self {
             shared: Arc::new(Shared {
                 statefulsets: Api::namespaced(client.clone(), &namespace),
-                pods: Api::namespaced(client.clone(), &namespace),
+                pod_watch: PodWatch::new(Api::namespaced(client.clone(), &namespace), cfg.clone()),
                 endpoints: Api::namespaced(client.clone(), &namespace),
                 events: Api::namespaced(client.clone(), &namespace),
                 core_events: Api::namespaced(client.clone(), &namespace),
@@ -338,10 +344,6 @@ impl<'a> Retry<'a> {
         }
     }
 
-    fn succeeded(&mut self) {
-        self.failures = 0;
-    }
-
     /// Sleeps before the next try, or says why there is none.
     async fn failed(&mut self, what: &str, error: ApiError) -> Result<(), BackendError> {
         match error {
@@ -384,6 +386,7 @@ fn backoff(cfg: &KubernetesConfig, failures: u32) -> Duration {
 }
 
 /// How an API failure is handled.
+#[derive(Debug, Clone)]
 enum ApiError {
     /// Someone else changed (or created, or deleted) the object: read it again and redo.
     Conflict,
@@ -450,8 +453,8 @@ impl Shared {
                     continue;
                 }
             };
-            // No `retry.succeeded()` here: a read that works followed by a write that fails,
-            // again and again, must still run out of tries.
+            // The failures are not reset by a read that works: a read followed by a write that
+            // fails, again and again, must still run out of tries.
             let Some(current) = current else {
                 let Some(desired) = desired else {
                     return Ok(Scaled::Already);
@@ -523,12 +526,6 @@ impl Shared {
         }
     }
 
-    /// The pod's states as a watch sees them (`None`: it does not exist). Boxed, so that the
-    /// watcher's machinery is compiled once for all three users rather than once each.
-    fn pod_events(&self, pod: &str) -> BoxStream<'static, watcher::Result<Option<Pod>>> {
-        watch_object(self.pods.clone(), pod).boxed()
-    }
-
     /// Watches the pod of StatefulSet `name` until it is ready, or its containers are
     /// failing. Meanwhile `pending` holds why it is not ready yet, in Kubernetes' words, for
     /// the status written if the start is abandoned.
@@ -546,8 +543,7 @@ impl Shared {
     ) -> Result<PodIdentity, BackendError> {
         let pod = pod_name(name);
         let pod = pod.as_str();
-        let mut retry = Retry::new(&self.cfg);
-        let mut events = self.pod_events(pod);
+        let mut watch = self.pod_watch.subscribe(pod);
         let mut last_logged = None;
         let set_pending = |reason: Option<(String, String)>| {
             if let Ok(mut slot) = pending.lock() {
@@ -556,29 +552,15 @@ impl Shared {
         };
         let mut look_for_failed_create: Option<Instant> = None;
         loop {
-            let event = tokio::select! {
-                e = next(&mut events) => e?,
-                () = sleep_until_opt(look_for_failed_create) => {
-                    look_for_failed_create = Some(Instant::now() + FAILED_CREATE_CHECK);
-                    if let Some(message) = self.failed_create(name, since).await {
-                        return Err(BackendError::Blocked {
-                            blocker: workload::start_blocker("FailedCreate", &message),
-                            message,
-                        });
-                    }
-                    continue;
-                }
-            };
-            match event {
-                Err(e) => retry.failed("watch compute pod", e.into()).await?,
-                Ok(None) => {
-                    retry.succeeded();
+            watch_failed(&self.cfg, &watch.health())?;
+            match watch.seen() {
+                Seen::Unknown => {}
+                Seen::Absent => {
                     set_pending(Some(workload::no_pod_reason(name)));
                     look_for_failed_create
                         .get_or_insert_with(|| Instant::now() + FAILED_CREATE_CHECK);
                 }
-                Ok(Some(p)) => {
-                    retry.succeeded();
+                Seen::Present(p) => {
                     look_for_failed_create = None;
                     set_pending(workload::pending_reason(&p));
                     match pod_state(&p, port) {
@@ -596,6 +578,18 @@ impl Shared {
                                 last_logged = phase;
                             }
                         }
+                    }
+                }
+            }
+            tokio::select! {
+                () = watch.changed() => {}
+                () = sleep_until_opt(look_for_failed_create) => {
+                    look_for_failed_create = Some(Instant::now() + FAILED_CREATE_CHECK);
+                    if let Some(message) = self.failed_create(name, since).await {
+                        return Err(BackendError::Blocked {
+                            blocker: workload::start_blocker("FailedCreate", &message),
+                            message,
+                        });
                     }
                 }
             }
@@ -629,14 +623,13 @@ impl Shared {
 
     /// Watches pod `pod` until it is gone.
     async fn wait_gone(&self, pod: &str) -> Result<(), BackendError> {
-        let mut retry = Retry::new(&self.cfg);
-        let mut events = self.pod_events(pod);
+        let mut watch = self.pod_watch.subscribe(pod);
         loop {
-            match next(&mut events).await? {
-                Err(e) => retry.failed("watch compute pod", e.into()).await?,
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) => retry.succeeded(),
+            watch_failed(&self.cfg, &watch.health())?;
+            if matches!(watch.seen(), Seen::Absent) {
+                return Ok(());
             }
+            watch.changed().await;
         }
     }
 
@@ -766,17 +759,23 @@ impl Shared {
     }
 }
 
-/// The next item of a watch stream; the watcher's streams never end, so an end is a bug.
-async fn next<S, T>(events: &mut S) -> Result<T, BackendError>
-where
-    S: Stream<Item = T> + Unpin,
-{
-    events.next().await.ok_or_else(|| {
-        BackendError::io(
-            "kubernetes: watch",
-            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-        )
-    })
+/// Whether a wait on the shared pod watch gives up on the watch's failures: at once on a
+/// permanent one (RBAC), after `api_retries` in a row otherwise, as [`Retry`] does for one
+/// call. The watch itself goes on retrying for the other waiters.
+fn watch_failed(cfg: &KubernetesConfig, health: &Health) -> Result<(), BackendError> {
+    match &health.error {
+        Some(ApiError::Permanent(e)) => Err(BackendError::Config(format!(
+            "kubernetes: watch compute pods: {e}"
+        ))),
+        Some(ApiError::Transient(e)) if health.failures > cfg.api_retries => Err(BackendError::io(
+            format!(
+                "kubernetes: watch compute pods (gave up after {} tries)",
+                health.failures
+            ),
+            std::io::Error::other(e.clone()),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The Failed condition's reason and message for a start that failed with `e`: Kubernetes'
@@ -967,32 +966,19 @@ impl RunningCompute for PodCompute {
 }
 
 /// Resolves, with the reason, once the pod that was ready as `identity` is no longer usable.
-/// Watch errors are retried with backoff for as long as it takes: an unreachable API server
-/// says nothing about the pod.
+/// Failures of the watch are not an exit: it retries them for as long as it takes, since an
+/// unreachable API server says nothing about the pod.
 async fn monitor_pod(shared: &Shared, pod: &str, identity: &PodIdentity) -> String {
     let grace = shared.cfg.not_ready_grace;
-    let mut events = shared.pod_events(pod);
+    let mut watch = shared.pod_watch.subscribe(pod);
     let mut not_ready_since: Option<Instant> = None;
-    let mut failures = 0u32;
     loop {
-        let deadline = not_ready_since.map(|t| t + grace);
-        let event = tokio::select! {
-            e = events.next() => e,
-            _ = sleep_until_opt(deadline) => return format!("not ready for {grace:?}"),
-        };
-        if !matches!(event, Some(Err(_))) {
-            failures = 0;
-        }
-        match event {
-            None => return "watch ended".into(),
-            Some(Err(e)) => {
-                failures += 1;
-                let backoff = backoff(&shared.cfg, failures);
-                warn!(error = %e, ?backoff, "watching compute pod failed; retrying");
-                tokio::time::sleep(backoff).await;
-            }
-            Some(Ok(None)) => return "pod deleted".into(),
-            Some(Ok(Some(p))) => {
+        // Read, so that `changed` waits for the next failure or recovery.
+        watch.health();
+        match watch.seen() {
+            Seen::Unknown => {}
+            Seen::Absent => return "pod deleted".into(),
+            Seen::Present(p) => {
                 if p.metadata.uid.as_deref() != Some(identity.uid.as_str()) {
                     return "pod replaced".into();
                 }
@@ -1014,6 +1000,11 @@ async fn monitor_pod(shared: &Shared, pod: &str, identity: &PodIdentity) -> Stri
                 }
             }
         }
+        let deadline = not_ready_since.map(|t| t + grace);
+        tokio::select! {
+            () = watch.changed() => {}
+            () = sleep_until_opt(deadline) => return format!("not ready for {grace:?}"),
+        }
     }
 }
 
@@ -1032,6 +1023,9 @@ mod deploy_tests;
 
 #[cfg(test)]
 mod mock_api;
+
+#[cfg(test)]
+mod fake_pods;
 
 #[cfg(test)]
 mod provision_tests;

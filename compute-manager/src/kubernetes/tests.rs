@@ -1,21 +1,27 @@
 //! The backend against kube's mock API service: each test plays the API server's side of one
 //! scenario with real Kubernetes JSON objects, and checks every request the backend makes
-//! (method, path, query, body) in order.
+//! (method, path, query, body) in order, but for the lists and watches of pods: those come
+//! from one watch shared by all of the backend's computes, whenever it needs them, and a fake
+//! store of pods answers them by URL ([`PodServer`]); the test changes the pods in it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use futures::{FutureExt, StreamExt};
+use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use kube::client::Body;
 use kube::Client;
 use pgwake_router::{BackendSpec, EndpointId, Route};
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 use tower_test::mock;
 
 use super::deploy_tests::{granted, permission, reflector_permissions, Permission};
 use super::*;
-use crate::kubernetes::mock_api::{json_response, next_request, status_failure};
+use crate::kubernetes::fake_pods::{self, Pending, PodServer};
+use crate::kubernetes::mock_api::{json_response, status_failure};
 use crate::BackendErrorKind;
 
 const NS: &str = "pgwake";
@@ -27,8 +33,8 @@ const PATCH_QUERY: &str = "?&fieldManager=pgwake";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/pgwake/events?";
 const ENDPOINT_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo";
 const STATUS_DEMO: &str = "/apis/pgwake.io/v1/namespaces/pgwake/pgwakeendpoints/demo/status";
-const PODS_LIST: &str =
-    "/api/v1/namespaces/pgwake/pods?&fieldSelector=metadata.name%3Dpgwake-demo-0&limit=500";
+/// The pod of StatefulSet pgwake-demo.
+const POD: &str = "pgwake-demo-0";
 const POD_IP: &str = "10.244.0.17";
 
 /// The core/v1 Events of StatefulSet pgwake-demo with reason FailedCreate.
@@ -86,10 +92,7 @@ async fn serve_failed_create(api: &mut ApiServer, hash: &str, stale: usize) -> V
         .await
         .ok(sts_json(1, "9301", hash));
     api.status("Starting", None).await;
-    api.expect(Method::GET, PODS_LIST)
-        .await
-        .ok(pod_list("9302", vec![]));
-    let hanging = api.expect(Method::GET, &pods_watch("9302")).await;
+    // No pod comes.
     let old = "create Pod pgwake-demo-0 in StatefulSet pgwake-demo failed error: pods \"pgwake-demo-0\" is forbidden: violates PodSecurity \"restricted:latest\"";
     for _ in 0..stale {
         // From a wake an hour ago: not this one's.
@@ -111,7 +114,6 @@ async fn serve_failed_create(api: &mut ApiServer, hash: &str, stale: usize) -> V
     patch.ok(sts_json(0, "9306", hash));
     let status = api.status("Suspended", None).await;
     let event = api.event("FailedCreate").await;
-    drop(hanging);
     let failed = status["conditions"]
         .as_array()
         .unwrap()
@@ -134,21 +136,20 @@ async fn serve_failed_create(api: &mut ApiServer, hash: &str, stale: usize) -> V
     failed
 }
 
-fn pods_watch(rv: &str) -> String {
-    format!(
-        "/api/v1/namespaces/pgwake/pods?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Dpgwake-demo-0&allowWatchBookmarks=true&resourceVersion={rv}"
-    )
-}
-
 /// The Roles in deploy/ whose pods run the Kubernetes backend: the compute manager and the
 /// single pod.
 const BACKEND_ROLES: [&str; 2] = ["pgwake-manager", "pgwake"];
 
 /// The API server's side of the conversation.
 struct ApiServer {
-    handle: mock::Handle<Request<Body>, Response<Body>>,
+    /// The requests other than pod lists and watches, in order.
+    requests: mpsc::UnboundedReceiver<Pending>,
+    /// The namespace's pods, which answer the pod lists and watches.
+    pods: Arc<PodServer>,
     /// The permissions the requests so far needed.
     seen: BTreeSet<Permission>,
+    /// Ends once every clone of the client is gone.
+    router: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One request the backend made, waiting for its answer.
@@ -166,22 +167,6 @@ impl Call {
         self.reply(200, body)
     }
 
-    /// A watch response: one JSON event per line, then the end of the stream (the watcher
-    /// then starts a new watch from the last resourceVersion it saw).
-    fn events(self, events: &[(&str, Value)]) {
-        let mut text = String::new();
-        for (kind, object) in events {
-            text.push_str(&json!({ "type": kind, "object": object }).to_string());
-            text.push('\n');
-        }
-        self.respond.send_response(
-            Response::builder()
-                .status(StatusCode::OK)
-                .body(Body::from(text.into_bytes()))
-                .unwrap(),
-        );
-    }
-
     fn fail(self, code: u16, reason: &str) {
         self.reply(code, status_failure(code, reason));
     }
@@ -190,28 +175,37 @@ impl Call {
 impl ApiServer {
     fn new() -> (Client, Self) {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let pods = Arc::new(PodServer::default());
+        let (tx, requests) = mpsc::unbounded_channel();
+        let router = tokio::spawn(fake_pods::route(handle, Arc::clone(&pods), tx));
         (
             Client::new(service, "default"),
             Self {
-                handle,
+                requests,
+                pods,
                 seen: BTreeSet::new(),
+                router: Some(router),
             },
         )
     }
 
-    /// Takes the next request and checks its method and URI; a patch must be a merge patch.
+    /// Takes the next request (other than pod lists and watches) and checks its method and
+    /// URI; a patch must be a merge patch. The wait is in the test's clock (paused tests
+    /// auto-advance through it).
     async fn expect(&mut self, method: Method, uri: &str) -> Call {
-        let (req, respond) =
-            next_request(&mut self.handle, &method, uri, Duration::from_secs(30)).await;
-        // The Roles in deploy/ that run the backend must allow it.
+        let (req, respond) = tokio::time::timeout(Duration::from_secs(30), self.requests.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no request; expected {method} {uri}"))
+            .expect("client gone");
+        assert_eq!(
+            (req.method(), req.uri().to_string().as_str()),
+            (&method, uri),
+            "unexpected request"
+        );
         let needed = permission(&method, uri);
-        for role in BACKEND_ROLES {
-            assert!(
-                granted(role).contains(&needed),
-                "Role {role} in deploy/ does not allow {method} {uri} ({needed:?})"
-            );
-        }
+        allowed(&needed, &method, uri);
         self.seen.insert(needed);
+        self.pod_permissions();
         if method == Method::PATCH {
             assert_eq!(
                 req.headers()["content-type"],
@@ -227,13 +221,25 @@ impl ApiServer {
         Call { body, respond }
     }
 
-    /// No further request arrives (within a second of the test's clock).
+    /// No further request arrives (within 200 ms of the test's clock).
     async fn expect_quiet(&mut self) {
         if let Ok(Some((req, _))) =
-            tokio::time::timeout(Duration::from_millis(200), self.handle.next_request()).await
+            tokio::time::timeout(Duration::from_millis(200), self.requests.recv()).await
         {
             panic!("unexpected request {} {}", req.method(), req.uri());
         }
+        self.pod_permissions();
+    }
+
+    /// The permissions the pod lists and watches so far needed, each allowed by the Roles.
+    fn pod_permissions(&self) -> BTreeSet<Permission> {
+        let mut seen = BTreeSet::new();
+        for (method, uri) in self.pods.requests() {
+            let needed = permission(&method, &uri);
+            allowed(&needed, &method, &uri);
+            seen.insert(needed);
+        }
+        seen
     }
 
     async fn get_sts(&mut self, reply: Value) {
@@ -297,6 +303,16 @@ impl ApiServer {
         ep["status"] = status.clone();
         call.ok(ep);
         status
+    }
+}
+
+/// The Roles in deploy/ that run the backend must allow a request.
+fn allowed(needed: &Permission, method: &Method, uri: &str) {
+    for role in BACKEND_ROLES {
+        assert!(
+            granted(role).contains(needed),
+            "Role {role} in deploy/ does not allow {method} {uri} ({needed:?})"
+        );
     }
 }
 
@@ -569,8 +585,15 @@ fn template_updates_replace_the_template() {
     );
 }
 
-fn pod_list(rv: &str, items: Vec<Value>) -> Value {
-    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": { "resourceVersion": rv }, "items": items })
+/// Waits (in the test's clock, up to 30 s) until `cond` holds.
+async fn until(cond: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("condition not met within 30 s");
 }
 
 fn endpoint_json() -> Value {
@@ -616,18 +639,9 @@ async fn serve_wake_from_zero(api: &mut ApiServer) {
     patch.ok(sts_json(1, "1001", &desired_hash()));
     api.status("Starting", None).await;
 
-    api.expect(Method::GET, PODS_LIST)
-        .await
-        .ok(pod_list("1001", vec![]));
-    api.expect(Method::GET, &pods_watch("1001")).await.events(&[
-        ("ADDED", pod_json("1002", "pending")),
-        ("MODIFIED", pod_json("1003", "creating")),
-    ]);
-    // The first watch ended (as API servers end them at timeoutSeconds); the next one resumes.
-    api.expect(Method::GET, &pods_watch("1003")).await.events(&[
-        ("MODIFIED", pod_json("1004", "starting")),
-        ("MODIFIED", pod_json("1005", "ready")),
-    ]);
+    for stage in ["pending", "creating", "starting", "ready"] {
+        api.pods.put(pod_json("0", stage));
+    }
     api.status("Running", Some("10.244.0.17:5432")).await;
 }
 
@@ -648,12 +662,10 @@ async fn wake_from_zero_patches_then_watches_until_ready() {
 async fn wake_when_already_running_makes_no_change() {
     let (client, mut api) = ApiServer::new();
     let b = backend(client);
+    api.pods.put(pod_json("0", "ready"));
     let server = tokio::spawn(async move {
         api.get_sts(sts_json(1, "2000", &desired_hash())).await;
         // No patch and no "Starting": the list already shows the ready pod.
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("2001", vec![pod_json("1999", "ready")]));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api.expect_quiet().await;
     });
@@ -684,9 +696,7 @@ async fn wake_creates_a_missing_statefulset() {
         );
         create.reply(201, sts_json(1, "3000", &desired_hash()));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("3001", vec![pod_json("3001", "ready")]));
+        api.pods.put(pod_json("0", "ready"));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api.expect_quiet().await;
     });
@@ -733,9 +743,7 @@ async fn opt_in_cleanup_makes_the_endpoint_own_its_statefulset() {
         );
         create.reply(201, sts_json(1, "3000", &desired_hash()));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("3001", vec![pod_json("3001", "ready")]));
+        api.pods.put(pod_json("0", "ready"));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api.expect_quiet().await;
     });
@@ -786,9 +794,7 @@ async fn conflict_is_read_again_and_retried() {
         );
         patch.ok(sts_json(1, "4003", &hash));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("4004", vec![pod_json("4004", "ready")]));
+        api.pods.put(pod_json("0", "ready"));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api.expect_quiet().await;
     });
@@ -809,13 +815,9 @@ async fn racing_managers_converge_on_one_pod() {
         api.expect(Method::POST, &format!("{STS}{PATCH_QUERY}"))
             .await
             .fail(409, "AlreadyExists");
+        api.pods.put(pod_json("0", "creating"));
         api.get_sts(sts_json(1, "5001", &desired_hash())).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("5002", vec![pod_json("5002", "creating")]));
-        api.expect(Method::GET, &pods_watch("5002"))
-            .await
-            .events(&[("MODIFIED", pod_json("5003", "ready"))]);
+        api.pods.put(pod_json("0", "ready"));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api.expect_quiet().await;
     });
@@ -875,10 +877,7 @@ async fn an_abandoned_start_reports_why_its_pod_was_not_ready() {
             .await
             .ok(sts_json(1, "8001", &hash));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8002", vec![pod_json("8002", "unschedulable")]));
-        let hanging = api.expect(Method::GET, &pods_watch("8002")).await;
+        api.pods.put(pod_json("0", "unschedulable"));
         api.get_sts(sts_json(1, "8003", &hash)).await;
         api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
             .await
@@ -892,7 +891,6 @@ async fn an_abandoned_start_reports_why_its_pod_was_not_ready() {
             .unwrap()
             .clone();
         api.event("Unschedulable").await;
-        drop(hanging);
         api.expect_quiet().await;
         failed
     });
@@ -933,16 +931,11 @@ async fn with_start_timeout_an_abandoned_start_goes_on_until_ready() {
             .await
             .ok(sts_json(1, "7501", &hash));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("7502", vec![pod_json("7502", "pending")]));
-        let hanging = api.expect(Method::GET, &pods_watch("7502")).await;
+        api.pods.put(pod_json("0", "pending"));
         dropped_rx.await.unwrap();
-        drop(hanging);
-        // The start goes on in the background: it watches the pod again (no scale-down).
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("7503", vec![pod_json("7503", "ready")]));
+        // The start goes on in the background (no scale-down) until the pod is ready.
+        api.expect_quiet().await;
+        api.pods.put(pod_json("0", "ready"));
         api.get_sts(sts_json(1, "7504", &hash)).await;
         let patch = api
             .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
@@ -973,40 +966,24 @@ async fn a_new_wake_takes_over_a_start_that_went_on() {
     let (client, mut api) = ApiServer::new();
     let b = KubernetesBackend::new(client, with_start_timeout()).unwrap();
     let hash = desired_hash();
-    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
-    let (continued_tx, continued_rx) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(async move {
         api.get_sts(sts_json(0, "7600", &hash)).await;
         api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
             .await
             .ok(sts_json(1, "7601", &hash));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("7602", vec![pod_json("7602", "pending")]));
-        let first = api.expect(Method::GET, &pods_watch("7602")).await;
-        dropped_rx.await.unwrap();
-        drop(first);
-        // The start that went on.
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("7603", vec![pod_json("7603", "pending")]));
-        let continued = api.expect(Method::GET, &pods_watch("7603")).await;
-        continued_tx.send(()).unwrap();
-        // The new wake: the StatefulSet is at 1 already, its pod becomes ready.
+        api.pods.put(pod_json("0", "pending"));
+        // The new wake: the StatefulSet is at 1 already, its pod becomes ready; the start
+        // that went on sees it ready too, and leaves it alone.
         api.get_sts(sts_json(1, "7604", &hash)).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("7605", vec![pod_json("7605", "ready")]));
+        api.pods.put(pod_json("0", "ready"));
         api.status("Running", Some("10.244.0.17:5432")).await;
-        // The start that went on sees the pod ready too, and leaves it alone.
-        continued.events(&[("MODIFIED", pod_json("7606", "ready"))]);
         api.expect_quiet().await;
     });
     let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
     assert!(r.is_err(), "the wake should have hung");
-    dropped_tx.send(()).unwrap();
-    continued_rx.await.unwrap();
+    // The start that went on waits for the pod.
+    until(|| b.shared.pod_watch.subscribers() == 1).await;
     let compute = b.start(&route()).await.unwrap();
     assert_eq!(compute.addr().to_string(), "10.244.0.17:5432");
     server.await.unwrap();
@@ -1014,8 +991,8 @@ async fn a_new_wake_takes_over_a_start_that_went_on() {
 
 #[tokio::test(start_paused = true)]
 async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
-    // The API server keeps failing the pod watch; the manager's wake_timeout (here a plain
-    // timeout) drops the start, and the backend undoes its scale-up.
+    // The pod never gets ready; the manager's wake_timeout (here a plain timeout) drops the
+    // start, and the backend undoes its scale-up.
     let (client, mut api) = ApiServer::new();
     let b = backend(client);
     let hash = desired_hash();
@@ -1025,11 +1002,8 @@ async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
             .await
             .ok(sts_json(1, "6001", &hash));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("6002", vec![pod_json("6002", "pending")]));
-        // The watch request is never answered: the wake hangs until it is dropped.
-        let hanging = api.expect(Method::GET, &pods_watch("6002")).await;
+        // The pod stays pending: the wake hangs until it is dropped.
+        api.pods.put(pod_json("0", "pending"));
         api.get_sts(sts_json(1, "6003", &hash)).await;
         let patch = api
             .expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
@@ -1041,7 +1015,6 @@ async fn a_wake_abandoned_by_the_manager_scales_back_to_zero() {
         patch.ok(sts_json(0, "6004", &hash));
         api.status("Suspended", None).await;
         api.event("Unschedulable").await;
-        drop(hanging);
         api.expect_quiet().await;
     });
     let r = tokio::time::timeout(Duration::from_secs(10), b.start(&route())).await;
@@ -1054,11 +1027,9 @@ async fn failing_container_ends_the_wake_early_with_its_reason() {
     let (client, mut api) = ApiServer::new();
     let b = backend(client);
     let hash = desired_hash();
+    api.pods.put(pod_json("0", "imagepull"));
     let server = tokio::spawn(async move {
         api.get_sts(sts_json(1, "7000", &hash)).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("7001", vec![pod_json("7001", "imagepull")]));
         // The failed start is undone.
         api.get_sts(sts_json(1, "7001", &hash)).await;
         api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
@@ -1169,9 +1140,7 @@ async fn status_carries_the_observed_generation_and_keeps_unchanged_transition_t
         // The first write by this manager: no generation known yet.
         let starting = api.status_of("Starting", None, endpoint_of_route(4)).await;
         assert!(starting.get("observedGeneration").is_none(), "{starting}");
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("9402", vec![pod_json("9402", "ready")]));
+        api.pods.put(pod_json("0", "ready"));
         let running = api
             .status_of("Running", Some("10.244.0.17:5432"), endpoint_of_route(4))
             .await;
@@ -1196,9 +1165,7 @@ async fn status_carries_the_observed_generation_and_keeps_unchanged_transition_t
         changed["spec"]["compute"]["image"] = json!("postgres:17");
         let suspending = api.status_of("Suspending", None, changed.clone()).await;
         assert_eq!(suspending["observedGeneration"], 4, "{suspending}");
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("9405", vec![]));
+        api.pods.delete(POD);
         let suspended = api.status_of("Suspended", None, changed).await;
         assert_eq!(suspended["observedGeneration"], 4, "{suspended}");
         let at = |s: &Value, t: &str| condition_of(s, t)["lastTransitionTime"].clone();
@@ -1251,11 +1218,9 @@ async fn permanent_errors_fail_at_once_as_misconfiguration() {
 
 /// Wakes an already-running compute (the shortest conversation) for the tests that need one.
 async fn running(api: &mut ApiServer, b: &KubernetesBackend) -> Box<dyn RunningCompute> {
+    api.pods.put(pod_json("0", "ready"));
     let (compute, ()) = tokio::join!(async { b.start(&route()).await.unwrap() }, async {
         api.get_sts(sts_json(1, "8000", &desired_hash())).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8001", vec![pod_json("8001", "ready")]));
         api.status("Running", Some("10.244.0.17:5432")).await;
     });
     compute
@@ -1278,13 +1243,10 @@ async fn suspend_scales_to_zero_and_waits_until_the_pod_is_gone() {
         );
         patch.ok(sts_json(0, "8101", &hash));
         api.status("Suspending", None).await;
-        let terminating = pod_json("8102", "terminating");
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8102", vec![terminating.clone()]));
-        api.expect(Method::GET, &pods_watch("8102"))
-            .await
-            .events(&[("DELETED", terminating)]);
+        api.pods.put(pod_json("0", "terminating"));
+        // Not suspended while the pod is still there.
+        api.expect_quiet().await;
+        api.pods.delete(POD);
         api.status("Suspended", None).await;
         api.expect_quiet().await;
     });
@@ -1316,12 +1278,7 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
             .await
             .reply(201, sts_json(1, "9000", &hash));
         api.status("Starting", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("9001", vec![]));
-        api.expect(Method::GET, &pods_watch("9001"))
-            .await
-            .events(&[("ADDED", pod_json("9002", "ready"))]);
+        api.pods.put(pod_json("0", "ready"));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api
     });
@@ -1333,9 +1290,7 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
             .await
             .ok(sts_json(0, "9101", &hash));
         api.status("Suspending", None).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("9102", vec![]));
+        api.pods.delete(POD);
         api.status("Suspended", None).await;
         api.expect_quiet().await;
         api
@@ -1358,9 +1313,7 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
                 .await
                 .ok(sts_json(1, "9201", &hash));
             api.status("Starting", None).await;
-            api.expect(Method::GET, PODS_LIST)
-                .await
-                .ok(pod_list("9202", vec![pod_json("9202", "imagepull")]));
+            api.pods.put(pod_json("0", "imagepull"));
             api.get_sts(sts_json(1, "9203", &hash)).await;
             api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
                 .await
@@ -1372,6 +1325,7 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
     );
     assert_eq!(err.kind(), crate::BackendErrorKind::StartFailed);
     // And one whose pod the StatefulSet cannot create, which reads its Events.
+    api.pods.delete(POD);
     let hash = desired_hash();
     let (err, mut api) = tokio::join!(
         async { b.start(&route()).await.err().expect("a refused pod") },
@@ -1382,7 +1336,8 @@ async fn the_manager_roles_are_exactly_what_a_wake_a_suspend_an_adoption_and_the
     );
     assert_eq!(err.kind(), crate::BackendErrorKind::StartFailed);
     api.expect_quiet().await;
-    let mut used = api.seen;
+    let mut used = api.pod_permissions();
+    used.extend(api.seen);
     used.extend(reflector_permissions().await);
     for role in BACKEND_ROLES {
         // Plus, for the manager replicas, the Lease of their leader election (whose requests
@@ -1410,10 +1365,8 @@ async fn suspend_of_an_already_stopped_compute_only_waits() {
     let b = backend(client);
     let compute = running(&mut api, &b).await;
     let server = tokio::spawn(async move {
+        api.pods.delete(POD);
         api.get_sts(sts_json(0, "8200", &desired_hash())).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8201", vec![]));
         api.status("Suspended", None).await;
         api.expect_quiet().await;
     });
@@ -1427,12 +1380,7 @@ async fn exited_fires_when_the_pod_is_deleted() {
     let b = backend(client);
     let compute = running(&mut api, &b).await;
     let server = tokio::spawn(async move {
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8300", vec![pod_json("8300", "ready")]));
-        api.expect(Method::GET, &pods_watch("8300"))
-            .await
-            .events(&[("DELETED", pod_json("8301", "terminating"))]);
+        api.pods.delete(POD);
         serve_scale_down_after_exit(&mut api, "8302", "pod deleted").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
@@ -1475,14 +1423,11 @@ async fn a_replaced_pod_is_scaled_to_zero_not_left_running() {
     let b = backend(client);
     let compute = running(&mut api, &b).await;
     let server = tokio::spawn(async move {
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8600", vec![pod_json("8600", "ready")]));
-        let mut replaced = pod_json("8601", "creating");
+        // Evicted, and recreated by the StatefulSet's controller.
+        api.pods.delete(POD);
+        let mut replaced = pod_json("0", "creating");
         replaced["metadata"]["uid"] = json!("5e1d0c2b-0000-4000-8000-000000000001");
-        api.expect(Method::GET, &pods_watch("8600"))
-            .await
-            .events(&[("MODIFIED", replaced)]);
+        api.pods.put(replaced);
         serve_scale_down_after_exit(&mut api, "8602", "pod replaced").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
@@ -1497,12 +1442,7 @@ async fn exited_fires_when_the_container_restarts() {
     let b = backend(client);
     let compute = running(&mut api, &b).await;
     let server = tokio::spawn(async move {
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8400", vec![pod_json("8400", "ready")]));
-        api.expect(Method::GET, &pods_watch("8400"))
-            .await
-            .events(&[("MODIFIED", pod_json("8401", "restarted"))]);
+        api.pods.put(pod_json("0", "restarted"));
         serve_scale_down_after_exit(&mut api, "8402", "container restarted").await;
     });
     tokio::time::timeout(Duration::from_secs(10), compute.exited())
@@ -1518,22 +1458,15 @@ async fn exited_fires_after_not_ready_grace_but_not_on_a_blip() {
     let compute = running(&mut api, &b).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let server = tokio::spawn(async move {
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("8500", vec![pod_json("8500", "ready")]));
         // Not ready for 10 s, then ready again: not an exit.
-        api.expect(Method::GET, &pods_watch("8500"))
-            .await
-            .events(&[("MODIFIED", pod_json("8501", "starting"))]);
-        let w = api.expect(Method::GET, &pods_watch("8501")).await;
+        api.pods.put(pod_json("0", "starting"));
         tokio::time::sleep(Duration::from_secs(10)).await;
-        w.events(&[("MODIFIED", pod_json("8502", "ready"))]);
-        // Not ready for good.
-        api.expect(Method::GET, &pods_watch("8502"))
-            .await
-            .events(&[("MODIFIED", pod_json("8503", "starting"))]);
+        api.pods.put(pod_json("0", "ready"));
+        // Ready for a second (the watch passes on the latest state of a pod, so a blip
+        // shorter than its delivery may go unseen), then not ready for good.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        api.pods.put(pod_json("0", "starting"));
         let t0 = tokio::time::Instant::now();
-        let _hang = api.expect(Method::GET, &pods_watch("8503")).await;
         tx.send(t0).unwrap();
         // (Virtual time: the mock's wait for a request is 30 s too, so start it later.)
         tokio::time::sleep(Duration::from_secs(20)).await;
@@ -1750,10 +1683,7 @@ async fn through_the_manager_a_hanging_start_ends_in_wake_timeout_and_is_undone(
         api.status("Starting", None).await;
         // Unschedulable (no StorageClass binds its claim): the pod stays pending and the
         // watch sees nothing new.
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("9002", vec![pod_json("9002", "unschedulable")]));
-        let _hanging = api.expect(Method::GET, &pods_watch("9002")).await;
+        api.pods.put(pod_json("0", "unschedulable"));
         // At wake_timeout the manager drops the start; the backend scales back to 0.
         api.get_sts(sts_json(1, "9003", &hash)).await;
         let patch = api
@@ -1880,25 +1810,24 @@ async fn running_endpoints_fails_at_once_without_permission() {
 async fn through_the_manager_a_running_statefulset_is_adopted_without_a_change() {
     use crate::{Backends, Manager, ManagerConfig, ManagerMetrics, Phase};
     let (client, mut api) = ApiServer::new();
+    let b = backend(client);
     let manager = Manager::new(
         ManagerConfig::default(),
         Backends {
             local: None,
-            kubernetes: Some(Arc::new(backend(client))),
+            kubernetes: Some(Arc::new(b.clone())),
         },
         ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
     );
     let table = pgwake_router::RoutingTable::new();
     table.upsert(route());
     let hash = desired_hash();
+    api.pods.put(pod_json("0", "ready"));
     let server = tokio::spawn(async move {
         api.expect(Method::GET, STS_MANAGED)
             .await
             .ok(sts_list(vec![sts_json(1, "9500", &hash)]));
         api.get_sts(sts_json(1, "9500", &hash)).await;
-        api.expect(Method::GET, PODS_LIST)
-            .await
-            .ok(pod_list("9501", vec![pod_json("9501", "ready")]));
         api.status("Running", Some("10.244.0.17:5432")).await;
         api
     });
@@ -1917,8 +1846,271 @@ async fn through_the_manager_a_running_statefulset_is_adopted_without_a_change()
     );
     assert_eq!(st.addr.unwrap().as_str(), "10.244.0.17:5432");
     let mut api = server.await.unwrap();
-    // What follows is the crash watch on the pod, as for any running compute.
-    api.expect(Method::GET, PODS_LIST)
+    // What follows is the crash watch on the pod, as for any running compute: on the watch
+    // that the wake listed, with no list of its own.
+    until(|| b.shared.pod_watch.subscribers() == 1).await;
+    api.expect_quiet().await;
+    assert_eq!(api.pods.lists(), 1);
+}
+
+/// `route()` for endpoint `id`.
+fn route_of(id: &str) -> Route {
+    Route {
+        endpoint: EndpointId::parse(id).unwrap(),
+        ..route()
+    }
+}
+
+/// `pod_json` for the pod of endpoint `id` (its own name, labels and uid).
+fn pod_of(id: &str, stage: &str) -> Value {
+    let mut pod = pod_json("0", stage);
+    let meta = &mut pod["metadata"];
+    meta["name"] = json!(format!("pgwake-{id}-0"));
+    meta["generateName"] = json!(format!("pgwake-{id}-"));
+    meta["uid"] = json!(format!("{}-{id}", &POD_UID[..23]));
+    meta["labels"]["pgwake.io/endpoint"] = json!(id);
+    meta["labels"]["statefulset.kubernetes.io/pod-name"] = json!(format!("pgwake-{id}-0"));
+    meta["ownerReferences"][0]["name"] = json!(format!("pgwake-{id}"));
+    pod
+}
+
+/// Answers, in any order, what waking running computes and scaling exited ones to 0 ask of
+/// the API server: each StatefulSet is read at 1 (then at 0 once patched), and no endpoint
+/// has a `PgwakeEndpoint` to write a status to (config-file endpoints).
+async fn serve_running(mut api: ApiServer) {
+    let sts = "/apis/apps/v1/namespaces/pgwake/statefulsets/";
+    let mut scaled_down = BTreeSet::new();
+    while let Some((req, respond)) = api.requests.recv().await {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        allowed(&permission(&method, &path), &method, &path);
+        if let Some(name) = path.strip_prefix(sts) {
+            let id = name.strip_prefix("pgwake-").unwrap();
+            if method == Method::PATCH {
+                scaled_down.insert(name.to_string());
+            }
+            let replicas = if scaled_down.contains(name) { 0 } else { 1 };
+            let mut sts = sts_of(name, id, "pgwake", replicas);
+            sts["metadata"]["annotations"]["pgwake.io/template-hash"] = json!(desired_hash());
+            respond.send_response(json_response(200, &sts));
+        } else if method == Method::PATCH && path.ends_with("/status") {
+            respond.send_response(json_response(404, &status_failure(404, "NotFound")));
+        } else {
+            panic!("unexpected request {method} {}", req.uri());
+        }
+    }
+}
+
+/// Issue 13: the computes of one backend share one pod watch. With the watch per pod that
+/// this replaced, 50 running computes held 50 watch connections (and had made 100 lists).
+#[tokio::test(start_paused = true)]
+async fn fifty_running_computes_share_one_pod_watch() {
+    const N: usize = 50;
+    let (client, api) = ApiServer::new();
+    let b = backend(client);
+    let ids: Vec<String> = (0..N).map(|i| format!("db{i}")).collect();
+    for id in &ids {
+        api.pods.put(pod_of(id, "ready"));
+    }
+    let pods = Arc::clone(&api.pods);
+    let server = tokio::spawn(serve_running(api));
+    let computes = futures::future::join_all(ids.iter().map(|id| {
+        let b = &b;
+        async move { b.start(&route_of(id)).await.unwrap() }
+    }))
+    .await;
+    // Each one's exit watch, as the manager keeps for every running compute.
+    let mut exits: futures::stream::FuturesUnordered<_> = computes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| async move {
+            c.exited().await;
+            i
+        })
+        .collect();
+    let settled = tokio::time::timeout(Duration::from_secs(1), exits.next()).await;
+    assert!(settled.is_err(), "a compute exited: {settled:?}");
+    println!(
+        "{N} running computes: {} pod lists, {} pod watch requests",
+        pods.lists(),
+        pods.watches()
+    );
+    assert_eq!((pods.lists(), pods.watches()), (1, 1));
+
+    // An eviction is seen through the shared watch, by that compute's exit watch only.
+    pods.delete("pgwake-db7-0");
+    let exited = tokio::time::timeout(Duration::from_secs(10), exits.next())
         .await
-        .ok(pod_list("9502", vec![pod_json("9502", "ready")]));
+        .expect("the evicted compute's exit was not seen");
+    assert_eq!(exited, Some(7));
+    let more = tokio::time::timeout(Duration::from_secs(1), exits.next()).await;
+    assert!(more.is_err(), "another compute exited: {more:?}");
+    assert_eq!((pods.lists(), pods.watches()), (1, 2));
+    drop(exits);
+    drop(computes);
+    server.abort();
+}
+
+/// A waiter wakes on changes of its own pod only: with many computes, an event costs one
+/// look-up, not a scan of every waiter.
+#[tokio::test(start_paused = true)]
+async fn a_pods_changes_wake_only_the_waiters_of_that_pod() {
+    let (client, api) = ApiServer::new();
+    let b = backend(client);
+    let watch = &b.shared.pod_watch;
+    let mut a = watch.subscribe("pgwake-a-0");
+    let mut other = watch.subscribe("pgwake-b-0");
+    assert!(matches!(a.seen(), pod_watch::Seen::Unknown));
+    // The first list: neither pod is there.
+    a.changed().await;
+    assert!(matches!(a.seen(), pod_watch::Seen::Absent));
+    assert!(matches!(other.seen(), pod_watch::Seen::Absent));
+    for stage in ["pending", "creating", "starting", "ready"] {
+        api.pods.put(pod_of("a", stage));
+    }
+    loop {
+        if let pod_watch::Seen::Present(p) = a.seen() {
+            if matches!(pod_state(&p, 5432), PodState::Ready(_)) {
+                break;
+            }
+        }
+        a.changed().await;
+    }
+    // Every event of pod a is applied by now; the waiter of pod b was not woken by them.
+    assert!(other.changed().now_or_never().is_none());
+    api.pods.put(pod_of("b", "pending"));
+    other.changed().await;
+    assert!(matches!(other.seen(), pod_watch::Seen::Present(_)));
+    assert!(a.changed().now_or_never().is_none());
+}
+
+/// The watch falls behind (410 Gone: the API server compacted its history) and its next
+/// list fails: it lists again after its backoff, and a start waiting on it still completes.
+#[tokio::test(start_paused = true)]
+async fn an_expired_or_failing_watch_lists_again_and_its_waiters_complete() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let pods = Arc::clone(&api.pods);
+    let server = tokio::spawn(async move {
+        api.pods.put(pod_json("0", "pending"));
+        api.get_sts(sts_json(1, "9600", &desired_hash())).await;
+        until(|| api.pods.watches() == 1).await;
+        api.pods.fail_lists(500, "InternalError", 1);
+        api.pods.expire();
+        api.pods.put(pod_json("0", "ready"));
+        api.status("Running", Some("10.244.0.17:5432")).await;
+        api.expect_quiet().await;
+    });
+    let compute = b.start(&route()).await.unwrap();
+    assert_eq!(compute.addr().as_str(), "10.244.0.17:5432");
+    server.await.unwrap();
+    // The first list, the one that failed, and the one after it.
+    assert_eq!(pods.lists(), 3);
+}
+
+/// A watch the API server refuses (RBAC) fails a start at once as misconfiguration, as any
+/// other refused call does; the start is undone.
+#[tokio::test(start_paused = true)]
+async fn a_refused_pod_watch_fails_the_start_as_misconfiguration() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let hash = desired_hash();
+    api.pods.fail_lists(403, "Forbidden", 100);
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "9700", &hash)).await;
+        api.get_sts(sts_json(1, "9701", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "9702", &hash));
+        api.status("Suspended", None).await;
+        api.event("StartFailed").await;
+    });
+    let err = match b.start(&route()).await {
+        Err(e) => e,
+        Ok(_) => panic!("woke a compute whose pods cannot be watched"),
+    };
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+    server.await.unwrap();
+}
+
+/// A pod watch that keeps failing (the API server unreachable) ends a start after
+/// `api_retries` failures in a row, as any other call would; the start is undone.
+#[tokio::test(start_paused = true)]
+async fn a_pod_watch_that_keeps_failing_ends_the_start_after_api_retries() {
+    let (client, mut api) = ApiServer::new();
+    let b = KubernetesBackend::new(
+        client,
+        KubernetesConfig {
+            api_retries: 2,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let hash = desired_hash();
+    api.pods.fail_lists(503, "ServiceUnavailable", 100);
+    let pods = Arc::clone(&api.pods);
+    let server = tokio::spawn(async move {
+        api.get_sts(sts_json(1, "9750", &hash)).await;
+        api.get_sts(sts_json(1, "9751", &hash)).await;
+        api.expect(Method::PATCH, &format!("{STS_DEMO}{PATCH_QUERY}"))
+            .await
+            .ok(sts_json(0, "9752", &hash));
+        api.status("Suspended", None).await;
+        api.event("StartFailed").await;
+    });
+    let err = match tokio::time::timeout(Duration::from_secs(60), b.start(&route())).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(_)) => panic!("woke a compute whose pods cannot be watched"),
+        Err(_) => panic!("the start waits on a failing watch for ever"),
+    };
+    assert_eq!(err.kind(), BackendErrorKind::Io, "{err}");
+    assert!(err.to_string().contains("gave up after 3 tries"), "{err}");
+    server.await.unwrap();
+    assert_eq!(pods.lists(), 3);
+}
+
+/// The watch runs while someone waits on a pod, and a while after: it stops once nobody has
+/// for `LINGER`, and the next wait starts it again.
+#[tokio::test(start_paused = true)]
+async fn the_pod_watch_stops_when_nobody_waits_and_starts_again_on_need() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    let watch = &b.shared.pod_watch;
+    assert!(watch.running());
+    // The wake is over and nobody watches for the compute's exit.
+    assert_eq!(watch.subscribers(), 0);
+    tokio::time::sleep(pod_watch::LINGER * 2).await;
+    assert!(!watch.running(), "the pod watch outlived its use");
+    assert_eq!(api.pods.lists(), 1);
+    let exited = compute.exited();
+    futures::pin_mut!(exited);
+    assert!(futures::poll!(exited.as_mut()).is_pending());
+    assert!(watch.running());
+    api.pods.delete(POD);
+    let server = tokio::spawn(async move {
+        serve_scale_down_after_exit(&mut api, "9800", "pod deleted").await;
+        api
+    });
+    exited.await;
+    let api = server.await.unwrap();
+    assert_eq!(api.pods.lists(), 2);
+}
+
+/// The pod watch ends with the backend: dropped with its computes, it leaves no task behind
+/// that holds the client (the mock API sees the client go).
+#[tokio::test(start_paused = true)]
+async fn the_pod_watch_ends_with_the_backend() {
+    let (client, mut api) = ApiServer::new();
+    let b = backend(client);
+    let compute = running(&mut api, &b).await;
+    assert!(b.shared.pod_watch.running());
+    let router = api.router.take().unwrap();
+    drop(compute);
+    drop(b);
+    // Well within LINGER, after which an idle watch would end on its own anyway.
+    tokio::time::timeout(Duration::from_secs(1), router)
+        .await
+        .expect("the client outlived the backend")
+        .unwrap();
 }
