@@ -706,6 +706,33 @@ impl Manager {
         // reports and asks the compute itself. Done before taking the decision under the lock,
         // and the idle condition is checked again after it: a wake or report in between
         // restarts the timer and cancels the suspend.
+        if !self.suspend_allowed(slot, reason).await {
+            return false;
+        }
+        let (compute, deep_sleep_after) = {
+            let mut st = slot.lock();
+            let Some(compute) = st.begin_suspend(attempt, reason, Instant::now()) else {
+                return false;
+            };
+            (compute, st.deep_sleep_after)
+        };
+        slot.notify();
+        if reason == SuspendReason::Idle
+            && !deep_sleep_after.is_zero()
+            && self
+                .freeze_compute(slot, &compute, Some(deep_sleep_after))
+                .await
+        {
+            return true;
+        }
+        self.stop_compute(slot, compute, reason).await;
+        true
+    }
+
+    /// Whether nothing outside this manager's own count holds the compute for a suspend for
+    /// `reason` (a shutdown suspends regardless): no proxy replica reports sessions and the
+    /// compute counts no clients. A compute found busy restarts its idle time.
+    async fn suspend_allowed(&self, slot: &Arc<Slot>, reason: SuspendReason) -> bool {
         if reason != SuspendReason::Shutdown {
             let (running, remote) = {
                 let st = slot.lock();
@@ -735,32 +762,18 @@ impl Manager {
                 return false;
             }
         }
-        let (compute, deep_sleep_after) = {
-            let mut st = slot.lock();
-            let Some(compute) = st.begin_suspend(attempt, reason, Instant::now()) else {
-                return false;
-            };
-            (compute, st.deep_sleep_after)
-        };
-        slot.notify();
-        if reason == SuspendReason::Idle
-            && !deep_sleep_after.is_zero()
-            && self.freeze(slot, &compute, deep_sleep_after).await
-        {
-            return true;
-        }
-        self.stop_compute(slot, compute, reason).await;
         true
     }
 
     /// Freezes `compute`, which `slot` is suspending: Frozen, with a timer that stops it after
-    /// `deep_sleep_after`, and the memory budget checked. Returns false, with the compute
-    /// left for the caller to stop, if it cannot be frozen or the manager is shutting down.
-    async fn freeze(
+    /// `deep_sleep_after` (none: frozen until something else ends it), and the memory budget
+    /// checked. Returns false, with the compute left for the caller to stop or resume, if it
+    /// cannot be frozen or the manager is shutting down.
+    async fn freeze_compute(
         &self,
         slot: &Arc<Slot>,
         compute: &Arc<dyn RunningCompute>,
-        deep_sleep_after: Duration,
+        deep_sleep_after: Option<Duration>,
     ) -> bool {
         if self.closing.load(Ordering::Acquire) {
             return false;
@@ -796,7 +809,9 @@ impl Manager {
         self.metrics.freezes.with_label_values(&["ok"]).inc();
         slot.notify();
         if let Some(this) = self.me.upgrade() {
-            idle::track_deep_sleep(&this, slot, freeze, Instant::now() + deep_sleep_after);
+            if let Some(after) = deep_sleep_after {
+                idle::track_deep_sleep(&this, slot, freeze, Instant::now() + after);
+            }
             tokio::spawn(async move { this.enforce_memory_budget().await });
         }
         true
@@ -892,6 +907,38 @@ impl Manager {
         }
         self.try_suspend(&slot, None, SuspendReason::Requested)
             .await
+    }
+
+    /// Freezes `id` now, as its idle timer would once idle (light sleep), if nobody is attached
+    /// or waiting, reported by a proxy replica, or connected to the compute, and its backend
+    /// can freeze it. Unlike the timer it does not look at `deep_sleep_after`: the compute
+    /// stays frozen until a wake, a requested suspend, the memory budget or shutdown (a
+    /// benchmark's or a test's way to reach the frozen tier without waiting). Returns whether
+    /// it froze; when it cannot be frozen it keeps running.
+    pub async fn freeze(&self, id: &EndpointId) -> bool {
+        let Some(slot) = self.slots.get(id) else {
+            return false;
+        };
+        if !self.suspend_allowed(&slot, SuspendReason::Requested).await {
+            return false;
+        }
+        let Some(compute) =
+            slot.lock()
+                .begin_suspend(None, SuspendReason::Requested, Instant::now())
+        else {
+            return false;
+        };
+        slot.notify();
+        if self.freeze_compute(&slot, &compute, None).await {
+            return true;
+        }
+        // Could not freeze: it goes back to running, as if nothing had happened.
+        let attempt = slot.lock().resumed(compute);
+        slot.notify();
+        if let (Some(attempt), Some(this)) = (attempt, self.me.upgrade()) {
+            idle::track_idle(&this, &slot, attempt);
+        }
+        false
     }
 
     /// Records what proxy replica `replica` says about its sessions: `(endpoint, sessions)`

@@ -14,6 +14,7 @@
 //! | Frozen                   | `begin_thaw`    | Starting   |
 //! | Frozen (same freeze)     | `begin_deep_sleep` | Suspending |
 //! | Frozen (same attempt)    | `exited`        | Suspended  |
+//! | Suspending (a requested freeze that failed) | `resumed` | Running |
 //!
 //! A compute keeps its attempt number through freezes and thaws: it is the same compute, and
 //! the watch that notices its exit (which carries the attempt) keeps watching it.
@@ -377,6 +378,25 @@ impl Inner {
             idle_timeout,
         });
         Some(compute)
+    }
+
+    /// Suspending → Running again: a requested freeze that could not be done, for the same
+    /// attempt and compute, its idle time going on from where it was.
+    /// Returns the attempt, whose idle timer ended with the suspend and must run again.
+    pub(super) fn resumed(&mut self, compute: Arc<dyn RunningCompute>) -> Option<u64> {
+        let State::Suspending {
+            attempt,
+            idle_timeout,
+        } = self.state
+        else {
+            return None;
+        };
+        self.set_state(State::Running {
+            attempt,
+            compute,
+            idle_timeout,
+        });
+        Some(attempt)
     }
 
     /// The stop begun by `begin_suspend` (or `begin_deep_sleep`) finished.

@@ -1308,3 +1308,28 @@ async fn a_compute_that_does_not_thaw_is_stopped_and_started_again() {
     let st = m.stats(&r.endpoint).unwrap();
     assert_eq!((st.phase, st.crashes), (Phase::Running, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_requested_freeze_holds_until_a_wake_and_one_that_cannot_freeze_keeps_running() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let lease = m.wake(&r).await.unwrap();
+    assert!(!m.freeze(&r.endpoint).await, "a session is attached");
+    drop(lease);
+    assert!(m.freeze(&r.endpoint).await);
+    // No deep-sleep timer for a requested freeze (and light sleep is off in `cfg`).
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Frozen);
+    drop(m.wake(&r).await.unwrap());
+    assert_eq!(b.thaws.load(Ordering::SeqCst), 1);
+
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    drop(m.wake(&r).await.unwrap());
+    assert!(!m.freeze(&r.endpoint).await);
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    // Its idle timer runs again: it is suspended as usual.
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
+}
