@@ -133,6 +133,14 @@ max_connections = "{pgconn}"
         }
     }
 
+    /// The pgwake the tool runs itself, if it does.
+    pub fn local_pgwake(&self) -> Option<&Pgwake> {
+        match &self.kind {
+            Kind::InProcess { pgwake, .. } => Some(pgwake),
+            Kind::External { .. } => None,
+        }
+    }
+
     pub fn main(&self) -> &str {
         &self.main
     }
