@@ -85,6 +85,12 @@ pub struct LocalConfig {
     /// identifier.
     #[serde(default = "default_template")]
     pub template: bool,
+    /// With `template`: give each copy a database system identifier of its own, as initdb
+    /// would (written into its `pg_control`, then `pg_resetwal -f` writes WAL that carries
+    /// it). For endpoints that tools key on the identifier for (pgBackRest, Barman, physical
+    /// replicas); costs a `pg_resetwal` run on each new endpoint's first wake.
+    #[serde(default)]
+    pub fresh_system_identifier: bool,
 }
 
 fn default_data_root() -> PathBuf {
@@ -117,6 +123,7 @@ impl Default for LocalConfig {
             stop_timeout: default_stop_timeout(),
             log_max_size: LogSize::default(),
             template: default_template(),
+            fresh_system_identifier: false,
         }
     }
 }
@@ -328,7 +335,13 @@ impl LocalBackend {
         if self.cfg.template {
             let template = self.ensure_template(bins).await?;
             info!(dir = %dir.display(), template = %template.display(), "new endpoint from the template");
-            if let Err(e) = template::copy(&template, &building).await {
+            let copied = match template::copy(&template, &building).await {
+                Ok(()) if self.cfg.fresh_system_identifier => {
+                    self.fresh_system_identifier(&building, bins).await
+                }
+                other => other,
+            };
+            if let Err(e) = copied {
                 if let Err(e) = remove_if_exists(&building) {
                     warn!(dir = %building.display(), error = %e, "could not remove the failed copy; the next start will");
                 }
@@ -349,6 +362,37 @@ impl LocalBackend {
         datadir::sync_dir(root)?;
         datadir::record(root, id)?;
         Ok(false)
+    }
+
+    /// Gives the copy in `building` its own system identifier (see
+    /// [`LocalConfig::fresh_system_identifier`]).
+    async fn fresh_system_identifier(
+        &self,
+        building: &Path,
+        bins: &Bins,
+    ) -> Result<(), BackendError> {
+        let id = template::set_system_identifier(building)?;
+        let resetwal = bins.postgres.with_file_name("pg_resetwal");
+        let out = self
+            .command(&resetwal)
+            .arg("-f")
+            .arg("-D")
+            .arg(building)
+            .output()
+            .await
+            .map_err(|e| BackendError::io(format!("run {}", resetwal.display()), e))?;
+        if !out.status.success() {
+            return Err(BackendError::DataDir {
+                path: building.display().to_string(),
+                reason: format!(
+                    "pg_resetwal for a new system identifier failed ({}): {}",
+                    out.status,
+                    tail(&String::from_utf8_lossy(&out.stderr), 1000)
+                ),
+            });
+        }
+        debug!(dir = %building.display(), system_identifier = id, "new system identifier");
+        Ok(())
     }
 
     /// The arguments of every initdb pgwake runs, but `-D`.
