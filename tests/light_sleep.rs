@@ -64,7 +64,11 @@ async fn count(env: &Env, endpoint: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing() {
-    let env = Env::start(LIGHT, DEMO).await;
+    // Autovacuum every second on a table that changes every cycle, so that freezes land in
+    // the middle of its runs too.
+    let settings = "[local.settings]\nautovacuum_naptime = \"1s\"\n\
+                    autovacuum_vacuum_insert_threshold = \"5\"\nautovacuum_analyze_threshold = \"5\"\n";
+    let env = Env::start(&format!("{LIGHT}{settings}"), DEMO).await;
     let dir = env.data_dir("demo");
     env.client("demo")
         .await
@@ -94,6 +98,17 @@ async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing() {
     }
     env.wait_phase("demo", Phase::Frozen, LONG).await;
     assert_eq!(count(&env, "demo").await, 200);
+    let c = env.client("demo").await;
+    let autovacuum: i64 = c
+        .query_one(
+            "select autovacuum_count + autoanalyze_count from pg_stat_user_tables where relname = 't'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(autovacuum > 0, "autovacuum never ran between the freezes");
+    drop(c);
     let s = env.stats("demo").unwrap();
     assert_eq!((s.starts, s.crashes), (1, 0), "{s:?}");
     assert!(s.freezes >= 201 && s.thaws >= 201, "{s:?}");
