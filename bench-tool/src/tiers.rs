@@ -45,6 +45,28 @@ async fn detached(pgwake: &Pgwake, id: &EndpointId) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Freezes (or, with `freeze` false, stops) `id`, retrying while the compute still counts
+/// the session of the client that just left (its backend exits a moment after the client).
+async fn put_to_sleep(pgwake: &Pgwake, id: &EndpointId, freeze: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        detached(pgwake, id).await?;
+        let m = &pgwake.manager;
+        let done = if freeze {
+            m.freeze(id).await
+        } else {
+            m.suspend(id).await
+        };
+        if done {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{id}: could not put it to sleep: {:?}", m.stats(id));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 pub async fn run(args: &Args, target: &Target) -> anyhow::Result<Vec<PhaseResult>> {
     let Some(pgwake) = target.local_pgwake() else {
         eprintln!("tiers: in-process only, skipped");
@@ -69,14 +91,7 @@ pub async fn run(args: &Args, target: &Target) -> anyhow::Result<Vec<PhaseResult
         );
         let mut samples = Vec::new();
         for _ in 0..runs {
-            detached(pgwake, &id).await?;
-            let slept = match tier {
-                "frozen" => m.freeze(&id).await,
-                _ => m.suspend(&id).await,
-            };
-            if !slept {
-                bail!("{id}: could not put it to {tier}: {:?}", m.stats(&id));
-            }
+            put_to_sleep(pgwake, &id, tier == "frozen").await?;
             let t0 = Instant::now();
             if client {
                 connect_and_query(&conn, args.timeout).await?;
@@ -119,10 +134,7 @@ pub async fn run(args: &Args, target: &Target) -> anyhow::Result<Vec<PhaseResult
             connect_and_query(&target.conn_str(p.as_str()), args.timeout).await?;
         }
         for p in &pool {
-            detached(pgwake, p).await?;
-            if !m.freeze(p).await {
-                bail!("{p}: could not freeze");
-            }
+            put_to_sleep(pgwake, p, true).await?;
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             pss.push(mib(m.stats(p).and_then(|s| s.frozen_memory).unwrap_or(0)));
             rss.push(mib(rss_of(&pgwake.local.data_dir(p))));
@@ -140,7 +152,7 @@ pub async fn run(args: &Args, target: &Target) -> anyhow::Result<Vec<PhaseResult
             None,
         ));
         for p in &pool {
-            m.suspend(p).await;
+            put_to_sleep(pgwake, p, false).await?;
         }
     }
 
