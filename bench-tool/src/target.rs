@@ -62,6 +62,7 @@ idle_timeout = "1h"
 max_waiting_per_endpoint = {maxconn}
 [local]
 data_root = "{root}"
+create_data_root = true
 initdb_args = ["--no-sync"]
 [local.settings]
 shared_buffers = "16MB"
