@@ -222,8 +222,24 @@ impl Manager {
             return false;
         };
         slot.lock().forgotten = true;
+        self.stop_if_frozen(&slot);
         self.slots.release_if_forgotten(&slot);
         true
+    }
+
+    /// Stops the frozen compute of an endpoint that left the table: no client can wake it
+    /// again, and it would hold its memory until its deep sleep (or for ever, frozen on
+    /// request).
+    fn stop_if_frozen(&self, slot: &Arc<Slot>) {
+        if slot.lock().frozen_entry().is_none() {
+            return;
+        }
+        if let Some(this) = self.me.upgrade() {
+            let slot = Arc::clone(slot);
+            tokio::spawn(async move {
+                this.deep_sleep(&slot, None, SuspendReason::Requested).await;
+            });
+        }
     }
 
     /// Forgets every endpoint `table` no longer routes to a managed backend (absent, or now
@@ -240,6 +256,7 @@ impl Manager {
             slot.lock().forgotten = !routed;
             if !routed {
                 forgotten += 1;
+                self.stop_if_frozen(&slot);
                 self.slots.release_if_forgotten(&slot);
             }
         }
@@ -386,12 +403,11 @@ impl Manager {
                         Some(Wakeup::Start(attempt))
                     }
                     // Fast and harmless to repeat: no start token.
-                    State::Frozen { .. } => {
+                    State::Frozen { .. } => st.begin_thaw().map(|(attempt, compute)| {
                         *tier = Tier::Frozen;
-                        let (attempt, compute) = st.begin_thaw().expect("frozen");
                         joined = Some(attempt);
-                        Some(Wakeup::Thaw(attempt, compute))
-                    }
+                        Wakeup::Thaw(attempt, compute)
+                    }),
                     State::Starting { attempt, thaw } => {
                         if joined.is_none() {
                             *tier = if *thaw { Tier::Frozen } else { Tier::Stopped };
@@ -1069,8 +1085,9 @@ impl Manager {
                     frozen.push(Arc::clone(&s))
                 }
                 // A stop or freeze under way (a freeze that ends now stops its compute: it
-                // sees `closing`), or a start or thaw that may leave one running.
-                State::Suspending { .. } | State::Starting { .. } => settling.push(Arc::clone(&s)),
+                // sees `closing`). A start or thaw under way is left as before: a postgres it
+                // leaves running gets its death signal (fast shutdown) when pgwake exits.
+                State::Suspending { .. } => settling.push(Arc::clone(&s)),
                 _ => {}
             }
         }

@@ -1333,3 +1333,21 @@ async fn a_requested_freeze_holds_until_a_wake_and_one_that_cannot_freeze_keeps_
     // Its idle timer runs again: it is suspended as usual.
     phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_endpoint_that_leaves_the_table_is_stopped_and_its_state_goes() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), light(3600, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    assert!(m.forget(&r.endpoint));
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while m.stats(&r.endpoint).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("state dropped once stopped");
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+}
