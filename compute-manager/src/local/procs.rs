@@ -189,17 +189,16 @@ pub fn thaw_left_frozen(data_root: &Path) -> Vec<std::path::PathBuf> {
         if !dir.join("postmaster.pid").is_file() {
             continue;
         }
-        if thaw_stopped(&dir) {
+        if thaw_stopped(&dir, &cluster_procs(&dir)) {
             thawed.push(dir);
         }
     }
     thawed
 }
 
-/// Thaws the cluster in `dir` if any of its processes is stopped, and asks its postmaster for
-/// a fast shutdown. Returns whether it did.
-fn thaw_stopped(dir: &Path) -> bool {
-    let procs = cluster_procs(dir);
+/// Thaws the cluster in `dir`, whose processes are `procs`, if any of them is stopped, and
+/// asks its postmaster for a fast shutdown. Returns whether it did.
+fn thaw_stopped(dir: &Path, procs: &[ClusterProc]) -> bool {
     if !procs.iter().any(|p| stopped(p.pid)) {
         return false;
     }
@@ -229,7 +228,7 @@ pub async fn clear(dir: &Path) {
         }
         // A frozen postmaster never exits by itself (a pgwake killed while it was frozen,
         // before the next one thawed what it left: see [`thaw_left_frozen`]).
-        thaw_stopped(dir);
+        thaw_stopped(dir, &procs);
         if let Some(pm) = procs.iter().find(|p| p.postmaster) {
             if waited_for != Some(pm.pid) {
                 warn!(dir = %dir.display(), pid = pm.pid, "a previous postmaster of this data directory is still running (left by a pgwake that stopped without stopping it?); waiting for it to exit");
