@@ -98,7 +98,12 @@ async fn idle_timer(manager: Arc<Manager>, slot: Arc<Slot>, attempt: u64) {
             Some(d) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(d) => {
-                        manager.try_suspend(&slot, Some(attempt), SuspendReason::Idle).await;
+                        // Done once it suspended or froze the compute: a thaw (which keeps the
+                        // attempt) may have made it Running again already, with a timer of
+                        // its own.
+                        if manager.try_suspend(&slot, Some(attempt), SuspendReason::Idle).await {
+                            return;
+                        }
                     }
                     r = rx.changed() => if r.is_err() { return },
                 }
