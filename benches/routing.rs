@@ -24,6 +24,7 @@ fn table(n: usize) -> RoutingTable {
                 settings: BTreeMap::new(),
             },
             idle_timeout: None,
+            deep_sleep_after: None,
             allow: Vec::new(),
             max_connections: None,
         });

@@ -102,6 +102,15 @@ pub struct ComputeConfig {
     /// covered by its wake until the next report.
     #[serde(default = "d_activity_interval", with = "humantime_serde")]
     pub activity_interval: Duration,
+    /// Light sleep for local computes: after `idle_timeout` an idle compute is frozen (its
+    /// processes stopped, its memory kept, woken in milliseconds) and only stopped after this
+    /// long frozen. `"0s"` (the default) stops it at once. Endpoints may override it.
+    #[serde(default, with = "humantime_serde")]
+    pub deep_sleep_after: Duration,
+    /// The most memory frozen computes may hold together (bytes, or `"512MiB"`); past it the
+    /// least recently used are stopped. 0: no limit.
+    #[serde(default = "d_max_frozen_memory")]
+    pub max_frozen_memory: pgwake_compute_manager::local::LogSize,
 }
 
 /// The `[manager]` table: serve the compute manager's HTTP API to other pgwake proxies.
@@ -185,6 +194,9 @@ fn d_idle_timeout() -> Duration {
 fn d_activity_interval() -> Duration {
     Duration::from_secs(5)
 }
+fn d_max_frozen_memory() -> pgwake_compute_manager::local::LogSize {
+    pgwake_compute_manager::local::LogSize(1 << 30)
+}
 fn d_max_waiting() -> usize {
     ManagerConfig::default().max_waiting_per_endpoint
 }
@@ -198,6 +210,8 @@ impl Default for ComputeConfig {
             max_starts_per_minute: 0,
             manager_url: None,
             activity_interval: d_activity_interval(),
+            deep_sleep_after: Duration::ZERO,
+            max_frozen_memory: d_max_frozen_memory(),
         }
     }
 }
@@ -209,6 +223,8 @@ impl From<&ComputeConfig> for ManagerConfig {
             idle_timeout: c.idle_timeout,
             max_waiting_per_endpoint: c.max_waiting_per_endpoint,
             max_starts_per_minute: c.max_starts_per_minute,
+            deep_sleep_after: c.deep_sleep_after,
+            max_frozen_memory: c.max_frozen_memory.0,
         }
     }
 }

@@ -68,7 +68,14 @@ fn applies_live(section: &str, key: &str, running: &Config) -> bool {
         // Read by the next reload.
         ("reload", _) => true,
         // The in-process manager reads these per wake / per start.
-        ("compute", "idle_timeout" | "max_waiting_per_endpoint" | "max_starts_per_minute") => true,
+        (
+            "compute",
+            "idle_timeout"
+            | "max_waiting_per_endpoint"
+            | "max_starts_per_minute"
+            | "deep_sleep_after"
+            | "max_frozen_memory",
+        ) => true,
         // Through a shared manager the wait is the HTTP client's, built at start.
         ("compute", "wake_timeout") => running.compute.manager_url.is_none(),
         // Listeners, backends, TLS, the manager service: built once at start.

@@ -481,6 +481,7 @@ async fn port_taken_by_another_program_is_retried_on_another_port() {
             settings: Default::default(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     };

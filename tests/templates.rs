@@ -271,3 +271,30 @@ async fn a_copy_that_fills_the_disk_leaves_nothing_half_made_and_recovers_with_s
     drop(mount);
     drop(env);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fresh_system_identifiers_each_copy_has_its_own_and_keeps_its_data() {
+    let env = Env::start("[local]\nfresh_system_identifier = true", ABC).await;
+    let (a, b) = (
+        client_or_explain(&env, "a").await,
+        client_or_explain(&env, "b").await,
+    );
+    let (ia, ib) = (system_identifier(&a).await, system_identifier(&b).await);
+    assert_ne!(ia, ib);
+    a.batch_execute("create table t (i int); insert into t values (1)")
+        .await
+        .unwrap();
+    drop((a, b));
+    // Stopped (checkpoint) and started again from its own WAL: same identifier, same data.
+    env.suspend("a").await;
+    let a = client_or_explain(&env, "a").await;
+    assert_eq!(system_identifier(&a).await, ia);
+    let n: i64 = a
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    drop(a);
+    env.stop().await;
+}

@@ -6,6 +6,7 @@ mod hold;
 mod phases;
 mod report;
 mod target;
+mod tiers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,7 +64,17 @@ pub struct Args {
     /// no compute involved (comma-separated counts, e.g. 2000; off by default).
     #[arg(long, value_delimiter = ',')]
     storm: Vec<usize>,
-    /// Phases to skip (comma-separated: cold, warm, stampede, parallel, throughput).
+    /// Wakes per tier (from frozen at the manager and through a client, from stopped at the
+    /// manager) in the `tiers` phases (in-process only).
+    #[arg(long, default_value_t = 30)]
+    tier_runs: usize,
+    /// Pool endpoints frozen at once to measure a frozen compute's memory (`tiers`).
+    #[arg(long, default_value_t = 5)]
+    frozen_computes: usize,
+    /// New endpoints whose first wake is timed, by template clone and by initdb (`tiers`).
+    #[arg(long, default_value_t = 3)]
+    new_endpoints: usize,
+    /// Phases to skip (comma-separated: cold, warm, stampede, parallel, throughput, tiers).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Where results.json and latency.svg are written.

@@ -126,6 +126,9 @@ pub async fn run_all(args: &Args, target: &Target) -> anyhow::Result<Results> {
     if args.runs("throughput") {
         phases.push(throughput(args, target, &main).await?);
     }
+    if args.runs("tiers") {
+        phases.extend(crate::tiers::run(args, target).await?);
+    }
     for &n in &args.storm {
         phases.push(storm(args, target, n).await?);
     }

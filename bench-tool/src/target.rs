@@ -62,6 +62,7 @@ idle_timeout = "1h"
 max_waiting_per_endpoint = {maxconn}
 [local]
 data_root = "{root}"
+create_data_root = true
 initdb_args = ["--no-sync"]
 [local.settings]
 shared_buffers = "16MB"
@@ -130,6 +131,14 @@ max_connections = "{pgconn}"
         match self.kind {
             Kind::InProcess { .. } => "in-process",
             Kind::External { .. } => "external",
+        }
+    }
+
+    /// The pgwake the tool runs itself, if it does.
+    pub fn local_pgwake(&self) -> Option<&Pgwake> {
+        match &self.kind {
+            Kind::InProcess { pgwake, .. } => Some(pgwake),
+            Kind::External { .. } => None,
         }
     }
 

@@ -52,6 +52,7 @@ fn route(i: usize) -> Arc<Route> {
             settings: BTreeMap::new(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     })

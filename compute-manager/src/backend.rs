@@ -110,6 +110,26 @@ pub trait RunningCompute: Send + Sync + 'static {
         None
     }
 
+    /// Light sleep: stops every process of the compute from running, keeping its memory, so
+    /// that [`RunningCompute::thaw`] brings it back in milliseconds. Returns `Ok(false)` (the
+    /// default) when this compute cannot be frozen: the manager then stops it instead. On an
+    /// error nothing is left frozen. Called with no client session attached.
+    async fn freeze(&self) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
+    /// Lets a frozen compute run again and returns once it answers queries. On an error the
+    /// compute may be unusable: the manager stops it and starts a new one.
+    async fn thaw(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// The memory the compute holds, in bytes, if the backend can tell (for the budget of
+    /// frozen computes).
+    fn memory(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the manager must stop this compute when it shuts down: true for processes
     /// that would otherwise be orphaned; false for computes another manager can take over.
     fn stop_on_shutdown(&self) -> bool {

@@ -87,6 +87,10 @@ pub enum BackendError {
     },
     #[error("configuration: {0}")]
     Config(String),
+    /// A frozen compute did not answer once let run again (light sleep); it is stopped and
+    /// a new one started.
+    #[error("frozen compute did not come back: {0}")]
+    ThawFailed(String),
 }
 
 impl BackendError {
@@ -104,7 +108,9 @@ impl BackendError {
             Self::DataDir { .. } | Self::InitdbFailed { .. } => BackendErrorKind::DataDirectory,
             Self::DataMissing { .. } => BackendErrorKind::DataMissing,
             Self::DataDirBusy(_) => BackendErrorKind::DataDirectoryBusy,
-            Self::StartFailed { .. } | Self::Blocked { .. } => BackendErrorKind::StartFailed,
+            Self::StartFailed { .. } | Self::Blocked { .. } | Self::ThawFailed(_) => {
+                BackendErrorKind::StartFailed
+            }
             Self::StartTimeout(_) => BackendErrorKind::StartTimeout,
             Self::Io { .. } => BackendErrorKind::Io,
         }
@@ -119,6 +125,7 @@ impl BackendError {
                 | Self::StartFailed { .. }
                 | Self::Blocked { .. }
                 | Self::DataDirBusy(_)
+                | Self::ThawFailed(_)
         )
     }
 

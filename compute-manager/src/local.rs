@@ -7,6 +7,11 @@
 //! and a record per initialised endpoint (see [`datadir`]), and a missing one is refused.
 //! Before a postgres starts, whatever is left of the previous one in its data directory is
 //! waited for or cleared away (see [`procs`]).
+//!
+//! Light sleep (see [`RunningCompute::freeze`]) stops every process of a compute with
+//! SIGSTOP, found through /proc (each child of a postmaster is in its own session, so no
+//! process group holds them), and continues them with SIGCONT. A pgwake killed meanwhile
+//! leaves them stopped; the next one finds them at its start and lets them shut down.
 
 mod datadir;
 mod log;
@@ -80,6 +85,12 @@ pub struct LocalConfig {
     /// identifier.
     #[serde(default = "default_template")]
     pub template: bool,
+    /// With `template`: give each copy a database system identifier of its own, as initdb
+    /// would (written into its `pg_control`, then `pg_resetwal -f` writes WAL that carries
+    /// it). For endpoints that tools key on the identifier for (pgBackRest, Barman, physical
+    /// replicas); costs a `pg_resetwal` run on each new endpoint's first wake.
+    #[serde(default)]
+    pub fresh_system_identifier: bool,
 }
 
 fn default_data_root() -> PathBuf {
@@ -112,6 +123,7 @@ impl Default for LocalConfig {
             stop_timeout: default_stop_timeout(),
             log_max_size: LogSize::default(),
             template: default_template(),
+            fresh_system_identifier: false,
         }
     }
 }
@@ -193,6 +205,12 @@ impl LocalBackend {
             data_root: absolute(&cfg.data_root)?,
             ..cfg
         };
+        // A pgwake killed while computes were frozen (light sleep) left them stopped for good:
+        // they would hold their memory and data directory until someone sends SIGCONT. Now,
+        // not at their next wake: an endpoint nobody wakes again must not stay frozen.
+        for dir in procs::thaw_left_frozen(&cfg.data_root) {
+            info!(dir = %dir.display(), "thawed a compute left frozen; it shuts down, and its next wake starts it again");
+        }
         Ok(Self {
             cfg,
             run_as,
@@ -317,7 +335,13 @@ impl LocalBackend {
         if self.cfg.template {
             let template = self.ensure_template(bins).await?;
             info!(dir = %dir.display(), template = %template.display(), "new endpoint from the template");
-            if let Err(e) = template::copy(&template, &building).await {
+            let copied = match template::copy(&template, &building).await {
+                Ok(()) if self.cfg.fresh_system_identifier => {
+                    self.fresh_system_identifier(&building, bins).await
+                }
+                other => other,
+            };
+            if let Err(e) = copied {
                 if let Err(e) = remove_if_exists(&building) {
                     warn!(dir = %building.display(), error = %e, "could not remove the failed copy; the next start will");
                 }
@@ -338,6 +362,37 @@ impl LocalBackend {
         datadir::sync_dir(root)?;
         datadir::record(root, id)?;
         Ok(false)
+    }
+
+    /// Gives the copy in `building` its own system identifier (see
+    /// [`LocalConfig::fresh_system_identifier`]).
+    async fn fresh_system_identifier(
+        &self,
+        building: &Path,
+        bins: &Bins,
+    ) -> Result<(), BackendError> {
+        let id = template::set_system_identifier(building)?;
+        let resetwal = bins.postgres.with_file_name("pg_resetwal");
+        let out = self
+            .command(&resetwal)
+            .arg("-f")
+            .arg("-D")
+            .arg(building)
+            .output()
+            .await
+            .map_err(|e| BackendError::io(format!("run {}", resetwal.display()), e))?;
+        if !out.status.success() {
+            return Err(BackendError::DataDir {
+                path: building.display().to_string(),
+                reason: format!(
+                    "pg_resetwal for a new system identifier failed ({}): {}",
+                    out.status,
+                    tail(&String::from_utf8_lossy(&out.stderr), 1000)
+                ),
+            });
+        }
+        debug!(dir = %building.display(), system_identifier = id, "new system identifier");
+        Ok(())
     }
 
     /// The arguments of every initdb pgwake runs, but `-D`.
@@ -659,9 +714,18 @@ struct LocalCompute {
     addr: ComputeAddr,
     superuser: String,
     pid: Pid,
+    dir: PathBuf,
     exited: watch::Receiver<Option<ExitStatus>>,
     stop_timeout: Duration,
+    /// The processes a freeze stopped (postmaster first) while the compute is frozen: a
+    /// thaw continues exactly these (a frozen postmaster forks nothing new), without
+    /// looking through /proc again on the wake path.
+    frozen: std::sync::Mutex<Option<Vec<i32>>>,
 }
+
+/// How long a thawed compute may take to answer the probe. It answers at once unless
+/// something is badly wrong (its machine swapping its memory back in).
+const THAW_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl LocalCompute {
     fn watch(
@@ -676,6 +740,7 @@ impl LocalCompute {
             log_tail: "postgres exited right after becoming ready".into(),
         })?;
         let (tx, rx) = watch::channel(None);
+        let watched_dir = dir.clone();
         // The child is owned by this task so exactly one place reaps it; `kill_on_drop` remains
         // as the last resort if the runtime itself goes away.
         tokio::spawn(async move {
@@ -691,12 +756,12 @@ impl LocalCompute {
             // A postmaster that did not exit cleanly (killed) leaves its children running,
             // serving sessions of a compute that is gone and holding the shared memory the
             // next postmaster needs. They go before anyone hears of the exit.
-            if dir.join("postmaster.pid").exists()
-                && tokio::time::timeout(ORPHANS_TIMEOUT, procs::clear(&dir))
+            if watched_dir.join("postmaster.pid").exists()
+                && tokio::time::timeout(ORPHANS_TIMEOUT, procs::clear(&watched_dir))
                     .await
                     .is_err()
             {
-                warn!(dir = %dir.display(), "processes of the exited postgres still linger; the next start waits for them");
+                warn!(dir = %watched_dir.display(), "processes of the exited postgres still linger; the next start waits for them");
             }
             let _ = tx.send(Some(status));
         });
@@ -704,9 +769,26 @@ impl LocalCompute {
             addr: ComputeAddr::new(addr.to_string()),
             superuser,
             pid: Pid::from_raw(pid as i32),
+            dir,
             exited: rx,
             stop_timeout,
+            frozen: std::sync::Mutex::new(None),
         })
+    }
+
+    fn frozen(&self) -> std::sync::MutexGuard<'_, Option<Vec<i32>>> {
+        self.frozen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets the processes of a frozen compute run again; nothing if it is not frozen.
+    fn let_run(&self) -> bool {
+        match self.frozen().take() {
+            Some(pids) => {
+                procs::thaw(&pids);
+                true
+            }
+            None => false,
+        }
     }
 
     async fn wait_exit(&self, timeout: Duration) -> bool {
@@ -725,6 +807,9 @@ impl RunningCompute for LocalCompute {
     }
 
     async fn stop(&self) -> Result<(), BackendError> {
+        // A stopped process acts on no signal but SIGKILL: a frozen compute would never shut
+        // down, and its postmaster would wait forever for children that cannot exit.
+        self.let_run();
         // SIGINT is Postgres's "fast" shutdown: roll back open transactions, write a
         // checkpoint, exit. Committed data is on disk either way; the checkpoint makes the next
         // start skip recovery.
@@ -753,6 +838,57 @@ impl RunningCompute for LocalCompute {
     async fn exited(&self) {
         let mut rx = self.exited.clone();
         let _ = rx.wait_for(|s| s.is_some()).await;
+    }
+
+    async fn freeze(&self) -> Result<bool, BackendError> {
+        if self.frozen().is_some() {
+            return Ok(true);
+        }
+        if self.exited.borrow().is_some() {
+            return Ok(false);
+        }
+        let Some(pids) = procs::freeze(&self.dir, self.pid.as_raw()).await else {
+            return Ok(false);
+        };
+        debug!(pid = %self.pid, processes = pids.len(), "compute frozen");
+        *self.frozen() = Some(pids);
+        Ok(true)
+    }
+
+    async fn thaw(&self) -> Result<(), BackendError> {
+        self.let_run();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.addr.port().unwrap_or(5432)));
+        let deadline = tokio::time::Instant::now() + THAW_TIMEOUT;
+        loop {
+            if self.exited.borrow().is_some() {
+                return Err(BackendError::ThawFailed(
+                    "postgres exited while frozen".into(),
+                ));
+            }
+            let why = match probe_ready(addr, &self.superuser, THAW_TIMEOUT).await {
+                ProbeResult::Ready => return Ok(()),
+                ProbeResult::StartingUp => "starting up".to_string(),
+                ProbeResult::Refused => "connection refused".to_string(),
+                ProbeResult::Unexpected(why) => why,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackendError::ThawFailed(why));
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
+    fn memory(&self) -> Option<u64> {
+        match self.frozen().as_deref() {
+            Some(pids) => procs::memory(pids),
+            None => {
+                let pids: Vec<i32> = procs::cluster_procs(&self.dir)
+                    .iter()
+                    .map(|p| p.pid)
+                    .collect();
+                procs::memory(&pids)
+            }
+        }
     }
 
     fn stop_on_shutdown(&self) -> bool {

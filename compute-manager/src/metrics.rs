@@ -19,6 +19,15 @@ pub struct ManagerMetrics {
     /// 1 for the endpoint's current state, 0 for the others (the usual Prometheus "enum"
     /// pattern); endpoints are bounded by the routing table.
     pub endpoint_state: IntGaugeVec,
+    /// Wake time by the tier the compute was in when the client arrived (running, frozen,
+    /// stopped): `wake_seconds` keeps its cold/warm split, this one shows what light sleep
+    /// buys.
+    pub wake_tier_seconds: HistogramVec,
+    /// Computes put into light sleep, by outcome (`ok`, or `refused`: stopped instead).
+    pub freezes: IntCounterVec,
+    /// Frozen computes let run again by a wake, by outcome (`ok`, or `failed`: stopped and
+    /// started again).
+    pub thaws: IntCounterVec,
 }
 
 impl ManagerMetrics {
@@ -79,7 +88,35 @@ impl ManagerMetrics {
                 ),
                 &["endpoint", "state"],
             )?,
+            wake_tier_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "pgwake_wake_tier_duration_seconds",
+                    "Time a client waited for a running compute, by the tier it found the compute in",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["tier"],
+            )?,
+            freezes: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_compute_freezes_total",
+                    "Idle computes put into light sleep (frozen), by outcome",
+                ),
+                &["outcome"],
+            )?,
+            thaws: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_compute_thaws_total",
+                    "Frozen computes let run again by a wake, by outcome",
+                ),
+                &["outcome"],
+            )?,
         };
+        registry.register(Box::new(m.wake_tier_seconds.clone()))?;
+        registry.register(Box::new(m.freezes.clone()))?;
+        registry.register(Box::new(m.thaws.clone()))?;
         registry.register(Box::new(m.endpoint_state.clone()))?;
         registry.register(Box::new(m.wakes.clone()))?;
         registry.register(Box::new(m.wake_seconds.clone()))?;

@@ -437,6 +437,8 @@ impl PgwakeEndpoint {
                 },
             },
             idle_timeout,
+            // Light sleep is for local computes; Kubernetes ones cannot be frozen.
+            deep_sleep_after: None,
             allow,
             max_connections: spec.max_connections.map(|n| n as usize),
             auth: Some(self.auth_spec().mode),

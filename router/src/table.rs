@@ -21,6 +21,10 @@ pub struct EndpointConfig {
     /// Overrides the global idle timeout for this endpoint.
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// Overrides the global `deep_sleep_after` (light sleep) for this endpoint; `"0s"` turns
+    /// light sleep off for it.
+    #[serde(default, with = "humantime_serde")]
+    pub deep_sleep_after: Option<Duration>,
     /// Client networks allowed to connect (checked before any wake); empty allows all.
     #[serde(default)]
     pub allow: Vec<IpNet>,
@@ -122,6 +126,7 @@ pub struct Route {
     pub endpoint: EndpointId,
     pub backend: BackendSpec,
     pub idle_timeout: Option<Duration>,
+    pub deep_sleep_after: Option<Duration>,
     pub allow: Vec<IpNet>,
     pub max_connections: Option<usize>,
 }
@@ -147,6 +152,7 @@ impl From<EndpointConfig> for Route {
             endpoint: c.id,
             backend: c.backend,
             idle_timeout: c.idle_timeout,
+            deep_sleep_after: c.deep_sleep_after,
             allow: c.allow,
             max_connections: c.max_connections,
         }
@@ -323,6 +329,7 @@ mod tests {
                 settings: BTreeMap::new(),
             },
             idle_timeout: None,
+            deep_sleep_after: None,
             allow: Vec::new(),
             max_connections: None,
             auth: None,

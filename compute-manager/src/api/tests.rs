@@ -109,6 +109,7 @@ async fn harness() -> Harness {
             settings: BTreeMap::new(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     };
@@ -179,6 +180,7 @@ async fn a_remote_proxy_learns_why_a_wake_timed_out() {
             settings: BTreeMap::new(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     };
@@ -353,6 +355,7 @@ mod standby {
                 address: "127.0.0.1:5432".into(),
             },
             idle_timeout: None,
+            deep_sleep_after: None,
             allow: Vec::new(),
             max_connections: None,
         })

@@ -92,6 +92,10 @@ pub struct StatusBody {
     #[serde(default)]
     pub remote_sessions: usize,
     pub address: Option<String>,
+    /// Where the compute is: `running`, `frozen` (light sleep) or `stopped`. Absent from
+    /// older managers' answers.
+    #[serde(default)]
+    pub tier: String,
 }
 
 impl StatusBody {
@@ -109,6 +113,7 @@ impl StatusBody {
             busy_deferrals: s.busy_deferrals,
             remote_sessions: s.remote_sessions,
             address: s.addr.map(|a| a.to_string()),
+            tier: s.phase.tier().as_str().into(),
         }
     }
 }

@@ -343,6 +343,7 @@ fn route() -> Route {
             pod: Default::default(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: vec![],
         max_connections: None,
     }

@@ -1,6 +1,7 @@
 //! The idle tracker: per running compute, a timer that suspends it once nothing has used it
 //! for its idle timeout, and a watch that notices when it goes away on its own. Both belong to
-//! one start attempt and end when the endpoint moves past it.
+//! one start attempt and end when the endpoint moves past it. A frozen compute has a third:
+//! the deep-sleep timer of its freeze.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,7 +26,40 @@ pub(super) fn track(
         attempt,
         compute,
     ));
+    track_idle(manager, slot, attempt);
+}
+
+/// Starts the idle timer alone: for a thawed compute, whose exit watch has run all along.
+pub(super) fn track_idle(manager: &Arc<Manager>, slot: &Arc<Slot>, attempt: u64) {
     tokio::spawn(idle_timer(Arc::clone(manager), Arc::clone(slot), attempt));
+}
+
+/// Stops the compute of freeze number `freeze` at `at`, unless a wake (or anything else)
+/// ends that freeze first.
+pub(super) fn track_deep_sleep(
+    manager: &Arc<Manager>,
+    slot: &Arc<Slot>,
+    freeze: u64,
+    at: tokio::time::Instant,
+) {
+    let manager = Arc::clone(manager);
+    let slot = Arc::clone(slot);
+    tokio::spawn(async move {
+        let mut rx = slot.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if !slot.lock().in_freeze(freeze) {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {
+                    manager.deep_sleep(&slot, Some(freeze), SuspendReason::DeepSleep).await;
+                    return;
+                }
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    });
 }
 
 /// A compute that goes away on its own is marked suspended, so the next client starts a new
@@ -64,7 +98,12 @@ async fn idle_timer(manager: Arc<Manager>, slot: Arc<Slot>, attempt: u64) {
             Some(d) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(d) => {
-                        manager.try_suspend(&slot, Some(attempt), SuspendReason::Idle).await;
+                        // Done once it suspended or froze the compute: a thaw (which keeps the
+                        // attempt) may have made it Running again already, with a timer of
+                        // its own.
+                        if manager.try_suspend(&slot, Some(attempt), SuspendReason::Idle).await {
+                            return;
+                        }
                     }
                     r = rx.changed() => if r.is_err() { return },
                 }

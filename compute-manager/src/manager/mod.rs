@@ -4,15 +4,23 @@
 //! - `slot`: an endpoint's state and its transitions (no tasks, no I/O);
 //! - `lease`: what a session holds while attached ([`Attached`], [`SessionLease`]);
 //! - `idle`: the idle timer and the crash watch of a running compute;
-//! - `phase`: phases, suspend reasons and per-endpoint stats.
+//! - `phase`: phases, suspend reasons and per-endpoint stats;
+//! - `budget`: which frozen computes the memory budget stops.
+//!
+//! Light sleep: with a `deep_sleep_after`, an idle compute is frozen (Running → Suspending →
+//! Frozen) instead of stopped, under the same lock and checks as a suspend. A wake of a frozen
+//! compute thaws it (Frozen → Starting → Running), single-flight like a start but without a
+//! start token. A timer per freeze, the memory budget, a requested suspend or the manager's
+//! shutdown stop it (Frozen → Suspending → Suspended), letting it run first.
 
+mod budget;
 mod idle;
 mod lease;
 mod phase;
 mod slot;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +32,7 @@ use tracing::{debug, info, warn, Instrument};
 pub(crate) use lease::Sessions;
 pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
 use phase::PhaseGauges;
-pub use phase::{EndpointStats, Phase, SuspendReason};
+pub use phase::{EndpointStats, Phase, SuspendReason, Tier};
 use slot::{RemoteReport, Slot, Slots, State, MAX_REPLICAS_PER_ENDPOINT, MAX_REPORT_TTL};
 
 use crate::{
@@ -44,6 +52,13 @@ pub struct ManagerConfig {
     /// unlimited. Stops a crash loop or a client hammering a failing endpoint from turning
     /// into a start loop.
     pub max_starts_per_minute: u32,
+    /// Light sleep: an idle compute is frozen (its processes stopped, its memory kept) and
+    /// stopped only after this long frozen. Zero: stopped at once (no light sleep). Routes
+    /// may override it; backends that cannot freeze stop their computes at once anyway.
+    pub deep_sleep_after: Duration,
+    /// The most memory (bytes) frozen computes may hold together; past it the least recently
+    /// used are stopped. 0: no limit.
+    pub max_frozen_memory: u64,
 }
 
 impl Default for ManagerConfig {
@@ -53,9 +68,14 @@ impl Default for ManagerConfig {
             idle_timeout: Duration::from_secs(300),
             max_waiting_per_endpoint: 1000,
             max_starts_per_minute: 0,
+            deep_sleep_after: Duration::ZERO,
+            max_frozen_memory: 0,
         }
     }
 }
+
+/// How long a shutdown waits for a stop or freeze that was already under way when it began.
+const SHUTDOWN_SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The longest a [`SuspendHook`] may hold up a suspend.
 const SUSPEND_HOOK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -76,6 +96,12 @@ enum StartKind {
     Wake,
     /// The backend reports the compute already running ([`Manager::adopt_running`]).
     Adopt,
+}
+
+/// What a client's look at a slot set off.
+enum Wakeup {
+    Start(u64),
+    Thaw(u64, Arc<dyn RunningCompute>),
 }
 
 /// Decrements the waiting count however `wake` ends, including when the client goes away and
@@ -144,11 +170,15 @@ pub struct Manager {
     /// Set by [`Manager::shutdown`]; ends [`Manager::follow_table`].
     closed: watch::Sender<bool>,
     suspend_hook: OnceLock<Arc<dyn SuspendHook>>,
+    /// This manager, for the tasks a freeze leaves behind (its deep-sleep timer, the memory
+    /// budget), which the `&self` paths that freeze cannot hand an `Arc` to.
+    me: Weak<Manager>,
 }
 
 impl Manager {
     pub fn new(cfg: ManagerConfig, backends: Backends, metrics: ManagerMetrics) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             slots: Arc::new(Slots::new(
                 cfg.max_starts_per_minute,
                 PhaseGauges::new(&metrics),
@@ -192,8 +222,24 @@ impl Manager {
             return false;
         };
         slot.lock().forgotten = true;
+        self.stop_if_frozen(&slot);
         self.slots.release_if_forgotten(&slot);
         true
+    }
+
+    /// Stops the frozen compute of an endpoint that left the table: no client can wake it
+    /// again, and it would hold its memory until its deep sleep (or for ever, frozen on
+    /// request).
+    fn stop_if_frozen(&self, slot: &Arc<Slot>) {
+        if slot.lock().frozen_entry().is_none() {
+            return;
+        }
+        if let Some(this) = self.me.upgrade() {
+            let slot = Arc::clone(slot);
+            tokio::spawn(async move {
+                this.deep_sleep(&slot, None, SuspendReason::Requested).await;
+            });
+        }
     }
 
     /// Forgets every endpoint `table` no longer routes to a managed backend (absent, or now
@@ -210,6 +256,7 @@ impl Manager {
             slot.lock().forgotten = !routed;
             if !routed {
                 forgotten += 1;
+                self.stop_if_frozen(&slot);
                 self.slots.release_if_forgotten(&slot);
             }
         }
@@ -251,7 +298,8 @@ impl Manager {
         if self.closing.load(Ordering::Acquire) {
             return Err(WakeError::ShuttingDown);
         }
-        let result = self.wake_managed(route, started).await;
+        let mut tier = Tier::Running;
+        let result = self.wake_managed(route, started, &mut tier).await;
         let outcome = match &result {
             Ok(l) if l.cold => "cold",
             Ok(_) => "warm",
@@ -263,6 +311,10 @@ impl Manager {
                 .wake_seconds
                 .with_label_values(&[if l.cold { "cold" } else { "warm" }])
                 .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .wake_tier_seconds
+                .with_label_values(&[tier.as_str()])
+                .observe(started.elapsed().as_secs_f64());
         }
         result
     }
@@ -271,12 +323,16 @@ impl Manager {
         self: &Arc<Self>,
         route: &Arc<Route>,
         started: Instant,
+        tier: &mut Tier,
     ) -> Result<Attached, WakeError> {
         let wake_timeout = self.config().wake_timeout;
         let deadline = started + wake_timeout;
         loop {
             let slot = self.slot(&route.endpoint);
-            if let Some(result) = self.wake_slot(&slot, route, deadline, wake_timeout).await {
+            if let Some(result) = self
+                .wake_slot(&slot, route, deadline, wake_timeout, tier)
+                .await
+            {
                 return result;
             }
             // Dropped between the look-up and the lock: the endpoint had left the table (this
@@ -285,13 +341,15 @@ impl Manager {
         }
     }
 
-    /// [`Manager::wake_managed`] on one slot; `None` if that slot is `gone`.
+    /// [`Manager::wake_managed`] on one slot; `None` if that slot is `gone`. Sets `tier` to
+    /// where this client found the compute (the first time it had to wait for it).
     async fn wake_slot(
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         route: &Arc<Route>,
         deadline: Instant,
         wake_timeout: Duration,
+        tier: &mut Tier,
     ) -> Option<Result<Attached, WakeError>> {
         let cfg = self.config();
         let mut rx = slot.changed.subscribe();
@@ -332,32 +390,51 @@ impl Manager {
                         manager: self,
                     });
                 }
-                match st.state {
+                match &st.state {
                     State::Suspended | State::Failed { .. } => {
+                        if joined.is_none() {
+                            *tier = Tier::Stopped;
+                        }
                         if !st.take_start_token(cfg.max_starts_per_minute) {
                             return Some(Err(WakeError::RateLimited));
                         }
                         let attempt = st.begin_start();
                         joined = Some(attempt);
-                        Some(attempt)
+                        Some(Wakeup::Start(attempt))
                     }
-                    State::Starting { attempt } => {
+                    // Fast and harmless to repeat: no start token.
+                    State::Frozen { .. } => st.begin_thaw().map(|(attempt, compute)| {
+                        *tier = Tier::Frozen;
                         joined = Some(attempt);
+                        Wakeup::Thaw(attempt, compute)
+                    }),
+                    State::Starting { attempt, thaw } => {
+                        if joined.is_none() {
+                            *tier = if *thaw { Tier::Frozen } else { Tier::Stopped };
+                        }
+                        joined = Some(*attempt);
                         None
                     }
-                    // Wait for the stop to finish, then go round and start it again.
-                    State::Suspending => None,
+                    // Wait for the stop or freeze to finish, then go round and start or thaw.
+                    State::Suspending { .. } => None,
                     State::Running { .. } => unreachable!("handled above"),
                 }
             };
-            if let Some(attempt) = spawn_attempt {
-                slot.notify();
-                self.spawn_start(
-                    Arc::clone(slot),
-                    Arc::clone(route),
-                    attempt,
-                    StartKind::Wake,
-                );
+            match spawn_attempt {
+                Some(Wakeup::Start(attempt)) => {
+                    slot.notify();
+                    self.spawn_start(
+                        Arc::clone(slot),
+                        Arc::clone(route),
+                        attempt,
+                        StartKind::Wake,
+                    );
+                }
+                Some(Wakeup::Thaw(attempt, compute)) => {
+                    slot.notify();
+                    self.spawn_thaw(Arc::clone(slot), Arc::clone(route), attempt, compute);
+                }
+                None => {}
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
@@ -426,7 +503,11 @@ impl Manager {
                             }
                         }
                         counter.with_label_values(&["ok"]).inc();
-                        slot.lock().started(attempt, Arc::clone(&compute), idle_timeout);
+                        {
+                            let mut st = slot.lock();
+                            st.deep_sleep_after = this.deep_sleep_after(&route);
+                            st.started(attempt, Arc::clone(&compute), idle_timeout);
+                        }
                         idle::track(&this, &slot, attempt, compute);
                     }
                     Err(error) => {
@@ -449,6 +530,65 @@ impl Manager {
                 // A failed adoption has no client to wait for; a failed wake's clients
                 // release the slot as they leave (`WaitingGuard`).
                 this.slots.release_if_forgotten(&slot);
+            }
+            .instrument(span),
+        );
+    }
+
+    fn deep_sleep_after(&self, route: &Route) -> Duration {
+        route
+            .deep_sleep_after
+            .unwrap_or(self.config().deep_sleep_after)
+    }
+
+    /// Lets the frozen `compute` of `attempt` run again, in its own task for the same reasons
+    /// as a start. One that does not come back is stopped and a new one started, for the
+    /// clients that wait.
+    fn spawn_thaw(
+        self: &Arc<Self>,
+        slot: Arc<Slot>,
+        route: Arc<Route>,
+        attempt: u64,
+        compute: Arc<dyn RunningCompute>,
+    ) {
+        let this = Arc::clone(self);
+        let span = tracing::info_span!("thaw", endpoint = %slot.id, attempt);
+        tokio::spawn(
+            async move {
+                let t0 = Instant::now();
+                let wake_timeout = this.config().wake_timeout;
+                let res = match tokio::time::timeout(wake_timeout, compute.thaw()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(BackendError::StartTimeout(wake_timeout)),
+                };
+                slot.thaws.fetch_add(1, Ordering::Relaxed);
+                match res {
+                    Ok(()) => {
+                        debug!(elapsed_us = t0.elapsed().as_micros() as u64, "compute thawed");
+                        this.metrics.thaws.with_label_values(&["ok"]).inc();
+                        let idle_timeout =
+                            route.idle_timeout.unwrap_or(this.config().idle_timeout);
+                        {
+                            let mut st = slot.lock();
+                            st.deep_sleep_after = this.deep_sleep_after(&route);
+                            st.started(attempt, compute, idle_timeout);
+                        }
+                        // The exit watch of this attempt still runs; only the idle timer
+                        // ended with the freeze.
+                        idle::track_idle(&this, &slot, attempt);
+                        slot.notify();
+                    }
+                    Err(error) => {
+                        warn!(error = %error, "frozen compute did not come back; stopping it and starting a new one");
+                        this.metrics.thaws.with_label_values(&["failed"]).inc();
+                        if let Err(e) = compute.stop().await {
+                            warn!(error = %e, "stopping the compute that did not thaw reported an error");
+                        }
+                        let attempt = slot.lock().begin_start();
+                        slot.notify();
+                        this.spawn_start(slot, route, attempt, StartKind::Wake);
+                    }
+                }
             }
             .instrument(span),
         );
@@ -569,7 +709,8 @@ impl Manager {
         Some(self.adopt_running(table).await)
     }
 
-    /// Suspends the compute if nobody is attached or waiting. Returns whether it did.
+    /// Suspends the compute if nobody is attached or waiting: an idle one with light sleep is
+    /// frozen, the others stopped. Returns whether it did.
     async fn try_suspend(
         &self,
         slot: &Arc<Slot>,
@@ -581,6 +722,33 @@ impl Manager {
         // reports and asks the compute itself. Done before taking the decision under the lock,
         // and the idle condition is checked again after it: a wake or report in between
         // restarts the timer and cancels the suspend.
+        if !self.suspend_allowed(slot, reason).await {
+            return false;
+        }
+        let (compute, deep_sleep_after) = {
+            let mut st = slot.lock();
+            let Some(compute) = st.begin_suspend(attempt, reason, Instant::now()) else {
+                return false;
+            };
+            (compute, st.deep_sleep_after)
+        };
+        slot.notify();
+        if reason == SuspendReason::Idle
+            && !deep_sleep_after.is_zero()
+            && self
+                .freeze_compute(slot, &compute, Some(deep_sleep_after))
+                .await
+        {
+            return true;
+        }
+        self.stop_compute(slot, compute, reason).await;
+        true
+    }
+
+    /// Whether nothing outside this manager's own count holds the compute for a suspend for
+    /// `reason` (a shutdown suspends regardless): no proxy replica reports sessions and the
+    /// compute counts no clients. A compute found busy restarts its idle time.
+    async fn suspend_allowed(&self, slot: &Arc<Slot>, reason: SuspendReason) -> bool {
         if reason != SuspendReason::Shutdown {
             let (running, remote) = {
                 let st = slot.lock();
@@ -610,10 +778,114 @@ impl Manager {
                 return false;
             }
         }
-        let Some(compute) = slot.lock().begin_suspend(attempt, reason, Instant::now()) else {
+        true
+    }
+
+    /// Freezes `compute`, which `slot` is suspending: Frozen, with a timer that stops it after
+    /// `deep_sleep_after` (none: frozen until something else ends it), and the memory budget
+    /// checked. Returns false, with the compute left for the caller to stop or resume, if it
+    /// cannot be frozen or the manager is shutting down.
+    async fn freeze_compute(
+        &self,
+        slot: &Arc<Slot>,
+        compute: &Arc<dyn RunningCompute>,
+        deep_sleep_after: Option<Duration>,
+    ) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        match compute.freeze().await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.metrics.freezes.with_label_values(&["refused"]).inc();
+                return false;
+            }
+            Err(e) => {
+                warn!(endpoint = %slot.id, error = %e, "could not freeze the compute; stopping it");
+                self.metrics.freezes.with_label_values(&["refused"]).inc();
+                return false;
+            }
+        }
+        let memory = compute.memory();
+        let freeze = {
+            let mut st = slot.lock();
+            // Checked under the lock a shutdown takes to find frozen computes: either it sees
+            // this one frozen and stops it, or this sees it closing and stops it here.
+            if self.closing.load(Ordering::Acquire) {
+                None
+            } else {
+                st.frozen(Arc::clone(compute), memory)
+            }
+        };
+        let Some(freeze) = freeze else {
+            return false;
+        };
+        info!(endpoint = %slot.id, memory, "compute frozen (light sleep)");
+        slot.freezes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.freezes.with_label_values(&["ok"]).inc();
+        slot.notify();
+        if let Some(this) = self.me.upgrade() {
+            if let Some(after) = deep_sleep_after {
+                idle::track_deep_sleep(&this, slot, freeze, Instant::now() + after);
+            }
+            tokio::spawn(async move { this.enforce_memory_budget().await });
+        }
+        true
+    }
+
+    /// Stops the frozen computes the memory budget cannot hold, least recently used first.
+    /// O(endpoints) per freeze: freezes come at most once per idle timeout per endpoint.
+    async fn enforce_memory_budget(&self) {
+        let budget = self.config().max_frozen_memory;
+        if budget == 0 {
+            return;
+        }
+        let frozen: Vec<(Arc<Slot>, u64, budget::Frozen)> = self
+            .slots
+            .all()
+            .into_iter()
+            .filter_map(|s| {
+                let (freeze, last_used, memory) = s.lock().frozen_entry()?;
+                Some((s, freeze, budget::Frozen { last_used, memory }))
+            })
+            .collect();
+        let entries: Vec<budget::Frozen> = frozen.iter().map(|f| f.2).collect();
+        for i in budget::evictions(&entries, budget) {
+            let (slot, freeze, _) = &frozen[i];
+            info!(endpoint = %slot.id, "frozen computes exceed max_frozen_memory; stopping the least recently used");
+            self.deep_sleep(slot, Some(*freeze), SuspendReason::MemoryBudget)
+                .await;
+        }
+    }
+
+    /// Stops `slot`'s frozen compute (of freeze number `freeze`, if given). Returns whether it
+    /// did.
+    async fn deep_sleep(
+        &self,
+        slot: &Arc<Slot>,
+        freeze: Option<u64>,
+        reason: SuspendReason,
+    ) -> bool {
+        let Some(compute) = slot.lock().begin_deep_sleep(freeze) else {
             return false;
         };
         slot.notify();
+        // Let it run first: the suspend hook asks it for state, and a stop is a signal a
+        // stopped process would not act on. One that does not come back is stopped anyway.
+        if let Err(e) = compute.thaw().await {
+            warn!(endpoint = %slot.id, error = %e, "the frozen compute did not come back before its stop");
+        }
+        self.stop_compute(slot, compute, reason).await;
+        true
+    }
+
+    /// Stops `compute`, which `slot` is suspending, after the suspend hook.
+    async fn stop_compute(
+        &self,
+        slot: &Arc<Slot>,
+        compute: Arc<dyn RunningCompute>,
+        reason: SuspendReason,
+    ) {
         if let Some(hook) = self.suspend_hook.get() {
             let ran = tokio::time::timeout(
                 SUSPEND_HOOK_TIMEOUT,
@@ -638,7 +910,6 @@ impl Manager {
             .inc();
         slot.notify();
         self.slots.release_if_forgotten(slot);
-        true
     }
 
     /// Suspends `id` now if no client is attached or waiting, reported by a proxy replica, or
@@ -647,8 +918,43 @@ impl Manager {
         let Some(slot) = self.slots.get(id) else {
             return false;
         };
+        if self.deep_sleep(&slot, None, SuspendReason::Requested).await {
+            return true;
+        }
         self.try_suspend(&slot, None, SuspendReason::Requested)
             .await
+    }
+
+    /// Freezes `id` now, as its idle timer would once idle (light sleep), if nobody is attached
+    /// or waiting, reported by a proxy replica, or connected to the compute, and its backend
+    /// can freeze it. Unlike the timer it does not look at `deep_sleep_after`: the compute
+    /// stays frozen until a wake, a requested suspend, the memory budget or shutdown (a
+    /// benchmark's or a test's way to reach the frozen tier without waiting). Returns whether
+    /// it froze; when it cannot be frozen it keeps running.
+    pub async fn freeze(&self, id: &EndpointId) -> bool {
+        let Some(slot) = self.slots.get(id) else {
+            return false;
+        };
+        if !self.suspend_allowed(&slot, SuspendReason::Requested).await {
+            return false;
+        }
+        let Some(compute) =
+            slot.lock()
+                .begin_suspend(None, SuspendReason::Requested, Instant::now())
+        else {
+            return false;
+        };
+        slot.notify();
+        if self.freeze_compute(&slot, &compute, None).await {
+            return true;
+        }
+        // Could not freeze: it goes back to running, as if nothing had happened.
+        let attempt = slot.lock().resumed(compute);
+        slot.notify();
+        if let (Some(attempt), Some(this)) = (attempt, self.me.upgrade()) {
+            idle::track_idle(&this, &slot, attempt);
+        }
+        false
     }
 
     /// Records what proxy replica `replica` says about its sessions: `(endpoint, sessions)`
@@ -738,6 +1044,9 @@ impl Manager {
                 State::Running { compute, .. } => Some(compute.addr().clone()),
                 _ => None,
             },
+            freezes: slot.freezes.load(Ordering::Relaxed),
+            thaws: slot.thaws.load(Ordering::Relaxed),
+            frozen_memory: st.frozen_entry().and_then(|(_, _, m)| m),
         })
     }
 
@@ -764,17 +1073,53 @@ impl Manager {
         self.closing.store(true, Ordering::Release);
         self.closed.send_replace(true);
         let all: Vec<Arc<Slot>> = self.slots.all();
-        let slots: Vec<Arc<Slot>> = all
-            .into_iter()
-            .filter(|s| match &s.lock().state {
-                State::Running { compute, .. } => compute.stop_on_shutdown(),
-                _ => false,
-            })
-            .collect();
-        let stops = slots
+        let mut running = Vec::new();
+        let mut frozen = Vec::new();
+        let mut settling = Vec::new();
+        for s in all {
+            match &s.lock().state {
+                State::Running { compute, .. } if compute.stop_on_shutdown() => {
+                    running.push(Arc::clone(&s))
+                }
+                State::Frozen { compute, .. } if compute.stop_on_shutdown() => {
+                    frozen.push(Arc::clone(&s))
+                }
+                // A stop or freeze under way (a freeze that ends now stops its compute: it
+                // sees `closing`). A start or thaw under way is left as before: a postgres it
+                // leaves running gets its death signal (fast shutdown) when pgwake exits.
+                State::Suspending { .. } => settling.push(Arc::clone(&s)),
+                _ => {}
+            }
+        }
+        let stops = running
             .iter()
             .map(|s| self.try_suspend(s, None, SuspendReason::Shutdown));
-        futures::future::join_all(stops).await;
+        let deep = frozen
+            .iter()
+            .map(|s| self.deep_sleep(s, None, SuspendReason::Shutdown));
+        futures::future::join(
+            futures::future::join_all(stops),
+            futures::future::join_all(deep),
+        )
+        .await;
+        // A stop under way is waited for, so that the process does not exit under it (a
+        // freeze that finished then would leave its compute stopped for good).
+        let waits = settling.iter().map(|s| async move {
+            let mut rx = s.changed.subscribe();
+            let settled = async {
+                loop {
+                    rx.borrow_and_update();
+                    if !matches!(s.lock().state, State::Suspending { .. }) {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(SHUTDOWN_SETTLE_TIMEOUT, settled).await;
+        });
+        futures::future::join_all(waits).await;
     }
 }
 

@@ -7,6 +7,12 @@ use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
 use crate::{ComputeAddr, ManagerMetrics};
 
 /// The lifecycle of one endpoint's compute, as the manager sees it.
+///
+/// `Frozen` is light sleep: no client, every process of the compute stopped, its memory kept,
+/// so a wake only lets it run again (see [`crate::RunningCompute::freeze`]). It is a phase of
+/// its own rather than a kind of `Suspended` because the manager holds the compute in it and
+/// acts on it: a wake thaws instead of starting, a timer or the memory budget stops it, and a
+/// shutdown must stop it like a running one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Suspended,
@@ -14,17 +20,29 @@ pub enum Phase {
     Running,
     Suspending,
     Failed,
+    Frozen,
 }
 
 impl Phase {
     /// Every phase, in the order of their discriminants (index `phase as usize`).
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Suspended,
         Phase::Starting,
         Phase::Running,
         Phase::Suspending,
         Phase::Failed,
+        Phase::Frozen,
     ];
+
+    /// Where the compute is, for status and the tier metrics: the transitions (starting,
+    /// suspending) count as running, as their processes are.
+    pub fn tier(self) -> Tier {
+        match self {
+            Phase::Starting | Phase::Running | Phase::Suspending => Tier::Running,
+            Phase::Frozen => Tier::Frozen,
+            Phase::Suspended | Phase::Failed => Tier::Stopped,
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +51,26 @@ impl Phase {
             Phase::Running => "running",
             Phase::Suspending => "suspending",
             Phase::Failed => "failed",
+            Phase::Frozen => "frozen",
+        }
+    }
+}
+
+/// How far asleep a compute is, which decides what a wake costs: nothing (running), letting
+/// its processes run again (frozen, milliseconds), or a start (stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Running,
+    Frozen,
+    Stopped,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Running => "running",
+            Tier::Frozen => "frozen",
+            Tier::Stopped => "stopped",
         }
     }
 }
@@ -42,6 +80,11 @@ pub enum SuspendReason {
     Idle,
     Requested,
     Shutdown,
+    /// Frozen for its `deep_sleep_after`.
+    DeepSleep,
+    /// Frozen, and the least recently used while frozen computes held more than
+    /// `max_frozen_memory`.
+    MemoryBudget,
 }
 
 impl SuspendReason {
@@ -50,6 +93,8 @@ impl SuspendReason {
             SuspendReason::Idle => "idle",
             SuspendReason::Requested => "requested",
             SuspendReason::Shutdown => "shutdown",
+            SuspendReason::DeepSleep => "deep_sleep",
+            SuspendReason::MemoryBudget => "memory_budget",
         }
     }
 }
@@ -77,6 +122,11 @@ pub struct EndpointStats {
     /// Sessions that proxy replicas reported attached to this compute (unexpired reports only).
     pub remote_sessions: usize,
     pub addr: Option<ComputeAddr>,
+    /// Times the compute went into light sleep, and times a wake let it run again.
+    pub freezes: u64,
+    pub thaws: u64,
+    /// What the frozen compute holds (measured when it froze), while it is frozen.
+    pub frozen_memory: Option<u64>,
 }
 
 /// The phase gauges, kept incrementally: a transition moves one endpoint's series and two
@@ -84,7 +134,7 @@ pub struct EndpointStats {
 #[derive(Clone)]
 pub(super) struct PhaseGauges {
     /// `pgwake_computes{state}`, indexed by `Phase as usize`.
-    totals: [IntGauge; 5],
+    totals: [IntGauge; 6],
     endpoint_state: IntGaugeVec,
     crashes: IntCounterVec,
 }
@@ -120,7 +170,7 @@ impl PhaseGauges {
 pub(super) struct EndpointGauges {
     id: EndpointId,
     phase: Phase,
-    state: [IntGauge; 5],
+    state: [IntGauge; 6],
     all: PhaseGauges,
 }
 

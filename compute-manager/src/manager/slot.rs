@@ -10,6 +10,14 @@
 //! | Running (same attempt)   | `exited`        | Suspended  |
 //! | Running (idle, unused)   | `begin_suspend` | Suspending |
 //! | Suspending               | `suspended`     | Suspended  |
+//! | Suspending               | `frozen`        | Frozen     |
+//! | Frozen                   | `begin_thaw`    | Starting   |
+//! | Frozen (same freeze)     | `begin_deep_sleep` | Suspending |
+//! | Frozen (same attempt)    | `exited`        | Suspended  |
+//! | Suspending (a requested freeze that failed) | `resumed` | Running |
+//!
+//! A compute keeps its attempt number through freezes and thaws: it is the same compute, and
+//! the watch that notices its exit (which carries the attempt) keeps watching it.
 //!
 //! Every transition moves the endpoint's phase gauges with it (O(1), under the same lock).
 //!
@@ -54,13 +62,30 @@ pub(super) enum State {
     Suspended,
     Starting {
         attempt: u64,
+        /// Letting a frozen compute run again, not starting one.
+        thaw: bool,
     },
     Running {
         attempt: u64,
         compute: Arc<dyn RunningCompute>,
         idle_timeout: Duration,
     },
-    Suspending,
+    /// A stop or a freeze of the compute of `attempt` in progress.
+    Suspending {
+        attempt: u64,
+        idle_timeout: Duration,
+    },
+    /// Light sleep: the compute of `attempt` with its processes stopped.
+    Frozen {
+        attempt: u64,
+        compute: Arc<dyn RunningCompute>,
+        idle_timeout: Duration,
+        /// Which freeze of the slot this is: a deep-sleep timer acts on its own freeze only.
+        freeze: u64,
+        /// Last activity before the freeze: the budget stops the least recently used first.
+        last_used: Instant,
+        memory: Option<u64>,
+    },
     Failed {
         attempt: u64,
         error: Arc<BackendError>,
@@ -73,8 +98,9 @@ impl State {
             State::Suspended => Phase::Suspended,
             State::Starting { .. } => Phase::Starting,
             State::Running { .. } => Phase::Running,
-            State::Suspending => Phase::Suspending,
+            State::Suspending { .. } => Phase::Suspending,
             State::Failed { .. } => Phase::Failed,
+            State::Frozen { .. } => Phase::Frozen,
         }
     }
 }
@@ -97,6 +123,11 @@ pub(super) struct Inner {
     /// Dropped from the manager's map: a wake that finds this takes a fresh slot instead.
     pub(super) gone: bool,
     gauges: EndpointGauges,
+    /// How long the running compute may stay frozen before it is stopped (zero: it is stopped
+    /// at once, no light sleep). Set with each start from its route.
+    pub(super) deep_sleep_after: Duration,
+    /// Freezes so far, numbering each one.
+    freezes: u64,
     /// Start tokens left and when they were last counted (see `max_starts_per_minute`).
     start_tokens: f64,
     tokens_at: Instant,
@@ -115,6 +146,8 @@ impl Inner {
             forgotten: false,
             gone: false,
             gauges,
+            deep_sleep_after: Duration::ZERO,
+            freezes: 0,
             start_tokens: f64::from(max_starts_per_minute),
             tokens_at: now,
         }
@@ -182,8 +215,99 @@ impl Inner {
         self.attempt += 1;
         self.set_state(State::Starting {
             attempt: self.attempt,
+            thaw: false,
         });
         self.attempt
+    }
+
+    /// Frozen → Starting (a thaw), under the compute's own attempt number. Returns the attempt
+    /// and the compute to thaw.
+    pub(super) fn begin_thaw(&mut self) -> Option<(u64, Arc<dyn RunningCompute>)> {
+        let State::Frozen {
+            attempt, compute, ..
+        } = &self.state
+        else {
+            return None;
+        };
+        let (attempt, compute) = (*attempt, Arc::clone(compute));
+        self.set_state(State::Starting {
+            attempt,
+            thaw: true,
+        });
+        Some((attempt, compute))
+    }
+
+    /// Suspending → Frozen: the freeze of `compute` (the one `begin_suspend` returned)
+    /// finished. Returns the freeze's number, or `None` if the slot is not suspending
+    /// (nothing else moves it out of Suspending, so only a bug would).
+    pub(super) fn frozen(
+        &mut self,
+        compute: Arc<dyn RunningCompute>,
+        memory: Option<u64>,
+    ) -> Option<u64> {
+        let State::Suspending {
+            attempt,
+            idle_timeout,
+        } = self.state
+        else {
+            return None;
+        };
+        self.freezes += 1;
+        self.set_state(State::Frozen {
+            attempt,
+            compute,
+            idle_timeout,
+            freeze: self.freezes,
+            last_used: self.idle_since,
+            memory,
+        });
+        Some(self.freezes)
+    }
+
+    /// Frozen → Suspending, to stop the compute (deep sleep, the memory budget, a shutdown):
+    /// of freeze number `freeze` if given. Returns the compute to stop.
+    pub(super) fn begin_deep_sleep(
+        &mut self,
+        freeze: Option<u64>,
+    ) -> Option<Arc<dyn RunningCompute>> {
+        let State::Frozen {
+            attempt,
+            compute,
+            idle_timeout,
+            freeze: f,
+            ..
+        } = &self.state
+        else {
+            return None;
+        };
+        if freeze.is_some_and(|x| x != *f) {
+            return None;
+        }
+        let compute = Arc::clone(compute);
+        self.set_state(State::Suspending {
+            attempt: *attempt,
+            idle_timeout: *idle_timeout,
+        });
+        Some(compute)
+    }
+
+    /// What the memory budget needs of a frozen compute: its freeze, when it was last used,
+    /// and its memory.
+    pub(super) fn frozen_entry(&self) -> Option<(u64, Instant, Option<u64>)> {
+        match &self.state {
+            State::Frozen {
+                freeze,
+                last_used,
+                memory,
+                ..
+            } => Some((*freeze, *last_used, *memory)),
+            _ => None,
+        }
+    }
+
+    /// Whether the slot is still in freeze number `freeze`.
+    pub(super) fn in_freeze(&self, freeze: u64) -> bool {
+        matches!(self.state, State::Frozen { freeze: f, .. } if f == freeze)
     }
 
     /// The start of `attempt` returned a compute: Running, with a whole idle timeout ahead
@@ -211,7 +335,10 @@ impl Inner {
     /// The compute of `attempt` went away on its own. Returns whether that was a crash (it was
     /// still the running one): it is then Suspended, and the next client starts a new one.
     pub(super) fn exited(&mut self, attempt: u64) -> bool {
-        let crashed = matches!(self.state, State::Running { attempt: a, .. } if a == attempt);
+        let crashed = matches!(
+            self.state,
+            State::Running { attempt: a, .. } | State::Frozen { attempt: a, .. } if a == attempt
+        );
         if crashed {
             self.set_state(State::Suspended);
         }
@@ -229,7 +356,7 @@ impl Inner {
         reason: SuspendReason,
         now: Instant,
     ) -> Option<Arc<dyn RunningCompute>> {
-        let compute = match &self.state {
+        let (compute, a, idle_timeout) = match &self.state {
             State::Running {
                 attempt: a,
                 compute,
@@ -242,15 +369,37 @@ impl Inner {
                 if (busy && reason != SuspendReason::Shutdown) || !idle_enough {
                     return None;
                 }
-                Arc::clone(compute)
+                (Arc::clone(compute), *a, *idle_timeout)
             }
             _ => return None,
         };
-        self.set_state(State::Suspending);
+        self.set_state(State::Suspending {
+            attempt: a,
+            idle_timeout,
+        });
         Some(compute)
     }
 
-    /// The stop begun by `begin_suspend` finished.
+    /// Suspending → Running again: a requested freeze that could not be done, for the same
+    /// attempt and compute, its idle time going on from where it was.
+    /// Returns the attempt, whose idle timer ended with the suspend and must run again.
+    pub(super) fn resumed(&mut self, compute: Arc<dyn RunningCompute>) -> Option<u64> {
+        let State::Suspending {
+            attempt,
+            idle_timeout,
+        } = self.state
+        else {
+            return None;
+        };
+        self.set_state(State::Running {
+            attempt,
+            compute,
+            idle_timeout,
+        });
+        Some(attempt)
+    }
+
+    /// The stop begun by `begin_suspend` (or `begin_deep_sleep`) finished.
     pub(super) fn suspended(&mut self) {
         self.set_state(State::Suspended);
     }
@@ -310,6 +459,8 @@ pub(super) struct Slot {
     pub(super) suspends: AtomicU64,
     pub(super) crashes: AtomicU64,
     pub(super) busy_deferrals: AtomicU64,
+    pub(super) freezes: AtomicU64,
+    pub(super) thaws: AtomicU64,
     /// Times the lock was taken: tests check that a transition locks only its own slot.
     #[cfg(test)]
     pub(super) locks: AtomicU64,
@@ -327,6 +478,8 @@ impl Slot {
             suspends: AtomicU64::new(0),
             crashes: AtomicU64::new(0),
             busy_deferrals: AtomicU64::new(0),
+            freezes: AtomicU64::new(0),
+            thaws: AtomicU64::new(0),
             #[cfg(test)]
             locks: AtomicU64::new(0),
         }

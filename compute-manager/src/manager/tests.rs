@@ -24,12 +24,20 @@ struct Script {
     running: Vec<EndpointId>,
     /// `running_endpoints` fails instead.
     list_fails: bool,
+    /// Computes can be frozen (light sleep), taking `freeze_delay`, holding `memory`.
+    freezable: bool,
+    freeze_delay: Duration,
+    memory: Option<u64>,
+    /// A thaw reports the compute did not come back.
+    thaw_fails: bool,
 }
 
 struct FakeBackend {
     script: Mutex<Script>,
     starts: AtomicUsize,
     stops: Arc<AtomicUsize>,
+    freezes: Arc<AtomicUsize>,
+    thaws: Arc<AtomicUsize>,
     last: Mutex<Option<watch::Sender<bool>>>,
 }
 
@@ -39,6 +47,8 @@ impl FakeBackend {
             script: Mutex::new(script),
             starts: AtomicUsize::new(0),
             stops: Arc::new(AtomicUsize::new(0)),
+            freezes: Arc::new(AtomicUsize::new(0)),
+            thaws: Arc::new(AtomicUsize::new(0)),
             last: Mutex::new(None),
         })
     }
@@ -59,6 +69,13 @@ struct FakeCompute {
     stop_delay: Duration,
     stops: Arc<AtomicUsize>,
     exited: watch::Sender<bool>,
+    freezable: bool,
+    freeze_delay: Duration,
+    memory: Option<u64>,
+    thaw_fails: bool,
+    freezes: Arc<AtomicUsize>,
+    thaws: Arc<AtomicUsize>,
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -81,13 +98,20 @@ impl ComputeBackend for FakeBackend {
         }
         let (tx, _) = watch::channel(false);
         *self.last.lock().unwrap() = Some(tx.clone());
-        let stop_on_shutdown = self.script.lock().unwrap().stop_on_shutdown;
+        let s = self.script.lock().unwrap();
         Ok(Box::new(FakeCompute {
             addr: ComputeAddr::new(format!("127.0.0.1:{}", 10000 + n)),
-            stop_on_shutdown,
+            stop_on_shutdown: s.stop_on_shutdown,
             stop_delay,
             stops: Arc::clone(&self.stops),
             exited: tx,
+            freezable: s.freezable,
+            freeze_delay: s.freeze_delay,
+            memory: s.memory,
+            thaw_fails: s.thaw_fails,
+            freezes: Arc::clone(&self.freezes),
+            thaws: Arc::clone(&self.thaws),
+            frozen: Default::default(),
         }))
     }
 
@@ -112,6 +136,8 @@ impl RunningCompute for FakeCompute {
         self.stop_on_shutdown
     }
     async fn stop(&self) -> Result<(), BackendError> {
+        // As the local backend's: a frozen compute is let run before its stop.
+        self.frozen.store(false, Ordering::SeqCst);
         tokio::time::sleep(self.stop_delay).await;
         self.stops.fetch_add(1, Ordering::SeqCst);
         self.exited.send_replace(true);
@@ -120,6 +146,26 @@ impl RunningCompute for FakeCompute {
     async fn exited(&self) {
         let mut rx = self.exited.subscribe();
         let _ = rx.wait_for(|e| *e).await;
+    }
+    async fn freeze(&self) -> Result<bool, BackendError> {
+        if !self.freezable {
+            return Ok(false);
+        }
+        tokio::time::sleep(self.freeze_delay).await;
+        self.freezes.fetch_add(1, Ordering::SeqCst);
+        self.frozen.store(true, Ordering::SeqCst);
+        Ok(true)
+    }
+    async fn thaw(&self) -> Result<(), BackendError> {
+        let was = self.frozen.swap(false, Ordering::SeqCst);
+        self.thaws.fetch_add(1, Ordering::SeqCst);
+        if self.thaw_fails && was {
+            return Err(BackendError::ThawFailed("scripted".into()));
+        }
+        Ok(())
+    }
+    fn memory(&self) -> Option<u64> {
+        self.memory
     }
 }
 
@@ -130,6 +176,7 @@ fn route(id: &str, idle: Option<Duration>) -> Arc<Route> {
             settings: BTreeMap::new(),
         },
         idle_timeout: idle,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     })
@@ -146,6 +193,8 @@ fn cfg() -> ManagerConfig {
         idle_timeout: Duration::from_secs(300),
         max_waiting_per_endpoint: 1000,
         max_starts_per_minute: 0,
+        deep_sleep_after: Duration::ZERO,
+        max_frozen_memory: 0,
     }
 }
 
@@ -403,6 +452,7 @@ async fn static_routes_bypass_the_state_machine() {
             address: "db.internal:5432".into(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     });
@@ -719,6 +769,7 @@ async fn adoption_takes_only_routed_endpoints_that_are_not_known_yet() {
             address: "db.internal:5432".into(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
     });
@@ -849,6 +900,7 @@ fn table_entry(i: usize) -> pgwake_router::EndpointConfig {
             settings: BTreeMap::new(),
         },
         idle_timeout: None,
+        deep_sleep_after: None,
         allow: Vec::new(),
         max_connections: None,
         auth: None,
@@ -904,7 +956,7 @@ async fn a_forgotten_endpoint_keeps_its_compute_until_idle_then_its_state_goes()
     assert_eq!(m.stats(&gone.endpoint).unwrap().phase, Phase::Running);
     tokio::time::sleep(cfg().idle_timeout * 2).await;
     assert_eq!(m.stats(&gone.endpoint).unwrap().phase, Phase::Running);
-    assert_eq!(endpoint_series(&m), 10);
+    assert_eq!(endpoint_series(&m), 2 * Phase::ALL.len());
     drop(session);
     // The idle timer suspends it as usual, and the suspend drops the slot and its series.
     tokio::time::timeout(cfg().idle_timeout * 2, async {
@@ -916,12 +968,16 @@ async fn a_forgotten_endpoint_keeps_its_compute_until_idle_then_its_state_goes()
     .expect("the forgotten endpoint's state is dropped after its idle suspend");
     assert_eq!(b.stops.load(Ordering::SeqCst), 2, "both computes stopped");
     assert_eq!(m.endpoints(), vec![kept.endpoint.clone()]);
-    assert_eq!(endpoint_series(&m), 5, "only the kept endpoint's series");
+    assert_eq!(
+        endpoint_series(&m),
+        Phase::ALL.len(),
+        "only the kept endpoint's series"
+    );
     assert_eq!(computes_total(&m), 1);
     // Back in the table: a fresh slot, started once.
     drop(m.wake(&gone).await.unwrap());
     assert_eq!(m.stats(&gone.endpoint).unwrap().starts, 1);
-    assert_eq!(endpoint_series(&m), 10);
+    assert_eq!(endpoint_series(&m), 2 * Phase::ALL.len());
 }
 
 #[tokio::test(start_paused = true)]
@@ -1000,7 +1056,7 @@ async fn churning_a_large_table_returns_to_the_baseline() {
         assert!(m.suspend(&r.endpoint).await);
     }
     let baseline = (m.endpoints().len(), endpoint_series(&m), computes_total(&m));
-    assert_eq!(baseline, (KEPT, KEPT * 5, KEPT as i64));
+    assert_eq!(baseline, (KEPT, KEPT * Phase::ALL.len(), KEPT as i64));
 
     for round in 0..3 {
         let (lo, hi) = (round * CHURN, TABLE + round * CHURN);
@@ -1058,9 +1114,15 @@ async fn a_wake_that_finds_its_slot_dropped_takes_a_new_one() {
     assert!(stale.lock().gone);
     let deadline = Instant::now() + Duration::from_secs(1);
     assert!(
-        m.wake_slot(&stale, &r, deadline, Duration::from_secs(1))
-            .await
-            .is_none(),
+        m.wake_slot(
+            &stale,
+            &r,
+            deadline,
+            Duration::from_secs(1),
+            &mut Tier::Running
+        )
+        .await
+        .is_none(),
         "no start on a dropped slot"
     );
     assert_eq!(b.starts.load(Ordering::SeqCst), 0);
@@ -1069,4 +1131,223 @@ async fn a_wake_that_finds_its_slot_dropped_takes_a_new_one() {
     assert!(!Arc::ptr_eq(&stale, &m.slot(&r.endpoint)));
     assert_eq!(m.stats(&r.endpoint).unwrap().attached, 1);
     drop(a);
+}
+
+fn light(deep_sleep_after: u64, max_frozen_memory: u64) -> ManagerConfig {
+    ManagerConfig {
+        idle_timeout: Duration::from_secs(10),
+        deep_sleep_after: Duration::from_secs(deep_sleep_after),
+        max_frozen_memory,
+        ..cfg()
+    }
+}
+
+fn freezable() -> Script {
+    Script {
+        freezable: true,
+        stop_on_shutdown: true,
+        memory: Some(10 << 20),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_compute_freezes_and_a_stampede_thaws_it_once_without_a_start() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), light(600, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!(
+        (st.freezes, st.suspends, st.frozen_memory),
+        (1, 0, Some(10 << 20))
+    );
+    assert_eq!(st.phase.tier(), Tier::Frozen);
+    assert_eq!(b.stops.load(Ordering::SeqCst), 0);
+    let leases = futures::future::join_all((0..100).map(|_| m.wake(&r))).await;
+    assert!(leases.iter().all(|l| l.as_ref().is_ok_and(|l| l.cold)));
+    assert_eq!(
+        b.thaws.load(Ordering::SeqCst),
+        1,
+        "one thaw for the stampede"
+    );
+    assert_eq!(
+        b.starts.load(Ordering::SeqCst),
+        1,
+        "no start: the compute was kept"
+    );
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.phase, st.thaws, st.attached), (Phase::Running, 1, 100));
+    assert_eq!(
+        m.metrics
+            .wake_tier_seconds
+            .with_label_values(&["frozen"])
+            .get_sample_count(),
+        100
+    );
+    drop(leases);
+    // Frozen again after the idle timeout, and a crash while frozen is noticed.
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    b.crash();
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(1)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().crashes, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_compute_is_stopped_after_deep_sleep_after_and_zero_keeps_the_old_stop() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), light(60, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    let frozen_at = Instant::now();
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(61)).await;
+    assert!(frozen_at.elapsed() >= Duration::from_secs(60));
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        m.metrics.suspends.with_label_values(&["deep_sleep"]).get(),
+        1
+    );
+    // Off for this endpoint: stopped at the idle timeout, never frozen.
+    let off = Arc::new(Route {
+        deep_sleep_after: Some(Duration::ZERO),
+        ..(*route("off", None)).clone()
+    });
+    drop(m.wake(&off).await.unwrap());
+    phase_within(&m, &off.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
+    assert_eq!(m.stats(&off.endpoint).unwrap().freezes, 0);
+    assert_eq!(b.freezes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_arriving_during_a_freeze_waits_and_is_served_by_a_thaw() {
+    let b = FakeBackend::new(Script {
+        freeze_delay: Duration::from_secs(2),
+        ..freezable()
+    });
+    let m = manager(Arc::clone(&b), light(600, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Suspending, Duration::from_secs(11)).await;
+    let lease = m.wake(&r).await.unwrap();
+    assert!(lease.cold);
+    assert_eq!(
+        (
+            b.freezes.load(Ordering::SeqCst),
+            b.thaws.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_memory_budget_the_least_recently_used_frozen_computes_are_stopped() {
+    let b = FakeBackend::new(freezable());
+    // Room for two computes of 10 MiB.
+    let m = manager(Arc::clone(&b), light(3600, 25 << 20));
+    let ids = ["a", "b", "c"];
+    for id in ids {
+        drop(m.wake(&route(id, None)).await.unwrap());
+        // Used a second apart: a is the least recently used.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for id in ["b", "c"] {
+        phase_within(
+            &m,
+            &route(id, None).endpoint,
+            Phase::Frozen,
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    phase_within(
+        &m,
+        &route("a", None).endpoint,
+        Phase::Suspended,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(m.stats(&route("a", None).endpoint).unwrap().freezes, 1);
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        m.metrics
+            .suspends
+            .with_label_values(&["memory_budget"])
+            .get(),
+        1
+    );
+    // Shutdown stops the frozen ones too.
+    m.shutdown().await;
+    assert_eq!(b.stops.load(Ordering::SeqCst), 3);
+    for id in ids {
+        assert_eq!(
+            m.stats(&route(id, None).endpoint).unwrap().phase,
+            Phase::Suspended
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compute_that_does_not_thaw_is_stopped_and_started_again() {
+    let b = FakeBackend::new(Script {
+        thaw_fails: true,
+        ..freezable()
+    });
+    let m = manager(Arc::clone(&b), light(600, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    let lease = m.wake(&r).await.unwrap();
+    assert!(lease.cold);
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(m.metrics.thaws.with_label_values(&["failed"]).get(), 1);
+    let st = m.stats(&r.endpoint).unwrap();
+    assert_eq!((st.phase, st.crashes), (Phase::Running, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requested_freeze_holds_until_a_wake_and_one_that_cannot_freeze_keeps_running() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let lease = m.wake(&r).await.unwrap();
+    assert!(!m.freeze(&r.endpoint).await, "a session is attached");
+    drop(lease);
+    assert!(m.freeze(&r.endpoint).await);
+    // No deep-sleep timer for a requested freeze (and light sleep is off in `cfg`).
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Frozen);
+    drop(m.wake(&r).await.unwrap());
+    assert_eq!(b.thaws.load(Ordering::SeqCst), 1);
+
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    drop(m.wake(&r).await.unwrap());
+    assert!(!m.freeze(&r.endpoint).await);
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    // Its idle timer runs again: it is suspended as usual.
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_endpoint_that_leaves_the_table_is_stopped_and_its_state_goes() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), light(3600, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    assert!(m.forget(&r.endpoint));
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while m.stats(&r.endpoint).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("state dropped once stopped");
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
 }

@@ -1,0 +1,305 @@
+//! Light sleep with real PostgreSQL: an idle local compute is frozen (every process stopped,
+//! memory kept) and thawed by the next client; `deep_sleep_after` and the memory budget stop
+//! frozen computes; a pgwake killed while computes are frozen leaves nothing frozen for good.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use pgwake_compute_manager::{ManagerConfig, Phase};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Idle computes freeze 50 ms after their last session and stay frozen for an hour: only
+/// the tests' own actions (or the budget) stop them.
+const LIGHT: &str = "[compute]\nidle_timeout = \"50ms\"\ndeep_sleep_after = \"1h\"\n";
+
+/// The live (not zombie) postgres processes of the cluster in `dir`, with their state letter:
+/// every process whose working directory is the data directory and that runs postgres.
+fn cluster(dir: &Path) -> Vec<(i32, char)> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == dir))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("postgres"))
+        })
+        .filter_map(|pid| Some((pid, state(pid)?)))
+        .filter(|(_, s)| *s != 'Z')
+        .collect()
+}
+
+fn state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+fn all_stopped(dir: &Path) -> bool {
+    let procs = cluster(dir);
+    !procs.is_empty() && procs.iter().all(|(_, s)| *s == 'T')
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+async fn count(env: &Env, endpoint: &str) -> i64 {
+    let c = env.client(endpoint).await;
+    c.query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing() {
+    // Autovacuum every second on a table that changes every cycle, so that freezes land in
+    // the middle of its runs too.
+    let settings = "[local.settings]\nautovacuum_naptime = \"1s\"\n\
+                    autovacuum_vacuum_insert_threshold = \"5\"\nautovacuum_analyze_threshold = \"5\"\n";
+    let env = Env::start(&format!("{LIGHT}{settings}"), DEMO).await;
+    let dir = env.data_dir("demo");
+    env.client("demo")
+        .await
+        .batch_execute("create table t (i int primary key)")
+        .await
+        .unwrap();
+    let mut baseline = None;
+    let mut processes = None;
+    for i in 0..200 {
+        env.wait_phase("demo", Phase::Frozen, LONG).await;
+        // Frozen for real: every process of the compute is stopped.
+        wait_until(LONG, || all_stopped(&dir))
+            .await
+            .unwrap_or_else(|_| panic!("cycle {i}: not all stopped: {:?}", cluster(&dir)));
+        let n = cluster(&dir).len();
+        // The same processes each time: nothing forked per cycle is left over.
+        assert!(
+            processes.is_none_or(|p: usize| n <= p + 2),
+            "cycle {i}: {n} processes"
+        );
+        processes.get_or_insert(n);
+        if i == 20 {
+            baseline = Some((open_fds(), rss_kib()));
+        }
+        let c = env.client("demo").await;
+        c.execute("insert into t values ($1)", &[&i]).await.unwrap();
+    }
+    env.wait_phase("demo", Phase::Frozen, LONG).await;
+    assert_eq!(count(&env, "demo").await, 200);
+    let c = env.client("demo").await;
+    let autovacuum: i64 = c
+        .query_one(
+            "select autovacuum_count + autoanalyze_count from pg_stat_user_tables where relname = 't'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(autovacuum > 0, "autovacuum never ran between the freezes");
+    drop(c);
+    let s = env.stats("demo").unwrap();
+    assert_eq!((s.starts, s.crashes), (1, 0), "{s:?}");
+    assert!(s.freezes >= 201 && s.thaws >= 201, "{s:?}");
+    let (fds, rss) = baseline.unwrap();
+    env.wait_detached("demo", LONG).await;
+    assert!(open_fds() <= fds + 4, "fds grew: {fds} -> {}", open_fds());
+    assert!(
+        rss_kib() <= rss + 16 * 1024,
+        "RSS grew: {rss} KiB -> {} KiB",
+        rss_kib()
+    );
+    env.wait_phase("demo", Phase::Frozen, LONG).await;
+    // Shutdown lets the frozen compute run and stops it: nothing is left.
+    let mut env = env;
+    env.pgwake.take().unwrap().shutdown().await;
+    assert_eq!(cluster(&dir), Vec::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_on_a_frozen_endpoint_thaws_it_once() {
+    let env = Env::start(LIGHT, DEMO).await;
+    env.client("demo")
+        .await
+        .batch_execute("create table t (i int)")
+        .await
+        .unwrap();
+    env.wait_phase("demo", Phase::Frozen, LONG).await;
+    let before = env.stats("demo").unwrap();
+    let clients = (0..100).map(|i| {
+        let env = &env;
+        async move {
+            let c = env.client("demo").await;
+            c.execute("insert into t values ($1)", &[&i]).await.unwrap();
+            c
+        }
+    });
+    // All kept open until every one is served: none may see the compute idle again.
+    let clients = futures::future::join_all(clients).await;
+    let after = env.stats("demo").unwrap();
+    assert_eq!(after.thaws - before.thaws, 1, "{after:?}");
+    assert_eq!(after.starts, 1, "{after:?}");
+    drop(clients);
+    assert_eq!(count(&env, "demo").await, 100);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_sleep_stops_a_frozen_compute_and_the_memory_budget_stops_the_least_recently_used() {
+    let endpoints = "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\n\
+                     [[endpoint]]\nid = \"b\"\nbackend = \"local\"\n\
+                     [[endpoint]]\nid = \"c\"\nbackend = \"local\"\n\
+                     [[endpoint]]\nid = \"deep\"\nbackend = \"local\"\ndeep_sleep_after = \"200ms\"\n";
+    let env = Env::start(LIGHT, endpoints).await;
+    // Deep sleep: frozen, then stopped with a checkpoint; the data is there at the next wake.
+    let deep_dir = env.data_dir("deep");
+    env.client("deep")
+        .await
+        .batch_execute("create table t (i int); insert into t values (1)")
+        .await
+        .unwrap();
+    env.wait_phase("deep", Phase::Frozen, LONG).await;
+    env.wait_phase("deep", Phase::Suspended, LONG).await;
+    assert_eq!(cluster(&deep_dir), Vec::new());
+    let s = env.stats("deep").unwrap();
+    assert_eq!((s.freezes, s.suspends), (1, 1), "{s:?}");
+    assert_eq!(count(&env, "deep").await, 1);
+
+    // The budget: a and b frozen, then room for about two computes when c freezes.
+    let mut memory = Vec::new();
+    for id in ["a", "b"] {
+        env.client(id)
+            .await
+            .batch_execute("select 1")
+            .await
+            .unwrap();
+        env.wait_phase(id, Phase::Frozen, LONG).await;
+        memory.push(env.stats(id).unwrap().frozen_memory.expect("measured"));
+    }
+    let (ma, mb) = (memory[0], memory[1]);
+    assert!(ma > 1 << 20 && mb > 1 << 20, "{memory:?}");
+    let m = &env.pgwake().manager;
+    m.set_config(ManagerConfig {
+        max_frozen_memory: ma + mb + (ma + mb) / 4,
+        ..m.config()
+    });
+    env.client("c")
+        .await
+        .batch_execute("select 1")
+        .await
+        .unwrap();
+    env.wait_phase("c", Phase::Frozen, LONG).await;
+    env.wait_phase("a", Phase::Suspended, LONG).await;
+    assert_eq!(env.stats("b").unwrap().phase, Phase::Frozen);
+    assert_eq!(env.stats("c").unwrap().phase, Phase::Frozen);
+    assert_eq!(cluster(&env.data_dir("a")), Vec::new());
+    env.stop().await;
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_pgwake(cfg: &Path, port: u16) -> Proc {
+    let child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_pgwake"))
+            .arg("--config")
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(LONG, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .expect("pgwake listening");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computes_frozen_when_pgwake_is_killed_are_thawed_and_stopped_by_the_next_one() {
+    let dir = tempdir();
+    let port = free_port();
+    let cfg = dir.path().join("pgwake.toml");
+    let endpoints = "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\n\
+                     [[endpoint]]\nid = \"b\"\nbackend = \"local\"\n";
+    let text = config_text(dir.path(), LIGHT, endpoints)
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg, text).unwrap();
+    let conn = |id: &str| {
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres options=endpoint={id}")
+    };
+    let mut pgwake = start_pgwake(&cfg, port).await;
+    let data = dir.path().join("data");
+    for id in ["a", "b"] {
+        stdout(&psql(
+            &conn(id),
+            "create table t (i int); insert into t select generate_series(1, 1000)",
+        ));
+    }
+    for id in ["a", "b"] {
+        wait_until(LONG, || all_stopped(&data.join(id)))
+            .await
+            .unwrap_or_else(|_| panic!("{id} not frozen: {:?}", cluster(&data.join(id))));
+    }
+    let frozen: Vec<Vec<(i32, char)>> = ["a", "b"].map(|id| cluster(&data.join(id))).into();
+    pgwake.0.kill().unwrap();
+    pgwake.0.wait().unwrap();
+    // Nothing lets them finish by themselves. The kernel continues the postmaster (its
+    // process group is orphaned with a stopped member: SIGHUP and SIGCONT), which then acts
+    // on its death signal (SIGINT, fast shutdown), but its children, each in a session of its
+    // own, stay stopped, so the shutdown never ends.
+    for id in ["a", "b"] {
+        let procs = cluster(&data.join(id));
+        assert!(procs.iter().any(|(_, s)| *s == 'T'), "{id}: {procs:?}");
+    }
+
+    let pgwake = start_pgwake(&cfg, port).await;
+    // At its start, before any client: each old compute runs again and shuts down.
+    for (id, procs) in ["a", "b"].iter().zip(&frozen) {
+        wait_until(LONG, || {
+            procs
+                .iter()
+                .all(|(pid, _)| !process_alive(*pid) || state(*pid) == Some('Z'))
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{id}'s old processes linger: {:?}", cluster(&data.join(id))));
+    }
+    for id in ["a", "b"] {
+        assert_eq!(stdout(&psql(&conn(id), "select count(*) from t")), "1000");
+    }
+    drop(pgwake);
+    for id in ["a", "b"] {
+        wait_until(LONG, || cluster(&data.join(id)).is_empty())
+            .await
+            .unwrap_or_else(|_| panic!("{id} left running: {:?}", cluster(&data.join(id))));
+    }
+}
