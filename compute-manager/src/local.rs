@@ -8,6 +8,7 @@
 //! Before a postgres starts, whatever is left of the previous one in its data directory is
 //! waited for or cleared away (see [`procs`]).
 
+mod branch;
 mod datadir;
 mod log;
 mod procs;
@@ -30,6 +31,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+pub use branch::{BranchCopy, CopySource};
+pub(crate) use datadir::write_durably;
 use log::LogPump;
 pub use log::{LogSize, MIN_LOG_SIZE};
 

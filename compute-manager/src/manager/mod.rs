@@ -6,6 +6,7 @@
 //! - `idle`: the idle timer and the crash watch of a running compute;
 //! - `phase`: phases, suspend reasons and per-endpoint stats.
 
+mod hold;
 mod idle;
 mod lease;
 mod phase;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+pub use hold::{Held, SuspendedHold};
 pub(crate) use lease::Sessions;
 pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
 use phase::PhaseGauges;
@@ -333,6 +335,8 @@ impl Manager {
                     });
                 }
                 match st.state {
+                    // Its data is being copied (a branch): wait for the hold to end.
+                    State::Suspended | State::Failed { .. } if st.held > 0 => None,
                     State::Suspended | State::Failed { .. } => {
                         if !st.take_start_token(cfg.max_starts_per_minute) {
                             return Some(Err(WakeError::RateLimited));
@@ -527,7 +531,7 @@ impl Manager {
                 self.slots.drop_gone(&slot);
                 continue;
             }
-            if !matches!(st.state, State::Suspended | State::Failed { .. }) {
+            if !matches!(st.state, State::Suspended | State::Failed { .. }) || st.held > 0 {
                 return false;
             }
             let attempt = st.begin_start();
