@@ -166,6 +166,14 @@ impl Endpoints {
         }
     }
 
+    /// The config file's endpoints as last loaded.
+    pub fn configured(&self) -> Vec<EndpointConfig> {
+        self.configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The config file's endpoints after a reload.
     pub fn set_configured(&self, configured: Vec<EndpointConfig>) {
         *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = configured;
