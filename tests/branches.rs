@@ -230,6 +230,17 @@ async fn branches_hold_the_parents_rows_at_branch_time_diverge_and_survive_a_res
         stdout(&psql(&uri, "select count(*) from t where i = 5000")),
         "1"
     );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwake"))
+        .args(["endpoint", "list", "--api"])
+        .arg(api_url(&env))
+        .output()
+        .unwrap();
+    let list = stdout(&out);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("from-cli\t") && l.contains("\tapi\tdev-2\t")),
+        "{list}"
+    );
     // And delete it with its data.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwake"))
         .args(["endpoint", "delete", "from-cli", "--remove-data", "--api"])

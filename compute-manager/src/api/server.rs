@@ -1,6 +1,7 @@
 //! The manager's HTTP server: routing of the API paths, and the small HTTP/1 loop pgwake's
 //! other JSON and text listeners share.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use super::types::{
     ActivityReport, ApiErrorKind, BlockerBody, ErrorBody, StatusBody, WakeResponse,
     MAX_REPLICA_ID_LEN, MAX_REPORT_BYTES,
 };
+use crate::provision::EndpointBody;
 use crate::{Leadership, Manager, WakeError};
 
 /// Serves the API until `shutdown` resolves; while `leadership` is not leading, every request
@@ -154,7 +156,26 @@ async fn route_request(
             ids.extend(table.routes().iter().map(|r| r.endpoint.clone()));
             ids.sort();
             ids.dedup();
-            let all: Vec<StatusBody> = ids.iter().map(|id| status(manager, mgmt, id)).collect();
+            // One listing for all: the management side's per-endpoint lookup reads its list.
+            let known: HashMap<String, EndpointBody> = mgmt
+                .map(|m| m.endpoints.list())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| (e.id.clone(), e))
+                .collect();
+            let all: Vec<StatusBody> = ids
+                .iter()
+                .map(|id| {
+                    let body = match manager.stats(id) {
+                        Some(s) => StatusBody::new(id, s),
+                        None => StatusBody::never_woken(id),
+                    };
+                    match known.get(id.as_str()) {
+                        Some(e) => body.with_management(e.clone()),
+                        None => body,
+                    }
+                })
+                .collect();
             json(StatusCode::OK, &all)
         }
         (Method::POST, ["v1", "endpoints"]) => management::create(req, mgmt).await,

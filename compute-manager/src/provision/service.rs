@@ -344,10 +344,11 @@ impl Endpoints {
         // then the delete is refused and the route comes back.
         let route = self.table.remove_unless_file_owned(id);
         if let Err(e) = provisioner.delete(id, remove_data).await {
-            if let Some(r) = route {
-                if !matches!(e, ProvisionError::UnknownEndpoint(_)) {
-                    self.table.upsert_unless_file_owned(Route::clone(&r));
-                }
+            // Still there (busy, or the state file could not be written): routed again. One
+            // that is gone but whose data could not all be removed stays gone.
+            let kept = provisioner.created().iter().any(|c| &c.id == id);
+            if let (Some(r), true) = (route, kept) {
+                self.table.upsert_unless_file_owned(Route::clone(&r));
             }
             return Err(e);
         }
