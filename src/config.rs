@@ -604,6 +604,44 @@ mod tests {
     }
 
     #[test]
+    fn the_management_token_needs_the_manager_listener_and_one_source() {
+        let c = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \" t \"\n",
+        )
+        .unwrap();
+        assert_eq!(c.api.token().unwrap().as_deref(), Some("t"));
+        let errs = Config::parse("[api]\nmanagement_token = \"t\"\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter().any(|e| e.contains("set [manager] listen")),
+            "{errs:?}"
+        );
+        let errs = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \"t\"\nmanagement_token_file = \"/nonexistent\"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert!(errs.iter().any(|e| e.contains("not both")), "{errs:?}");
+        let errs = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token_file = \"/nonexistent/token\"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            errs.iter().any(|e| e.contains("/nonexistent/token")),
+            "{errs:?}"
+        );
+        let errs = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \"  \"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert!(errs.iter().any(|e| e.contains("empty")), "{errs:?}");
+        assert_eq!(Config::parse("").unwrap().api.token().unwrap(), None);
+    }
+
+    #[test]
     fn cancel_peers_are_host_port() {
         let c = Config::parse(
             r#"

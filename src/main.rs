@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 )]
 struct Args {
     /// The TOML config file (see config/ for documented examples).
-    #[arg(long, short, default_value = "config/local.toml")]
+    #[arg(long, short, default_value = "config/local.toml", global = true)]
     config: PathBuf,
     /// Validate the config file, print every error, and exit.
     #[arg(long, value_name = "FILE")]
