@@ -19,7 +19,10 @@ const LONG: Duration = Duration::from_secs(120);
 const MAIN: &str = "[[endpoint]]\nid = \"main\"\nbackend = \"local\"\n";
 
 fn extra() -> String {
-    format!("[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \"{TOKEN}\"\n")
+    format!(
+        "[manager]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [api]\nmanagement_token = \"{TOKEN}\"\n"
+    )
 }
 
 fn api_url(env: &Env) -> String {
@@ -176,6 +179,10 @@ async fn branches_hold_the_parents_rows_at_branch_time_diverge_and_survive_a_res
         ids(&env, "dev-2", "select i from t where i > 100 order by i").await,
         vec![5000]
     );
+
+    // In /metrics like configured endpoints.
+    let (_, metrics) = common::http_get(env.pgwake().admin_addr().unwrap(), "/metrics").await;
+    assert!(metrics.contains("endpoint=\"dev-2\""), "{metrics}");
 
     // Listed with their origin and parent.
     let (code, list) = api(&env, reqwest::Method::GET, "/v1/endpoints", None, None).await;

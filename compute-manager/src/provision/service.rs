@@ -352,6 +352,9 @@ impl Endpoints {
             }
             return Err(e);
         }
+        // The delete's own hold may have made the manager state for an endpoint that left
+        // the table before it: dropped now, with its metric series.
+        self.manager.forget(id);
         self.changed();
         info!(endpoint = %id, remove_data, "endpoint deleted");
         Ok(())
