@@ -406,6 +406,7 @@ impl Endpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provision::ProvisionErrorKind;
 
     #[test]
     fn connection_uris_by_sni_or_options() {
@@ -428,6 +429,84 @@ mod tests {
             c.uri(&id),
             "postgres://postgres@ep-quiet-river-123456.db.example.com:4432/postgres?sslmode=require"
         );
+    }
+
+    fn service(table: Arc<RoutingTable>) -> Arc<Endpoints> {
+        let manager = Manager::new(
+            crate::ManagerConfig::default(),
+            crate::Backends::default(),
+            crate::ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        let connect = ConnectInfo {
+            host: "127.0.0.1".into(),
+            port: 4432,
+            domain: None,
+            user: "postgres".into(),
+            dbname: "postgres".into(),
+        };
+        Endpoints::new(table, manager, Provisioners::default(), connect, Vec::new())
+    }
+
+    #[tokio::test]
+    async fn backends_without_a_provisioner_refuse_clearly_and_bad_input_first() {
+        let table = Arc::new(RoutingTable::new());
+        table.upsert(Route {
+            endpoint: EndpointId::parse("fixed").unwrap(),
+            backend: pgwake_router::BackendSpec::Static {
+                address: "127.0.0.1:5432".into(),
+            },
+            idle_timeout: None,
+            allow: Vec::new(),
+            max_connections: None,
+        });
+        let e = service(Arc::clone(&table));
+        let kind = |r: Result<CreatedBody, ProvisionError>| r.unwrap_err().kind();
+        let body = |json: &str| serde_json::from_str::<CreateBody>(json).unwrap();
+        assert_eq!(
+            kind(e.create(body(r#"{"parent":"nope"}"#)).await),
+            ProvisionErrorKind::UnknownEndpoint
+        );
+        assert_eq!(
+            kind(e.create(body(r#"{"parent":"Bad"}"#)).await),
+            ProvisionErrorKind::InvalidRequest
+        );
+        let err = e
+            .create(body(r#"{"backend":"kubernetes"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ProvisionErrorKind::Unsupported);
+        assert!(err.user_message().contains("kubernetes backend"), "{err}");
+        assert_eq!(
+            kind(e.create(body(r#"{"parent":"fixed"}"#)).await),
+            ProvisionErrorKind::Unsupported,
+            "a static parent has nothing to copy"
+        );
+        assert_eq!(
+            kind(
+                e.create(body(r#"{"parent":"fixed","backend":"local"}"#))
+                    .await
+            ),
+            ProvisionErrorKind::InvalidRequest
+        );
+        let id = EndpointId::parse("fixed").unwrap();
+        assert_eq!(
+            e.delete(&id, false).await.unwrap_err().kind(),
+            ProvisionErrorKind::Unsupported
+        );
+        assert!(
+            table.lookup(&id).is_some(),
+            "a refused delete unroutes nothing"
+        );
+        assert_eq!(
+            e.delete(&EndpointId::parse("gone").unwrap(), false)
+                .await
+                .unwrap_err()
+                .kind(),
+            ProvisionErrorKind::UnknownEndpoint
+        );
+        let listed = e.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].origin, EndpointOrigin::Resource);
     }
 
     #[test]
