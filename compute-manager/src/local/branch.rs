@@ -43,6 +43,12 @@ pub enum BranchCopy {
 }
 
 impl LocalBackend {
+    /// Checks the data root as before a start (marked as pgwake's, or created when allowed):
+    /// nothing is written into a data root that is not there (a volume not mounted).
+    pub fn ensure_data_root(&self) -> Result<(), BackendError> {
+        self.check_data_root()
+    }
+
     /// Whether `id` has anything in the data root: its data directory, or the record that
     /// it once had one.
     pub fn has_data(&self, id: &EndpointId) -> Result<bool, BackendError> {

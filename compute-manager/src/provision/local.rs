@@ -54,6 +54,9 @@ fn no_space(e: &crate::BackendError) -> bool {
 impl Provisioner for LocalProvisioner {
     async fn create(&self, req: CreateRequest) -> Result<Created, ProvisionError> {
         let id = req.id;
+        self.backend
+            .ensure_data_root()
+            .map_err(|e| ProvisionError::internal("check the data root", e))?;
         if self.exists(&id)? {
             return Err(ProvisionError::Duplicate(id));
         }
@@ -124,6 +127,9 @@ impl Provisioner for LocalProvisioner {
         if self.state.get(id).is_none() {
             return Err(ProvisionError::UnknownEndpoint(id.clone()));
         }
+        self.backend
+            .ensure_data_root()
+            .map_err(|e| ProvisionError::internal("check the data root", e))?;
         // Stops the compute unless clients use it (then the hold below says how many).
         self.manager.suspend(id).await;
         let held = self

@@ -108,6 +108,15 @@ impl StateFile {
 
     /// Reads `path`; a missing file is an empty list.
     pub fn open(path: PathBuf) -> Result<Self, StateFileError> {
+        let entries = Self::read(&path)?;
+        Ok(Self {
+            path,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    fn read(path: &Path) -> Result<Vec<StoredEndpoint>, StateFileError> {
+        let path = path.to_path_buf();
         let io = |source| StateFileError::Io {
             path: path.clone(),
             source,
@@ -140,10 +149,7 @@ impl StateFile {
                 body.endpoints
             }
         };
-        Ok(Self {
-            path,
-            entries: Mutex::new(entries),
-        })
+        Ok(entries)
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<StoredEndpoint>> {
@@ -158,10 +164,12 @@ impl StateFile {
         self.lock().iter().find(|e| &e.id == id).cloned()
     }
 
-    /// Adds (or replaces) `e`, on disk first.
+    /// Adds (or replaces) `e`, on disk first. The change applies to the file as it is now,
+    /// not to what was read at start: a data root mounted after the start (its file unseen
+    /// then) keeps every endpoint it lists.
     pub fn insert(&self, e: StoredEndpoint) -> Result<(), StateFileError> {
         let mut entries = self.lock();
-        let mut next = entries.clone();
+        let mut next = Self::read(&self.path)?;
         next.retain(|x| x.id != e.id);
         next.push(e);
         self.write(&next)?;
@@ -172,10 +180,12 @@ impl StateFile {
     /// Removes `id`, on disk first. Returns whether it was there.
     pub fn remove(&self, id: &EndpointId) -> Result<bool, StateFileError> {
         let mut entries = self.lock();
-        if !entries.iter().any(|e| &e.id == id) {
+        let current = Self::read(&self.path)?;
+        if !current.iter().any(|e| &e.id == id) {
+            *entries = current;
             return Ok(false);
         }
-        let next: Vec<_> = entries.iter().filter(|e| &e.id != id).cloned().collect();
+        let next: Vec<_> = current.into_iter().filter(|e| &e.id != id).collect();
         self.write(&next)?;
         *entries = next;
         Ok(true)
@@ -271,6 +281,33 @@ mod tests {
                 "not rewritten"
             );
         }
+    }
+
+    #[test]
+    fn a_change_applies_to_the_file_as_it_is_now() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = StateFile::path_in(tmp.path());
+        // Opened before the file existed (a data root mounted later) ...
+        let late = StateFile::open(path.clone()).unwrap();
+        StateFile::open(path.clone())
+            .unwrap()
+            .insert(entry("first", None))
+            .unwrap();
+        // ... still keeps what the file lists when it writes.
+        late.insert(entry("second", None)).unwrap();
+        let ids: Vec<String> = StateFile::open(path.clone())
+            .unwrap()
+            .list()
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(ids, ["first", "second"]);
+        assert_eq!(late.list().len(), 2);
+        // A file that turned unreadable is not overwritten.
+        std::fs::write(&path, "{").unwrap();
+        assert!(late.insert(entry("third", None)).is_err());
+        assert!(late.remove(&EndpointId::parse("first").unwrap()).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{");
     }
 
     #[test]
