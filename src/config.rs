@@ -1,7 +1,7 @@
 //! The config file: one TOML document, every section with defaults, and a loader that reports
 //! every problem at once instead of stopping at the first.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::leader::{
@@ -32,6 +32,8 @@ pub struct Config {
     pub kubernetes: Option<KubernetesConfig>,
     /// The `[reload]` table: what a SIGHUP may do to the endpoint list.
     pub reload: ReloadConfig,
+    /// The `[api]` table: the management API (endpoints and branches on demand).
+    pub api: ApiConfig,
     /// The `[[endpoint]]` tables.
     pub endpoints: Vec<EndpointConfig>,
     /// The file as written (no defaults filled in): a reload compares it key by key to name
@@ -67,6 +69,48 @@ impl Default for ReloadConfig {
         Self {
             max_removed_share: d_max_removed_share(),
             force: false,
+        }
+    }
+}
+
+/// The `[api]` table: creating and deleting endpoints (and branches) through the compute
+/// manager's HTTP API (`[manager] listen`), and what the connection strings it hands out say.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The bearer token of the management routes; prefer `management_token_file`. Neither
+    /// set: the management routes are off (403).
+    #[serde(default)]
+    pub management_token: Option<String>,
+    /// A file whose content (trimmed) is the token (a mounted Secret).
+    #[serde(default)]
+    pub management_token_file: Option<PathBuf>,
+    /// The host clients use for the proxy in the connection strings; unset: the `[proxy]
+    /// listen` address, or 127.0.0.1 when that is a wildcard.
+    #[serde(default)]
+    pub public_host: Option<String>,
+    /// The port in the connection strings; unset: the proxy's listening port.
+    #[serde(default)]
+    pub public_port: Option<u16>,
+    /// The user and database in the connection strings; unset: `[local] superuser`, `postgres`.
+    #[serde(default)]
+    pub connect_user: Option<String>,
+    #[serde(default)]
+    pub connect_dbname: Option<String>,
+}
+
+impl ApiConfig {
+    /// The management token, read from its file if need be; `None` when none is configured.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        match (&self.management_token, &self.management_token_file) {
+            (Some(_), Some(_)) => {
+                Err("set management_token or management_token_file, not both".into())
+            }
+            (Some(t), None) => Ok(Some(t.trim().to_string())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| format!("management_token_file {}: {e}", path.display())),
+            (None, None) => Ok(None),
         }
     }
 }
@@ -307,6 +351,16 @@ impl Section for LimitsConfig {
 
 impl Section for AdminConfig {}
 
+impl Section for ApiConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        match self.token() {
+            Ok(Some(t)) if t.is_empty() => errors.push("the management token is empty".into()),
+            Ok(_) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+}
+
 impl Section for pgwake_proxy::serverless::HttpConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         if self.max_request_bytes == 0 || self.max_response_bytes == 0 {
@@ -510,6 +564,7 @@ impl Config {
             manager: load.section("manager"),
             kubernetes: load.section("kubernetes"),
             reload: load.section("reload"),
+            api: load.section("api"),
             auth: load.section("auth"),
             endpoint_auth: endpoints.iter().map(EndpointAuth::from).collect(),
             endpoints,
@@ -526,6 +581,12 @@ impl Config {
 
     /// The checks that need more than one section.
     fn validate(&self, errors: &mut Vec<String>) {
+        if matches!(self.api.token(), Ok(Some(_))) && self.manager.listen.is_none() {
+            errors.push(
+                "[api]: the management API is served on the compute manager's listener: set [manager] listen"
+                    .into(),
+            );
+        }
         if self.http.tls && self.tls.certificates.is_empty() {
             errors.push("[http]: tls = true needs [tls] certificates".into());
         }
@@ -556,6 +617,44 @@ mod tests {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    #[test]
+    fn the_management_token_needs_the_manager_listener_and_one_source() {
+        let c = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \" t \"\n",
+        )
+        .unwrap();
+        assert_eq!(c.api.token().unwrap().as_deref(), Some("t"));
+        let errs = Config::parse("[api]\nmanagement_token = \"t\"\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter().any(|e| e.contains("set [manager] listen")),
+            "{errs:?}"
+        );
+        let errs = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \"t\"\nmanagement_token_file = \"/nonexistent\"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert!(errs.iter().any(|e| e.contains("not both")), "{errs:?}");
+        let errs = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token_file = \"/nonexistent/token\"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            errs.iter().any(|e| e.contains("/nonexistent/token")),
+            "{errs:?}"
+        );
+        let errs = Config::parse(
+            "[manager]\nlisten = \"127.0.0.1:0\"\n[api]\nmanagement_token = \"  \"\n",
+        )
+        .unwrap_err()
+        .0;
+        assert!(errs.iter().any(|e| e.contains("empty")), "{errs:?}");
+        assert_eq!(Config::parse("").unwrap().api.token().unwrap(), None);
     }
 
     #[test]

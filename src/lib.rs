@@ -2,6 +2,7 @@
 //! parses flags, sets up logging and signals, and calls into here; tests start the same thing
 //! in-process on port 0.
 
+pub mod cli;
 pub mod config;
 mod learn;
 pub mod reload;
@@ -14,13 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::{label_leader_pod, KubernetesBackend};
+use pgwake_compute_manager::provision::{ConnectInfo, Endpoints, LocalProvisioner, Provisioners};
 use pgwake_compute_manager::LeaderOnly;
+use pgwake_compute_manager::{ApiToken, Management};
 use pgwake_compute_manager::{
     BackendError, Backends, ComputeBackend, ComputeWaker, LeaderElector, Leadership, LocalBackend,
     Manager, ManagerConfig, ManagerMetrics, RemoteManager, SuspendHook,
 };
 use pgwake_proxy::tls::{CertStore, TlsAcceptor};
-use pgwake_proxy::verifiers::VerifierStore;
+use pgwake_proxy::verifiers::{EndpointAuth, VerifierStore};
 use pgwake_proxy::{Auth, Health, Proxy, ProxyMetrics, ProxyParts};
 use pgwake_router::{RoutingTable, TableDiff};
 use tokio::net::TcpListener;
@@ -55,6 +58,10 @@ pub enum StartError {
     LeaderElection(String),
     #[error("roles files:\n{}", .0.join("\n"))]
     Roles(Vec<String>),
+    #[error("endpoints created through the API: {0}")]
+    CreatedEndpoints(#[from] pgwake_compute_manager::provision::StateFileError),
+    #[error("[api]: {0}")]
+    Api(String),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -62,6 +69,8 @@ pub struct Pgwake {
     pub table: Arc<RoutingTable>,
     pub manager: Arc<Manager>,
     pub local: Arc<LocalBackend>,
+    /// Endpoints created through the management API (and the service that creates them).
+    pub endpoints: Arc<Endpoints>,
     pub registry: prometheus::Registry,
     pub health: Arc<Health>,
     pub certs: Option<Arc<CertStore>>,
@@ -105,18 +114,20 @@ impl Pgwake {
             .replace_all(config.endpoints.clone())
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
+        // Bound first: the connection strings of created endpoints name its port.
+        let (listener, addr) = bind(config.proxy.listen).await?;
         let verifiers = VerifierStore::new();
         let kubernetes = w.kubernetes(&verifiers).await?;
         let manager = w.manager(&local, kubernetes.as_ref())?;
-        let (auth, learner) = w.auth(&manager, &local, verifiers)?;
+        let endpoints = w.endpoints(&manager, &local, addr)?;
+        let (auth, learner) = w.auth(&manager, &local, verifiers, &endpoints)?;
         let leadership = w.leader_election(kubernetes.as_ref())?;
         w.adoption(&manager, &leadership);
         let waker = w.waker(&manager, &leadership)?;
         let certs = w.certificates()?;
         let proxy = w.proxy(waker, certs.as_ref(), &auth)?;
-        let (listener, addr) = bind(config.proxy.listen).await?;
         info!(%addr, endpoints = diff.added, data_root = %local.config().data_root.display(), "pgwake listening");
-        let manager_api_addr = w.manager_api(&manager, &leadership).await?;
+        let manager_api_addr = w.manager_api(&manager, &leadership, &endpoints).await?;
         let admin_addr = w.admin().await?;
         let cancel_addr = w.cancel_peers(&proxy).await?;
         let p = Arc::clone(&proxy);
@@ -135,6 +146,7 @@ impl Pgwake {
             table,
             manager,
             local,
+            endpoints,
             registry,
             health,
             certs,
@@ -205,13 +217,22 @@ impl Pgwake {
         // Roles files first: a bad one keeps both the old verifiers and the old table.
         self.auth
             .store()
-            .load_config(&plan.running.endpoint_auth)
+            .load_config(&with_created(
+                plan.running.endpoint_auth.clone(),
+                &self.endpoints,
+            ))
             .map_err(ConfigErrors)?;
         self.learner.load_saved();
         let table = self
             .table
             .replace_all(plan.running.endpoints.clone())
             .map_err(|errs| ConfigErrors(errs.into_iter().map(|e| e.to_string()).collect()))?;
+        // Endpoints created through the API are not the file's: the reload leaves them (and
+        // its removal guard does not count them); one the file defined meanwhile and no
+        // longer does comes back.
+        self.endpoints
+            .set_configured(plan.running.endpoints.clone());
+        self.endpoints.restore();
         self.manager
             .set_config(ManagerConfig::from(&plan.running.compute));
         self.proxy.set_limits(plan.running.limits.clone());
@@ -369,6 +390,66 @@ impl Wiring<'_> {
             },
         );
         Ok(manager)
+    }
+
+    /// The endpoints created through the management API: routed from here on (they persist
+    /// in the local data root), created and deleted through [`Endpoints`].
+    fn endpoints(
+        &self,
+        manager: &Arc<Manager>,
+        local: &Arc<LocalBackend>,
+        proxy_addr: SocketAddr,
+    ) -> Result<Arc<Endpoints>, StartError> {
+        let c = self.config;
+        let provisioner = LocalProvisioner::open(
+            Arc::clone(local),
+            Arc::clone(manager),
+            c.compute.wake_timeout,
+        )?;
+        let host = c.api.public_host.clone().unwrap_or_else(|| {
+            if proxy_addr.ip().is_unspecified() {
+                "127.0.0.1".into()
+            } else {
+                proxy_addr.ip().to_string()
+            }
+        });
+        let connect = ConnectInfo {
+            host,
+            port: c.api.public_port.unwrap_or(proxy_addr.port()),
+            domain: c
+                .tls
+                .enabled()
+                .then(|| c.tls.domains.first().cloned())
+                .flatten(),
+            user: c
+                .api
+                .connect_user
+                .clone()
+                .unwrap_or_else(|| c.local.superuser.clone()),
+            dbname: c
+                .api
+                .connect_dbname
+                .clone()
+                .unwrap_or_else(|| "postgres".into()),
+        };
+        let endpoints = Endpoints::new(
+            Arc::clone(&self.table),
+            Arc::clone(manager),
+            Provisioners {
+                local: Some(Arc::new(provisioner)),
+                kubernetes: None,
+            },
+            connect,
+            c.endpoints.clone(),
+        );
+        let routed = endpoints.restore();
+        if routed > 0 {
+            info!(
+                endpoints = routed,
+                "endpoints created through the API routed"
+            );
+        }
+        Ok(endpoints)
     }
 
     /// `[manager] leader_election`: the elector, and the leader label on this process's pod
@@ -537,9 +618,10 @@ impl Wiring<'_> {
         manager: &Arc<Manager>,
         local: &Arc<LocalBackend>,
         verifiers: Arc<VerifierStore>,
+        endpoints: &Arc<Endpoints>,
     ) -> Result<(Arc<Auth>, Arc<learn::Learner>), StartError> {
         verifiers
-            .load_config(&self.config.endpoint_auth)
+            .load_config(&with_created(self.config.endpoint_auth.clone(), endpoints))
             .map_err(StartError::Roles)?;
         let auth = Auth::new(self.config.auth.clone(), verifiers, &self.registry)?;
         let learner = Arc::new(learn::Learner {
@@ -550,6 +632,24 @@ impl Wiring<'_> {
             interval: self.config.auth.learn_interval,
         });
         learner.load_saved();
+        // A created or deleted endpoint changes the verifier store's endpoints: the file's
+        // (as last loaded) and the created ones. Weak: the endpoints own this hook.
+        let (store, l, weak) = (
+            Arc::clone(auth.store()),
+            Arc::clone(&learner),
+            Arc::downgrade(endpoints),
+        );
+        endpoints.set_on_change(Box::new(move || {
+            let Some(e) = weak.upgrade() else { return };
+            let file: Vec<EndpointAuth> = e.configured().iter().map(EndpointAuth::from).collect();
+            if let Err(errs) = store.load_config(&with_created(file, &e)) {
+                error!(
+                    "reloading the endpoints' login settings failed:\n{}",
+                    errs.join("\n")
+                );
+            }
+            l.load_saved();
+        }));
         // A last look at the roles before each suspend: a role created in the session that
         // just ended is known at the next wake.
         if manager
@@ -569,24 +669,34 @@ impl Wiring<'_> {
         Ok((auth, learner))
     }
 
-    /// `[manager] listen`: the compute manager's HTTP API for other pgwake proxies.
+    /// `[manager] listen`: the compute manager's HTTP API for other pgwake proxies, with the
+    /// management routes when `[api]` has a token.
     async fn manager_api(
         &self,
         manager: &Arc<Manager>,
         leadership: &Leadership,
+        endpoints: &Arc<Endpoints>,
     ) -> Result<Option<SocketAddr>, StartError> {
         let Some(a) = self.config.manager.listen else {
             return Ok(None);
         };
+        let token = self.config.api.token().map_err(StartError::Api)?;
+        let management = token
+            .as_deref()
+            .and_then(ApiToken::new)
+            .map(|token| Management {
+                endpoints: Arc::clone(endpoints),
+                token,
+            });
         let (l, bound) = bind(a).await?;
-        info!(addr = %bound, "compute manager API listening");
+        info!(addr = %bound, management = management.is_some(), "compute manager API listening");
         let (m, t, lead) = (
             Arc::clone(manager),
             Arc::clone(&self.table),
             leadership.clone(),
         );
         self.tasks.spawn(Stage::Last, "manager API", |shutdown| {
-            pgwake_compute_manager::serve_api(l, m, t, lead, shutdown)
+            pgwake_compute_manager::serve_api_with(l, m, t, lead, management, shutdown)
         });
         Ok(Some(bound))
     }
@@ -636,6 +746,19 @@ impl Wiring<'_> {
             });
         Ok(Some(bound))
     }
+}
+
+/// The auth keys of the config file's endpoints and of those created through the API (the
+/// file's win an id both define).
+fn with_created(mut file: Vec<EndpointAuth>, endpoints: &Endpoints) -> Vec<EndpointAuth> {
+    let created: Vec<EndpointAuth> = endpoints
+        .created()
+        .iter()
+        .filter(|c| !file.iter().any(|f| f.id == c.id))
+        .map(EndpointAuth::from)
+        .collect();
+    file.extend(created);
+    file
 }
 
 /// Binds a listener and reports the address it got (port 0 in tests and configs).

@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use pgwake::cli::ApiTarget;
 use pgwake::{Config, Pgwake};
+use pgwake_compute_manager::provision::CreateBody;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -15,7 +17,7 @@ use tracing::{error, info, warn};
 )]
 struct Args {
     /// The TOML config file (see config/ for documented examples).
-    #[arg(long, short, default_value = "config/local.toml")]
+    #[arg(long, short, default_value = "config/local.toml", global = true)]
     config: PathBuf,
     /// Validate the config file, print every error, and exit.
     #[arg(long, value_name = "FILE")]
@@ -31,10 +33,131 @@ struct Args {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    /// Without a command: run the proxy.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list and delete endpoints through the management API.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+    /// Branches: endpoints whose data starts as a copy of another's.
+    #[command(subcommand)]
+    Branch(BranchCommand),
+}
+
+/// How to reach the management API; unset values come from --config.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The management API (`[manager] listen`), e.g. http://127.0.0.1:9188; else the
+    /// PGWAKE_API environment variable.
+    #[arg(long)]
+    api: Option<String>,
+    /// The bearer token (`[api] management_token`); else the PGWAKE_API_TOKEN environment
+    /// variable (better: it stays out of `ps`).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum EndpointCommand {
+    /// Create an endpoint and print its connection string.
+    Create {
+        /// The new endpoint's id; unset: ep-<adjective>-<noun>-<number>.
+        #[arg(long)]
+        id: Option<String>,
+        /// Make it a branch of this endpoint.
+        #[arg(long)]
+        parent: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List every endpoint with its phase and connection string.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete an endpoint created through the API.
+    Delete {
+        id: String,
+        /// Remove its data directory too (otherwise kept, and the id stays taken).
+        #[arg(long)]
+        remove_data: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BranchCommand {
+    /// Branch PARENT: a new endpoint with a copy of its data; prints the connection string.
+    Create {
+        #[arg(long)]
+        parent: String,
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// Runs a client command against the management API; the config file (if it exists) fills in
+/// what the flags leave out.
+fn client(command: Command, config: &Path) -> anyhow::Result<()> {
+    let config = config.exists().then_some(config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start tokio")?;
+    let target = |a: ApiArgs| {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        ApiTarget::resolve(
+            a.api.or_else(|| env("PGWAKE_API")),
+            a.token.or_else(|| env("PGWAKE_API_TOKEN")),
+            config,
+        )
+    };
+    rt.block_on(async {
+        let create = |id, parent, api| async move {
+            let body = CreateBody {
+                id,
+                parent,
+                ..Default::default()
+            };
+            let created = pgwake::cli::create(&target(api)?, &body).await?;
+            println!("{}", created.connection_uri);
+            anyhow::Ok(())
+        };
+        match command {
+            Command::Branch(BranchCommand::Create { parent, id, api }) => {
+                create(id, Some(parent), api).await?
+            }
+            Command::Endpoint(EndpointCommand::Create { id, parent, api }) => {
+                create(id, parent, api).await?
+            }
+            Command::Endpoint(EndpointCommand::List { api }) => {
+                print!("{}", pgwake::cli::list(&target(api)?).await?);
+            }
+            Command::Endpoint(EndpointCommand::Delete {
+                id,
+                remove_data,
+                api,
+            }) => {
+                pgwake::cli::delete(&target(api)?, &id, remove_data).await?;
+                eprintln!("deleted {id}");
+            }
+        }
+        Ok(())
+    })
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return client(command, &args.config);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGWAKE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);

@@ -16,10 +16,11 @@ mod manager;
 mod metrics;
 pub mod neon;
 mod probe;
+pub mod provision;
 pub mod roles;
 pub mod waker;
 
-pub use api::{serve_api, serve_http, RemoteManager};
+pub use api::{serve_api, serve_api_with, serve_http, ApiToken, Management, RemoteManager};
 pub use backend::{ComputeAddr, ComputeBackend, RunningCompute};
 pub use error::{
     BackendError, BackendErrorKind, ErrorSource, StartBlocker, WakeError, WakeErrorKind,
@@ -30,8 +31,8 @@ pub use kubernetes::{
 };
 pub use local::{LocalBackend, LocalConfig};
 pub use manager::{
-    Attached, Backends, EndpointStats, LocalSession, Manager, ManagerConfig, Phase, RemoteSession,
-    SessionLease, SuspendHook, SuspendReason,
+    Attached, Backends, EndpointStats, Held, LocalSession, Manager, ManagerConfig, Phase,
+    RemoteSession, SessionLease, SuspendHook, SuspendReason, SuspendedHold,
 };
 pub use metrics::ManagerMetrics;
 pub use probe::{probe_ready, ProbeResult};

@@ -13,6 +13,7 @@
 //! process group holds them), and continues them with SIGCONT. A pgwake killed meanwhile
 //! leaves them stopped; the next one finds them at its start and lets them shut down.
 
+mod branch;
 mod datadir;
 mod log;
 mod procs;
@@ -35,6 +36,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+pub use branch::{BranchCopy, CopySource};
+pub(crate) use datadir::write_durably;
 use log::LogPump;
 pub use log::{LogSize, MIN_LOG_SIZE};
 

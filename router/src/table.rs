@@ -203,6 +203,14 @@ impl RoutingTable {
         self.routes.len()
     }
 
+    /// Every route, sorted by id: a snapshot for listings (the management API), not for the
+    /// connection path.
+    pub fn routes(&self) -> Vec<Arc<Route>> {
+        let mut all: Vec<Arc<Route>> = self.routes.iter().map(|r| Arc::clone(r.value())).collect();
+        all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        all
+    }
+
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }

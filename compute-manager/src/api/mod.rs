@@ -9,6 +9,9 @@
 //! - `POST /v1/endpoints/{id}/suspend` → `{"suspended": bool}` (refused while clients are
 //!   attached, reported or on the compute; see `Manager::suspend`).
 //! - `GET /v1/endpoints/{id}` → status; `GET /v1/endpoints` → status of every endpoint.
+//! - `POST /v1/endpoints` (body: optional `id`, `parent`, settings) → 201 with the new
+//!   endpoint's `connection_uri`; `DELETE /v1/endpoints/{id}?remove_data=true`. These need the
+//!   management token ([`Management`]); see `management` for the error codes.
 //! - `POST /v1/activity` with `{"replica": "<id>", "ttl_ms": n, "endpoints": {"<id>": n}}` →
 //!   `{"recorded": n}`: a proxy replica's live sessions per endpoint (see below). At most
 //!   [`MAX_REPORT_BYTES`]; malformed bodies get 400 with the error body above.
@@ -31,11 +34,13 @@
 //! reports reach the manager.
 
 mod client;
+mod management;
 mod server;
 mod types;
 
 pub use client::RemoteManager;
-pub use server::{serve_api, serve_http};
+pub use management::{ApiToken, Management};
+pub use server::{serve_api, serve_api_with, serve_http};
 pub use types::{
     ActivityReport, ApiErrorKind, ErrorBody, StatusBody, WakeResponse, MAX_REPORT_BYTES,
 };

@@ -1,6 +1,7 @@
 //! The manager's HTTP server: routing of the API paths, and the small HTTP/1 loop pgwake's
 //! other JSON and text listeners share.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -16,10 +17,12 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+use super::management::{self, Management};
 use super::types::{
     ActivityReport, ApiErrorKind, BlockerBody, ErrorBody, StatusBody, WakeResponse,
     MAX_REPLICA_ID_LEN, MAX_REPORT_BYTES,
 };
+use crate::provision::EndpointBody;
 use crate::{Leadership, Manager, WakeError};
 
 /// Serves the API until `shutdown` resolves; while `leadership` is not leading, every request
@@ -31,12 +34,26 @@ pub async fn serve_api(
     leadership: Leadership,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_api_with(listener, manager, table, leadership, None, shutdown).await
+}
+
+/// [`serve_api`] with the management routes (creating and deleting endpoints) when
+/// `management` is given; without it they answer 403 `management_disabled`.
+pub async fn serve_api_with(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    table: Arc<RoutingTable>,
+    leadership: Leadership,
+    management: Option<Management>,
+    shutdown: impl Future<Output = ()>,
+) {
     let handle = move |req: Request<Incoming>| {
         let (m, t) = (Arc::clone(&manager), Arc::clone(&table));
+        let mgmt = management.clone();
         let leading = leadership.is_leader();
         async move {
             if leading {
-                return route_request(req, &m, &t).await;
+                return route_request(req, &m, &t, mgmt.as_ref()).await;
             }
             let e = WakeError::NotLeader;
             let mut resp = error(
@@ -96,7 +113,7 @@ pub async fn serve_http<H, F>(
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+pub(super) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(status)
@@ -105,7 +122,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
         .expect("static response parts")
 }
 
-fn error(
+pub(super) fn error(
     status: StatusCode,
     kind: ApiErrorKind,
     retryable: bool,
@@ -126,17 +143,45 @@ async fn route_request(
     req: Request<Incoming>,
     manager: &Arc<Manager>,
     table: &RoutingTable,
+    mgmt: Option<&Management>,
 ) -> Response<Full<Bytes>> {
     let path: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method, path.as_slice()) {
+        // Every endpoint the manager has state for or the table routes (configured, created
+        // through the API, from resources): reads stay open like the rest of this API, which
+        // the proxies call; only the changes below need the management token.
         (Method::GET, ["v1", "endpoints"]) => {
-            let all: Vec<StatusBody> = manager
-                .endpoints()
+            let mut ids = manager.endpoints();
+            ids.extend(table.routes().iter().map(|r| r.endpoint.clone()));
+            ids.sort();
+            ids.dedup();
+            // One listing for all: the management side's per-endpoint lookup reads its list.
+            let known: HashMap<String, EndpointBody> = mgmt
+                .map(|m| m.endpoints.list())
+                .unwrap_or_default()
                 .into_iter()
-                .filter_map(|id| manager.stats(&id).map(|s| StatusBody::new(&id, s)))
+                .map(|e| (e.id.clone(), e))
+                .collect();
+            let all: Vec<StatusBody> = ids
+                .iter()
+                .map(|id| {
+                    let body = match manager.stats(id) {
+                        Some(s) => StatusBody::new(id, s),
+                        None => StatusBody::never_woken(id),
+                    };
+                    match known.get(id.as_str()) {
+                        Some(e) => body.with_management(e.clone()),
+                        None => body,
+                    }
+                })
                 .collect();
             json(StatusCode::OK, &all)
+        }
+        (Method::POST, ["v1", "endpoints"]) => management::create(req, mgmt).await,
+        (Method::DELETE, ["v1", "endpoints", id]) => {
+            let id = id.to_string();
+            management::delete(req, mgmt, &id).await
         }
         (Method::POST, ["v1", "activity"]) => report_activity(req, manager, table).await,
         (method, ["v1", "endpoints", id, rest @ ..]) => {
@@ -200,13 +245,7 @@ async fn route_request(
                         &serde_json::json!({ "suspended": suspended }),
                     )
                 }
-                (Method::GET, []) => match manager.stats(&id) {
-                    Some(s) => json(StatusCode::OK, &StatusBody::new(&id, s)),
-                    None => json(
-                        StatusCode::OK,
-                        &serde_json::json!({ "endpoint": id.to_string(), "phase": "suspended" }),
-                    ),
-                },
+                (Method::GET, []) => json(StatusCode::OK, &status(manager, mgmt, &id)),
                 _ => error(
                     StatusCode::NOT_FOUND,
                     ApiErrorKind::NotFound,
@@ -221,6 +260,18 @@ async fn route_request(
             false,
             "no such path".into(),
         ),
+    }
+}
+
+/// `id`'s status, with what the management side knows of it when that is on.
+fn status(manager: &Manager, mgmt: Option<&Management>, id: &EndpointId) -> StatusBody {
+    let body = match manager.stats(id) {
+        Some(s) => StatusBody::new(id, s),
+        None => StatusBody::never_woken(id),
+    };
+    match mgmt.and_then(|m| m.endpoints.get(id)) {
+        Some(e) => body.with_management(e),
+        None => body,
     }
 }
 

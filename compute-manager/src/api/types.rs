@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use pgwake_router::EndpointId;
 use serde::{Deserialize, Serialize};
 
+use crate::provision::{EndpointBody, EndpointOrigin, ProvisionErrorKind};
 use crate::{EndpointStats, WakeErrorKind};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -21,6 +22,13 @@ pub enum ApiErrorKind {
     UnknownEndpoint,
     NotFound,
     BadReport,
+    /// A management request without the right bearer token.
+    Unauthorized,
+    /// A management request to a manager with no management token configured.
+    ManagementDisabled,
+    /// A body that is not the JSON the path takes.
+    BadRequest,
+    Provision(ProvisionErrorKind),
 }
 
 impl ApiErrorKind {
@@ -31,6 +39,10 @@ impl ApiErrorKind {
             Self::UnknownEndpoint => "unknown_endpoint",
             Self::NotFound => "not_found",
             Self::BadReport => "bad_report",
+            Self::Unauthorized => "unauthorized",
+            Self::ManagementDisabled => "management_disabled",
+            Self::BadRequest => "bad_request",
+            Self::Provision(k) => k.as_str(),
         }
     }
 }
@@ -54,6 +66,9 @@ pub struct BlockerBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
+
+/// The most a create request's body may be: a few settings.
+pub const MAX_CREATE_BYTES: usize = 64 * 1024;
 
 /// The most an activity report may be: some 20,000 endpoints at once, far beyond one proxy's
 /// working set, and small enough that a bad client cannot make the manager buffer much.
@@ -96,9 +111,50 @@ pub struct StatusBody {
     /// older managers' answers.
     #[serde(default)]
     pub tier: String,
+    /// With the management API on: which backend runs it, where it is defined, what it was
+    /// branched from, and how to connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<EndpointOrigin>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_uri: Option<String>,
 }
 
 impl StatusBody {
+    /// An endpoint the manager has not woken since it started.
+    pub(super) fn never_woken(id: &EndpointId) -> Self {
+        Self::new(
+            id,
+            EndpointStats {
+                phase: crate::Phase::Suspended,
+                attached: 0,
+                waiting: 0,
+                starts: 0,
+                start_failures: 0,
+                adoptions: 0,
+                suspends: 0,
+                crashes: 0,
+                busy_deferrals: 0,
+                remote_sessions: 0,
+                addr: None,
+                freezes: 0,
+                thaws: 0,
+                frozen_memory: None,
+            },
+        )
+    }
+
+    pub(super) fn with_management(mut self, e: EndpointBody) -> Self {
+        self.backend = Some(e.backend.as_str().into());
+        self.origin = Some(e.origin);
+        self.parent = e.parent;
+        self.connection_uri = Some(e.connection_uri);
+        self
+    }
+
     pub(super) fn new(id: &EndpointId, s: EndpointStats) -> Self {
         Self {
             endpoint: id.to_string(),
@@ -114,6 +170,10 @@ impl StatusBody {
             remote_sessions: s.remote_sessions,
             address: s.addr.map(|a| a.to_string()),
             tier: s.phase.tier().as_str().into(),
+            backend: None,
+            origin: None,
+            parent: None,
+            connection_uri: None,
         }
     }
 }

@@ -182,6 +182,17 @@ pub fn record(root: &Path, id: &EndpointId) -> Result<(), BackendError> {
     write_durably(&dir, id.as_str(), b"initialised\n")
 }
 
+/// Forgets `id`'s record, once its directory is gone (a deleted endpoint): the id may be
+/// created again, as a new cluster.
+pub fn unrecord(root: &Path, id: &EndpointId) -> Result<(), BackendError> {
+    let path = record_path(root, id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_dir(&root.join(RECORDS)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BackendError::io(format!("remove {}", path.display()), e)),
+    }
+}
+
 /// Whether `path` exists; an error other than "not found" (permissions) is not a "no".
 pub fn exists(path: &Path) -> Result<bool, BackendError> {
     match std::fs::symlink_metadata(path) {
@@ -192,7 +203,7 @@ pub fn exists(path: &Path) -> Result<bool, BackendError> {
 }
 
 /// Writes `dir/name` so that after a crash it either holds `contents` or is as before.
-fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> Result<(), BackendError> {
+pub(crate) fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> Result<(), BackendError> {
     // The callers serialise data-root changes, so one temporary name per target suffices.
     let tmp = dir.join(format!("{name}.tmp"));
     let target = dir.join(name);

@@ -60,9 +60,10 @@ impl Fnv {
     }
 }
 
-/// Copies `template` to `to` (which must not exist) with owners, modes and times, sharing
-/// blocks (reflinks) where the filesystem can, then makes the copy durable: the endpoint is
-/// recorded right after, and a recorded cluster must survive a crash.
+/// Copies `template` (or a suspended parent's cluster, for a branch) to `to` (which must not
+/// exist) with owners, modes and times, sharing blocks (reflinks) where the filesystem can,
+/// then makes the copy durable: the endpoint is recorded right after, and a recorded cluster
+/// must survive a crash.
 pub async fn copy(template: &Path, to: &Path) -> Result<(), BackendError> {
     let what = || format!("copy {} to {}", template.display(), to.display());
     let out = Command::new("cp")
@@ -81,7 +82,7 @@ pub async fn copy(template: &Path, to: &Path) -> Result<(), BackendError> {
         return Err(BackendError::DataDir {
             path: to.display().to_string(),
             reason: format!(
-                "copying the template {} failed ({}): {}",
+                "copying {} failed ({}): {}",
                 template.display(),
                 out.status,
                 super::tail(&text, 1000)

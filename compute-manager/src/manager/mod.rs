@@ -14,6 +14,7 @@
 //! shutdown stop it (Frozen → Suspending → Suspended), letting it run first.
 
 mod budget;
+mod hold;
 mod idle;
 mod lease;
 mod phase;
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+pub use hold::{Held, SuspendedHold};
 pub(crate) use lease::Sessions;
 pub use lease::{Attached, LocalSession, RemoteSession, SessionLease};
 use phase::PhaseGauges;
@@ -391,6 +393,8 @@ impl Manager {
                     });
                 }
                 match &st.state {
+                    // Its data is being copied (a branch): wait for the hold to end.
+                    State::Suspended | State::Failed { .. } if st.held > 0 => None,
                     State::Suspended | State::Failed { .. } => {
                         if joined.is_none() {
                             *tier = Tier::Stopped;
@@ -667,7 +671,7 @@ impl Manager {
                 self.slots.drop_gone(&slot);
                 continue;
             }
-            if !matches!(st.state, State::Suspended | State::Failed { .. }) {
+            if !matches!(st.state, State::Suspended | State::Failed { .. }) || st.held > 0 {
                 return false;
             }
             let attempt = st.begin_start();

@@ -118,6 +118,9 @@ pub(super) struct Inner {
     pub(super) remote: HashMap<String, RemoteReport>,
     pub(super) idle_since: Instant,
     attempt: u64,
+    /// Holds that keep a Suspended endpoint from starting while its data directory is read
+    /// from outside (a branch copies it); see [`super::Held`].
+    pub(super) held: usize,
     /// The endpoint left the routing table: drop the slot once it is `removable`.
     pub(super) forgotten: bool,
     /// Dropped from the manager's map: a wake that finds this takes a fresh slot instead.
@@ -143,6 +146,7 @@ impl Inner {
             remote: HashMap::new(),
             idle_since: now,
             attempt: 0,
+            held: 0,
             forgotten: false,
             gone: false,
             gauges,
@@ -170,6 +174,7 @@ impl Inner {
             && matches!(self.state, State::Suspended | State::Failed { .. })
             && self.attached == 0
             && self.waiting == 0
+            && self.held == 0
     }
 
     /// Marks the slot dropped and removes its metric series; the caller then takes it out of

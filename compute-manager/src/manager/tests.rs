@@ -1351,3 +1351,87 @@ async fn a_frozen_endpoint_that_leaves_the_table_is_stopped_and_its_state_goes()
     .expect("state dropped once stopped");
     assert_eq!(b.stops.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_suspended_endpoint_starts_only_once_the_hold_ends() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", None);
+    let Held::Suspended(hold) = m.hold(&r.endpoint, Duration::from_secs(1)).await.unwrap() else {
+        panic!("never woken: suspended");
+    };
+    let waker = tokio::spawn({
+        let (m, r) = (Arc::clone(&m), Arc::clone(&r));
+        async move { m.wake(&r).await.map(|a| a.cold) }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(b.starts.load(Ordering::SeqCst), 0, "no start while held");
+    assert_eq!(m.stats(&r.endpoint).unwrap().waiting, 1);
+    drop(hold);
+    assert!(
+        waker.await.unwrap().unwrap(),
+        "the held client waited for a start"
+    );
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_running_endpoint_is_not_suspended_until_the_lease_goes() {
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    // Starting: the hold waits for the start to end (bounded), then leases the compute.
+    let starting = tokio::spawn({
+        let (m, r) = (Arc::clone(&m), Arc::clone(&r));
+        async move { drop(m.wake(&r).await) }
+    });
+    tokio::task::yield_now().await;
+    let held = m.hold(&r.endpoint, Duration::from_secs(5)).await.unwrap();
+    starting.await.unwrap();
+    let Held::Running { addr, lease } = held else {
+        panic!("running");
+    };
+    assert_eq!(addr.as_str(), "127.0.0.1:10000");
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    assert!(
+        !m.suspend(&r.endpoint).await,
+        "the lease counts as a session"
+    );
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    drop(lease);
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
+
+    // A hold that cannot settle within its bound says so.
+    let b = FakeBackend::new(Script {
+        start_delay: Duration::from_secs(60),
+        ..Default::default()
+    });
+    let m = manager(Arc::clone(&b), cfg());
+    let wake = tokio::spawn({
+        let (m, r) = (Arc::clone(&m), Arc::clone(&r));
+        async move { drop(m.wake(&r).await) }
+    });
+    tokio::task::yield_now().await;
+    let err = m.hold(&r.endpoint, Duration::from_secs(1)).await.err();
+    assert!(matches!(err, Some(WakeError::Timeout(_))));
+    wake.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_frozen_endpoint_is_stopped_first_then_held_suspended() {
+    let b = FakeBackend::new(freezable());
+    let m = manager(Arc::clone(&b), light(600, 0));
+    let r = route("ep", None);
+    drop(m.wake(&r).await.unwrap());
+    phase_within(&m, &r.endpoint, Phase::Frozen, Duration::from_secs(11)).await;
+    let held = m.hold(&r.endpoint, Duration::from_secs(5)).await.unwrap();
+    let Held::Suspended(hold) = held else {
+        panic!("a frozen compute's files are no copy: it must be stopped and held suspended");
+    };
+    assert_eq!(b.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Suspended);
+    drop(hold);
+}
