@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwake_compute_manager::kubernetes::{label_leader_pod, KubernetesBackend};
-use pgwake_compute_manager::provision::{ConnectInfo, Endpoints, LocalProvisioner, Provisioners};
+use pgwake_compute_manager::neon::NeonBrancher;
+use pgwake_compute_manager::provision::{
+    ConnectInfo, Endpoints, KubernetesProvisioner, LocalProvisioner, Provisioner, Provisioners,
+};
 use pgwake_compute_manager::LeaderOnly;
 use pgwake_compute_manager::{ApiToken, Management};
 use pgwake_compute_manager::{
@@ -62,6 +65,8 @@ pub enum StartError {
     CreatedEndpoints(#[from] pgwake_compute_manager::provision::StateFileError),
     #[error("[api]: {0}")]
     Api(String),
+    #[error("[kubernetes.neon]: {0}")]
+    Neon(#[from] pgwake_compute_manager::neon::NeonBranchError),
 }
 
 /// A running pgwake: listener bound, connections being served.
@@ -119,7 +124,7 @@ impl Pgwake {
         let verifiers = VerifierStore::new();
         let kubernetes = w.kubernetes(&verifiers).await?;
         let manager = w.manager(&local, kubernetes.as_ref())?;
-        let endpoints = w.endpoints(&manager, &local, addr)?;
+        let endpoints = w.endpoints(&manager, &local, kubernetes.as_ref(), addr)?;
         let (auth, learner) = w.auth(&manager, &local, verifiers, &endpoints)?;
         let leadership = w.leader_election(kubernetes.as_ref())?;
         w.adoption(&manager, &leadership);
@@ -398,6 +403,7 @@ impl Wiring<'_> {
         &self,
         manager: &Arc<Manager>,
         local: &Arc<LocalBackend>,
+        kubernetes: Option<&KubernetesBackend>,
         proxy_addr: SocketAddr,
     ) -> Result<Arc<Endpoints>, StartError> {
         let c = self.config;
@@ -406,6 +412,18 @@ impl Wiring<'_> {
             Arc::clone(manager),
             c.compute.wake_timeout,
         )?;
+        // Branches on Kubernetes are Neon branches: only with [kubernetes.neon].
+        let neon = match (kubernetes, &c.kubernetes) {
+            (Some(backend), Some(k)) if k.neon.is_some() => {
+                let brancher = NeonBrancher::from_config(backend.client(), k)?;
+                Some(Arc::new(KubernetesProvisioner::new(
+                    brancher,
+                    Arc::clone(manager),
+                    c.compute.wake_timeout,
+                )) as Arc<dyn Provisioner>)
+            }
+            _ => None,
+        };
         let host = c.api.public_host.clone().unwrap_or_else(|| {
             if proxy_addr.ip().is_unspecified() {
                 "127.0.0.1".into()
@@ -437,7 +455,7 @@ impl Wiring<'_> {
             Arc::clone(manager),
             Provisioners {
                 local: Some(Arc::new(provisioner)),
-                kubernetes: None,
+                kubernetes: neon,
             },
             connect,
             c.endpoints.clone(),

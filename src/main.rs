@@ -98,6 +98,9 @@ enum BranchCommand {
         parent: String,
         #[arg(long)]
         id: Option<String>,
+        /// Neon endpoints only: start the branch at this LSN (X/Y) of the parent's timeline.
+        #[arg(long)]
+        lsn: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -120,10 +123,11 @@ fn client(command: Command, config: &Path) -> anyhow::Result<()> {
         )
     };
     rt.block_on(async {
-        let create = |id, parent, api| async move {
+        let create = |id, parent, lsn, api| async move {
             let body = CreateBody {
                 id,
                 parent,
+                lsn,
                 ..Default::default()
             };
             let created = pgwake::cli::create(&target(api)?, &body).await?;
@@ -131,11 +135,14 @@ fn client(command: Command, config: &Path) -> anyhow::Result<()> {
             anyhow::Ok(())
         };
         match command {
-            Command::Branch(BranchCommand::Create { parent, id, api }) => {
-                create(id, Some(parent), api).await?
-            }
+            Command::Branch(BranchCommand::Create {
+                parent,
+                id,
+                lsn,
+                api,
+            }) => create(id, Some(parent), lsn, api).await?,
             Command::Endpoint(EndpointCommand::Create { id, parent, api }) => {
-                create(id, parent, api).await?
+                create(id, parent, None, api).await?
             }
             Command::Endpoint(EndpointCommand::List { api }) => {
                 print!("{}", pgwake::cli::list(&target(api)?).await?);

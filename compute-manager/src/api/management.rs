@@ -65,9 +65,11 @@ fn status_of(kind: ProvisionErrorKind) -> StatusCode {
         ProvisionErrorKind::UnknownEndpoint => StatusCode::NOT_FOUND,
         ProvisionErrorKind::Duplicate
         | ProvisionErrorKind::Configured
-        | ProvisionErrorKind::Busy => StatusCode::CONFLICT,
+        | ProvisionErrorKind::Busy
+        | ProvisionErrorKind::Conflict => StatusCode::CONFLICT,
         ProvisionErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         ProvisionErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+        ProvisionErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ProvisionErrorKind::CopyFailed | ProvisionErrorKind::Internal => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

@@ -711,3 +711,118 @@ async fn only_the_installations_endpoints_are_branched_made_and_deleted() {
     .unwrap();
     assert_eq!(e.kind(), NeonBranchErrorKind::Internal);
 }
+
+/// The management API's side: `POST /v1/endpoints` with a Neon parent goes through
+/// [`crate::provision::KubernetesProvisioner`] to the brancher, and the result is routed.
+#[tokio::test]
+async fn the_management_service_branches_neon_endpoints_and_deletes_them() {
+    use crate::provision::{
+        ConnectInfo, CreateBody, Endpoints, KubernetesProvisioner, ProvisionErrorKind, Provisioners,
+    };
+    use pgwake_router::{Route, RoutingTable};
+    use std::sync::Arc;
+
+    let (b, mut api, fake) = brancher().await;
+    let table = Arc::new(RoutingTable::new());
+    table.upsert(Route::from(typed(&neon_main()).endpoint_config().unwrap()));
+    let manager = crate::Manager::new(
+        crate::ManagerConfig::default(),
+        crate::Backends::default(),
+        crate::ManagerMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let endpoints = Endpoints::new(
+        Arc::clone(&table),
+        Arc::clone(&manager),
+        Provisioners {
+            local: None,
+            kubernetes: Some(Arc::new(KubernetesProvisioner::new(
+                b,
+                Arc::clone(&manager),
+                Duration::from_secs(5),
+            ))),
+        },
+        ConnectInfo {
+            host: "db.example.com".into(),
+            port: 5432,
+            domain: None,
+            user: "postgres".into(),
+            dbname: "postgres".into(),
+        },
+        Vec::new(),
+    );
+    let body = |json: Value| serde_json::from_value::<CreateBody>(json).unwrap();
+
+    // Refused before any call: a malformed LSN, and a new endpoint with no parent.
+    let (bad_lsn, no_parent, ()) = tokio::join!(
+        endpoints.create(body(
+            json!({"parent": "neon-main", "id": "dev", "lsn": "zz"})
+        )),
+        endpoints.create(body(json!({"id": "dev", "backend": "kubernetes"}))),
+        api.quiet()
+    );
+    assert_eq!(
+        bad_lsn.unwrap_err().kind(),
+        ProvisionErrorKind::InvalidRequest
+    );
+    assert_eq!(
+        no_parent.unwrap_err().kind(),
+        ProvisionErrorKind::InvalidRequest
+    );
+    assert!(fake.received().is_empty());
+
+    let (made, ()) = tokio::join!(
+        endpoints.create(body(
+            json!({"parent": "neon-main", "id": "dev", "lsn": "0/1000000"})
+        )),
+        async {
+            api.get("neon-main").await.reply(200, &neon_main());
+            api.get("dev").await.fail(404, "NotFound");
+            let call = api.expect(Method::POST, CREATE).await;
+            let body = created(&call.body);
+            call.reply(201, &body);
+            api.quiet().await;
+        }
+    );
+    let made = made.unwrap();
+    assert_eq!(made.id, "dev");
+    assert!(made.connection_uri.contains("endpoint%3Ddev"), "{made:?}");
+    let route = table
+        .lookup(id("dev"))
+        .expect("the branch is routed at once");
+    assert!(matches!(
+        route.backend,
+        pgwake_router::BackendSpec::Kubernetes { .. }
+    ));
+    assert_eq!(fake.count(Op::Create), 1);
+
+    // Storage down: 503 to the caller, retryable, nothing routed.
+    for _ in 0..20 {
+        fake.fail_next(Op::Create, Fault::Status(503));
+    }
+    let (down, ()) = tokio::join!(
+        endpoints.create(body(json!({"parent": "neon-main", "id": "dev2"}))),
+        async {
+            api.get("neon-main").await.reply(200, &neon_main());
+            api.get("dev2").await.fail(404, "NotFound");
+        }
+    );
+    let e = down.unwrap_err();
+    assert_eq!(e.kind(), ProvisionErrorKind::Unavailable, "{e}");
+    assert!(e.kind().retryable());
+    assert!(table.lookup(id("dev2")).is_none());
+
+    // Delete: the resource goes and the route with it.
+    let dev = created(&{
+        let mut v = neon_main();
+        v["metadata"]["name"] = json!("dev");
+        v
+    });
+    let (deleted, ()) = tokio::join!(endpoints.delete(id("dev"), false), async {
+        api.get("dev").await.reply(200, &dev);
+        api.delete("dev").await.reply(200, &dev);
+        api.quiet().await;
+    });
+    deleted.unwrap();
+    assert!(table.lookup(id("dev")).is_none());
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}

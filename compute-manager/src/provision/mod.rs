@@ -10,6 +10,7 @@
 //! - `service`: [`Endpoints`].
 
 mod ids;
+mod kubernetes;
 mod local;
 mod service;
 mod state;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use pgwake_router::{AuthMode, EndpointConfig, EndpointId, Route};
 
 pub use ids::generate_id;
+pub use kubernetes::KubernetesProvisioner;
 pub use local::LocalProvisioner;
 pub use service::{ConnectInfo, CreateBody, CreatedBody, EndpointBody, EndpointOrigin, Endpoints};
 pub use state::{StateFile, StateFileError, StoredEndpoint};
@@ -34,6 +36,9 @@ pub struct CreateRequest {
     pub id: EndpointId,
     /// The parent's route as the table has it.
     pub parent: Option<Arc<Route>>,
+    /// Where on the parent's history the branch starts (`X/Y`; Neon branches only). `None`:
+    /// its present state.
+    pub lsn: Option<String>,
     pub settings: EndpointSettings,
 }
 
@@ -136,9 +141,13 @@ pub enum ProvisionErrorKind {
     Configured,
     /// Sessions use the endpoint's compute.
     Busy,
+    /// Refused as things stand (e.g. a timeline that still has branches).
+    Conflict,
     NoSpace,
     CopyFailed,
     Unsupported,
+    /// Storage or the cluster did not answer; the same request may succeed later.
+    Unavailable,
     Internal,
 }
 
@@ -150,9 +159,11 @@ impl ProvisionErrorKind {
             Self::Duplicate => "duplicate_endpoint",
             Self::Configured => "configured_endpoint",
             Self::Busy => "endpoint_busy",
+            Self::Conflict => "conflict",
             Self::NoSpace => "insufficient_storage",
             Self::CopyFailed => "copy_failed",
             Self::Unsupported => "unsupported_backend",
+            Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
     }
@@ -161,7 +172,7 @@ impl ProvisionErrorKind {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Self::Busy | Self::NoSpace | Self::CopyFailed | Self::Internal
+            Self::Busy | Self::NoSpace | Self::CopyFailed | Self::Unavailable | Self::Internal
         )
     }
 }
@@ -172,6 +183,13 @@ pub enum ProvisionError {
     InvalidRequest(String),
     #[error("endpoint \"{0}\" does not exist")]
     UnknownEndpoint(EndpointId),
+    /// Something the request names does not exist (the message says what).
+    #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("endpoint \"{0}\" already exists")]
     Duplicate(EndpointId),
     #[error("endpoint \"{0}\" is defined in the config file; remove it there (and reload)")]
@@ -196,7 +214,9 @@ impl ProvisionError {
     pub fn kind(&self) -> ProvisionErrorKind {
         match self {
             Self::InvalidRequest(_) => ProvisionErrorKind::InvalidRequest,
-            Self::UnknownEndpoint(_) => ProvisionErrorKind::UnknownEndpoint,
+            Self::UnknownEndpoint(_) | Self::Missing(_) => ProvisionErrorKind::UnknownEndpoint,
+            Self::Conflict(_) => ProvisionErrorKind::Conflict,
+            Self::Unavailable(_) => ProvisionErrorKind::Unavailable,
             Self::Duplicate(_) => ProvisionErrorKind::Duplicate,
             Self::Configured(_) => ProvisionErrorKind::Configured,
             Self::Busy { .. } => ProvisionErrorKind::Busy,

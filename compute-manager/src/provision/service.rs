@@ -77,6 +77,10 @@ pub struct CreateBody {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<Duration>,
+    /// A branch of a Neon endpoint starting at this LSN (`X/Y`) of the parent's timeline,
+    /// instead of its present state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
     /// Light sleep: how long a frozen compute stays frozen (`"0s"`: stopped at once).
     #[serde(
         default,
@@ -261,6 +265,17 @@ impl Endpoints {
             (Some(p), _) => BackendKind::of(&p.backend),
             (None, k) => k.unwrap_or(BackendKind::Local),
         };
+        if let Some(lsn) = &body.lsn {
+            if parent.is_none() || kind != BackendKind::Kubernetes {
+                return Err(ProvisionError::InvalidRequest(
+                    "lsn is for branches of Neon endpoints (kubernetes backend); a local branch \
+                     copies its parent as it is now"
+                        .into(),
+                ));
+            }
+            crate::neon::Lsn::parse(lsn)
+                .map_err(|e| ProvisionError::InvalidRequest(format!("lsn: {e}")))?;
+        }
         let provisioner = self.provisioners.for_kind(kind)?;
         let taken = |id: &EndpointId| -> Result<bool, ProvisionError> {
             Ok(self.table.lookup(id).is_some() || provisioner.exists(id)?)
@@ -317,6 +332,7 @@ impl Endpoints {
             .create(CreateRequest {
                 id: id.clone(),
                 parent: parent.clone(),
+                lsn: body.lsn.clone(),
                 settings,
             })
             .await?;
