@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Bytes delivered to the destination in each direction (not merely read from the source).
@@ -573,6 +573,124 @@ where
     }
 }
 
+/// Relay for a client whose reads come out of a buffer (a TLS session: rustls decrypts each
+/// record in its own buffer). The client's plaintext is written to the compute straight from
+/// there, without the copy into a relay buffer that [`relay_copy`] makes; the other direction
+/// reads [`TLS_DOWN_BUF_SIZE`] at a time, so that one write gives rustls two full records to
+/// encrypt and send together. Same semantics and memory per session as `relay_copy`.
+pub async fn relay_buffered<A, B>(client: &mut A, compute: &mut B) -> RelayOutcome
+where
+    A: AsyncBufRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = BufDirection::new(Side::Client, Side::Compute);
+    let mut down = CopyDirection::with_capacity(Side::Compute, Side::Client, TLS_DOWN_BUF_SIZE);
+    let result = poll_fn(|cx| {
+        let up_done = up.poll_transfer(cx, &mut *client, &mut *compute)?;
+        let down_done = down.poll_transfer(cx, &mut *compute, &mut *client)?;
+        if up_done.is_ready() && down_done.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    RelayOutcome {
+        mode: Mode::Copy,
+        bytes: Transferred {
+            client_to_compute: up.delivered,
+            compute_to_client: down.delivered,
+        },
+        spliced: Transferred::default(),
+        result,
+    }
+}
+
+/// The compute-to-client buffer of [`relay_buffered`]: two TLS records of plaintext. The other
+/// direction has no buffer of its own, so a session still holds `2 * COPY_BUF_SIZE`.
+pub const TLS_DOWN_BUF_SIZE: usize = 2 * COPY_BUF_SIZE;
+
+/// One direction of [`relay_buffered`]: writes what the reader has buffered, then tells the
+/// reader how much of it is gone.
+struct BufDirection {
+    src: Side,
+    dst: Side,
+    eof: bool,
+    need_flush: bool,
+    done: bool,
+    delivered: u64,
+}
+
+impl BufDirection {
+    fn new(src: Side, dst: Side) -> Self {
+        Self {
+            src,
+            dst,
+            eof: false,
+            need_flush: false,
+            done: false,
+            delivered: 0,
+        }
+    }
+
+    /// As [`CopyDirection::poll_transfer`]; a write that is pending leaves the data in the
+    /// reader's buffer, which is then not refilled (rustls reads no more records while it
+    /// holds plaintext), so nothing grows while the compute is slow.
+    fn poll_transfer<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<(), RelayError>>
+    where
+        R: AsyncBufRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut reads = 0;
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                    .map_err(|err| self.dst.error(err))?;
+                self.done = true;
+                continue;
+            }
+            if reads == MAX_READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let chunk = match Pin::new(&mut *reader).poll_fill_buf(cx) {
+                Poll::Ready(Ok(chunk)) => chunk,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(self.src.error(err))),
+                Poll::Pending => {
+                    if self.need_flush {
+                        if let Poll::Ready(res) = Pin::new(&mut *writer).poll_flush(cx) {
+                            res.map_err(|err| self.dst.error(err))?;
+                            self.need_flush = false;
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            };
+            reads += 1;
+            if chunk.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
+                .map_err(|err| self.dst.error(err))?;
+            if n == 0 {
+                return Poll::Ready(Err(self.dst.error(io::ErrorKind::WriteZero.into())));
+            }
+            Pin::new(&mut *reader).consume(n);
+            self.delivered += n as u64;
+            self.need_flush = true;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CopyState {
     Running,
@@ -596,10 +714,14 @@ struct CopyDirection {
 
 impl CopyDirection {
     fn new(src: Side, dst: Side) -> Self {
+        Self::with_capacity(src, dst, COPY_BUF_SIZE)
+    }
+
+    fn with_capacity(src: Side, dst: Side, size: usize) -> Self {
         CopyDirection {
             src,
             dst,
-            buf: vec![0; COPY_BUF_SIZE].into_boxed_slice(),
+            buf: vec![0; size].into_boxed_slice(),
             pos: 0,
             filled: 0,
             read_eof: false,
@@ -1200,5 +1322,41 @@ mod tests {
             "only {} of {TOTAL} bytes spliced",
             outcome.spliced.compute_to_client
         );
+    }
+    /// The buffered relay over in-memory streams: a client reading through a buffer (as a TLS
+    /// session does), large data both ways checked byte for byte, EOF forwarded each way.
+    #[tokio::test]
+    async fn buffered_client_relays_both_ways() {
+        within_timeout(async {
+            let (client_proxy, client) = tokio::io::duplex(64 * 1024);
+            let (mut compute_proxy, compute) = tokio::io::duplex(64 * 1024);
+            let relay = tokio::spawn(async move {
+                let mut client_proxy = tokio::io::BufReader::with_capacity(5000, client_proxy);
+                relay_buffered(&mut client_proxy, &mut compute_proxy).await
+            });
+            const UP: usize = 3 << 20;
+            const DOWN: usize = 5 << 20;
+            let up = pattern(7);
+            let down = pattern(11);
+            let (client_r, client_w) = tokio::io::split(client);
+            let (compute_r, compute_w) = tokio::io::split(compute);
+            let (_, got_up, _, got_down) = tokio::join!(
+                send_pattern(client_w, &up, UP),
+                receive_pattern(compute_r, &up),
+                send_pattern(compute_w, &down, DOWN),
+                receive_pattern(client_r, &down),
+            );
+            assert_eq!((got_up, got_down), (UP, DOWN));
+            let outcome = relay.await.unwrap();
+            outcome.result.unwrap();
+            assert_eq!(
+                outcome.bytes,
+                Transferred {
+                    client_to_compute: UP as u64,
+                    compute_to_client: DOWN as u64,
+                }
+            );
+        })
+        .await;
     }
 }
