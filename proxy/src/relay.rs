@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::error;
 
 /// Connections on their way to one relay thread. The thread takes them as fast as it can spawn
@@ -47,6 +47,8 @@ pub(crate) struct Relays<T> {
     threads: Vec<Relay<T>>,
     /// Where the search for the least busy thread starts, so that ties rotate.
     next: AtomicUsize,
+    /// Told whenever a thread's last live session ends.
+    emptied: Arc<Notify>,
 }
 
 struct Relay<T> {
@@ -67,6 +69,7 @@ impl<T: Send + 'static> Relays<T> {
     /// `session(index, job)` for every job handed to it.
     pub(crate) fn start(n: usize, session: MakeSession<T>) -> io::Result<Self> {
         let mut threads = Vec::with_capacity(n.max(1));
+        let emptied = Arc::new(Notify::new());
         for index in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -76,7 +79,10 @@ impl<T: Send + 'static> Relays<T> {
             let thread = std::thread::Builder::new()
                 .name(format!("pgwake-relay-{index}"))
                 .spawn({
-                    let live = Arc::clone(&live);
+                    let live = Live {
+                        count: Arc::clone(&live),
+                        emptied: Arc::clone(&emptied),
+                    };
                     let session = Arc::clone(&session);
                     move || run(index, rt, rx, live, session)
                 })?;
@@ -89,6 +95,7 @@ impl<T: Send + 'static> Relays<T> {
         Ok(Self {
             threads,
             next: AtomicUsize::new(0),
+            emptied,
         })
     }
 
@@ -125,6 +132,25 @@ impl<T: Send + 'static> Relays<T> {
             .collect()
     }
 
+    /// Resolves once no thread has a live session. A session gives its place under the limits
+    /// back a moment before its task ends (it may still be writing its last error to the
+    /// client), so a drain that saw every place returned waits for this before [`Self::stop`].
+    pub(crate) async fn idle(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self
+                .threads
+                .iter()
+                .all(|r| r.live.load(Ordering::Acquire) == 0)
+            {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
     /// Stops every thread: its runtime drops the sessions still on it (closing their sockets),
     /// and this returns once all threads have ended.
     pub(crate) async fn stop(mut self) {
@@ -155,13 +181,13 @@ fn run<T: Send + 'static>(
     index: usize,
     rt: tokio::runtime::Runtime,
     mut rx: mpsc::Receiver<T>,
-    live: Arc<AtomicUsize>,
+    live: Live,
     session: MakeSession<T>,
 ) {
     let _exit = PanicLog(index);
     rt.block_on(async {
         while let Some(job) = rx.recv().await {
-            let done = Live(Arc::clone(&live));
+            let done = SessionEnd(live.clone());
             let session = session(index, job);
             tokio::spawn(async move {
                 session.await;
@@ -172,13 +198,28 @@ fn run<T: Send + 'static>(
     rt.shutdown_timeout(BLOCKING_GRACE);
 }
 
-/// Gives a session's place back however its task ends (done, panicked, or dropped with the
-/// runtime).
-struct Live(Arc<AtomicUsize>);
+/// One thread's live sessions. A clone held by a session's task gives its place back however
+/// the task ends (done, panicked, or dropped with the runtime); the thread's own is never
+/// dropped while it runs.
+#[derive(Clone)]
+struct Live {
+    count: Arc<AtomicUsize>,
+    emptied: Arc<Notify>,
+}
 
-impl Drop for Live {
+impl Live {
+    fn session_ended(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_waiters();
+        }
+    }
+}
+
+struct SessionEnd(Live);
+
+impl Drop for SessionEnd {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.session_ended();
     }
 }
 
@@ -297,6 +338,47 @@ mod tests {
         assert_eq!(distinct.len(), THREADS, "one OS thread per relay");
         assert!(!distinct.contains(&std::thread::current().id()));
         relays.stop().await;
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_the_last_session_on_every_thread() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let make: MakeSession<()> = Arc::new(move |_, ()| {
+            let mut rx = rx.clone();
+            Box::pin(async move {
+                let _ = rx.wait_for(|end| *end).await;
+            })
+        });
+        let relays = Relays::start(2, make).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), relays.idle())
+            .await
+            .expect("idle with no sessions");
+        for _ in 0..4 {
+            relays.dispatch(()).unwrap();
+        }
+        assert_eq!(relays.live(), vec![2, 2]);
+        {
+            let idle = relays.idle();
+            tokio::pin!(idle);
+            assert!(
+                futures_poll_once(idle.as_mut()).await.is_none(),
+                "sessions live"
+            );
+            tx.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), idle)
+                .await
+                .expect("idle once every session ended");
+        }
+        assert_eq!(relays.live(), vec![0, 0]);
+        relays.stop().await;
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| match Pin::new(&mut f).poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 
     #[tokio::test]

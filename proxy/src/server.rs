@@ -25,6 +25,9 @@ use crate::{cancel, conn, fd};
 /// Connections taken from the accept queue per wakeup before the loop looks at shutdown again.
 const ACCEPT_BATCH: usize = 128;
 
+/// How long a connection's final error may take to reach its client.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A client connection on its way from the accept loop to a relay thread. Deregistered from
 /// the accept loop's runtime (a std socket) until the relay thread registers it on its own.
 pub(crate) struct Accepted {
@@ -95,6 +98,9 @@ impl Proxy {
                 left = sessions + starting,
                 "drain timeout; closing remaining sessions"
             );
+        } else if let Some(relays) = &relays {
+            // Places are given back before a session's last error is written to its client.
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, relays.idle()).await;
         }
         if let Some(relays) = relays {
             let live = relays.live();
@@ -335,7 +341,7 @@ impl Proxy {
                 resp.hint.as_deref(),
             );
             // Best effort: the client may already be gone, and must not hold us up.
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, async {
                 stream.write_all(&buf).await?;
                 stream.shutdown().await
             })
