@@ -20,6 +20,8 @@
 #   --port P           pgwake listen port (default 25436; compare.sh gets --ports
 #                      25432,25433,25434,25435 unless given: all below the ephemeral range)
 #   --pgwake-log LVL   PGWAKE_LOG filter (default info)
+#   --relay-threads N  [proxy] relay_threads (default unset: one per core; 0 = sessions on
+#                      the main runtime, as before relay threads)
 # compare.sh's --out (default /tmp/bench-results/pgwake-<timestamp>) gets report.md,
 # results.tsv, raw/ and pgwake.log.
 set -euo pipefail
@@ -32,6 +34,7 @@ PGWAKE_BIN=${PGWAKE_BIN:-}
 # their local ports from it, and one still closing could keep the next run from binding.
 PORT=25436
 LOGLVL=info
+RELAY_THREADS=""
 PASS=()
 PG_ADDR=127.0.0.1:25432
 OUT=""
@@ -42,11 +45,12 @@ while [ $# -gt 0 ]; do
     --pgwake-bin) PGWAKE_BIN=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
     --pgwake-log) LOGLVL=$2; shift 2 ;;
+    --relay-threads) RELAY_THREADS=$2; shift 2 ;;
     --ports) PG_ADDR=127.0.0.1:${2%%,*}; HAVE_PORTS=1; PASS+=("$1" "$2"); shift 2 ;;
     --external-pg) PG_ADDR=$2; HAVE_PORTS=1; PASS+=("$1" "$2"); shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --peers|--no-peers) HAVE_PEERS=1; PASS+=("$1"); [ "$1" = --peers ] && { PASS+=("$2"); shift; }; shift ;;
-    -h|--help) sed -n "2,25p" "$0"; exit 0 ;;
+    -h|--help) sed -n "2,27p" "$0"; exit 0 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done
@@ -80,6 +84,7 @@ cat >"$WORK/pgwake.toml" <<EOF
 # compare-pgwake.sh: one static endpoint in front of compare.sh's Postgres
 [proxy]
 listen = "127.0.0.1:$PORT"
+${RELAY_THREADS:+relay_threads = $RELAY_THREADS}
 
 [local]
 # unused (no local endpoint); kept out of the repository
@@ -114,7 +119,7 @@ PGWAKE_PID=""
   echo "## Run conditions"
   echo
   echo "- load before: \`${LOAD_BEFORE#*load average: }\` (1/5/15 min), after: \`${LOAD_AFTER#*load average: }\`"
-  echo "- pgwake: \`$PGWAKE_BIN\` ($("$PGWAKE_BIN" --version)); endpoint \`bench\` static -> $PG_ADDR; peak RSS $PGWAKE_RSS; CPU over the run: $PGWAKE_CPU"
+  echo "- pgwake: \`$PGWAKE_BIN\` ($("$PGWAKE_BIN" --version)); endpoint \`bench\` static -> $PG_ADDR; relay_threads ${RELAY_THREADS:-unset (one per core)}; peak RSS $PGWAKE_RSS; CPU over the run: $PGWAKE_CPU"
   echo
   echo "## pgwake log ($(wc -l <"$OUT/pgwake.log") lines, PGWAKE_LOG=$LOGLVL)"
   echo

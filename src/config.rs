@@ -291,6 +291,9 @@ trait Section: DeserializeOwned + Default {
     fn validate(&self, _errors: &mut Vec<String>) {}
 }
 
+/// More relay threads than this is a typo, not a machine.
+const MAX_RELAY_THREADS: usize = 1024;
+
 impl Section for ProxyConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         if self.max_connections == 0 {
@@ -298,6 +301,11 @@ impl Section for ProxyConfig {
         }
         if self.startup_timeout.is_zero() {
             errors.push("startup_timeout must be more than 0".into());
+        }
+        if self.relay_threads.is_some_and(|n| n > MAX_RELAY_THREADS) {
+            errors.push(format!(
+                "relay_threads must be at most {MAX_RELAY_THREADS} (unset: one per core)"
+            ));
         }
         for peer in &self.cancel_peers {
             let port = peer.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
@@ -823,5 +831,20 @@ mod tests {
         assert_eq!(c.compute.idle_timeout, Duration::from_secs(300));
         assert_eq!(c.compute.activity_interval, Duration::from_secs(5));
         assert!(c.endpoints.is_empty());
+        assert_eq!(c.proxy.relay_threads, None, "one per core");
+    }
+
+    #[test]
+    fn relay_threads_are_bounded() {
+        let c = Config::parse("[proxy]\nrelay_threads = 0").unwrap();
+        assert_eq!(c.proxy.relay_threads, Some(0));
+        let e = Config::parse("[proxy]\nrelay_threads = 100000")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            e,
+            ["[proxy]: relay_threads must be at most 1024 (unset: one per core)"],
+            "{e:?}"
+        );
     }
 }

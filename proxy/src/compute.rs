@@ -46,14 +46,10 @@ async fn connect_tcp(
     let endpoint = &route.endpoint;
     let mut last_err = None;
     for attempt in 0..CONNECT_ATTEMPTS {
-        let lease = proxy
-            .manager
-            .wake(route)
-            .await
-            .map_err(|source| ProxyError::Wake {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
+        let lease = proxy.wake(route).await.map_err(|source| ProxyError::Wake {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
         let res = tokio::time::timeout(
             proxy.cfg.connect_timeout,
             TcpStream::connect(lease.addr.as_str()),

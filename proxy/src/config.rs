@@ -46,6 +46,11 @@ pub struct ProxyConfig {
     /// dropped off the network) ends its session and lets its compute suspend.
     #[serde(default)]
     pub tcp_keepalive: TcpKeepaliveConfig,
+    /// Threads that client sessions run on, each session on one of them from accept to close
+    /// (see `relay`). Unset: one per core. 0: sessions run on the main runtime with everything
+    /// else, as before there were relay threads.
+    #[serde(default)]
+    pub relay_threads: Option<usize>,
 }
 
 /// `[proxy.tcp_keepalive]`: probes start after `idle` without traffic, every `interval`, and
@@ -133,6 +138,7 @@ impl Default for ProxyConfig {
             cancel_peers: Vec::new(),
             tcp_keepalive: TcpKeepaliveConfig::default(),
             auth_timeout: default_auth_timeout(),
+            relay_threads: None,
         }
     }
 }

@@ -127,6 +127,10 @@ pub(crate) async fn handle(
     let outcome = match (client, &mut compute) {
         // Zero-copy only where both sides are plain TCP: splice cannot see through rustls.
         (ClientStream::Plain(tcp), ComputeStream::Plain(c)) => passthrough::relay(tcp, c).await,
+        // The client's plaintext goes to the compute from rustls' own buffer.
+        (ClientStream::Tls(tls), ComputeStream::Plain(c)) => {
+            passthrough::relay_buffered(tls.as_mut(), c).await
+        }
         (client, compute) => passthrough::relay_copy(client, compute).await,
     };
     let bytes = outcome.bytes;

@@ -16,6 +16,8 @@ pub struct ProxyMetrics {
     pub sql_seconds: Histogram,
     /// Idle compute connections in the `/sql` pool.
     pub sql_pool_idle: IntGauge,
+    /// Client sessions handed to each relay thread (`[proxy] relay_threads`), by thread index.
+    pub relay_sessions: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -72,7 +74,15 @@ impl ProxyMetrics {
                 "pgwake_sql_pool_idle_connections",
                 "Idle compute connections in the SQL-over-HTTP pool",
             )?,
+            relay_sessions: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_relay_sessions_total",
+                    "Client connections handed to each relay thread",
+                ),
+                &["relay"],
+            )?,
         };
+        registry.register(Box::new(m.relay_sessions.clone()))?;
         registry.register(Box::new(m.sql_pool_idle.clone()))?;
         registry.register(Box::new(m.sql_requests.clone()))?;
         registry.register(Box::new(m.sql_seconds.clone()))?;

@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Bytes delivered to the destination in each direction (not merely read from the source).
@@ -106,17 +106,18 @@ mod splice {
 
     use super::{Mode, RelayError, RelayOutcome, Side, Transferred};
 
-    /// Upper bound for one splice call. The kernel stops at what the pipe can hold (64 KiB by
-    /// default, a single page or two once the user passes `pipe-user-pages-soft`), so asking for
-    /// more than any pipe holds just means "fill it"; the real amount is what splice returns.
-    const SPLICE_LEN: usize = 1 << 20;
+    /// What a pipe is sized to (`F_SETPIPE_SZ`): 256 slots. Splicing from a socket fills one
+    /// slot per chunk of a received segment, however small, so the default 16 slots often hold
+    /// far less than their 64 KiB; a bulk transfer (COPY) then moves a few KiB per splice pair.
+    /// Only the pages in use are memory; the rest is a slot table of a few KiB.
+    pub(super) const PIPE_SIZE: usize = 1 << 20;
 
     /// A pipe is the kernel-side buffer splice needs between two sockets. `OwnedFd` closes both
     /// ends on every path, including when the relay future is dropped mid-session.
     struct Pipe {
         read: OwnedFd,
         write: OwnedFd,
-        /// What the pipe holds (F_GETPIPE_SZ): a splice that moves less drained the socket.
+        /// What the pipe holds: what one splice from the socket asks for.
         capacity: usize,
     }
 
@@ -133,15 +134,54 @@ mod splice {
             // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
             let (read, write) =
                 unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-            // SAFETY: fcntl on a pipe fd we own.
-            let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-            let capacity = usize::try_from(capacity).unwrap_or(64 * 1024);
+            let fd = write.as_raw_fd();
+            let capacity = size_pipe(
+                PIPE_SIZE,
+                || {
+                    std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                },
+                // SAFETY: fcntl on a pipe fd we own.
+                |size| cvt(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size as libc::c_int) }),
+                // SAFETY: fcntl on a pipe fd we own.
+                || cvt(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) }),
+            );
             Ok(Pipe {
                 read,
                 write,
                 capacity,
             })
         }
+    }
+
+    fn cvt(rc: libc::c_int) -> io::Result<usize> {
+        usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// The capacity a new pipe ends up with: `want`, or, where the kernel refuses that (EPERM:
+    /// above `/proc/sys/fs/pipe-max-size` without CAP_SYS_RESOURCE, or the user's pipes are
+    /// over `pipe-user-pages-soft`), `pipe-max-size` if that is smaller, else what the pipe
+    /// already has (64 KiB, or a page or two for a user over the soft limit). Never fails:
+    /// a smaller pipe only means more splice calls.
+    pub(super) fn size_pipe(
+        want: usize,
+        max_size: impl FnOnce() -> Option<usize>,
+        mut set: impl FnMut(usize) -> io::Result<usize>,
+        get: impl FnOnce() -> io::Result<usize>,
+    ) -> usize {
+        match set(want) {
+            Ok(n) => return n,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                if let Some(max) = max_size().filter(|&m| m < want) {
+                    if let Ok(n) = set(max) {
+                        return n;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not resize a splice pipe"),
+        }
+        get().unwrap_or(64 * 1024)
     }
 
     pub(super) async fn relay(client: &TcpStream, compute: &TcpStream) -> RelayOutcome {
@@ -175,7 +215,7 @@ mod splice {
 
     /// Reads up to this much into a stack buffer and writes it out (two syscalls per message,
     /// no pipe). A read that fills it means bulk data is flowing, and the direction switches
-    /// to splice until a splice comes back short.
+    /// to splice until the socket is drained (a splice finds nothing to read).
     const SMALL: usize = 4096;
 
     /// One direction of a session, hybrid: Postgres traffic is mostly small messages (a query,
@@ -208,13 +248,12 @@ mod splice {
                 let p = pipe.as_ref().expect("created above");
                 match splice_once(src, dst, p, dst_side, src_side).await? {
                     Step::Eof => return shutdown_write(dst).map_err(|err| dst_side.error(err)),
-                    Step::Moved { n, drained } => {
+                    Step::Moved(n) => {
                         *delivered += n as u64;
                         *spliced += n as u64;
-                        // A short splice means the socket is drained: back to small messages.
-                        bulk = !drained;
                     }
-                    Step::Nothing => {}
+                    // The socket is drained: back to small messages.
+                    Step::Nothing => bulk = false,
                 }
             } else {
                 match copy_once(src, dst, src_side, dst_side)? {
@@ -306,8 +345,9 @@ mod splice {
 
     enum Step {
         Eof,
+        /// The socket is drained.
         Nothing,
-        Moved { n: usize, drained: bool },
+        Moved(usize),
     }
 
     async fn splice_once(
@@ -317,21 +357,15 @@ mod splice {
         dst_side: Side,
         src_side: Side,
     ) -> Result<Step, RelayError> {
-        let mut got = 0usize;
-        // The pipe is empty here, so EAGAIN can only mean "socket has nothing to read".
-        let filled = src.try_io(Interest::READABLE, || {
-            let n = splice(src.as_raw_fd(), pipe.write.as_raw_fd(), SPLICE_LEN)?;
-            if n > 0 && n < pipe.capacity {
-                // Short: the socket is drained; clear readiness as in `copy_once`.
-                got = n;
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let (filled, drained) = match filled {
+        // The pipe is empty here, so EAGAIN can only mean "socket has nothing to read". A short
+        // splice does not mean the socket is drained, unlike a short recv: the pipe may have run
+        // out of slots (one per chunk of each received segment, however small). So the pipe is
+        // drained and the caller splices again until EAGAIN, which also clears readiness.
+        let filled = match src.try_io(Interest::READABLE, || {
+            splice(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe.capacity)
+        }) {
             Ok(0) => return Ok(Step::Eof),
-            Ok(n) => (n, false),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => (got, true),
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Nothing),
             Err(e) => return Err(src_side.error(e)),
         };
@@ -353,7 +387,7 @@ mod splice {
             }
             in_pipe = in_pipe.saturating_sub(n);
         }
-        Ok(Step::Moved { n: filled, drained })
+        Ok(Step::Moved(filled))
     }
 
     fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -426,6 +460,75 @@ mod splice {
         }
         Ok(())
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn eperm<T>() -> io::Result<T> {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+
+        #[test]
+        fn a_new_pipe_is_sized_for_bulk() {
+            let pipe = Pipe::new().unwrap();
+            // SAFETY: fcntl on a pipe fd the test owns.
+            let real = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            assert_eq!(real as usize, pipe.capacity);
+            let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // SAFETY: no arguments.
+            if unsafe { libc::geteuid() } == 0 || max >= PIPE_SIZE {
+                assert_eq!(pipe.capacity, PIPE_SIZE);
+            } else {
+                assert!(pipe.capacity >= 4096);
+            }
+        }
+
+        #[test]
+        fn above_pipe_max_size_the_pipe_gets_the_maximum() {
+            let mut asked = Vec::new();
+            let got = size_pipe(
+                PIPE_SIZE,
+                || Some(256 * 1024),
+                |n| {
+                    asked.push(n);
+                    if n > 256 * 1024 {
+                        eperm()
+                    } else {
+                        Ok(n)
+                    }
+                },
+                || unreachable!("sized"),
+            );
+            assert_eq!(got, 256 * 1024);
+            assert_eq!(asked, [PIPE_SIZE, 256 * 1024]);
+        }
+
+        #[test]
+        fn a_refused_resize_keeps_the_pipe_as_it_is() {
+            // Over pipe-user-pages-soft every increase is refused.
+            let got = size_pipe(PIPE_SIZE, || Some(PIPE_SIZE), |_| eperm(), || Ok(8192));
+            assert_eq!(got, 8192);
+            // pipe-max-size unreadable (no /proc).
+            let got = size_pipe(PIPE_SIZE, || None, |_| eperm(), || Ok(65536));
+            assert_eq!(got, 65536);
+            // Any other error.
+            let got = size_pipe(
+                PIPE_SIZE,
+                || unreachable!("only read after EPERM"),
+                |_| Err(io::Error::from_raw_os_error(libc::EINVAL)),
+                || Ok(65536),
+            );
+            assert_eq!(got, 65536);
+            // Not even the size readable: the kernel's default.
+            let got = size_pipe(PIPE_SIZE, || None, |_| eperm(), eperm);
+            assert_eq!(got, 64 * 1024);
+        }
+    }
 }
 
 /// Buffer per direction for the copy path. 16 KiB is the largest TLS plaintext record, so a TLS
@@ -470,6 +573,124 @@ where
     }
 }
 
+/// Relay for a client whose reads come out of a buffer (a TLS session: rustls decrypts each
+/// record in its own buffer). The client's plaintext is written to the compute straight from
+/// there, without the copy into a relay buffer that [`relay_copy`] makes; the other direction
+/// reads [`TLS_DOWN_BUF_SIZE`] at a time, so that one write gives rustls two full records to
+/// encrypt and send together. Same semantics and memory per session as `relay_copy`.
+pub async fn relay_buffered<A, B>(client: &mut A, compute: &mut B) -> RelayOutcome
+where
+    A: AsyncBufRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = BufDirection::new(Side::Client, Side::Compute);
+    let mut down = CopyDirection::with_capacity(Side::Compute, Side::Client, TLS_DOWN_BUF_SIZE);
+    let result = poll_fn(|cx| {
+        let up_done = up.poll_transfer(cx, &mut *client, &mut *compute)?;
+        let down_done = down.poll_transfer(cx, &mut *compute, &mut *client)?;
+        if up_done.is_ready() && down_done.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    RelayOutcome {
+        mode: Mode::Copy,
+        bytes: Transferred {
+            client_to_compute: up.delivered,
+            compute_to_client: down.delivered,
+        },
+        spliced: Transferred::default(),
+        result,
+    }
+}
+
+/// The compute-to-client buffer of [`relay_buffered`]: two TLS records of plaintext. The other
+/// direction has no buffer of its own, so a session still holds `2 * COPY_BUF_SIZE`.
+pub const TLS_DOWN_BUF_SIZE: usize = 2 * COPY_BUF_SIZE;
+
+/// One direction of [`relay_buffered`]: writes what the reader has buffered, then tells the
+/// reader how much of it is gone.
+struct BufDirection {
+    src: Side,
+    dst: Side,
+    eof: bool,
+    need_flush: bool,
+    done: bool,
+    delivered: u64,
+}
+
+impl BufDirection {
+    fn new(src: Side, dst: Side) -> Self {
+        Self {
+            src,
+            dst,
+            eof: false,
+            need_flush: false,
+            done: false,
+            delivered: 0,
+        }
+    }
+
+    /// As [`CopyDirection::poll_transfer`]; a write that is pending leaves the data in the
+    /// reader's buffer, which is then not refilled (rustls reads no more records while it
+    /// holds plaintext), so nothing grows while the compute is slow.
+    fn poll_transfer<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<(), RelayError>>
+    where
+        R: AsyncBufRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut reads = 0;
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                    .map_err(|err| self.dst.error(err))?;
+                self.done = true;
+                continue;
+            }
+            if reads == MAX_READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let chunk = match Pin::new(&mut *reader).poll_fill_buf(cx) {
+                Poll::Ready(Ok(chunk)) => chunk,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(self.src.error(err))),
+                Poll::Pending => {
+                    if self.need_flush {
+                        if let Poll::Ready(res) = Pin::new(&mut *writer).poll_flush(cx) {
+                            res.map_err(|err| self.dst.error(err))?;
+                            self.need_flush = false;
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            };
+            reads += 1;
+            if chunk.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
+                .map_err(|err| self.dst.error(err))?;
+            if n == 0 {
+                return Poll::Ready(Err(self.dst.error(io::ErrorKind::WriteZero.into())));
+            }
+            Pin::new(&mut *reader).consume(n);
+            self.delivered += n as u64;
+            self.need_flush = true;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CopyState {
     Running,
@@ -493,10 +714,14 @@ struct CopyDirection {
 
 impl CopyDirection {
     fn new(src: Side, dst: Side) -> Self {
+        Self::with_capacity(src, dst, COPY_BUF_SIZE)
+    }
+
+    fn with_capacity(src: Side, dst: Side, size: usize) -> Self {
         CopyDirection {
             src,
             dst,
-            buf: vec![0; COPY_BUF_SIZE].into_boxed_slice(),
+            buf: vec![0; size].into_boxed_slice(),
             pos: 0,
             filled: 0,
             read_eof: false,
@@ -829,10 +1054,11 @@ mod tests {
         }
         // Informational only: timing depends on the machine and must never fail a test.
         println!(
-            "passthrough {:?}: {} MiB + {} MiB in {:?} ({:.0} MB/s)",
+            "passthrough {:?}: {} MiB + {} MiB ({} B spliced up) in {:?} ({:.0} MB/s)",
             outcome.mode,
             UP >> 20,
             DOWN >> 20,
+            outcome.spliced.client_to_compute,
             elapsed,
             (UP + DOWN) as f64 / elapsed.as_secs_f64() / 1e6
         );
@@ -1049,6 +1275,85 @@ mod tests {
                 Transferred {
                     client_to_compute: 1,
                     compute_to_client: 1,
+                }
+            );
+        })
+        .await;
+    }
+    /// COPY-like bulk: the sender writes 8 KiB at a time (as Postgres flushes its output
+    /// buffer), so the receive queue holds many small segments.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copy_like_bulk_of_small_segments_arrives_intact_and_spliced() {
+        const TOTAL: usize = 64 << 20;
+        let Proxied {
+            client,
+            server,
+            relay,
+        } = proxied(Mode::Splice).await;
+        client.set_nodelay(true).unwrap();
+        let p = pattern(0x1234_5678_9ABC_DEF1);
+        let send = tokio::spawn({
+            let p = p.clone();
+            async move {
+                let mut w = server;
+                let mut off = 0;
+                while off < TOTAL {
+                    let start = off % p.len();
+                    let len = (p.len() - start).min(8192).min(TOTAL - off);
+                    w.write_all(&p[start..start + len]).await.unwrap();
+                    off += len;
+                }
+                w.shutdown().await.unwrap();
+                w
+            }
+        });
+        let (r, mut w) = client.into_split();
+        let got = receive_pattern(r, &p).await;
+        w.shutdown().await.unwrap();
+        drop(send.await.unwrap());
+        let outcome = relay.await.unwrap();
+        assert_eq!(got, TOTAL);
+        outcome.result.unwrap();
+        assert_eq!(outcome.bytes.compute_to_client, TOTAL as u64);
+        // Each splice may stop at a pipe full of small segments; the direction must stay on
+        // splice (drain, then splice again), not drop to small copies after each one.
+        assert!(
+            outcome.spliced.compute_to_client > (TOTAL / 2) as u64,
+            "only {} of {TOTAL} bytes spliced",
+            outcome.spliced.compute_to_client
+        );
+    }
+    /// The buffered relay over in-memory streams: a client reading through a buffer (as a TLS
+    /// session does), large data both ways checked byte for byte, EOF forwarded each way.
+    #[tokio::test]
+    async fn buffered_client_relays_both_ways() {
+        within_timeout(async {
+            let (client_proxy, client) = tokio::io::duplex(64 * 1024);
+            let (mut compute_proxy, compute) = tokio::io::duplex(64 * 1024);
+            let relay = tokio::spawn(async move {
+                let mut client_proxy = tokio::io::BufReader::with_capacity(5000, client_proxy);
+                relay_buffered(&mut client_proxy, &mut compute_proxy).await
+            });
+            const UP: usize = 3 << 20;
+            const DOWN: usize = 5 << 20;
+            let up = pattern(7);
+            let down = pattern(11);
+            let (client_r, client_w) = tokio::io::split(client);
+            let (compute_r, compute_w) = tokio::io::split(compute);
+            let (_, got_up, _, got_down) = tokio::join!(
+                send_pattern(client_w, &up, UP),
+                receive_pattern(compute_r, &up),
+                send_pattern(compute_w, &down, DOWN),
+                receive_pattern(client_r, &down),
+            );
+            assert_eq!((got_up, got_down), (UP, DOWN));
+            let outcome = relay.await.unwrap();
+            outcome.result.unwrap();
+            assert_eq!(
+                outcome.bytes,
+                Transferred {
+                    client_to_compute: UP as u64,
+                    compute_to_client: DOWN as u64,
                 }
             );
         })

@@ -1,5 +1,6 @@
 //! The accept loops: `Proxy::serve` for clients (with the fd reserve and the drain on
-//! shutdown) and the peer cancel listener; each accepted client runs `conn::handle` in a task.
+//! shutdown) and the peer cancel listener; each accepted client runs `conn::handle` in a task,
+//! on one of the relay threads (`relay`) unless `[proxy] relay_threads = 0`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,9 +12,11 @@ use bytes::BytesMut;
 use pgwake_compute_manager::ErrorSource;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, error, info, warn, Instrument};
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
+use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::error::ProxyError;
+use crate::relay::{self, MakeSession, Relays};
 use crate::shared::Proxy;
 use crate::stream::ClientStream;
 use crate::wire::encode_error_response;
@@ -22,6 +25,18 @@ use crate::{cancel, conn, fd};
 /// Connections taken from the accept queue per wakeup before the loop looks at shutdown again.
 const ACCEPT_BATCH: usize = 128;
 
+/// How long a connection's final error may take to reach its client.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A client connection on its way from the accept loop to a relay thread. Deregistered from
+/// the accept loop's runtime (a std socket) until the relay thread registers it on its own.
+pub(crate) struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    starting: Result<OwnedSemaphorePermit, TryAcquireError>,
+    span: Span,
+}
+
 impl Proxy {
     /// `[limits]` from a reloaded config: applies to the next connection.
     pub fn set_limits(&self, limits: crate::limits::LimitsConfig) {
@@ -29,9 +44,11 @@ impl Proxy {
     }
 
     /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
-    /// sessions to end on their own before returning (the caller's runtime then cuts the rest).
+    /// sessions to end on their own before returning. The sessions left then are closed when
+    /// the relay threads stop; without relay threads, the caller's runtime cuts them.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let relays = self.start_relays();
         self.health.set_ready(true);
         let mut reserve = fd::FdReserve::new();
         loop {
@@ -39,8 +56,8 @@ impl Proxy {
                 _ = &mut shutdown => break,
                 res = listener.accept() => match res {
                     Ok((stream, peer)) => {
-                        self.spawn_connection(stream, peer);
-                        self.accept_queued(&listener);
+                        self.spawn_connection(relays.as_ref(), stream, peer);
+                        self.accept_queued(&listener, relays.as_ref());
                     }
                     Err(e) if fd::is_exhaustion(&e) => {
                         match reserve.take() {
@@ -81,6 +98,41 @@ impl Proxy {
                 left = sessions + starting,
                 "drain timeout; closing remaining sessions"
             );
+        } else if let Some(relays) = &relays {
+            // Places are given back before a session's last error is written to its client.
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, relays.idle()).await;
+        }
+        if let Some(relays) = relays {
+            let live = relays.live();
+            if live.iter().any(|&n| n > 0) {
+                info!(?live, "stopping the relay threads");
+            }
+            relays.stop().await;
+        }
+    }
+
+    /// `[proxy] relay_threads` threads for the sessions, or `None` when it is 0 or the threads
+    /// cannot be started (then sessions run on this runtime, which works, only slower).
+    fn start_relays(self: &Arc<Self>) -> Option<Relays<Accepted>> {
+        let n = self
+            .cfg
+            .relay_threads
+            .unwrap_or_else(relay::default_threads);
+        if n == 0 {
+            return None;
+        }
+        let this = Arc::clone(self);
+        let make: MakeSession<Accepted> =
+            Arc::new(move |index, job| Box::pin(Arc::clone(&this).run_relayed(index, job)));
+        match Relays::start(n, make) {
+            Ok(relays) => {
+                info!(threads = n, "relay threads started");
+                Some(relays)
+            }
+            Err(e) => {
+                error!(error = %e, "could not start the relay threads; sessions run on the main runtime");
+                None
+            }
         }
     }
 
@@ -101,11 +153,13 @@ impl Proxy {
     /// then waits a second for the retransmission). An error ends the batch: EMFILE recurs at
     /// the main loop's next `accept` (the connection is still queued), and the others concern a
     /// connection that is already gone.
-    fn accept_queued(self: &Arc<Self>, listener: &TcpListener) {
+    fn accept_queued(self: &Arc<Self>, listener: &TcpListener, relays: Option<&Relays<Accepted>>) {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         for _ in 0..ACCEPT_BATCH {
             match listener.poll_accept(&mut cx) {
-                std::task::Poll::Ready(Ok((stream, peer))) => self.spawn_connection(stream, peer),
+                std::task::Poll::Ready(Ok((stream, peer))) => {
+                    self.spawn_connection(relays, stream, peer)
+                }
                 // Pending: the queue is empty (the select registers the real waker next).
                 _ => return,
             }
@@ -135,32 +189,117 @@ impl Proxy {
         });
     }
 
-    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        self.spawn_client(ClientStream::Plain(stream), peer);
+    /// Hands a TCP client to the least busy relay thread (or, without them, to a task here).
+    fn spawn_connection(
+        self: &Arc<Self>,
+        relays: Option<&Relays<Accepted>>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let Some(relays) = relays else {
+            return self.spawn_client(ClientStream::Plain(stream), peer);
+        };
+        let (span, starting) = self.admit_connection(peer);
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(parent: &span, error = %e, "could not hand the connection to a relay thread");
+                return;
+            }
+        };
+        let job = Accepted {
+            stream,
+            peer,
+            starting,
+            span,
+        };
+        if let Err(job) = relays.dispatch(job) {
+            let Accepted {
+                stream,
+                peer,
+                starting,
+                span,
+            } = job;
+            // Every relay thread is gone (each logged its panic) or stuck: serve the client
+            // here rather than not at all.
+            error!(parent: &span, "no relay thread takes connections; serving this one on the main runtime");
+            match TcpStream::from_std(stream) {
+                Ok(s) => {
+                    let session = Arc::clone(self).session(ClientStream::Plain(s), peer, starting);
+                    tokio::spawn(session.instrument(span));
+                }
+                Err(e) => warn!(parent: &span, error = %e, "could not register the connection"),
+            }
+        }
     }
 
-    /// Runs one client (TCP, or an upgraded WebSocket from [`crate::serverless`]) in a task.
-    pub(crate) fn spawn_client(self: &Arc<Self>, mut stream: ClientStream, peer: SocketAddr) {
+    /// Runs one client (TCP, or an upgraded WebSocket from [`crate::serverless`]) in a task on
+    /// the current runtime.
+    pub(crate) fn spawn_client(self: &Arc<Self>, stream: ClientStream, peer: SocketAddr) {
+        let (span, starting) = self.admit_connection(peer);
+        tokio::spawn(
+            Arc::clone(self)
+                .session(stream, peer, starting)
+                .instrument(span),
+        );
+    }
+
+    /// Counts an accepted client and takes its place under `max_pending_startups`: here, in
+    /// accept order, so that the cap is exact under a burst.
+    fn admit_connection(
+        &self,
+        peer: SocketAddr,
+    ) -> (Span, Result<OwnedSemaphorePermit, TryAcquireError>) {
         self.metrics.accepted.inc();
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
-        let span =
-            tracing::info_span!("conn", session, client = %peer, endpoint = tracing::field::Empty);
-        let this = Arc::clone(self);
-        // Taken here, in accept order, so that the cap is exact under a burst.
-        let starting = Arc::clone(&self.pending).try_acquire_owned();
-        tokio::spawn(
-            async move {
-                let Ok(starting) = starting else {
-                    refuse(&this, &mut stream, ProxyError::TooManyPendingStartups).await;
-                    return;
-                };
-                this.metrics.active.inc();
-                let res = conn::handle(&this, &mut stream, peer, starting).await;
-                this.finish(&mut stream, res.map(|_| ())).await;
-                this.metrics.active.dec();
-            }
-            .instrument(span),
+        let span = tracing::info_span!(
+            "conn",
+            session,
+            client = %peer,
+            relay = tracing::field::Empty,
+            endpoint = tracing::field::Empty
         );
+        (span, Arc::clone(&self.pending).try_acquire_owned())
+    }
+
+    /// A handed-over connection on relay thread `index`, registered with that thread's runtime.
+    async fn run_relayed(self: Arc<Self>, index: usize, job: Accepted) {
+        let Accepted {
+            stream,
+            peer,
+            starting,
+            span,
+        } = job;
+        span.record("relay", index);
+        self.metrics
+            .relay_sessions
+            .with_label_values(&[&index.to_string()])
+            .inc();
+        let session = async move {
+            match TcpStream::from_std(stream) {
+                Ok(s) => self.session(ClientStream::Plain(s), peer, starting).await,
+                Err(e) => {
+                    warn!(error = %e, "could not register the connection on its relay thread")
+                }
+            }
+        };
+        session.instrument(span).await
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        mut stream: ClientStream,
+        peer: SocketAddr,
+        starting: Result<OwnedSemaphorePermit, TryAcquireError>,
+    ) {
+        let Ok(starting) = starting else {
+            refuse(&self, &mut stream, ProxyError::TooManyPendingStartups).await;
+            return;
+        };
+        self.metrics.active.inc();
+        let res = conn::handle(&self, &mut stream, peer, starting).await;
+        self.finish(&mut stream, res.map(|_| ())).await;
+        self.metrics.active.dec();
     }
 
     async fn finish(&self, stream: &mut ClientStream, res: Result<(), ProxyError>) {
@@ -202,7 +341,7 @@ impl Proxy {
                 resp.hint.as_deref(),
             );
             // Best effort: the client may already be gone, and must not hold us up.
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, async {
                 stream.write_all(&buf).await?;
                 stream.shutdown().await
             })

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use pgwake_compute_manager::ComputeWaker;
+use pgwake_compute_manager::{Attached, ComputeWaker, WakeError};
 use pgwake_router::{EndpointId, Route, RoutingTable};
 use tokio::sync::Semaphore;
 
@@ -36,6 +36,9 @@ pub struct Proxy {
     /// Connections before their startup, `[limits] max_pending_startups`.
     pub(crate) pending: Arc<Semaphore>,
     pub(crate) pending_total: u32,
+    /// The runtime the proxy was built on, where the manager and its timers live; `None`
+    /// outside a runtime (then wakes run wherever the session runs).
+    pub(crate) home: Option<tokio::runtime::Handle>,
 }
 
 /// What a [`Proxy`] is built from; the binary assembles it from the config file.
@@ -104,6 +107,35 @@ impl Proxy {
             limit,
             pending: Arc::new(Semaphore::new(pending_total as usize)),
             pending_total,
+            home: tokio::runtime::Handle::try_current().ok(),
         })
+    }
+
+    /// Wakes `route`'s compute on the proxy's home runtime, whichever thread the session runs
+    /// on: a wake spawns the manager's tasks (single-flight start, idle timer, crash watch,
+    /// a remote manager's HTTP connections), which must not belong to a relay thread's runtime
+    /// and die with it. Dropping the returned future cancels the wake as before.
+    pub(crate) async fn wake(&self, route: &Arc<Route>) -> Result<Attached, WakeError> {
+        let Some(home) = &self.home else {
+            return self.manager.wake(route).await;
+        };
+        let manager = Arc::clone(&self.manager);
+        let route = Arc::clone(route);
+        let mut task = AbortOnDrop(home.spawn(async move { manager.wake(&route).await }));
+        match (&mut task.0).await {
+            Ok(res) => res,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The home runtime is shutting down.
+            Err(_) => Err(WakeError::ShuttingDown),
+        }
+    }
+}
+
+/// A task that is cancelled when whoever waits for it goes away.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

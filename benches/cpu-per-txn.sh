@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# cpu-per-txn.sh - CPU time and syscalls per transaction of each proxy process (issue 16).
+#
+# Usage: cpu-per-txn.sh [--pgwake NAME=BIN[:RELAY_THREADS]]... [--no-haproxy] [--clients 8,32]
+#                       [-t TXNS] [--rounds N] [--strace] [--port-base P]
+#
+# Starts a throwaway Postgres (pg-up.sh), haproxy as a plain L4 forwarder (unless
+# --no-haproxy) and one pgwake per --pgwake (a static endpoint "bench"; RELAY_THREADS, if
+# given, becomes [proxy] relay_threads, e.g. 0 for sessions on the main runtime). Then, per
+# round, per client count, per proxy (interleaved), runs
+#   pgbench -n -t TXNS -c C -j 2 -f select1.sql
+# through the proxy and reads utime+stime of the proxy process (all threads,
+# /proc/PID/stat) before and after: CPU us per transaction. Less sensitive to other load on
+# the machine than tps, which is printed too, with the load average. With --strace, also one
+# `strace -c -f -p PID` per proxy around `pgbench -n -t 5000 -c 8`: syscalls and futex calls
+# per transaction. Everything started here is stopped at the end.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+
+PGWAKES=()
+HAPROXY=1
+CLIENTS=8,32
+TXNS=4000
+ROUNDS=2
+STRACE=0
+BASE=25450
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pgwake) PGWAKES+=("$2"); shift 2 ;;
+    --no-haproxy) HAPROXY=0; shift ;;
+    --clients) CLIENTS=$2; shift 2 ;;
+    -t) TXNS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --strace) STRACE=1; shift ;;
+    --port-base) BASE=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1" ;;
+  esac
+done
+[ ${#PGWAKES[@]} -gt 0 ] || PGWAKES=("pgwake=$HERE/../target/release/pgwake")
+[ "$HAPROXY" = 0 ] || command -v haproxy >/dev/null || die "haproxy not installed (--no-haproxy)"
+[ "$STRACE" = 0 ] || command -v strace >/dev/null || die "strace not installed"
+
+PG_PORT=$BASE
+WORK=$(mktemp -d /tmp/bench-cpu.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+NAMES=()
+PORTS=()
+OPTS=()
+cleanup() {
+  local rc=$?
+  set +e
+  for p in "${PIDS[@]}"; do stop_pid "$p" 20; done
+  "$HERE/pg-down.sh" -D "$WORK/pg" --rm >/dev/null 2>&1
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"$HERE/pg-up.sh" -p "$PG_PORT" -D "$WORK/pg" --set max_connections=100 >/dev/null
+echo 'SELECT 1;' >"$WORK/select1.sql"
+
+port=$((BASE + 1))
+if [ "$HAPROXY" = 1 ]; then
+  cat >"$WORK/haproxy.cfg" <<EOF
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend pg_in
+    bind 127.0.0.1:$port
+    default_backend pg_out
+backend pg_out
+    server pg1 127.0.0.1:$PG_PORT
+EOF
+  haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+  PIDS+=($!); NAMES+=(haproxy); PORTS+=("$port"); OPTS+=("")
+  wait_port 127.0.0.1 "$port" 10 || die "haproxy did not listen"
+  port=$((port + 1))
+fi
+for spec in "${PGWAKES[@]}"; do
+  name=${spec%%=*}
+  rest=${spec#*=}
+  bin=${rest%%:*}
+  threads=""
+  [ "$rest" != "$bin" ] && threads=${rest#*:}
+  [ -x "$bin" ] || die "no pgwake binary at $bin"
+  cat >"$WORK/$name.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$port"
+${threads:+relay_threads = $threads}
+[local]
+data_root = "$WORK/$name-data"
+[[endpoint]]
+id = "bench"
+backend = "static"
+address = "127.0.0.1:$PG_PORT"
+EOF
+  PGWAKE_LOG=warn "$bin" --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!); NAMES+=("$name"); PORTS+=("$port"); OPTS+=("endpoint=bench")
+  wait_port 127.0.0.1 "$port" 20 || { cat "$WORK/$name.log" >&2; die "$name did not listen"; }
+  port=$((port + 1))
+done
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# pgbench through target $1 with clients $2 and transactions per client $3; prints tps.
+run_pgbench() {
+  local i=$1
+  PGOPTIONS=${OPTS[$i]} pgbench -n -h 127.0.0.1 -p "${PORTS[$i]}" -U postgres -c "$2" -j 2 \
+    -t "$3" -f "$WORK/select1.sql" postgres 2>&1 | awk '/^tps/ {printf "%.0f", $3}'
+}
+
+echo "# cpu-per-txn: $(uptime | sed 's/.*load/load/'); $(nproc) cores; pgbench -t $TXNS -f select1.sql"
+echo "# ${PGWAKES[*]}"
+printf 'round\tclients\tproxy\ttps\tcpu_us_per_txn\n'
+for r in $(seq 1 "$ROUNDS"); do
+  for c in ${CLIENTS//,/ }; do
+    for i in "${!NAMES[@]}"; do
+      pid=${PIDS[$i]}
+      before=$(ticks "$pid")
+      tps=$(run_pgbench "$i" "$c" "$TXNS")
+      after=$(ticks "$pid")
+      awk -v n="$((c * TXNS))" -v d="$((after - before))" -v hz="$HZ" -v r="$r" -v c="$c" \
+        -v name="${NAMES[$i]}" -v tps="$tps" \
+        'BEGIN { printf "%s\t%s\t%s\t%s\t%.1f\n", r, c, name, tps, d / hz * 1e6 / n }'
+    done
+  done
+done
+echo "# load after: $(uptime | sed 's/.*load average: //')"
+
+if [ "$STRACE" = 1 ]; then
+  printf '\nproxy\ttxns\tsyscalls_per_txn\tfutex_per_txn\ttop calls per txn\n'
+  for i in "${!NAMES[@]}"; do
+    out=$WORK/strace-${NAMES[$i]}.txt
+    strace -c -f -p "${PIDS[$i]}" -o "$out" &
+    spid=$!
+    sleep 0.5
+    run_pgbench "$i" 8 5000 >/dev/null
+    kill -INT "$spid"
+    wait "$spid" 2>/dev/null || true
+    awk -v n=40000 -v name="${NAMES[$i]}" '
+      $1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; sc = $NF; if (sc == "total") { total = calls; next }
+                                    per[sc] = calls / n }
+      END { top = ""; for (k in per) if (per[k] >= 0.05) top = top sprintf("%s %.2f ", k, per[k])
+            printf "%s\t%d\t%.2f\t%.3f\t%s\n", name, n, total / n, per["futex"] + 0, top }' "$out"
+  done
+fi
