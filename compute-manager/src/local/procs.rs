@@ -311,16 +311,20 @@ mod tests {
             .unwrap();
         let pid = sleeper.id() as i32;
         // Not a postgres, so no child is looked for: the postmaster alone is frozen.
+        let t = std::time::Instant::now();
         let frozen = freeze(dir.path(), pid).await.unwrap();
+        let froze = t.elapsed();
         assert_eq!(frozen, vec![pid]);
         assert!(stopped(pid));
         assert!(memory(&frozen).is_some_and(|m| m > 0));
+        let t = std::time::Instant::now();
         thaw(&frozen);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while stopped(pid) {
             assert!(std::time::Instant::now() < deadline, "still stopped");
             std::thread::yield_now();
         }
+        eprintln!("SIGSTOP freeze {froze:?}, thaw {:?}", t.elapsed());
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
         assert_eq!(freeze(dir.path(), pid).await, None, "a reaped process");
