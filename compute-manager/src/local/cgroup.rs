@@ -154,6 +154,7 @@ impl Cgroups {
         let dir = parent.join(root_key(data_root));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let this = Self { dir };
+        // Dropped on failure, which removes the directory again.
         let probe = this.compute(".probe");
         probe.create()?;
         let result = probe.try_it(run_as);
@@ -380,6 +381,20 @@ mod tests {
             CgroupSetting::Path("/sys/fs/cgroup/x".into())
         );
         assert!(parse("relative").is_err());
+    }
+
+    #[test]
+    fn a_directory_that_is_no_cgroup_is_refused_and_left_as_it_was() {
+        let not_cgroupfs = tempfile::tempdir().unwrap();
+        let setting = CgroupSetting::Path(not_cgroupfs.path().join("computes"));
+        let why = Cgroups::probe(&setting, Path::new("/data"), None).unwrap_err();
+        assert!(why.contains("cgroup.freeze"), "{why}");
+        let left: Vec<_> = std::fs::read_dir(not_cgroupfs.path().join("computes"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let off = Cgroups::probe(&CgroupSetting::Off, Path::new("/data"), None);
+        assert!(off.is_err());
     }
 
     /// Freezes a process through a cgroup under pgwake's own where this machine lets it
