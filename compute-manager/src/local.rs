@@ -230,6 +230,12 @@ impl LocalBackend {
                 info!(cgroups = %c.dir().display(), "light sleep freezes computes through their cgroup v2 cgroups");
                 Some(c)
             }
+            // Usual in containers (a read-only cgroupfs), so no warning unless a path was
+            // asked for.
+            Err(why) if matches!(cfg.cgroup, CgroupSetting::Path(_)) => {
+                warn!(%why, "light sleep freezes computes with SIGSTOP: the configured cgroup cannot hold them");
+                None
+            }
             Err(why) => {
                 info!(%why, "light sleep freezes computes with SIGSTOP: no cgroup for them");
                 None
