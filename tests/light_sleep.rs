@@ -1,10 +1,12 @@
 //! Light sleep with real PostgreSQL: an idle local compute is frozen (every process stopped,
 //! memory kept) and thawed by the next client; `deep_sleep_after` and the memory budget stop
 //! frozen computes; a pgwake killed while computes are frozen leaves nothing frozen for good.
+//! The freeze-thaw cycles and the kill run with both methods: the compute's cgroup v2 cgroup
+//! (where this machine lets pgwake make one: root on a writable cgroupfs) and SIGSTOP.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -39,9 +41,98 @@ fn state(pid: i32) -> Option<char> {
     stat[stat.rfind(')')? + 2..].chars().next()
 }
 
-fn all_stopped(dir: &Path) -> bool {
+/// How light sleep freezes the computes of a test.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Method {
+    Cgroup,
+    Signals,
+}
+
+impl Method {
+    /// The `[local]` setting that picks it.
+    fn config(self) -> &'static str {
+        match self {
+            Method::Cgroup => "[local]\ncgroup = \"auto\"\n",
+            Method::Signals => "[local]\ncgroup = \"off\"\n",
+        }
+    }
+
+    /// Whether this machine lets pgwake freeze through a cgroup: its own cgroup v2 cgroup is
+    /// writable. Where it is not, a cgroup test says so and passes: pgwake falls back to
+    /// SIGSTOP there, covered by the `Signals` runs.
+    fn available(self) -> bool {
+        match self {
+            Method::Signals => true,
+            Method::Cgroup => {
+                let ok = own_cgroup_dir().is_some_and(|d| {
+                    let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).unwrap();
+                    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+                });
+                if !ok {
+                    eprintln!("skipped: no writable cgroup v2 cgroup here");
+                }
+                ok
+            }
+        }
+    }
+}
+
+/// The cgroup v2 mount point.
+fn cgroup_mount() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+    })
+}
+
+/// The directory of the cgroup v2 cgroup of `pid` (`self` for the test).
+fn cgroup_dir(pid: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(cgroup_mount()?.join(path.trim_start_matches('/')))
+}
+
+fn own_cgroup_dir() -> Option<PathBuf> {
+    cgroup_dir("self")
+}
+
+/// Whether the cgroup `dir` reports all its processes frozen.
+fn cgroup_frozen(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .is_ok_and(|e| e.lines().any(|l| l == "frozen 1"))
+}
+
+/// Every process of the cluster in `dir` frozen, by `method`: each stopped by a signal
+/// (`T`), or none stopped and all in one frozen cgroup of the endpoint's own.
+fn all_frozen(dir: &Path, method: Method) -> bool {
     let procs = cluster(dir);
-    !procs.is_empty() && procs.iter().all(|(_, s)| *s == 'T')
+    if procs.is_empty() {
+        return false;
+    }
+    match method {
+        Method::Signals => procs.iter().all(|(_, s)| *s == 'T'),
+        Method::Cgroup => {
+            let Some(cg) = compute_cgroup(dir) else {
+                return false;
+            };
+            procs
+                .iter()
+                .all(|(pid, s)| *s != 'T' && cgroup_dir(&pid.to_string()).as_ref() == Some(&cg))
+                && cgroup_frozen(&cg)
+        }
+    }
+}
+
+/// The cgroup of the compute in `dir`: its postmaster's, which must be one pgwake made for
+/// this endpoint (named by its id, not pgwake's own).
+fn compute_cgroup(dir: &Path) -> Option<PathBuf> {
+    let pid = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    let cg = cgroup_dir(pid.lines().next()?)?;
+    (cg.file_name()? == dir.file_name()?
+        && cg.components().any(|c| c.as_os_str() == "pgwake-computes"))
+    .then_some(cg)
 }
 
 fn open_fds() -> usize {
@@ -63,12 +154,23 @@ async fn count(env: &Env, endpoint: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing() {
+async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing_with_cgroups() {
+    if Method::Cgroup.available() {
+        two_hundred_freezes_and_thaws(Method::Cgroup).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing_with_sigstop() {
+    two_hundred_freezes_and_thaws(Method::Signals).await;
+}
+
+async fn two_hundred_freezes_and_thaws(method: Method) {
     // Autovacuum every second on a table that changes every cycle, so that freezes land in
     // the middle of its runs too.
     let settings = "[local.settings]\nautovacuum_naptime = \"1s\"\n\
                     autovacuum_vacuum_insert_threshold = \"5\"\nautovacuum_analyze_threshold = \"5\"\n";
-    let env = Env::start(&format!("{LIGHT}{settings}"), DEMO).await;
+    let env = Env::start(&format!("{LIGHT}{settings}{}", method.config()), DEMO).await;
     let dir = env.data_dir("demo");
     env.client("demo")
         .await
@@ -79,10 +181,10 @@ async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing() {
     let mut processes = None;
     for i in 0..200 {
         env.wait_phase("demo", Phase::Frozen, LONG).await;
-        // Frozen for real: every process of the compute is stopped.
-        wait_until(LONG, || all_stopped(&dir))
+        // Frozen for real: every process of the compute is stopped, by the method asked for.
+        wait_until(LONG, || all_frozen(&dir, method))
             .await
-            .unwrap_or_else(|_| panic!("cycle {i}: not all stopped: {:?}", cluster(&dir)));
+            .unwrap_or_else(|_| panic!("cycle {i}: not all frozen: {:?}", cluster(&dir)));
         let n = cluster(&dir).len();
         // The same processes each time: nothing forked per cycle is left over.
         assert!(
@@ -121,10 +223,17 @@ async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing() {
         rss_kib()
     );
     env.wait_phase("demo", Phase::Frozen, LONG).await;
-    // Shutdown lets the frozen compute run and stops it: nothing is left.
+    let cgroup = compute_cgroup(&dir);
+    assert_eq!(cgroup.is_some(), method == Method::Cgroup, "{cgroup:?}");
+    // Shutdown lets the frozen compute run and stops it: nothing is left, not its cgroup.
     let mut env = env;
     env.pgwake.take().unwrap().shutdown().await;
     assert_eq!(cluster(&dir), Vec::new());
+    if let Some(cg) = cgroup {
+        wait_until(LONG, || !cg.exists())
+            .await
+            .unwrap_or_else(|_| panic!("{} left", cg.display()));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,14 +354,29 @@ async fn start_pgwake(cfg: &Path, port: u16) -> Proc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn computes_frozen_when_pgwake_is_killed_are_thawed_and_stopped_by_the_next_one() {
+async fn computes_frozen_in_cgroups_when_pgwake_is_killed_are_thawed_and_stopped_by_the_next_one() {
+    if Method::Cgroup.available() {
+        frozen_when_pgwake_is_killed(Method::Cgroup).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computes_stopped_when_pgwake_is_killed_are_thawed_and_stopped_by_the_next_one() {
+    frozen_when_pgwake_is_killed(Method::Signals).await;
+}
+
+async fn frozen_when_pgwake_is_killed(method: Method) {
     let dir = tempdir();
     let port = free_port();
     let cfg = dir.path().join("pgwake.toml");
     let endpoints = "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\n\
                      [[endpoint]]\nid = \"b\"\nbackend = \"local\"\n";
-    let text = config_text(dir.path(), LIGHT, endpoints)
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let text = config_text(
+        dir.path(),
+        &format!("{LIGHT}{}", method.config()),
+        endpoints,
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(&cfg, text).unwrap();
     let conn = |id: &str| {
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres options=endpoint={id}")
@@ -266,20 +390,28 @@ async fn computes_frozen_when_pgwake_is_killed_are_thawed_and_stopped_by_the_nex
         ));
     }
     for id in ["a", "b"] {
-        wait_until(LONG, || all_stopped(&data.join(id)))
+        wait_until(LONG, || all_frozen(&data.join(id), method))
             .await
             .unwrap_or_else(|_| panic!("{id} not frozen: {:?}", cluster(&data.join(id))));
     }
     let frozen: Vec<Vec<(i32, char)>> = ["a", "b"].map(|id| cluster(&data.join(id))).into();
+    let cgroups: Vec<Option<PathBuf>> = ["a", "b"].map(|id| compute_cgroup(&data.join(id))).into();
     pgwake.0.kill().unwrap();
     pgwake.0.wait().unwrap();
-    // Nothing lets them finish by themselves. The kernel continues the postmaster (its
-    // process group is orphaned with a stopped member: SIGHUP and SIGCONT), which then acts
-    // on its death signal (SIGINT, fast shutdown), but its children, each in a session of its
-    // own, stay stopped, so the shutdown never ends.
-    for id in ["a", "b"] {
+    // Nothing lets them finish by themselves. With SIGSTOP, the kernel continues the
+    // postmaster (its process group is orphaned with a stopped member: SIGHUP and SIGCONT),
+    // which then acts on its death signal (SIGINT, fast shutdown), but its children, each in
+    // a session of its own, stay stopped, so the shutdown never ends. In a frozen cgroup the
+    // postmaster stays frozen too, its death signal pending.
+    for (id, cg) in ["a", "b"].iter().zip(&cgroups) {
         let procs = cluster(&data.join(id));
-        assert!(procs.iter().any(|(_, s)| *s == 'T'), "{id}: {procs:?}");
+        match method {
+            Method::Signals => assert!(procs.iter().any(|(_, s)| *s == 'T'), "{id}: {procs:?}"),
+            Method::Cgroup => {
+                let cg = cg.as_ref().unwrap();
+                assert!(!procs.is_empty() && cgroup_frozen(cg), "{id}: {procs:?}");
+            }
+        }
     }
 
     let pgwake = start_pgwake(&cfg, port).await;
@@ -301,5 +433,11 @@ async fn computes_frozen_when_pgwake_is_killed_are_thawed_and_stopped_by_the_nex
         wait_until(LONG, || cluster(&data.join(id)).is_empty())
             .await
             .unwrap_or_else(|_| panic!("{id} left running: {:?}", cluster(&data.join(id))));
+    }
+    // The cgroups of stopped computes do not accumulate.
+    for cg in cgroups.iter().flatten() {
+        wait_until(LONG, || !cg.exists())
+            .await
+            .unwrap_or_else(|_| panic!("{} left", cg.display()));
     }
 }

@@ -8,12 +8,14 @@
 //! Before a postgres starts, whatever is left of the previous one in its data directory is
 //! waited for or cleared away (see [`procs`]).
 //!
-//! Light sleep (see [`RunningCompute::freeze`]) stops every process of a compute with
-//! SIGSTOP, found through /proc (each child of a postmaster is in its own session, so no
-//! process group holds them), and continues them with SIGCONT. A pgwake killed meanwhile
-//! leaves them stopped; the next one finds them at its start and lets them shut down.
+//! Light sleep (see [`RunningCompute::freeze`]) freezes a compute's cgroup where pgwake can
+//! make one (see [`cgroup`]); else it stops every process of the compute with SIGSTOP, found
+//! through /proc (each child of a postmaster is in its own session, so no process group holds
+//! them), and continues them with SIGCONT. A pgwake killed meanwhile leaves them frozen; the
+//! next one finds them at its start and lets them shut down.
 
 mod branch;
+mod cgroup;
 mod datadir;
 mod log;
 mod procs;
@@ -22,6 +24,7 @@ mod template;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -37,6 +40,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 pub use branch::{BranchCopy, CopySource};
+pub use cgroup::CgroupSetting;
+use cgroup::{Cgroups, ComputeCgroup};
 pub(crate) use datadir::write_durably;
 use log::LogPump;
 pub use log::{LogSize, MIN_LOG_SIZE};
@@ -94,6 +99,11 @@ pub struct LocalConfig {
     /// replicas); costs a `pg_resetwal` run on each new endpoint's first wake.
     #[serde(default)]
     pub fresh_system_identifier: bool,
+    /// How light sleep freezes a compute: `auto` (a cgroup v2 cgroup per compute under
+    /// pgwake's own cgroup, SIGSTOP where pgwake cannot make one), `off` (SIGSTOP), or the
+    /// cgroup directory to make them under.
+    #[serde(default)]
+    pub cgroup: CgroupSetting,
 }
 
 fn default_data_root() -> PathBuf {
@@ -127,6 +137,7 @@ impl Default for LocalConfig {
             log_max_size: LogSize::default(),
             template: default_template(),
             fresh_system_identifier: false,
+            cgroup: CgroupSetting::Auto,
         }
     }
 }
@@ -159,6 +170,8 @@ pub struct LocalBackend {
     template_lock: tokio::sync::Mutex<()>,
     /// `postgres -V` of [`Self::bins`], for the template's key.
     pg_version: OnceLock<String>,
+    /// Where compute cgroups go; `None`: light sleep uses SIGSTOP.
+    cgroups: Option<Cgroups>,
 }
 
 /// How often a starting compute is probed. The gap between "port open" and "ready" is ~15 ms
@@ -208,9 +221,38 @@ impl LocalBackend {
             data_root: absolute(&cfg.data_root)?,
             ..cfg
         };
-        // A pgwake killed while computes were frozen (light sleep) left them stopped for good:
-        // they would hold their memory and data directory until someone sends SIGCONT. Now,
+        let cgroups = match Cgroups::probe(
+            &cfg.cgroup,
+            &cfg.data_root,
+            run_as.map(|u| (u.uid, u.gid)),
+        ) {
+            Ok(c) => {
+                info!(cgroups = %c.dir().display(), "light sleep freezes computes through their cgroup v2 cgroups");
+                Some(c)
+            }
+            // Usual in containers (a read-only cgroupfs), so no warning unless a path was
+            // asked for.
+            Err(why) if matches!(cfg.cgroup, CgroupSetting::Path(_)) => {
+                warn!(%why, "light sleep freezes computes with SIGSTOP: the configured cgroup cannot hold them");
+                None
+            }
+            Err(why) => {
+                info!(%why, "light sleep freezes computes with SIGSTOP: no cgroup for them");
+                None
+            }
+        };
+        // A pgwake killed while computes were frozen (light sleep) left them frozen for good:
+        // they would hold their memory and data directory until someone thaws them. Now,
         // not at their next wake: an endpoint nobody wakes again must not stay frozen.
+        for (id, cg) in cgroups.iter().flat_map(|c| c.existing()) {
+            let dir = cfg.data_root.join(&id);
+            if cg.freezing() {
+                procs::thaw_cgroup(&dir, &cg, &procs::cluster_procs(&dir));
+                info!(dir = %dir.display(), "thawed a compute left frozen; it shuts down, and its next wake starts it again");
+            } else if cg.pids().is_empty() {
+                cg.remove();
+            }
+        }
         for dir in procs::thaw_left_frozen(&cfg.data_root) {
             info!(dir = %dir.display(), "thawed a compute left frozen; it shuts down, and its next wake starts it again");
         }
@@ -222,6 +264,7 @@ impl LocalBackend {
             root_lock: std::sync::Mutex::new(()),
             template_lock: tokio::sync::Mutex::new(()),
             pg_version: OnceLock::new(),
+            cgroups,
         })
     }
 
@@ -238,6 +281,11 @@ impl LocalBackend {
 
     pub fn config(&self) -> &LocalConfig {
         &self.cfg
+    }
+
+    /// The cgroup of `id`'s compute, if computes get one.
+    fn cgroup(&self, id: &pgwake_router::EndpointId) -> Option<ComputeCgroup> {
+        self.cgroups.as_ref().map(|c| c.compute(id.as_str()))
     }
 
     fn bins(&self) -> Result<&Bins, BackendError> {
@@ -516,7 +564,7 @@ impl LocalBackend {
         bins: &Bins,
         port: u16,
         log: &Path,
-    ) -> Result<(Child, LogPump), BackendError> {
+    ) -> Result<(Child, LogPump, Option<ComputeCgroup>), BackendError> {
         let mut cmd = self.command(&bins.postgres);
         cmd.arg("-D")
             .arg(dir)
@@ -542,18 +590,42 @@ impl LocalBackend {
         }
         // Through pgwake, not straight into the file: see [`log`] for the bound.
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // The postmaster joins its cgroup before it runs anything, so every child it forks is
+        // born in it: a freeze then needs no list of processes.
+        let cgroup = self.cgroup(&route.endpoint).and_then(|cg| {
+            // A cgroup left frozen (its last compute killed while frozen) would freeze the
+            // new postmaster at once.
+            let opened = cg
+                .create()
+                .and_then(|()| cg.set_frozen(false).map_err(|e| e.to_string()))
+                .and_then(|()| cg.procs_file().map_err(|e| e.to_string()));
+            match opened {
+                Ok(fd) => Some((cg, fd)),
+                Err(why) => {
+                    warn!(cgroup = %cg.dir().display(), %why, "no cgroup for this compute; light sleep uses SIGSTOP for it");
+                    None
+                }
+            }
+        });
+        let procs_fd = cgroup.as_ref().map(|(_, fd)| fd.as_raw_fd());
         // If pgwake dies without stopping its computes, each gets a fast shutdown instead of
         // living on as an orphan that holds the data directory's lock.
+        // SAFETY: only async-signal-safe calls (prctl, write) between fork and exec; the fd
+        // stays open in pgwake until `spawn` returns, and closes on exec in the child.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = procs_fd {
+                    cgroup::join(fd)?;
                 }
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
+        let spawned = cmd.spawn();
+        let cgroup = cgroup.map(|(cg, _fd)| cg);
+        let mut child = spawned
             .map_err(|e| BackendError::io(format!("spawn {}", bins.postgres.display()), e))?;
         let outputs: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = [
             child.stdout.take().map(|o| Box::new(o) as _),
@@ -563,7 +635,7 @@ impl LocalBackend {
         .flatten()
         .collect();
         let pump = LogPump::start(outputs, log.to_path_buf(), self.cfg.log_max_size);
-        Ok((child, pump))
+        Ok((child, pump, cgroup))
     }
 }
 
@@ -676,13 +748,13 @@ impl ComputeBackend for LocalBackend {
         // The lock file outlives only a postmaster that did not exit cleanly (killed, or still
         // running): then its processes may be left, and postgres would refuse to start.
         if dir.join("postmaster.pid").exists() {
-            procs::clear(&dir).await;
+            procs::clear(&dir, self.cgroup(&route.endpoint).as_ref()).await;
         }
         let log = self.cfg.data_root.join(format!("{}.log", route.endpoint));
         for _ in 0..PORT_ATTEMPTS {
             let port = (self.pick_port)()?;
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let (mut child, mut log_pump) =
+            let (mut child, mut log_pump, cgroup) =
                 self.spawn_postgres(route, &dir, &bins, port, &log).await?;
             match wait_ready(&mut child, &dir, addr, &self.cfg.superuser, &mut log_pump).await {
                 Ok(()) => {
@@ -695,6 +767,7 @@ impl ComputeBackend for LocalBackend {
                         addr,
                         self.cfg.stop_timeout,
                         self.cfg.superuser.clone(),
+                        cgroup,
                     )?));
                 }
                 Err(ReadyError::PortTaken) => {
@@ -724,6 +797,8 @@ struct LocalCompute {
     /// thaw continues exactly these (a frozen postmaster forks nothing new), without
     /// looking through /proc again on the wake path.
     frozen: std::sync::Mutex<Option<Vec<i32>>>,
+    /// The compute's cgroup, frozen as a whole; `None`: SIGSTOP to each process.
+    cgroup: Option<ComputeCgroup>,
 }
 
 /// How long a thawed compute may take to answer the probe. It answers at once unless
@@ -737,6 +812,7 @@ impl LocalCompute {
         addr: SocketAddr,
         stop_timeout: Duration,
         superuser: String,
+        cgroup: Option<ComputeCgroup>,
     ) -> Result<Self, BackendError> {
         let pid = child.id().ok_or_else(|| BackendError::StartFailed {
             status: "exited".into(),
@@ -744,6 +820,7 @@ impl LocalCompute {
         })?;
         let (tx, rx) = watch::channel(None);
         let watched_dir = dir.clone();
+        let watched_cgroup = cgroup.clone();
         // The child is owned by this task so exactly one place reaps it; `kill_on_drop` remains
         // as the last resort if the runtime itself goes away.
         tokio::spawn(async move {
@@ -760,11 +837,18 @@ impl LocalCompute {
             // serving sessions of a compute that is gone and holding the shared memory the
             // next postmaster needs. They go before anyone hears of the exit.
             if watched_dir.join("postmaster.pid").exists()
-                && tokio::time::timeout(ORPHANS_TIMEOUT, procs::clear(&watched_dir))
-                    .await
-                    .is_err()
+                && tokio::time::timeout(
+                    ORPHANS_TIMEOUT,
+                    procs::clear(&watched_dir, watched_cgroup.as_ref()),
+                )
+                .await
+                .is_err()
             {
                 warn!(dir = %watched_dir.display(), "processes of the exited postgres still linger; the next start waits for them");
+            }
+            // Empty now, and made again by the next start: none accumulate.
+            if let Some(cg) = &watched_cgroup {
+                cg.remove();
             }
             let _ = tx.send(Some(status));
         });
@@ -776,6 +860,7 @@ impl LocalCompute {
             exited: rx,
             stop_timeout,
             frozen: std::sync::Mutex::new(None),
+            cgroup,
         })
     }
 
@@ -787,7 +872,10 @@ impl LocalCompute {
     fn let_run(&self) -> bool {
         match self.frozen().take() {
             Some(pids) => {
-                procs::thaw(&pids);
+                match &self.cgroup {
+                    Some(cg) => cg.thaw(),
+                    None => procs::thaw(&pids),
+                }
                 true
             }
             None => false,
@@ -850,7 +938,19 @@ impl RunningCompute for LocalCompute {
         if self.exited.borrow().is_some() {
             return Ok(false);
         }
-        let Some(pids) = procs::freeze(&self.dir, self.pid.as_raw()).await else {
+        let pids = match &self.cgroup {
+            Some(cg) => match cg.freeze(procs::FREEZE_TIMEOUT).await {
+                // A gone postmaster is a crashed compute, not a frozen one.
+                Some(pids) if pids.contains(&self.pid.as_raw()) => Some(pids),
+                Some(_) => {
+                    cg.thaw();
+                    None
+                }
+                None => None,
+            },
+            None => procs::freeze(&self.dir, self.pid.as_raw()).await,
+        };
+        let Some(pids) = pids else {
             return Ok(false);
         };
         debug!(pid = %self.pid, processes = pids.len(), "compute frozen");

@@ -14,6 +14,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::warn;
 
+use super::cgroup::ComputeCgroup;
+
 /// How often /proc is looked at while waiting for a cluster's processes to go.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -82,7 +84,7 @@ pub fn stopped(pid: i32) -> bool {
 
 /// How long a freeze may take to see every process of the cluster stopped. SIGSTOP takes
 /// effect when the kernel next schedules the process, well within this.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Stops every process of the cluster in `dir` whose postmaster is `postmaster` (SIGSTOP),
 /// and returns them once each is seen stopped. The postmaster goes first so that it forks no
@@ -213,12 +215,22 @@ fn thaw_stopped(dir: &Path, procs: &[ClusterProc]) -> bool {
     true
 }
 
+/// Thaws the frozen cgroup `cg` of the cluster in `dir`, whose processes are `procs`, and
+/// asks its postmaster for a fast shutdown.
+pub fn thaw_cgroup(dir: &Path, cg: &ComputeCgroup, procs: &[ClusterProc]) {
+    warn!(dir = %dir.display(), cgroup = %cg.dir().display(), "found a compute left frozen in its cgroup by a previous pgwake; letting it run and shut down");
+    for p in procs.iter().filter(|p| p.postmaster) {
+        let _ = kill(Pid::from_raw(p.pid), Signal::SIGINT);
+    }
+    cg.thaw();
+}
+
 /// Returns once no process of the cluster in `dir` is left. A live postmaster (one a previous
 /// pgwake left behind, shutting down since that pgwake died) is waited for: it is finishing a
 /// checkpoint. Children whose postmaster is gone are killed: they are orphans that serve
 /// nobody, and while they hold the old shared memory no new postmaster can start. Unbounded:
 /// the caller bounds it (the manager's `wake_timeout`).
-pub async fn clear(dir: &Path) {
+pub async fn clear(dir: &Path, cgroup: Option<&ComputeCgroup>) {
     let mut waited_for: Option<i32> = None;
     let mut killed: Vec<i32> = Vec::new();
     loop {
@@ -229,6 +241,10 @@ pub async fn clear(dir: &Path) {
         // A frozen postmaster never exits by itself (a pgwake killed while it was frozen,
         // before the next one thawed what it left: see [`thaw_left_frozen`]).
         thaw_stopped(dir, &procs);
+        // Nor does one in a frozen cgroup, whose processes show no `T`.
+        if let Some(cg) = cgroup.filter(|cg| cg.freezing()) {
+            thaw_cgroup(dir, cg, &procs);
+        }
         if let Some(pm) = procs.iter().find(|p| p.postmaster) {
             if waited_for != Some(pm.pid) {
                 warn!(dir = %dir.display(), pid = pm.pid, "a previous postmaster of this data directory is still running (left by a pgwake that stopped without stopping it?); waiting for it to exit");
@@ -295,16 +311,20 @@ mod tests {
             .unwrap();
         let pid = sleeper.id() as i32;
         // Not a postgres, so no child is looked for: the postmaster alone is frozen.
+        let t = std::time::Instant::now();
         let frozen = freeze(dir.path(), pid).await.unwrap();
+        let froze = t.elapsed();
         assert_eq!(frozen, vec![pid]);
         assert!(stopped(pid));
         assert!(memory(&frozen).is_some_and(|m| m > 0));
+        let t = std::time::Instant::now();
         thaw(&frozen);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while stopped(pid) {
             assert!(std::time::Instant::now() < deadline, "still stopped");
             std::thread::yield_now();
         }
+        eprintln!("SIGSTOP freeze {froze:?}, thaw {:?}", t.elapsed());
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
         assert_eq!(freeze(dir.path(), pid).await, None, "a reaped process");
