@@ -46,6 +46,7 @@ pub(crate) use datadir::write_durably;
 use log::LogPump;
 pub use log::{LogSize, MIN_LOG_SIZE};
 
+use crate::probe::probe_accepting;
 use crate::{probe_ready, BackendError, ComputeAddr, ComputeBackend, ProbeResult, RunningCompute};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -968,7 +969,20 @@ impl RunningCompute for LocalCompute {
                     "postgres exited while frozen".into(),
                 ));
             }
-            let why = match probe_ready(addr, &self.superuser, THAW_TIMEOUT).await {
+            // It was ready when frozen: what is left to check is that the postmaster runs,
+            // says so in its lock file (not "stopping" after a crash of a child, say) and
+            // accepts and forks. The SSLRequest exchange checks the last without a backend's
+            // start-up, which would cost more than the whole thaw.
+            let status = pm_status(&self.dir);
+            if !matches!(status.as_deref(), Some("ready" | "standby")) {
+                let why = format!("postmaster status {status:?}");
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(BackendError::ThawFailed(why));
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                continue;
+            }
+            let why = match probe_accepting(addr, THAW_TIMEOUT).await {
                 ProbeResult::Ready => return Ok(()),
                 ProbeResult::StartingUp => "starting up".to_string(),
                 ProbeResult::Refused => "connection refused".to_string(),

@@ -90,6 +90,53 @@ async fn probe_once(addr: SocketAddr, user: &str) -> ProbeResult {
     }
 }
 
+/// The postmaster of a server that was ready before answers for itself: an SSLRequest is
+/// answered (`N` or `S`) by the backend the postmaster forks for the connection, before any
+/// startup work, so this proves the postmaster accepts and forks without paying for a backend's
+/// initialisation (the bulk of a full probe's cost). It cannot tell "starting up" from
+/// "ready" (that answer comes only after the startup packet): use it where the caller knows
+/// the server got past that, e.g. one that was frozen while ready.
+pub async fn probe_accepting(addr: SocketAddr, timeout: Duration) -> ProbeResult {
+    match tokio::time::timeout(timeout, accepting_once(addr)).await {
+        Ok(r) => r,
+        Err(_) => ProbeResult::Unexpected("probe timed out".into()),
+    }
+}
+
+/// `SSLRequest`: length 8, code 1234.5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+async fn accepting_once(addr: SocketAddr) -> ProbeResult {
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return ProbeResult::Refused,
+        Err(e) => return ProbeResult::Unexpected(format!("connect: {e}")),
+    };
+    let _ = s.set_nodelay(true);
+    if let Err(e) = s.write_all(&SSL_REQUEST).await {
+        return ProbeResult::Unexpected(format!("write: {e}"));
+    }
+    let mut answer = [0u8; 1];
+    match s.read_exact(&mut answer).await {
+        // Closing now is quiet on the server: a backend that gets no startup packet after
+        // its SSL answer logs nothing.
+        Ok(_) if matches!(answer[0], b'N' | b'S') => ProbeResult::Ready,
+        // An ErrorResponse this early: the postmaster refused the connection (e.g. it is
+        // shutting down or out of processes).
+        Ok(_) if answer[0] == b'E' => ProbeResult::StartingUp,
+        Ok(_) => ProbeResult::Unexpected(format!("SSL answer {:#04x}", answer[0])),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            ProbeResult::StartingUp
+        }
+        Err(e) => ProbeResult::Unexpected(format!("read: {e}")),
+    }
+}
+
 fn sqlstate(mut body: &[u8]) -> Option<&[u8]> {
     while let Some((&field, rest)) = body.split_first() {
         if field == 0 {
@@ -115,6 +162,49 @@ mod tests {
         assert_eq!(sqlstate(b"SFATAL\0\0"), None);
         assert_eq!(sqlstate(b"SFATAL"), None);
         assert_eq!(sqlstate(b""), None);
+    }
+
+    /// A one-connection server that checks it got an SSLRequest and answers `answer`.
+    async fn ssl_answering(answer: &'static [u8]) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 8];
+            s.read_exact(&mut req).await.unwrap();
+            assert_eq!(req, SSL_REQUEST);
+            s.write_all(answer).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn accepting_reads_the_answer_to_an_ssl_request() {
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            probe_accepting(ssl_answering(b"N").await, t).await,
+            ProbeResult::Ready
+        );
+        assert_eq!(
+            probe_accepting(ssl_answering(b"S").await, t).await,
+            ProbeResult::Ready
+        );
+        assert_eq!(
+            probe_accepting(ssl_answering(b"E").await, t).await,
+            ProbeResult::StartingUp
+        );
+        assert_eq!(
+            probe_accepting(ssl_answering(b"").await, t).await,
+            ProbeResult::StartingUp
+        );
+        assert!(matches!(
+            probe_accepting(ssl_answering(b"H").await, t).await,
+            ProbeResult::Unexpected(_)
+        ));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = l.local_addr().unwrap();
+        drop(l);
+        assert_eq!(probe_accepting(gone, t).await, ProbeResult::Refused);
     }
 
     #[tokio::test]
