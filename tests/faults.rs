@@ -783,11 +783,47 @@ impl Drop for PgwakeProc {
 }
 
 /// Lets a SIGSTOPped process go on on drop, so that a failing test leaves nothing frozen.
-struct Continue(i32);
+/// Holds a process still in a ptrace stop until dropped: a stand-in for a process that is
+/// simply slow. Not SIGSTOP, since pgwake itself continues stopped processes of a cluster it
+/// finds (light sleep's recovery after a crash): a ptrace stop (state `t`) is not a stopped
+/// compute, and SIGCONT does not end it. ptrace requests must come from the tracing thread,
+/// hence the thread.
+struct Held {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
-impl Drop for Continue {
+impl Held {
+    fn new(pid: i32) -> Self {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<bool>();
+        let thread = std::thread::spawn(move || {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            // SAFETY: plain ptrace and waitpid calls on a pid; no memory is shared.
+            let held = unsafe {
+                libc::ptrace(libc::PTRACE_SEIZE, pid, null, null) == 0
+                    && libc::ptrace(libc::PTRACE_INTERRUPT, pid, null, null) == 0
+                    && libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL) == pid
+            };
+            held_tx.send(held).unwrap();
+            let _ = released.recv();
+            // SAFETY: as above; the tracee resumes with its pending signals.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, null, null) };
+        });
+        assert!(held_rx.recv().unwrap(), "could not hold {pid} with ptrace");
+        Self {
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
+        drop(self.release.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -848,9 +884,8 @@ async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it
     let data = dir.path().join("data/demo");
     let postmaster = postmaster_pid(&data).unwrap();
     // The postmaster gets SIGINT (a fast shutdown, with a checkpoint) when pgwake dies. With
-    // its checkpointer frozen, the shutdown checkpoint lasts for as long as the test needs, as
-    // when it flushes a lot of data. (Not the postmaster itself: the kernel sends SIGCONT to a
-    // stopped process whose process group the death of its parent orphans.)
+    // its checkpointer held, the shutdown checkpoint lasts for as long as the test needs, as
+    // when it flushes a lot of data.
     let checkpointer = children(postmaster)
         .into_iter()
         .find(|p| {
@@ -858,8 +893,7 @@ async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it
                 .is_ok_and(|c| c.starts_with(b"postgres: checkpointer"))
         })
         .expect("a checkpointer");
-    unsafe { libc::kill(checkpointer, libc::SIGSTOP) };
-    let frozen = Continue(checkpointer);
+    let frozen = Held::new(checkpointer);
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     let _ = tokio::time::timeout(LONG, busy).await;
