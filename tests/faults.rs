@@ -782,7 +782,6 @@ impl Drop for PgwakeProc {
     }
 }
 
-/// Lets a SIGSTOPped process go on on drop, so that a failing test leaves nothing frozen.
 /// Holds a process still in a ptrace stop until dropped: a stand-in for a process that is
 /// simply slow. Not SIGSTOP, since pgwake itself continues stopped processes of a cluster it
 /// finds (light sleep's recovery after a crash): a ptrace stop (state `t`) is not a stopped
