@@ -167,28 +167,16 @@ async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing_with_sigstop
 
 async fn two_hundred_freezes_and_thaws(method: Method) {
     // Autovacuum every second on a table that changes every cycle, so that freezes land in
-    // the middle of its runs too. And a checkpoint in progress across many cycles: a bulk
-    // write past a small max_wal_size requests one, which is spread over most of
-    // checkpoint_timeout (27 of 30 s), while the cycles freeze and thaw the compute under it.
+    // the middle of its runs too.
     let settings = "[local.settings]\nautovacuum_naptime = \"1s\"\n\
-                    autovacuum_vacuum_insert_threshold = \"5\"\nautovacuum_analyze_threshold = \"5\"\n\
-                    max_wal_size = \"32MB\"\ncheckpoint_timeout = \"30s\"\n\
-                    checkpoint_completion_target = \"0.9\"\n";
+                    autovacuum_vacuum_insert_threshold = \"5\"\nautovacuum_analyze_threshold = \"5\"\n";
     let env = Env::start(&format!("{LIGHT}{settings}{}", method.config()), DEMO).await;
     let dir = env.data_dir("demo");
-    let c = env.client("demo").await;
-    c.batch_execute(
-        "create table t (i int primary key);
-         create table bulk as select g, repeat('x', 200) as pad from generate_series(1, 200000) g",
-    )
-    .await
-    .unwrap();
-    let after_bulk: String = c
-        .query_one("select pg_current_wal_lsn()::text", &[])
+    env.client("demo")
         .await
-        .unwrap()
-        .get(0);
-    drop(c);
+        .batch_execute("create table t (i int primary key)")
+        .await
+        .unwrap();
     let mut baseline = None;
     let mut processes = None;
     for i in 0..200 {
@@ -222,33 +210,6 @@ async fn two_hundred_freezes_and_thaws(method: Method) {
         .unwrap()
         .get(0);
     assert!(autovacuum > 0, "autovacuum never ran between the freezes");
-    // The checkpoint the bulk write requested ran across the freezes and still completes
-    // (its record lands after the bulk write's WAL), and none was lost to a crash.
-    let requested: i64 = c
-        .query_one("select checkpoints_req from pg_stat_bgwriter", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(requested > 0, "the bulk write requested no checkpoint");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let done: bool = c
-            .query_one(
-                "select checkpoint_lsn > $1::text::pg_lsn from pg_control_checkpoint()",
-                &[&after_bulk],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if done {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the checkpoint begun before the freezes never completed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     drop(c);
     let s = env.stats("demo").unwrap();
     assert_eq!((s.starts, s.crashes), (1, 0), "{s:?}");
