@@ -236,6 +236,71 @@ async fn two_hundred_freezes_and_thaws(method: Method) {
     }
 }
 
+/// A checkpoint in progress across many freezes: a bulk write past a small max_wal_size
+/// requests one, which is spread over most of checkpoint_timeout (27 of 30 s), while the
+/// compute is frozen and thawed under it. It still completes, and no row is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_spans_freezes_completes() {
+    let settings = "[local.settings]\nmax_wal_size = \"32MB\"\ncheckpoint_timeout = \"30s\"\n\
+                    checkpoint_completion_target = \"0.9\"\n";
+    let env = Env::start(&format!("{LIGHT}{settings}"), DEMO).await;
+    let c = env.client("demo").await;
+    c.batch_execute(
+        "create table t (i int primary key);
+         create table bulk as select g, repeat('x', 200) as pad from generate_series(1, 200000) g",
+    )
+    .await
+    .unwrap();
+    let after_bulk: String = c
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(c);
+    for i in 0..20 {
+        env.wait_phase("demo", Phase::Frozen, LONG).await;
+        let c = env.client("demo").await;
+        c.execute("insert into t values ($1)", &[&i]).await.unwrap();
+    }
+    env.wait_phase("demo", Phase::Frozen, LONG).await;
+    let c = env.client("demo").await;
+    let requested: i64 = c
+        .query_one("select checkpoints_req from pg_stat_bgwriter", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(requested > 0, "the bulk write requested no checkpoint");
+    // Its record lands after the bulk write's WAL once it completes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let done: bool = c
+            .query_one(
+                "select checkpoint_lsn > $1::text::pg_lsn from pg_control_checkpoint()",
+                &[&after_bulk],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the checkpoint begun before the freezes never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let n: i64 = c
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20);
+    let s = env.stats("demo").unwrap();
+    assert_eq!((s.starts, s.crashes), (1, 0), "{s:?}");
+    assert!(s.freezes >= 21, "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stampede_on_a_frozen_endpoint_thaws_it_once() {
     let env = Env::start(LIGHT, DEMO).await;
