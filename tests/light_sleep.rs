@@ -17,6 +17,11 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// Idle computes freeze 50 ms after their last session and stay frozen for an hour: only
 /// the tests' own actions (or the budget) stop them.
+/// The 200-cycle tests measure fds and RSS of this whole test process, so no other test of
+/// this file may run beside them (their sessions and stampedes would be counted): they take
+/// this exclusively, every other test shares it.
+static ISOLATION: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 const LIGHT: &str = "[compute]\nidle_timeout = \"50ms\"\ndeep_sleep_after = \"1h\"\n";
 
 /// The live (not zombie) postgres processes of the cluster in `dir`, with their state letter:
@@ -166,6 +171,7 @@ async fn two_hundred_freezes_and_thaws_lose_no_row_and_leak_nothing_with_sigstop
 }
 
 async fn two_hundred_freezes_and_thaws(method: Method) {
+    let _alone = ISOLATION.write().await;
     // Autovacuum every second on a table that changes every cycle, so that freezes land in
     // the middle of its runs too.
     let settings = "[local.settings]\nautovacuum_naptime = \"1s\"\n\
@@ -241,6 +247,7 @@ async fn two_hundred_freezes_and_thaws(method: Method) {
 /// compute is frozen and thawed under it. It still completes, and no row is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_that_spans_freezes_completes() {
+    let _shared = ISOLATION.read().await;
     let settings = "[local.settings]\nmax_wal_size = \"32MB\"\ncheckpoint_timeout = \"30s\"\n\
                     checkpoint_completion_target = \"0.9\"\n";
     let env = Env::start(&format!("{LIGHT}{settings}"), DEMO).await;
@@ -303,6 +310,7 @@ async fn a_checkpoint_that_spans_freezes_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stampede_on_a_frozen_endpoint_thaws_it_once() {
+    let _shared = ISOLATION.read().await;
     let env = Env::start(LIGHT, DEMO).await;
     env.client("demo")
         .await
@@ -331,6 +339,7 @@ async fn a_stampede_on_a_frozen_endpoint_thaws_it_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_sleep_stops_a_frozen_compute_and_the_memory_budget_stops_the_least_recently_used() {
+    let _shared = ISOLATION.read().await;
     let endpoints = "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\n\
                      [[endpoint]]\nid = \"b\"\nbackend = \"local\"\n\
                      [[endpoint]]\nid = \"c\"\nbackend = \"local\"\n\
@@ -431,6 +440,7 @@ async fn computes_stopped_when_pgwake_is_killed_are_thawed_and_stopped_by_the_ne
 }
 
 async fn frozen_when_pgwake_is_killed(method: Method) {
+    let _shared = ISOLATION.read().await;
     let dir = tempdir();
     let port = free_port();
     let cfg = dir.path().join("pgwake.toml");
