@@ -824,7 +824,9 @@ impl LocalCompute {
         let watched_cgroup = cgroup.clone();
         // The child is owned by this task so exactly one place reaps it; `kill_on_drop` remains
         // as the last resort if the runtime itself goes away.
+        let thaw_on_drop = procs::ThawOnDrop::new(dir.clone(), cgroup.clone());
         tokio::spawn(async move {
+            let _thaw = thaw_on_drop;
             let status = child.wait().await;
             let status = match status {
                 Ok(s) => s,

@@ -176,6 +176,31 @@ fn rss_of_statm(pid: i32) -> Option<u64> {
     pages.checked_mul(page)
 }
 
+/// Lets a cluster run when dropped: the guard of the task that owns its postmaster. If that
+/// task goes away without a stop (its runtime shut down, as at the end of a test, or pgwake
+/// leaving on an error path), `kill_on_drop` kills the postmaster; a frozen cluster's
+/// children would then stay frozen forever, orphaned. Let run, they see their postmaster gone
+/// and exit. Does nothing to a cluster that is not frozen.
+pub struct ThawOnDrop {
+    dir: std::path::PathBuf,
+    cgroup: Option<ComputeCgroup>,
+}
+
+impl ThawOnDrop {
+    pub fn new(dir: std::path::PathBuf, cgroup: Option<ComputeCgroup>) -> Self {
+        Self { dir, cgroup }
+    }
+}
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.as_ref().filter(|cg| cg.freezing()) {
+            cg.thaw();
+        }
+        thaw_stopped(&self.dir, &cluster_procs(&self.dir));
+    }
+}
+
 /// Finds the clusters under `data_root` that a previous pgwake left frozen (it was killed
 /// while they were: nothing else would ever let them run again) and lets them run and shut
 /// down: a SIGCONT to each of their processes and a fast shutdown (SIGINT) to the
