@@ -50,7 +50,12 @@ impl Reserved {
     /// Takes an fd back once the refused client's socket is closed; if another connection got
     /// there first, `FdReserve::take` tries again at the next EMFILE.
     pub(crate) fn refill(self) {
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = open_reserve();
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        // Another refusal may have refilled it already: opening a second one and dropping the
+        // first would cost an fd, and failing to open would leave none held.
+        if slot.is_none() {
+            *slot = open_reserve();
+        }
     }
 }
 
@@ -76,4 +81,31 @@ pub fn raise_limit() -> std::io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    fn held(r: &FdReserve) -> Option<i32> {
+        r.slot.lock().unwrap().as_ref().map(|f| f.as_raw_fd())
+    }
+
+    #[test]
+    fn overlapping_refusals_leave_exactly_the_one_reserve_fd() {
+        let mut reserve = FdReserve::new();
+        let first = reserve.take().expect("an fd to hold");
+        first.release();
+        assert_eq!(held(&reserve), None);
+        // A second refusal while the first one still has the reserve opens one of its own.
+        let second = reserve.take().expect("opened anew");
+        second.release();
+        first.refill();
+        let kept = held(&reserve).expect("refilled");
+        // The second refill finds the reserve held: it keeps that fd instead of swapping it.
+        second.refill();
+        assert_eq!(held(&reserve), Some(kept));
+    }
 }
