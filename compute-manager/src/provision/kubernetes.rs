@@ -16,7 +16,7 @@ use tracing::info;
 
 use super::{CreateRequest, Created, ProvisionError, Provisioner, StoredEndpoint};
 use crate::neon::{Lsn, NeonBranchError, NeonBranchErrorKind, NeonBrancher};
-use crate::{Held, Manager};
+use crate::Manager;
 
 pub struct KubernetesProvisioner {
     brancher: NeonBrancher,
@@ -84,24 +84,7 @@ impl Provisioner for KubernetesProvisioner {
     }
 
     async fn delete(&self, id: &EndpointId, remove_data: bool) -> Result<(), ProvisionError> {
-        // Stops the compute unless clients use it (then the hold below says how many); the
-        // hold keeps a wake from starting it again while the resource goes.
-        self.manager.suspend(id).await;
-        let held = self
-            .manager
-            .hold(id, self.hold_timeout)
-            .await
-            .map_err(|e| ProvisionError::internal(format!("hold endpoint {id}"), e))?;
-        if let Held::Running { lease, .. } = held {
-            let sessions = self.manager.stats(id).map_or(1, |s| {
-                (s.attached + s.remote_sessions).saturating_sub(1).max(1)
-            });
-            drop(lease);
-            return Err(ProvisionError::Busy {
-                id: id.clone(),
-                sessions,
-            });
-        }
+        let held = super::hold_for_delete(&self.manager, id, self.hold_timeout).await?;
         let deleted = self
             .brancher
             .delete(id, remove_data)

@@ -131,23 +131,7 @@ impl Provisioner for LocalProvisioner {
         self.backend
             .ensure_data_root()
             .map_err(|e| ProvisionError::internal("check the data root", e))?;
-        // Stops the compute unless clients use it (then the hold below says how many).
-        self.manager.suspend(id).await;
-        let held = self
-            .manager
-            .hold(id, self.hold_timeout)
-            .await
-            .map_err(|e| Self::hold_error(id, e))?;
-        if let Held::Running { lease, .. } = held {
-            let sessions = self.manager.stats(id).map_or(1, |s| {
-                (s.attached + s.remote_sessions).saturating_sub(1).max(1)
-            });
-            drop(lease);
-            return Err(ProvisionError::Busy {
-                id: id.clone(),
-                sessions,
-            });
-        }
+        let held = super::hold_for_delete(&self.manager, id, self.hold_timeout).await?;
         self.state
             .remove(id)
             .map_err(|e| ProvisionError::internal("write the endpoint state file", e))?;

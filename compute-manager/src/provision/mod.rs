@@ -64,6 +64,36 @@ pub struct Created {
 /// Makes endpoints exist on one backend, durably (they are routed again after a restart), and
 /// removes them. Implementations: [`LocalProvisioner`]; the Kubernetes/Neon one plugs in at
 /// [`Provisioners::kubernetes`].
+/// Stops `id`'s compute and keeps it stopped for as long as the returned hold lives, so that
+/// its endpoint can go without a wake starting it again meanwhile; `Busy` (with how many
+/// sessions use it) if clients are on it.
+async fn hold_for_delete(
+    manager: &Arc<crate::Manager>,
+    id: &EndpointId,
+    timeout: Duration,
+) -> Result<crate::SuspendedHold, ProvisionError> {
+    // Stops the compute unless clients use it (then the hold says how many).
+    manager.suspend(id).await;
+    let held = manager
+        .hold(id, timeout)
+        .await
+        .map_err(|e| ProvisionError::internal(format!("hold endpoint {id}"), e))?;
+    match held {
+        crate::Held::Suspended(hold) => Ok(hold),
+        crate::Held::Running { lease, .. } => {
+            // Less the hold's own lease.
+            let sessions = manager.stats(id).map_or(1, |s| {
+                (s.attached + s.remote_sessions).saturating_sub(1).max(1)
+            });
+            drop(lease);
+            Err(ProvisionError::Busy {
+                id: id.clone(),
+                sessions,
+            })
+        }
+    }
+}
+
 #[async_trait]
 pub trait Provisioner: Send + Sync + 'static {
     /// Creates `req.id`: a branch of `req.parent` (a consistent copy of its data at this
