@@ -249,40 +249,40 @@ impl PageserverClient {
         tenant: TenantId,
         timeline: TimelineId,
     ) -> Result<TimelineInfo, PageserverError> {
-        const OP: &str = "get timeline";
         let path = format!("/v1/tenant/{tenant}/timeline/{timeline}");
-        let mut tries = Tries::new(self);
-        loop {
-            match self.send(OP, Method::GET, &path, None).await? {
-                Outcome::Answer(StatusCode::OK, body) => return parse(OP, &body),
-                Outcome::Answer(StatusCode::NOT_FOUND, body) => {
-                    return Err(PageserverError::new(
-                        PageserverErrorKind::NotFound,
-                        OP,
-                        format!("timeline {timeline} of tenant {tenant}: {}", msg(&body)),
-                    ))
-                }
-                other => tries.after(OP, other, retry_get).await?,
-            }
-        }
+        self.get("get timeline", &path, || {
+            format!("timeline {timeline} of tenant {tenant}")
+        })
+        .await
     }
 
     /// `GET /v1/tenant/{tenant}/timeline`: every timeline of the tenant.
     pub async fn timelines(&self, tenant: TenantId) -> Result<Vec<TimelineInfo>, PageserverError> {
-        const OP: &str = "list timelines";
         let path = format!("/v1/tenant/{tenant}/timeline");
+        self.get("list timelines", &path, || format!("tenant {tenant}"))
+            .await
+    }
+
+    /// A GET of `path`, retried as the spec allows, its 200 body parsed as `T`; a 404 is
+    /// `NotFound`, naming `what`.
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        path: &str,
+        what: impl Fn() -> String,
+    ) -> Result<T, PageserverError> {
         let mut tries = Tries::new(self);
         loop {
-            match self.send(OP, Method::GET, &path, None).await? {
-                Outcome::Answer(StatusCode::OK, body) => return parse(OP, &body),
+            match self.send(op, Method::GET, path, None).await? {
+                Outcome::Answer(StatusCode::OK, body) => return parse(op, &body),
                 Outcome::Answer(StatusCode::NOT_FOUND, body) => {
                     return Err(PageserverError::new(
                         PageserverErrorKind::NotFound,
-                        OP,
-                        format!("tenant {tenant}: {}", msg(&body)),
+                        op,
+                        format!("{}: {}", what(), msg(&body)),
                     ))
                 }
-                other => tries.after(OP, other, retry_get).await?,
+                other => tries.after(op, other, retry_get).await?,
             }
         }
     }
