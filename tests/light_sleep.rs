@@ -516,3 +516,54 @@ async fn frozen_when_pgwake_is_killed(method: Method) {
             .unwrap_or_else(|_| panic!("{} left", cg.display()));
     }
 }
+
+/// A runtime that ends with a compute frozen and no stop (the end of a test, pgwake leaving on
+/// an error path) leaves none of its processes behind: the postmaster dies with the task that
+/// owns it, and its frozen children are let run, so that they see it gone and exit.
+#[test]
+fn a_runtime_that_ends_with_a_compute_frozen_leaves_no_process() {
+    let _shared = ISOLATION.blocking_read();
+    for method in [Method::Signals, Method::Cgroup] {
+        if !method.available() {
+            continue;
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (env, dir, cgroup) = rt.block_on(async {
+            let env = Env::start(&format!("{LIGHT}{}", method.config()), DEMO).await;
+            env.client("demo")
+                .await
+                .batch_execute("create table t (i int)")
+                .await
+                .unwrap();
+            env.wait_phase("demo", Phase::Frozen, LONG).await;
+            let dir = env.data_dir("demo");
+            wait_until(LONG, || all_frozen(&dir, method))
+                .await
+                .unwrap_or_else(|_| panic!("{method:?}: not frozen: {:?}", cluster(&dir)));
+            let cgroup = compute_cgroup(&dir);
+            (env, dir, cgroup)
+        });
+        let frozen = cluster(&dir);
+        drop(rt);
+        // Dropped in a runtime of its own: what is left of pgwake may need one to go.
+        let after = tokio::runtime::Runtime::new().unwrap();
+        after.block_on(async {
+            wait_until(LONG, || {
+                frozen
+                    .iter()
+                    .all(|(pid, _)| !process_alive(*pid) || state(*pid) == Some('Z'))
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{method:?}: processes left: {:?}", cluster(&dir)));
+            drop(env);
+        });
+        // Its cgroup goes with pgwake, once empty.
+        if let Some(cg) = cgroup {
+            assert!(!cg.exists(), "{} left", cg.display());
+        }
+    }
+}

@@ -27,7 +27,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -798,6 +799,9 @@ struct LocalCompute {
     /// thaw continues exactly these (a frozen postmaster forks nothing new), without
     /// looking through /proc again on the wake path.
     frozen: std::sync::Mutex<Option<Vec<i32>>>,
+    /// Set from the start of a freeze until the compute runs again: what tells the postmaster
+    /// task's [`procs::ThawOnDrop`] that it has anything to do.
+    maybe_frozen: Arc<AtomicBool>,
     /// The compute's cgroup, frozen as a whole; `None`: SIGSTOP to each process.
     cgroup: Option<ComputeCgroup>,
 }
@@ -824,7 +828,9 @@ impl LocalCompute {
         let watched_cgroup = cgroup.clone();
         // The child is owned by this task so exactly one place reaps it; `kill_on_drop` remains
         // as the last resort if the runtime itself goes away.
-        let thaw_on_drop = procs::ThawOnDrop::new(dir.clone(), cgroup.clone());
+        let maybe_frozen = Arc::new(AtomicBool::new(false));
+        let thaw_on_drop =
+            procs::ThawOnDrop::new(dir.clone(), cgroup.clone(), Arc::clone(&maybe_frozen));
         tokio::spawn(async move {
             let _thaw = thaw_on_drop;
             let status = child.wait().await;
@@ -863,6 +869,7 @@ impl LocalCompute {
             exited: rx,
             stop_timeout,
             frozen: std::sync::Mutex::new(None),
+            maybe_frozen,
             cgroup,
         })
     }
@@ -879,6 +886,7 @@ impl LocalCompute {
                     Some(cg) => cg.thaw(),
                     None => procs::thaw(&pids),
                 }
+                self.maybe_frozen.store(false, Ordering::Release);
                 true
             }
             None => false,
@@ -941,6 +949,9 @@ impl RunningCompute for LocalCompute {
         if self.exited.borrow().is_some() {
             return Ok(false);
         }
+        // Before the first process stops: a freeze cut short (its runtime gone) may leave
+        // some stopped, and only this flag then tells the postmaster task to look.
+        self.maybe_frozen.store(true, Ordering::Release);
         let pids = match &self.cgroup {
             Some(cg) => match cg.freeze(procs::FREEZE_TIMEOUT).await {
                 // A gone postmaster is a crashed compute, not a frozen one.
@@ -954,6 +965,8 @@ impl RunningCompute for LocalCompute {
             None => procs::freeze(&self.dir, self.pid.as_raw()).await,
         };
         let Some(pids) = pids else {
+            // A failed freeze lets every process it stopped run again.
+            self.maybe_frozen.store(false, Ordering::Release);
             return Ok(false);
         };
         debug!(pid = %self.pid, processes = pids.len(), "compute frozen");

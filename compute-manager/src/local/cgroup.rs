@@ -113,9 +113,14 @@ pub struct Cgroups {
 }
 
 impl Drop for Cgroups {
-    /// Removes the parent if its computes are gone (a cgroup with children cannot be
-    /// removed), so a test's or a moved data root's leaves nothing behind.
+    /// Removes the computes' cgroups that hold no process any more (those of computes whose
+    /// postmaster task ended without a stop: the task removes its cgroup only after a stop)
+    /// and then the parent, so that a test's or a moved data root's leave nothing behind. A
+    /// cgroup with processes in it cannot be removed, and is left to the next start.
     fn drop(&mut self) {
+        for (_, cg) in self.existing() {
+            let _ = std::fs::remove_dir(&cg.dir);
+        }
         let _ = std::fs::remove_dir(&self.dir);
     }
 }

@@ -180,20 +180,33 @@ fn rss_of_statm(pid: i32) -> Option<u64> {
 /// task goes away without a stop (its runtime shut down, as at the end of a test, or pgwake
 /// leaving on an error path), `kill_on_drop` kills the postmaster; a frozen cluster's
 /// children would then stay frozen forever, orphaned. Let run, they see their postmaster gone
-/// and exit. Does nothing to a cluster that is not frozen.
+/// and exit. Does nothing (and reads nothing under /proc) unless `maybe_frozen` says a freeze
+/// began and no thaw followed: every postmaster exit drops one.
 pub struct ThawOnDrop {
     dir: std::path::PathBuf,
     cgroup: Option<ComputeCgroup>,
+    maybe_frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ThawOnDrop {
-    pub fn new(dir: std::path::PathBuf, cgroup: Option<ComputeCgroup>) -> Self {
-        Self { dir, cgroup }
+    pub fn new(
+        dir: std::path::PathBuf,
+        cgroup: Option<ComputeCgroup>,
+        maybe_frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self {
+            dir,
+            cgroup,
+            maybe_frozen,
+        }
     }
 }
 
 impl Drop for ThawOnDrop {
     fn drop(&mut self) {
+        if !self.maybe_frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if let Some(cg) = self.cgroup.as_ref().filter(|cg| cg.freezing()) {
             cg.thaw();
         }
