@@ -2,32 +2,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 
 const LONG: Duration = Duration::from_secs(60);
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Only reached when a test fails midway: don't leave a pgwake (and its computes) behind.
-        if self.0.try_wait().ok().flatten().is_none() {
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// What `pid`'s fds point at, for a failure message.
 fn open_fds(pid: u32) -> Vec<String> {
@@ -64,15 +44,7 @@ async fn sighup_reloads_endpoints_and_sigterm_stops_cleanly() {
         .unwrap();
     assert!(check.status.success(), "{check:?}");
 
-    let mut child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_pgwake"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_pgwake(&cfg_path);
     let pid = child.0.id() as i32;
     wait_until(LONG, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()

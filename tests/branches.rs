@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{psql, stdout, Env};
+use common::{psql, stdout, Env, Mount};
 use pgwake_compute_manager::Phase;
 use serde_json::{json, Value};
 
@@ -398,18 +398,6 @@ async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
         "{err}"
     );
     env.stop().await;
-}
-
-/// Unmounts on drop, so a failing test leaves no mount behind.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,18 +265,6 @@ async fn data_root_the_compute_user_cannot_enter_fails_cleanly() {
     env.stop().await;
 }
 
-/// Unmounts on drop, so a failing test leaves no mount behind.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_under_the_data_root_fails_cleanly_and_recovers_with_space() {
     let env = Env::start("", DEMO).await;
@@ -469,8 +457,7 @@ async fn port_taken_by_another_program_is_retried_on_another_port() {
         let port = if log.is_empty() {
             taken
         } else {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
+            free_port()
         };
         log.push(port);
         Ok(port)
@@ -771,17 +758,6 @@ async fn a_data_directory_postgres_refuses_is_a_permanent_error() {
     env.stop().await;
 }
 
-/// A pgwake binary that is SIGKILLed on drop if a test fails midway (its computes then get
-/// their parent-death signal).
-struct PgwakeProc(std::process::Child);
-
-impl Drop for PgwakeProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Holds a process still in a ptrace stop until dropped: a stand-in for a process that is
 /// simply slow. Not SIGSTOP, since pgwake itself continues stopped processes of a cluster it
 /// finds (light sleep's recovery after a crash): a ptrace stop (state `t`) is not a stopped
@@ -826,26 +802,10 @@ impl Drop for Held {
     }
 }
 
-fn spawn_pgwake(config: &std::path::Path, log: &std::path::Path) -> PgwakeProc {
-    PgwakeProc(
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgwake"))
-            .arg("--config")
-            .arg(config)
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it() {
     let dir = tempdir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cfg = dir.path().join("pgwake.toml");
     let text =
         config_text(dir.path(), "", DEMO).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
@@ -863,7 +823,7 @@ async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it
     };
 
     let log1 = dir.path().join("pgwake1.log");
-    let mut first = spawn_pgwake(&cfg, &log1);
+    let mut first = spawn_pgwake_with(&cfg, std::fs::File::create(&log1).unwrap());
     wait_until(LONG, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
@@ -899,7 +859,7 @@ async fn pgwake_killed_while_its_compute_shuts_down_the_next_pgwake_waits_for_it
 
     let connect2 = connect.clone();
     let log2 = dir.path().join("pgwake2.log");
-    let mut second = spawn_pgwake(&cfg, &log2);
+    let mut second = spawn_pgwake_with(&cfg, std::fs::File::create(&log2).unwrap());
     wait_until(LONG, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -390,35 +389,8 @@ async fn deep_sleep_stops_a_frozen_compute_and_the_memory_budget_stops_the_least
     env.stop().await;
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_pgwake(cfg: &Path, port: u16) -> Proc {
-    let child = Proc(
-        Command::new(env!("CARGO_BIN_EXE_pgwake"))
-            .arg("--config")
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let child = spawn_pgwake(cfg);
     wait_until(LONG, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })

@@ -202,18 +202,6 @@ async fn with_templates_off_every_new_endpoint_runs_initdb() {
     env.stop().await;
 }
 
-/// Unmounts on drop, so a failing test leaves no mount behind.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_fills_the_disk_leaves_nothing_half_made_and_recovers_with_space() {
     let env = Env::start("", "[[endpoint]]\nid = \"a\"\nbackend = \"local\"\n").await;

@@ -342,3 +342,57 @@ pub async fn wait_for_sleeping(watcher: &tokio_postgres::Client) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A port free at the moment of asking, for a child process's config (in-process listeners
+/// take port 0 instead).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process (a pgwake binary, haproxy) that is asked to stop (SIGTERM) and waited for
+/// on drop, so that a test failing midway leaves nothing behind.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill on the pid of our own unreaped child.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The pgwake binary with `config`, its log to stderr, as a [`Proc`].
+pub fn spawn_pgwake(config: &std::path::Path) -> Proc {
+    spawn_pgwake_with(config, std::process::Stdio::null())
+}
+
+/// The pgwake binary with `config` and `stdout` (where it logs), as a [`Proc`].
+pub fn spawn_pgwake_with(config: &std::path::Path, stdout: impl Into<std::process::Stdio>) -> Proc {
+    Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgwake"))
+            .arg("--config")
+            .arg(config)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Unmounts (lazily) on drop, so a failing test leaves no mount behind.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
