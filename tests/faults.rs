@@ -454,11 +454,7 @@ async fn port_taken_by_another_program_is_retried_on_another_port() {
     let log = Arc::clone(&picked);
     let backend = LocalBackend::new(cfg).unwrap().with_port_picker(move || {
         let mut log = log.lock().unwrap();
-        let port = if log.is_empty() {
-            taken
-        } else {
-            free_port()
-        };
+        let port = if log.is_empty() { taken } else { free_port() };
         log.push(port);
         Ok(port)
     });
