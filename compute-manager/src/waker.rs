@@ -13,12 +13,22 @@ use crate::{Attached, Leadership, Manager, WakeError};
 #[async_trait]
 pub trait ComputeWaker: Send + Sync + 'static {
     async fn wake(&self, route: &Arc<Route>) -> Result<Attached, WakeError>;
+
+    /// The running compute for `route` if getting it needs no waiting, no task and no I/O
+    /// ([`Manager::wake_now`]); `None` means: call [`ComputeWaker::wake`].
+    fn wake_now(&self, _route: &Arc<Route>) -> Option<Attached> {
+        None
+    }
 }
 
 #[async_trait]
 impl ComputeWaker for Arc<Manager> {
     async fn wake(&self, route: &Arc<Route>) -> Result<Attached, WakeError> {
         Manager::wake(self, route).await
+    }
+
+    fn wake_now(&self, route: &Arc<Route>) -> Option<Attached> {
+        Manager::wake_now(self, route)
     }
 }
 
@@ -36,5 +46,13 @@ impl ComputeWaker for LeaderOnly {
             return Err(WakeError::NotLeader);
         }
         Manager::wake(&self.manager, route).await
+    }
+
+    fn wake_now(&self, route: &Arc<Route>) -> Option<Attached> {
+        // Not leading: `wake` says so.
+        self.leadership
+            .is_leader()
+            .then(|| Manager::wake_now(&self.manager, route))
+            .flatten()
     }
 }

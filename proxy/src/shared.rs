@@ -115,7 +115,13 @@ impl Proxy {
     /// on: a wake spawns the manager's tasks (single-flight start, idle timer, crash watch,
     /// a remote manager's HTTP connections), which must not belong to a relay thread's runtime
     /// and die with it. Dropping the returned future cancels the wake as before.
+    ///
+    /// A compute that is up already (or a static address) is attached right here: that needs
+    /// no task, and saves each new session two hand-overs between threads.
     pub(crate) async fn wake(&self, route: &Arc<Route>) -> Result<Attached, WakeError> {
+        if let Some(attached) = self.manager.wake_now(route) {
+            return Ok(attached);
+        }
         let Some(home) = &self.home else {
             return self.manager.wake(route).await;
         };

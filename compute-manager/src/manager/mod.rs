@@ -286,17 +286,10 @@ impl Manager {
     /// this at once for a suspended endpoint, exactly one start happens and all of them wait on
     /// it, each for at most `wake_timeout`.
     pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Attached, WakeError> {
-        let started = Instant::now();
-        if let BackendSpec::Static { address } = &route.backend {
-            // Always on: nothing to start or suspend, and re-reading the route on every connect
-            // means a reload that moves the address takes effect at once.
-            self.metrics.wakes.with_label_values(&["warm"]).inc();
-            return Ok(Attached {
-                addr: ComputeAddr::new(address.as_str()),
-                lease: SessionLease::Detached,
-                cold: false,
-            });
+        if let Some(attached) = self.wake_now(route) {
+            return Ok(attached);
         }
+        let started = Instant::now();
         if self.closing.load(Ordering::Acquire) {
             return Err(WakeError::ShuttingDown);
         }
@@ -309,16 +302,59 @@ impl Manager {
         };
         self.metrics.wakes.with_label_values(&[outcome]).inc();
         if let Ok(l) = &result {
-            self.metrics
-                .wake_seconds
-                .with_label_values(&[if l.cold { "cold" } else { "warm" }])
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics
-                .wake_tier_seconds
-                .with_label_values(&[tier.as_str()])
-                .observe(started.elapsed().as_secs_f64());
+            self.observe_wake(l.cold, tier, started);
         }
         result
+    }
+
+    /// The wake that needs no waiting, done on the caller's thread: a static route, or an
+    /// endpoint whose compute runs. `None` for everything else (a start, a thaw, a wait, a
+    /// manager shutting down), which [`Manager::wake`] does. Attaching is a counter under the
+    /// slot's lock and the lease's drop a notification, so nothing here spawns a task: a relay
+    /// thread can call it without handing the connection to the manager's runtime and back.
+    pub fn wake_now(self: &Arc<Self>, route: &Arc<Route>) -> Option<Attached> {
+        let started = Instant::now();
+        if let BackendSpec::Static { address } = &route.backend {
+            // Always on: nothing to start or suspend, and re-reading the route on every connect
+            // means a reload that moves the address takes effect at once.
+            self.metrics.wakes.with_label_values(&["warm"]).inc();
+            return Some(Attached {
+                addr: ComputeAddr::new(address.as_str()),
+                lease: SessionLease::Detached,
+                cold: false,
+            });
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = self.slots.get(&route.endpoint)?;
+        let addr = {
+            let mut st = slot.lock();
+            if st.gone {
+                return None;
+            }
+            st.attach()?
+        };
+        let attached = Attached {
+            addr,
+            lease: SessionLease::Local(LocalSession::new(slot, &self.slots)),
+            cold: false,
+        };
+        self.metrics.wakes.with_label_values(&["warm"]).inc();
+        self.observe_wake(false, Tier::Running, started);
+        Some(attached)
+    }
+
+    fn observe_wake(&self, cold: bool, tier: Tier, started: Instant) {
+        let took = started.elapsed().as_secs_f64();
+        self.metrics
+            .wake_seconds
+            .with_label_values(&[if cold { "cold" } else { "warm" }])
+            .observe(took);
+        self.metrics
+            .wake_tier_seconds
+            .with_label_values(&[tier.as_str()])
+            .observe(took);
     }
 
     async fn wake_managed(

@@ -442,6 +442,31 @@ async fn crash_is_noticed_and_next_connect_restarts() {
     assert_eq!(m.stats(&r.endpoint).unwrap().attached, 1);
 }
 
+/// The synchronous wake a relay thread tries first: it attaches to a running compute (a lease
+/// like any other: the idle timer waits for it) and leaves everything else to `wake`.
+#[tokio::test(start_paused = true)]
+async fn wake_now_attaches_only_to_a_running_compute() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(Arc::clone(&b), cfg());
+    let r = route("ep", Some(Duration::from_secs(10)));
+    assert!(m.wake_now(&r).is_none(), "never woken: a start is wake's");
+    let first = m.wake(&r).await.unwrap();
+    let now = m.wake_now(&r).expect("running");
+    assert!(!now.cold);
+    assert_eq!(now.addr, first.addr);
+    assert_eq!(m.stats(&r.endpoint).unwrap().attached, 2);
+    drop(first);
+    // Its lease alone keeps the compute up, however long.
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    drop(now);
+    phase_within(&m, &r.endpoint, Phase::Suspended, Duration::from_secs(11)).await;
+    assert!(m.wake_now(&r).is_none(), "suspended: a start is wake's");
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    m.shutdown().await;
+    assert!(m.wake_now(&r).is_none(), "shutting down");
+}
+
 #[tokio::test(start_paused = true)]
 async fn static_routes_bypass_the_state_machine() {
     let b = FakeBackend::new(Script::default());
@@ -458,6 +483,8 @@ async fn static_routes_bypass_the_state_machine() {
     });
     let l = m.wake(&r).await.unwrap();
     assert_eq!(l.addr.as_str(), "db.internal:5432");
+    let now = m.wake_now(&r).expect("static: always at once");
+    assert_eq!(now.addr.as_str(), "db.internal:5432");
     assert_eq!(b.starts.load(Ordering::SeqCst), 0);
 }
 
