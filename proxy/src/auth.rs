@@ -18,6 +18,9 @@ use crate::error::ProxyError;
 /// status, errors); real ones are a few hundred bytes.
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 
+/// What one read from the compute takes during authentication: its greeting in one go.
+const AUTH_READ_BUFFER: usize = 8 * 1024;
+
 const AUTH_OK: i32 = 0;
 const AUTH_CLEARTEXT: i32 = 3;
 const AUTH_MD5: i32 = 5;
@@ -109,6 +112,11 @@ where
         endpoint: endpoint.clone(),
         source,
     };
+    // The compute sends its whole greeting (AuthenticationOk, a dozen ParameterStatus,
+    // BackendKeyData, ReadyForQuery: ~400 bytes) at once; read unbuffered, that was two recv
+    // calls per message, ~30 per new session.
+    let mut compute = tokio::io::BufReader::with_capacity(AUTH_READ_BUFFER, compute);
+    let compute = &mut compute;
     let mut out = BytesMut::with_capacity(1024);
     let mut guard = None;
     let mut scram: Option<ScramSha256> = None;
@@ -164,6 +172,10 @@ where
             }
             b'Z' => {
                 append(&mut out, tag, &body);
+                // Whatever the compute sent after ReadyForQuery (a notice, or the error of a
+                // shutdown) is already in the buffer, which goes away here: the client gets it
+                // now, in order, and the relay takes over from the socket.
+                out.put_slice(compute.buffer());
                 client.write_all(&out).await.map_err(ProxyError::ClientIo)?;
                 return Ok(AuthOutcome::Ready(guard));
             }
@@ -307,4 +319,56 @@ pub(crate) async fn read_message<R: AsyncRead + Unpin>(
     let mut body = vec![0u8; body_len];
     r.read_exact(&mut body).await?;
     Ok((head[0], body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwake_compute_manager::ComputeAddr;
+    use pgwake_router::EndpointId;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = BytesMut::new();
+        append(&mut m, tag, body);
+        m.to_vec()
+    }
+
+    /// The compute's greeting arrives in one piece with a notice right behind ReadyForQuery:
+    /// the client gets all of it in order, the notice included, though the buffered read took
+    /// it from the socket before the relay started.
+    #[tokio::test]
+    async fn bytes_after_ready_for_query_reach_the_client_in_order() {
+        let (mut client, mut client_far) = tokio::io::duplex(64 * 1024);
+        let (mut compute, mut compute_far) = tokio::io::duplex(64 * 1024);
+        let mut greeting = message(b'R', &0i32.to_be_bytes());
+        for i in 0..14 {
+            greeting.extend(message(b'S', format!("param{i}\0value\0").as_bytes()));
+        }
+        greeting.extend(message(b'K', &[0, 0, 0, 7, 1, 2, 3, 4]));
+        greeting.extend(message(b'Z', b"I"));
+        let notice = message(b'N', b"SNOTICE\0Mlate\0\0");
+        let mut sent = greeting.clone();
+        sent.extend(&notice);
+        compute_far.write_all(&sent).await.unwrap();
+        let target = CancelTarget {
+            endpoint: EndpointId::parse("ep").unwrap(),
+            addr: ComputeAddr::new("127.0.0.1:5432"),
+            pid: 0,
+            secret: Vec::new(),
+        };
+        let cancels = CancelMap::new();
+        let outcome = authenticate(&cancels, &mut client, &mut compute, target, None)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, AuthOutcome::Ready(Some(_))));
+        drop(client);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        // The key is the proxy's own (same length), the rest as sent.
+        let key_at = greeting.len() - 6 - 13;
+        assert_eq!(got.len(), sent.len());
+        assert_eq!(got[..key_at], greeting[..key_at]);
+        assert_eq!(got[key_at..key_at + 5], greeting[key_at..key_at + 5]);
+        assert_eq!(got[greeting.len()..], notice[..]);
+    }
 }
