@@ -346,6 +346,11 @@ impl Section for LocalConfig {
                 pgwake_compute_manager::local::MIN_LOG_SIZE
             ));
         }
+        for (k, v) in &self.settings {
+            if let Err(e) = pgwake_router::settings::check(k, v) {
+                errors.push(format!("settings: {e}"));
+            }
+        }
     }
 }
 
@@ -771,6 +776,29 @@ mod tests {
         assert!(err("\"ten\"").contains("is not a size"));
         let ok = Config::parse("[local]\nlog_max_size = \"1MiB\"\n").unwrap();
         assert_eq!(ok.local.log_max_size.0, 1 << 20);
+    }
+
+    #[test]
+    fn settings_pgwake_owns_are_refused_in_the_file_and_others_kept() {
+        let errors = Config::parse(
+            "[local]\nsettings = { port = \"1\", work_mem = \"4MB\" }\n\
+             [[endpoint]]\nid = \"a\"\nbackend = \"local\"\n\
+             settings = { listen_addresses = \"*\" }\n",
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(errors.contains("\"port\" is pgwake's own"), "{errors}");
+        assert!(
+            errors.contains("\"listen_addresses\" is pgwake's own"),
+            "{errors}"
+        );
+        assert!(!errors.contains("work_mem"), "{errors}");
+        // The operator may run programs on their own host.
+        Config::parse(
+            "[local]\nsettings = { archive_mode = \"on\", archive_command = \"true\" }\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -306,6 +306,27 @@ async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
         (422, Some("invalid_request")),
         "{err}"
     );
+    // A token to create endpoints is not a shell on the host, nor a way around the proxy.
+    for (settings, named) in [
+        (
+            json!({"archive_command": "sh -c 'id > /tmp/owned'"}),
+            "archive_command",
+        ),
+        (
+            json!({"shared_preload_libraries": "evil"}),
+            "shared_preload_libraries",
+        ),
+        (json!({"listen_addresses": "*"}), "listen_addresses"),
+        (json!({"work mem": "1MB"}), "work mem"),
+    ] {
+        let (code, err) = create(&env, json!({"id": "s", "settings": settings})).await;
+        assert_eq!(
+            (code, err["kind"].as_str()),
+            (422, Some("invalid_request")),
+            "{err}"
+        );
+        assert!(err["message"].as_str().unwrap().contains(named), "{err}");
+    }
     let (code, err) = create(&env, json!({"parnet": "main"})).await;
     assert_eq!(
         (code, err["kind"].as_str()),

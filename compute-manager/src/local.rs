@@ -219,6 +219,10 @@ impl LocalBackend {
             }
             (None, false) => None,
         };
+        for (k, v) in &cfg.settings {
+            pgwake_router::settings::check(k, v)
+                .map_err(|e| BackendError::Config(format!("[local] settings: {e}")))?;
+        }
         let cfg = LocalConfig {
             data_root: absolute(&cfg.data_root)?,
             ..cfg

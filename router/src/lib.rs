@@ -5,6 +5,7 @@
 
 pub mod crd;
 mod id;
+pub mod settings;
 mod table;
 
 pub use crd::{run_crd_source, PgwakeEndpoint};

@@ -165,6 +165,11 @@ pub enum RouteError {
     Duplicate(String),
     #[error("endpoint {id:?}: static address {address:?} is not host:port")]
     BadAddress { id: String, address: String },
+    #[error("endpoint {id:?}: {error}")]
+    Setting {
+        id: String,
+        error: crate::settings::SettingError,
+    },
 }
 
 /// Counts of what a [`RoutingTable::replace_all`] changed, for the reload log line.
@@ -278,6 +283,16 @@ impl RoutingTable {
         for c in configs {
             if !seen.insert(&c.id) {
                 errors.push(RouteError::Duplicate(c.id.to_string()));
+            }
+            if let BackendSpec::Local { settings } = &c.backend {
+                for (k, v) in settings {
+                    if let Err(error) = crate::settings::check(k, v) {
+                        errors.push(RouteError::Setting {
+                            id: c.id.to_string(),
+                            error,
+                        });
+                    }
+                }
             }
             if let BackendSpec::Static { address } = &c.backend {
                 let ok = address
@@ -504,6 +519,35 @@ mod tests {
             }
         );
         assert!(toml::from_str::<F>("[[endpoint]]\nid = \"Bad\"\nbackend = \"local\"").is_err());
+    }
+
+    #[test]
+    fn a_setting_pgwake_owns_or_a_malformed_name_is_refused_with_the_endpoint() {
+        let mut c = local("a");
+        c.backend = BackendSpec::Local {
+            settings: [
+                ("work_mem".to_string(), "4MB".to_string()),
+                ("listen_addresses".to_string(), "*".to_string()),
+                ("bad name".to_string(), "1".to_string()),
+                // The operator may: it is their host.
+                ("archive_command".to_string(), "true".to_string()),
+            ]
+            .into(),
+        };
+        let errors: Vec<String> = RoutingTable::validate(&[c])
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors.iter().all(|e| e.starts_with("endpoint \"a\": ")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("listen_addresses")),
+            "{errors:?}"
+        );
+        assert!(errors.iter().any(|e| e.contains("bad name")), "{errors:?}");
     }
 
     #[test]

@@ -303,6 +303,12 @@ impl Endpoints {
                 })?
             }
         };
+        // The caller holds a token to create endpoints, not a shell on the host: no setting
+        // that runs programs as the compute's user, none that pgwake owns.
+        for (k, v) in body.settings.iter().flatten() {
+            pgwake_router::settings::check_unprivileged(k, v)
+                .map_err(|e| ProvisionError::InvalidRequest(format!("settings: {e}")))?;
+        }
         let inherited = parent.as_ref().map(|p| self.parent_config(p));
         let from = |f: fn(&EndpointConfig) -> EndpointSettings| {
             inherited.as_ref().map(f).unwrap_or_default()
