@@ -128,7 +128,7 @@ impl ComputeWaker for RemoteManager {
     /// across the handover instead of getting an error for it. Answers from a working manager
     /// (its own wake timeout, limits, unknown endpoints) are final.
     async fn wake(&self, route: &Arc<Route>) -> Result<Attached, WakeError> {
-        let deadline = tokio::time::Instant::now() + self.wake_timeout;
+        let deadline = crate::manager::deadline(tokio::time::Instant::now(), self.wake_timeout);
         let mut backoff = Duration::from_millis(50);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -233,7 +233,7 @@ impl ComputeBackend for KubernetesBackend {
             pending: Arc::clone(&pending),
             go_on: s.cfg.start_timeout.map(|t| GoOn {
                 port,
-                deadline: started + t,
+                deadline: crate::manager::deadline(started, t),
                 since,
             }),
         };

@@ -59,7 +59,7 @@ impl Manager {
         id: &EndpointId,
         within: Duration,
     ) -> Result<Held, WakeError> {
-        let deadline = Instant::now() + within;
+        let deadline = super::deadline(Instant::now(), within);
         loop {
             let frozen;
             if self.closing.load(std::sync::atomic::Ordering::Acquire) {

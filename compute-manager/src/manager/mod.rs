@@ -42,6 +42,17 @@ use crate::{
     WakeError,
 };
 
+/// How far away a deadline is that no clock reaches: about a century.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `start + d`, where `d` may be any duration a config file, the management API or a resource
+/// gave (`idle_timeout = "1000000000000y"`): `Instant + Duration` panics past the clock's range,
+/// which would end the idle tracker of that endpoint (its compute then never suspends). Such
+/// a deadline is a century away instead, which means never.
+pub(crate) fn deadline(start: Instant, d: Duration) -> Instant {
+    start.checked_add(d).unwrap_or_else(|| start + NEVER)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ManagerConfig {
     /// How long a client may be held while its compute starts.
@@ -364,7 +375,7 @@ impl Manager {
         tier: &mut Tier,
     ) -> Result<Attached, WakeError> {
         let wake_timeout = self.config().wake_timeout;
-        let deadline = started + wake_timeout;
+        let deadline = deadline(started, wake_timeout);
         loop {
             let slot = self.slot(&route.endpoint);
             if let Some(result) = self
@@ -866,7 +877,7 @@ impl Manager {
         slot.notify();
         if let Some(this) = self.me.upgrade() {
             if let Some(after) = deep_sleep_after {
-                idle::track_deep_sleep(&this, slot, freeze, Instant::now() + after);
+                idle::track_deep_sleep(&this, slot, freeze, deadline(Instant::now(), after));
             }
             tokio::spawn(async move { this.enforce_memory_budget().await });
         }

@@ -369,8 +369,8 @@ impl Inner {
             } if attempt.is_none_or(|x| x == *a) => {
                 // A report can land while the compute was being asked (see `try_suspend`).
                 let busy = self.attached > 0 || self.waiting > 0 || self.remote_sessions(now) > 0;
-                let idle_enough =
-                    reason != SuspendReason::Idle || now >= self.idle_since + *idle_timeout;
+                let idle_enough = reason != SuspendReason::Idle
+                    || now >= super::deadline(self.idle_since, *idle_timeout);
                 if (busy && reason != SuspendReason::Shutdown) || !idle_enough {
                     return None;
                 }
@@ -419,7 +419,8 @@ impl Inner {
                 idle_timeout,
                 ..
             } if a == attempt => Some(
-                (self.attached == 0 && self.waiting == 0).then(|| self.idle_since + idle_timeout),
+                (self.attached == 0 && self.waiting == 0)
+                    .then(|| super::deadline(self.idle_since, idle_timeout)),
             ),
             _ => None,
         }
@@ -645,6 +646,26 @@ mod tests {
         assert!(st.exited(attempt));
         assert_eq!(st.phase(), Phase::Suspended);
         assert!(!st.exited(attempt), "once is enough");
+    }
+
+    /// An idle timeout no clock reaches (`"1000000000000y"` from a file or the API) means
+    /// never: before, the idle tracker panicked adding it to an Instant, and its compute was
+    /// never suspended again.
+    #[test]
+    fn an_idle_timeout_past_the_clocks_range_means_never() {
+        let mut st = inner(0);
+        let attempt = st.begin_start();
+        st.started(attempt, compute(), Duration::MAX);
+        let now = st.idle_since;
+        let deadline = st.idle_deadline(attempt).unwrap().unwrap();
+        assert!(deadline > now + Duration::from_secs(50 * 365 * 24 * 3600));
+        assert!(st
+            .begin_suspend(
+                Some(attempt),
+                SuspendReason::Idle,
+                now + Duration::from_secs(3600)
+            )
+            .is_none());
     }
 
     #[test]

@@ -467,6 +467,28 @@ async fn wake_now_attaches_only_to_a_running_compute() {
     assert!(m.wake_now(&r).is_none(), "shutting down");
 }
 
+/// Timeouts no clock reaches mean never, for a wake and a hold alike, instead of a panic.
+#[tokio::test(start_paused = true)]
+async fn timeouts_past_the_clocks_range_mean_never() {
+    let b = FakeBackend::new(Script::default());
+    let m = manager(
+        Arc::clone(&b),
+        ManagerConfig {
+            wake_timeout: Duration::MAX,
+            ..cfg()
+        },
+    );
+    let r = route("ep", Some(Duration::MAX));
+    drop(m.wake(&r).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)).await;
+    assert_eq!(m.stats(&r.endpoint).unwrap().phase, Phase::Running);
+    m.suspend(&r.endpoint).await;
+    assert!(matches!(
+        m.hold(&r.endpoint, Duration::MAX).await,
+        Ok(crate::Held::Suspended(_))
+    ));
+}
+
 #[tokio::test(start_paused = true)]
 async fn static_routes_bypass_the_state_machine() {
     let b = FakeBackend::new(Script::default());

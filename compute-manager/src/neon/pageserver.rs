@@ -408,7 +408,7 @@ impl PageserverClient {
         const OP: &str = "delete timeline";
         let path = format!("/v1/tenant/{tenant}/timeline/{timeline}");
         let mut tries = Tries::new(self);
-        let deadline = tokio::time::Instant::now() + self.delete_wait;
+        let deadline = crate::manager::deadline(tokio::time::Instant::now(), self.delete_wait);
         let mut accepted = false;
         loop {
             match self.send(OP, Method::DELETE, &path, None).await? {
