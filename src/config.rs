@@ -291,6 +291,9 @@ trait Section: DeserializeOwned + Default {
     fn validate(&self, _errors: &mut Vec<String>) {}
 }
 
+/// More sessions than this is a typo, not a machine.
+const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// More relay threads than this is a typo, not a machine.
 const MAX_RELAY_THREADS: usize = 1024;
 
@@ -298,6 +301,11 @@ impl Section for ProxyConfig {
     fn validate(&self, errors: &mut Vec<String>) {
         if self.max_connections == 0 {
             errors.push("max_connections must be at least 1".into());
+        }
+        if self.max_connections > MAX_CONNECTIONS {
+            // Each session holds two sockets: far past any fd limit, and past what the
+            // session semaphore can count.
+            errors.push(format!("max_connections must be at most {MAX_CONNECTIONS}"));
         }
         if self.startup_timeout.is_zero() {
             errors.push("startup_timeout must be more than 0".into());
@@ -776,6 +784,23 @@ mod tests {
         assert!(err("\"ten\"").contains("is not a size"));
         let ok = Config::parse("[local]\nlog_max_size = \"1MiB\"\n").unwrap();
         assert_eq!(ok.local.log_max_size.0, 1 << 20);
+    }
+
+    #[test]
+    fn max_connections_is_bounded_both_ways() {
+        for (v, msg) in [
+            ("0", "at least 1"),
+            ("100000000000000000000", ""),
+            ("10000001", "at most 10000000"),
+        ] {
+            let text = format!("[proxy]\nmax_connections = {v}\n");
+            let errors = Config::parse(&text).unwrap_err().0.join("\n");
+            assert!(
+                errors.contains("max_connections") && errors.contains(msg),
+                "{v}: {errors}"
+            );
+        }
+        Config::parse("[proxy]\nmax_connections = 10000000\n").unwrap();
     }
 
     #[test]
