@@ -548,8 +548,34 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = CopyDirection::new(Side::Client, Side::Compute);
-    let mut down = CopyDirection::new(Side::Compute, Side::Client);
+    let up = CopyDirection::new(Side::Client, Side::Compute);
+    let down = CopyDirection::new(Side::Compute, Side::Client);
+    relay_directions(client, compute, up, down).await
+}
+
+/// One direction of a relay that moves bytes through user space: from `R` to `W` until EOF,
+/// which it forwards as a shutdown.
+trait Direction<R, W> {
+    /// Ready(Ok) once EOF has been forwarded; stays Ready(Ok) when polled again, so that a
+    /// finished direction can be polled alongside the other one.
+    fn poll_transfer(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<(), RelayError>>;
+
+    /// Bytes written to the destination so far.
+    fn delivered(&self) -> u64;
+}
+
+/// Runs `up` (client to compute) and `down` until both are done or either fails.
+async fn relay_directions<A, B>(
+    client: &mut A,
+    compute: &mut B,
+    mut up: impl Direction<A, B>,
+    mut down: impl Direction<B, A>,
+) -> RelayOutcome {
     // A hand-written poll instead of join over split halves: `&mut A` cannot be borrowed by two
     // futures at once, and tokio::io::split would add a lock to every read and write.
     let result = poll_fn(|cx| {
@@ -565,8 +591,8 @@ where
     RelayOutcome {
         mode: Mode::Copy,
         bytes: Transferred {
-            client_to_compute: up.delivered,
-            compute_to_client: down.delivered,
+            client_to_compute: up.delivered(),
+            compute_to_client: down.delivered(),
         },
         spliced: Transferred::default(),
         result,
@@ -583,27 +609,9 @@ where
     A: AsyncBufRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = BufDirection::new(Side::Client, Side::Compute);
-    let mut down = CopyDirection::with_capacity(Side::Compute, Side::Client, TLS_DOWN_BUF_SIZE);
-    let result = poll_fn(|cx| {
-        let up_done = up.poll_transfer(cx, &mut *client, &mut *compute)?;
-        let down_done = down.poll_transfer(cx, &mut *compute, &mut *client)?;
-        if up_done.is_ready() && down_done.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    RelayOutcome {
-        mode: Mode::Copy,
-        bytes: Transferred {
-            client_to_compute: up.delivered,
-            compute_to_client: down.delivered,
-        },
-        spliced: Transferred::default(),
-        result,
-    }
+    let up = BufDirection::new(Side::Client, Side::Compute);
+    let down = CopyDirection::with_capacity(Side::Compute, Side::Client, TLS_DOWN_BUF_SIZE);
+    relay_directions(client, compute, up, down).await
 }
 
 /// The compute-to-client buffer of [`relay_buffered`]: two TLS records of plaintext. The other
@@ -632,20 +640,22 @@ impl BufDirection {
             delivered: 0,
         }
     }
+}
 
-    /// As [`CopyDirection::poll_transfer`]; a write that is pending leaves the data in the
-    /// reader's buffer, which is then not refilled (rustls reads no more records while it
-    /// holds plaintext), so nothing grows while the compute is slow.
-    fn poll_transfer<R, W>(
+impl<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> for BufDirection {
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// A write that is pending leaves the data in the reader's buffer, which is then not
+    /// refilled (rustls reads no more records while it holds plaintext), so nothing grows
+    /// while the compute is slow.
+    fn poll_transfer(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<Result<(), RelayError>>
-    where
-        R: AsyncBufRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+    ) -> Poll<Result<(), RelayError>> {
         let mut reads = 0;
         loop {
             if self.done {
@@ -730,19 +740,19 @@ impl CopyDirection {
             delivered: 0,
         }
     }
+}
 
-    /// Ready(Ok) once EOF has been forwarded as a shutdown; stays Ready(Ok) when polled again so
-    /// the caller can keep polling a finished direction alongside the other one.
-    fn poll_transfer<R, W>(
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> for CopyDirection {
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    fn poll_transfer(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<Result<(), RelayError>>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+    ) -> Poll<Result<(), RelayError>> {
         let mut reads = 0;
         loop {
             match self.state {
