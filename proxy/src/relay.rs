@@ -281,16 +281,12 @@ mod tests {
         })
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sessions_spread_over_every_thread_and_each_stays_on_one() {
-        const THREADS: usize = 3;
-        const CLIENTS: usize = 12;
-        let seen: Seen = Arc::default();
-        let relays = Relays::start(THREADS, echo_sessions(Arc::clone(&seen))).unwrap();
+    /// `n` clients, each accepted and handed to `relays` before the next connects, all kept open.
+    async fn dispatched_clients(relays: &Relays<std::net::TcpStream>, n: usize) -> Vec<TcpStream> {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let mut clients = Vec::new();
-        for _ in 0..CLIENTS {
+        for _ in 0..n {
             let c = TcpStream::connect(addr).await.unwrap();
             let (s, _) = l.accept().await.unwrap();
             relays
@@ -299,6 +295,16 @@ mod tests {
                 .unwrap();
             clients.push(c);
         }
+        clients
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_spread_over_every_thread_and_each_stays_on_one() {
+        const THREADS: usize = 3;
+        const CLIENTS: usize = 12;
+        let seen: Seen = Arc::default();
+        let relays = Relays::start(THREADS, echo_sessions(Arc::clone(&seen))).unwrap();
+        let clients = dispatched_clients(&relays, CLIENTS).await;
         // All open at once, so the least busy thread is a different one each time.
         assert_eq!(relays.live(), vec![CLIENTS / THREADS; THREADS]);
         let rounds = clients.into_iter().map(|mut c| async move {
@@ -385,17 +391,7 @@ mod tests {
     async fn stop_closes_the_sessions_still_running() {
         let seen: Seen = Arc::default();
         let relays = Relays::start(2, echo_sessions(seen)).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut clients = Vec::new();
-        for _ in 0..4 {
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let (s, _) = l.accept().await.unwrap();
-            relays
-                .dispatch(s.into_std().unwrap())
-                .map_err(drop)
-                .unwrap();
-            clients.push(c);
-        }
+        let clients = dispatched_clients(&relays, 4).await;
         relays.stop().await;
         for mut c in clients {
             let mut buf = [0u8; 1];

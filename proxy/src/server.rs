@@ -223,13 +223,8 @@ impl Proxy {
             // Every relay thread is gone (each logged its panic) or stuck: serve the client
             // here rather than not at all.
             error!(parent: &span, "no relay thread takes connections; serving this one on the main runtime");
-            match TcpStream::from_std(stream) {
-                Ok(s) => {
-                    let session = Arc::clone(self).session(ClientStream::Plain(s), peer, starting);
-                    tokio::spawn(session.instrument(span));
-                }
-                Err(e) => warn!(parent: &span, error = %e, "could not register the connection"),
-            }
+            let session = Arc::clone(self).registered_session(stream, peer, starting);
+            tokio::spawn(session.instrument(span));
         }
     }
 
@@ -275,15 +270,23 @@ impl Proxy {
             .relay_sessions
             .with_label_values(&[&index.to_string()])
             .inc();
-        let session = async move {
-            match TcpStream::from_std(stream) {
-                Ok(s) => self.session(ClientStream::Plain(s), peer, starting).await,
-                Err(e) => {
-                    warn!(error = %e, "could not register the connection on its relay thread")
-                }
-            }
-        };
-        session.instrument(span).await
+        self.registered_session(stream, peer, starting)
+            .instrument(span)
+            .await
+    }
+
+    /// The session of a connection handed over from the accept loop, once it is registered
+    /// with the runtime it runs on (a relay thread's, or the main one if none takes it).
+    async fn registered_session(
+        self: Arc<Self>,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        starting: Result<OwnedSemaphorePermit, TryAcquireError>,
+    ) {
+        match TcpStream::from_std(stream) {
+            Ok(s) => self.session(ClientStream::Plain(s), peer, starting).await,
+            Err(e) => warn!(error = %e, "could not register the connection with its runtime"),
+        }
     }
 
     async fn session(
