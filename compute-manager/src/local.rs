@@ -992,20 +992,16 @@ impl RunningCompute for LocalCompute {
             // says so in its lock file (not "stopping" after a crash of a child, say) and
             // accepts and forks. The SSLRequest exchange checks the last without a backend's
             // start-up, which would cost more than the whole thaw.
-            let status = pm_status(&self.dir);
-            if !matches!(status.as_deref(), Some("ready" | "standby")) {
-                let why = format!("postmaster status {status:?}");
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(BackendError::ThawFailed(why));
+            let why = match pm_status(&self.dir) {
+                Some(s) if s == "ready" || s == "standby" => {
+                    match probe_accepting(addr, THAW_TIMEOUT).await {
+                        ProbeResult::Ready => return Ok(()),
+                        ProbeResult::StartingUp => "starting up".to_string(),
+                        ProbeResult::Refused => "connection refused".to_string(),
+                        ProbeResult::Unexpected(why) => why,
+                    }
                 }
-                tokio::time::sleep(PROBE_INTERVAL).await;
-                continue;
-            }
-            let why = match probe_accepting(addr, THAW_TIMEOUT).await {
-                ProbeResult::Ready => return Ok(()),
-                ProbeResult::StartingUp => "starting up".to_string(),
-                ProbeResult::Refused => "connection refused".to_string(),
-                ProbeResult::Unexpected(why) => why,
+                status => format!("postmaster status {status:?}"),
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(BackendError::ThawFailed(why));

@@ -24,19 +24,46 @@ const MAX_FIRST_MESSAGE: u32 = 8192;
 
 /// One probe attempt; bounded by `timeout` so a wedged listener cannot hold a wake forever.
 pub async fn probe_ready(addr: SocketAddr, user: &str, timeout: Duration) -> ProbeResult {
-    match tokio::time::timeout(timeout, probe_once(addr, user)).await {
-        Ok(r) => r,
-        Err(_) => ProbeResult::Unexpected("probe timed out".into()),
+    bounded(timeout, probe_once(addr, user)).await
+}
+
+async fn bounded(
+    timeout: Duration,
+    probe: impl std::future::Future<Output = ProbeResult>,
+) -> ProbeResult {
+    tokio::time::timeout(timeout, probe)
+        .await
+        .unwrap_or_else(|_| ProbeResult::Unexpected("probe timed out".into()))
+}
+
+/// The probe's connection, or what its failure says.
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeResult> {
+    match TcpStream::connect(addr).await {
+        Ok(s) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(ProbeResult::Refused),
+        Err(e) => Err(ProbeResult::Unexpected(format!("connect: {e}"))),
+    }
+}
+
+/// What a failed read of the server's first answer says: a postmaster that accepted but
+/// closed (it died, or refuses during shutdown) is not up; anything else is unexpected.
+fn read_failure(e: std::io::Error) -> ProbeResult {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            ProbeResult::StartingUp
+        }
+        _ => ProbeResult::Unexpected(format!("read: {e}")),
     }
 }
 
 async fn probe_once(addr: SocketAddr, user: &str) -> ProbeResult {
-    let mut s = match TcpStream::connect(addr).await {
+    let mut s = match connect(addr).await {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return ProbeResult::Refused,
-        Err(e) => return ProbeResult::Unexpected(format!("connect: {e}")),
+        Err(r) => return r,
     };
-    let _ = s.set_nodelay(true);
     let mut msg = BytesMut::with_capacity(64);
     msg.put_u32(0); // length, patched below
     msg.put_u32(196608); // protocol 3.0
@@ -54,14 +81,8 @@ async fn probe_once(addr: SocketAddr, user: &str) -> ProbeResult {
     }
 
     let mut head = [0u8; 5];
-    match s.read_exact(&mut head).await {
-        Ok(_) => {}
-        // A postmaster that accepted but died, or is refusing during shutdown.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return ProbeResult::StartingUp,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            return ProbeResult::StartingUp
-        }
-        Err(e) => return ProbeResult::Unexpected(format!("read: {e}")),
+    if let Err(e) = s.read_exact(&mut head).await {
+        return read_failure(e);
     }
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
     match head[0] {
@@ -97,22 +118,17 @@ async fn probe_once(addr: SocketAddr, user: &str) -> ProbeResult {
 /// "ready" (that answer comes only after the startup packet): use it where the caller knows
 /// the server got past that, e.g. one that was frozen while ready.
 pub async fn probe_accepting(addr: SocketAddr, timeout: Duration) -> ProbeResult {
-    match tokio::time::timeout(timeout, accepting_once(addr)).await {
-        Ok(r) => r,
-        Err(_) => ProbeResult::Unexpected("probe timed out".into()),
-    }
+    bounded(timeout, accepting_once(addr)).await
 }
 
 /// `SSLRequest`: length 8, code 1234.5679.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 async fn accepting_once(addr: SocketAddr) -> ProbeResult {
-    let mut s = match TcpStream::connect(addr).await {
+    let mut s = match connect(addr).await {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return ProbeResult::Refused,
-        Err(e) => return ProbeResult::Unexpected(format!("connect: {e}")),
+        Err(r) => return r,
     };
-    let _ = s.set_nodelay(true);
     if let Err(e) = s.write_all(&SSL_REQUEST).await {
         return ProbeResult::Unexpected(format!("write: {e}"));
     }
@@ -125,15 +141,7 @@ async fn accepting_once(addr: SocketAddr) -> ProbeResult {
         // shutting down or out of processes).
         Ok(_) if answer[0] == b'E' => ProbeResult::StartingUp,
         Ok(_) => ProbeResult::Unexpected(format!("SSL answer {:#04x}", answer[0])),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ) =>
-        {
-            ProbeResult::StartingUp
-        }
-        Err(e) => ProbeResult::Unexpected(format!("read: {e}")),
+        Err(e) => read_failure(e),
     }
 }
 
