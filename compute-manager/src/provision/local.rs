@@ -37,10 +37,6 @@ impl LocalProvisioner {
             hold_timeout,
         })
     }
-
-    fn hold_error(id: &EndpointId, e: crate::WakeError) -> ProvisionError {
-        ProvisionError::internal(format!("hold endpoint {id}"), e)
-    }
 }
 
 /// Whether a failed copy ran out of disk (`cp` and `pg_basebackup` say so in their output).
@@ -73,7 +69,7 @@ impl Provisioner for LocalProvisioner {
                 .manager
                 .hold(from, self.hold_timeout)
                 .await
-                .map_err(|e| Self::hold_error(from, e))?;
+                .map_err(|e| super::hold_error(from, e))?;
             let source = match &held {
                 Held::Running { addr, .. } => CopySource::Running(addr),
                 Held::Suspended(_) => CopySource::Files,

@@ -61,9 +61,6 @@ pub struct Created {
     pub config: EndpointConfig,
 }
 
-/// Makes endpoints exist on one backend, durably (they are routed again after a restart), and
-/// removes them. Implementations: [`LocalProvisioner`]; the Kubernetes/Neon one plugs in at
-/// [`Provisioners::kubernetes`].
 /// Stops `id`'s compute and keeps it stopped for as long as the returned hold lives, so that
 /// its endpoint can go without a wake starting it again meanwhile; `Busy` (with how many
 /// sessions use it) if clients are on it.
@@ -77,7 +74,7 @@ async fn hold_for_delete(
     let held = manager
         .hold(id, timeout)
         .await
-        .map_err(|e| ProvisionError::internal(format!("hold endpoint {id}"), e))?;
+        .map_err(|e| hold_error(id, e))?;
     match held {
         crate::Held::Suspended(hold) => Ok(hold),
         crate::Held::Running { lease, .. } => {
@@ -94,6 +91,15 @@ async fn hold_for_delete(
     }
 }
 
+/// A hold on `id` that failed: the endpoint kept starting or suspending past the wait, or the
+/// manager is shutting down.
+fn hold_error(id: &EndpointId, e: crate::WakeError) -> ProvisionError {
+    ProvisionError::internal(format!("hold endpoint {id}"), e)
+}
+
+/// Makes endpoints exist on one backend, durably (they are routed again after a restart), and
+/// removes them. Implementations: [`LocalProvisioner`]; the Kubernetes/Neon one plugs in at
+/// [`Provisioners::kubernetes`].
 #[async_trait]
 pub trait Provisioner: Send + Sync + 'static {
     /// Creates `req.id`: a branch of `req.parent` (a consistent copy of its data at this
