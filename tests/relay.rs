@@ -5,18 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http_get, wait_until, Env, DEMO};
+use common::{http_get, metric, wait_until, Env, DEMO};
 use futures::StreamExt;
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Eight clients held open at once spread evenly over two relay threads (the least busy one
 /// gets the next connection); at shutdown, the queries running on both threads finish within

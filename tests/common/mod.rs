@@ -396,3 +396,13 @@ impl Drop for Mount {
             .status();
     }
 }
+
+/// The value of the sample `name_and_labels` (`name{label="v"}` as exposed) in a /metrics
+/// text; 0 when it is absent, as a counter that never moved.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
