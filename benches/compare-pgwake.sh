@@ -80,21 +80,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-cat >"$WORK/pgwake.toml" <<EOF
-# compare-pgwake.sh: one static endpoint in front of compare.sh's Postgres
-[proxy]
-listen = "127.0.0.1:$PORT"
-${RELAY_THREADS:+relay_threads = $RELAY_THREADS}
-
-[local]
-# unused (no local endpoint); kept out of the repository
-data_root = "$WORK/data"
-
-[[endpoint]]
-id = "bench"
-backend = "static"
-address = "$PG_ADDR"
-EOF
+static_pgwake_config "$PORT" "$PG_ADDR" "$WORK/data" "$RELAY_THREADS" >"$WORK/pgwake.toml"
 "$PGWAKE_BIN" --check-config "$WORK/pgwake.toml" >/dev/null
 
 LOAD_BEFORE=$(uptime)

@@ -162,21 +162,7 @@ PGCAT_BIN=${PGCAT_BIN:-$(command -v pgcat || echo /tmp/pgcat-install/bin/pgcat)}
 start_haproxy() {
   local d=$WORK/haproxy
   mkdir -p "$d"
-  cat >"$d/haproxy.cfg" <<EOF
-# plain L4 TCP forwarder; nbthread defaults to the number of CPUs
-global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-frontend pg_in
-    bind 127.0.0.1:$HAPROXY_PORT
-    default_backend pg_out
-backend pg_out
-    server pg1 $PG_HOST:$PG_PORT
-EOF
+  haproxy_l4_config "$HAPROXY_PORT" "$PG_HOST:$PG_PORT" >"$d/haproxy.cfg"
   haproxy -db -f "$d/haproxy.cfg" >"$OUT/raw/haproxy.log" 2>&1 &
   PIDS+=($!)
   add_target haproxy 127.0.0.1 "$HAPROXY_PORT" "$BENCH_PG_USER" "" bench

@@ -45,16 +45,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 "$HERE/pg-up.sh" -p "$PG_PORT" -D "$WORK/pg" >/dev/null
-cat >"$WORK/pgwake.toml" <<EOT
-[proxy]
-listen = "127.0.0.1:$PORT"
-[local]
-data_root = "$WORK/data"
-[[endpoint]]
-id = "bench"
-backend = "static"
-address = "127.0.0.1:$PG_PORT"
-EOT
+static_pgwake_config "$PORT" "127.0.0.1:$PG_PORT" "$WORK/data" >"$WORK/pgwake.toml"
 PGWAKE_LOG=warn "$BIN" --config "$WORK/pgwake.toml" >"$WORK/pgwake.log" 2>&1 &
 PID=$!
 wait_port 127.0.0.1 "$PORT" 20 || die "pgwake did not listen"

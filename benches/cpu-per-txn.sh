@@ -66,20 +66,7 @@ echo 'SELECT 1;' >"$WORK/select1.sql"
 
 port=$((BASE + 1))
 if [ "$HAPROXY" = 1 ]; then
-  cat >"$WORK/haproxy.cfg" <<EOF
-global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-frontend pg_in
-    bind 127.0.0.1:$port
-    default_backend pg_out
-backend pg_out
-    server pg1 127.0.0.1:$PG_PORT
-EOF
+  haproxy_l4_config "$port" "127.0.0.1:$PG_PORT" >"$WORK/haproxy.cfg"
   haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
   PIDS+=($!); NAMES+=(haproxy); PORTS+=("$port"); OPTS+=("")
   wait_port 127.0.0.1 "$port" 10 || die "haproxy did not listen"
@@ -92,17 +79,7 @@ for spec in "${PGWAKES[@]}"; do
   threads=""
   [ "$rest" != "$bin" ] && threads=${rest#*:}
   [ -x "$bin" ] || die "no pgwake binary at $bin"
-  cat >"$WORK/$name.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$port"
-${threads:+relay_threads = $threads}
-[local]
-data_root = "$WORK/$name-data"
-[[endpoint]]
-id = "bench"
-backend = "static"
-address = "127.0.0.1:$PG_PORT"
-EOF
+  static_pgwake_config "$port" "127.0.0.1:$PG_PORT" "$WORK/$name-data" "$threads" >"$WORK/$name.toml"
   PGWAKE_LOG=warn "$bin" --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
   PIDS+=($!); NAMES+=("$name"); PORTS+=("$port"); OPTS+=("endpoint=bench")
   wait_port 127.0.0.1 "$port" 20 || { cat "$WORK/$name.log" >&2; die "$name did not listen"; }
