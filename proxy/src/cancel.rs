@@ -221,7 +221,9 @@ impl CancelMap {
     /// Issues a fresh (pid, secret) for `target`; the secret has the same length as the
     /// compute's (4 bytes in protocol 3.0, longer in 3.2), so the client sees a normal key.
     pub fn register(self: &Arc<Self>, target: CancelTarget) -> (i32, Vec<u8>, CancelGuard) {
-        let mut rng = rand::rngs::OsRng;
+        // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS), so keys stay unguessable
+        // without the two getrandom(2) calls per session that OsRng made.
+        let mut rng = rand::thread_rng();
         let mut secret = vec![0u8; target.secret.len().max(4)];
         rng.fill_bytes(&mut secret);
         loop {
