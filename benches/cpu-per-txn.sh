@@ -2,7 +2,7 @@
 # cpu-per-txn.sh - CPU time and syscalls per transaction of each proxy process (issue 16).
 #
 # Usage: cpu-per-txn.sh [--pgwake NAME=BIN[:RELAY_THREADS]]... [--no-haproxy] [--clients 8,32]
-#                       [-t TXNS] [--rounds N] [--strace] [--port-base P]
+#                       [-t TXNS] [--rounds N] [--strace] [--copy ROWS] [--connect] [--port-base P]
 #
 # Starts a throwaway Postgres (pg-up.sh), haproxy as a plain L4 forwarder (unless
 # --no-haproxy) and one pgwake per --pgwake (a static endpoint "bench"; RELAY_THREADS, if
@@ -13,7 +13,12 @@
 # /proc/PID/stat) before and after: CPU us per transaction. Less sensitive to other load on
 # the machine than tps, which is printed too, with the load average. With --strace, also one
 # `strace -c -f -p PID` per proxy around `pgbench -n -t 5000 -c 8`: syscalls and futex calls
-# per transaction. Everything started here is stopped at the end.
+# per transaction. --connect adds pgbench -C (a new connection per transaction), so the
+# figures are per connection. With --copy ROWS, the workload is instead one
+#   psql -c "COPY (SELECT repeat('x',1000) FROM generate_series(1,ROWS)) TO STDOUT" >/dev/null
+# per round and proxy (compare.sh's bulk-copy with ROWS=1000000): MB/s and CPU ms per 100 MB
+# of the proxy, and with --strace, syscalls per MB. Everything started here is stopped at
+# the end.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
@@ -25,6 +30,8 @@ CLIENTS=8,32
 TXNS=4000
 ROUNDS=2
 STRACE=0
+COPY_ROWS=0
+CONNECT=()
 BASE=25450
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,8 +41,10 @@ while [ $# -gt 0 ]; do
     -t) TXNS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --strace) STRACE=1; shift ;;
+    --copy) COPY_ROWS=$2; shift 2 ;;
+    --connect) CONNECT=(-C); shift ;;
     --port-base) BASE=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) die "unknown argument: $1" ;;
   esac
 done
@@ -92,11 +101,58 @@ HZ=$(getconf CLK_TCK)
 # pgbench through target $1 with clients $2 and transactions per client $3; prints tps.
 run_pgbench() {
   local i=$1
-  PGOPTIONS=${OPTS[$i]} pgbench -n -h 127.0.0.1 -p "${PORTS[$i]}" -U postgres -c "$2" -j 2 \
+  PGOPTIONS=${OPTS[$i]} pgbench -n -h 127.0.0.1 -p "${PORTS[$i]}" -U postgres -c "$2" -j 2 ${CONNECT[@]+"${CONNECT[@]}"} \
     -t "$3" -f "$WORK/select1.sql" postgres 2>&1 | awk '/^tps/ {printf "%.0f", $3}'
 }
 
-echo "# cpu-per-txn: $(uptime | sed 's/.*load/load/'); $(nproc) cores; pgbench -t $TXNS -f select1.sql"
+# COPY through target $1 to /dev/null; prints "bytes seconds".
+run_copy() {
+  local i=$1 t0 t1
+  t0=$(date +%s%N)
+  PGOPTIONS=${OPTS[$i]} psql -X -q -h 127.0.0.1 -p "${PORTS[$i]}" -U postgres -d postgres \
+    -c "COPY (SELECT repeat('x',1000) FROM generate_series(1,$COPY_ROWS)) TO STDOUT" |
+    wc -c | tr -d '\n'
+  t1=$(date +%s%N)
+  echo " $(((t1 - t0) / 1000))"
+}
+
+if [ "$COPY_ROWS" -gt 0 ]; then
+  echo "# cpu-per-copy: $(uptime | sed 's/.*load/load/'); $(nproc) cores; COPY of $COPY_ROWS rows"
+  echo "# ${PGWAKES[*]}"
+  printf 'round\tproxy\tMB\tMB_per_s\tcpu_ms_per_100MB\n'
+  for r in $(seq 1 "$ROUNDS"); do
+    for i in "${!NAMES[@]}"; do
+      pid=${PIDS[$i]}
+      before=$(ticks "$pid")
+      read -r bytes us < <(run_copy "$i")
+      after=$(ticks "$pid")
+      awk -v b="$bytes" -v us="$us" -v d="$((after - before))" -v hz="$HZ" -v r="$r" \
+        -v name="${NAMES[$i]}" \
+        'BEGIN { printf "%s\t%s\t%.0f\t%.0f\t%.1f\n", r, name, b / 1e6, b / us, d / hz * 1e3 / (b / 1e8) }'
+    done
+  done
+  echo "# load after: $(uptime | sed 's/.*load average: //')"
+  if [ "$STRACE" = 1 ]; then
+    printf '\nproxy\tMB\tsyscalls_per_MB\ttop calls per MB\n'
+    for i in "${!NAMES[@]}"; do
+      out=$WORK/strace-${NAMES[$i]}.txt
+      strace -c -f -p "${PIDS[$i]}" -o "$out" &
+      spid=$!
+      sleep 0.5
+      read -r bytes _ < <(run_copy "$i")
+      kill -INT "$spid"
+      wait "$spid" 2>/dev/null || true
+      awk -v mb="$(awk -v b="$bytes" 'BEGIN { print b / 1e6 }')" -v name="${NAMES[$i]}" '
+        $1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; sc = $NF; if (sc == "total") { total = calls; next }
+                                      per[sc] = calls / mb }
+        END { top = ""; for (k in per) if (per[k] >= 0.5) top = top sprintf("%s %.1f ", k, per[k])
+              printf "%s\t%.0f\t%.1f\t%s\n", name, mb, total / mb, top }' "$out"
+    done
+  fi
+  exit 0
+fi
+
+echo "# cpu-per-txn: $(uptime | sed 's/.*load/load/'); $(nproc) cores; pgbench -t $TXNS ${CONNECT[*]} -f select1.sql"
 echo "# ${PGWAKES[*]}"
 printf 'round\tclients\tproxy\ttps\tcpu_us_per_txn\n'
 for r in $(seq 1 "$ROUNDS"); do
