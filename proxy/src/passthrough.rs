@@ -927,6 +927,55 @@ mod tests {
     both_modes!(compute_reset, compute_reset_scenario);
     both_modes!(client_reset, client_reset_scenario);
     both_modes!(small_writes, small_writes_scenario);
+    both_modes!(stalled_reader, stalled_reader_scenario);
+
+    /// The client stops reading while the compute sends in segments smaller than one copy, so
+    /// the relay's write to the client runs into a full buffer partway through a segment and
+    /// must hold the rest until the client reads again. Nothing may be lost, duplicated or
+    /// reordered, and the relay must pick up again by itself.
+    async fn stalled_reader_scenario(mode: Mode) {
+        const SEGMENT: usize = 8 * 1024;
+        let Proxied {
+            client,
+            server,
+            relay,
+        } = proxied(mode).await;
+        let p = pattern(0x5DEE_CE66_D1CE_4E5B);
+        let (client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let mut sent = 0;
+        loop {
+            let start = sent % p.len();
+            let len = (p.len() - start).min(SEGMENT);
+            let write = server_write.write_all(&p[start..start + len]);
+            tokio::pin!(write);
+            if futures::poll!(write.as_mut()).is_ready() {
+                sent += len;
+                // Lets the relay take each segment on its own, as from a compute it keeps pace
+                // with: tokio polls the reactor before a yielded task runs again.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            // A write that cannot complete: every buffer from here to the client is full, so
+            // the relay is waiting for the client. Now the client reads everything.
+            let reader = tokio::spawn({
+                let p = p.clone();
+                async move { receive_pattern(client_read, &p).await }
+            });
+            write.await.unwrap();
+            sent += len;
+            server_write.shutdown().await.unwrap();
+            assert_eq!(reader.await.unwrap(), sent);
+            break;
+        }
+        client_write.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server_read.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let outcome = relay.await.unwrap();
+        outcome.result.unwrap();
+        assert_eq!(outcome.bytes.compute_to_client, sent as u64);
+    }
 
     async fn echo_scenario(mode: Mode) {
         let Proxied {
