@@ -133,25 +133,35 @@ pub(crate) async fn handle(
         }
         (client, compute) => passthrough::relay_copy(client, compute).await,
     };
-    let bytes = outcome.bytes;
+    let (bytes, zero_copy) = (outcome.bytes, outcome.spliced);
     let m = &proxy.metrics;
-    m.bytes
-        .with_label_values(&["client_to_compute"])
-        .inc_by(bytes.client_to_compute);
-    m.bytes
-        .with_label_values(&["compute_to_client"])
-        .inc_by(bytes.compute_to_client);
+    for (direction, n, z) in [
+        (
+            "client_to_compute",
+            bytes.client_to_compute,
+            zero_copy.client_to_compute,
+        ),
+        (
+            "compute_to_client",
+            bytes.compute_to_client,
+            zero_copy.compute_to_client,
+        ),
+    ] {
+        m.bytes.with_label_values(&[direction]).inc_by(n);
+        m.spliced.with_label_values(&[direction]).inc_by(z);
+    }
     // One line per session (the access log); the span adds session, client and endpoint.
     let (c2s, s2c) = (bytes.client_to_compute, bytes.compute_to_client);
+    let spliced = zero_copy.client_to_compute + zero_copy.compute_to_client;
     let ms = started.elapsed().as_millis() as u64;
     match outcome.result {
         Ok(()) => {
-            info!(mode = ?outcome.mode, tls, c2s, s2c, ms, cold = lease.cold, "session closed")
+            info!(mode = ?outcome.mode, tls, c2s, s2c, spliced, ms, cold = lease.cold, "session closed")
         }
         // Mid-session there is no protocol state in which an ErrorResponse from us would make
         // sense to the client, so a broken side just ends the session.
         Err(e) => {
-            info!(error = %e, mode = ?outcome.mode, tls, c2s, s2c, ms, "session ended by an error")
+            info!(error = %e, mode = ?outcome.mode, tls, c2s, s2c, spliced, ms, "session ended by an error")
         }
     }
     drop(lease);

@@ -9,6 +9,9 @@ pub struct ProxyMetrics {
     pub closed: IntCounterVec,
     pub errors: IntCounterVec,
     pub bytes: IntCounterVec,
+    /// Of `bytes`, what splice(2) moved without copying it through user space: how much of
+    /// the traffic is zero-copy (bulk on plain TCP) as opposed to copied (small messages, TLS).
+    pub spliced: IntCounterVec,
     pub cancels: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     /// `POST /sql` requests by HTTP status and kind (`ok` or the error's kind).
@@ -44,6 +47,13 @@ impl ProxyMetrics {
             )?,
             bytes: IntCounterVec::new(
                 Opts::new("pgwake_forwarded_bytes_total", "Bytes relayed"),
+                &["direction"],
+            )?,
+            spliced: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_spliced_bytes_total",
+                    "Of the bytes relayed, those moved by splice(2) without a copy",
+                ),
                 &["direction"],
             )?,
             cancels: IntCounterVec::new(
@@ -93,6 +103,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.closed.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
         registry.register(Box::new(m.bytes.clone()))?;
+        registry.register(Box::new(m.spliced.clone()))?;
         Ok(m)
     }
 }
