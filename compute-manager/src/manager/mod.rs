@@ -297,7 +297,9 @@ impl Manager {
     /// this at once for a suspended endpoint, exactly one start happens and all of them wait on
     /// it, each for at most `wake_timeout`.
     pub async fn wake(self: &Arc<Self>, route: &Arc<Route>) -> Result<Attached, WakeError> {
-        if let Some(attached) = self.wake_now(route) {
+        // A running compute is attached by `wake_slot` below, as in `wake_now`; only the static
+        // route needs no slot.
+        if let Some(attached) = self.attach_static(route) {
             return Ok(attached);
         }
         let started = Instant::now();
@@ -325,15 +327,8 @@ impl Manager {
     /// thread can call it without handing the connection to the manager's runtime and back.
     pub fn wake_now(self: &Arc<Self>, route: &Arc<Route>) -> Option<Attached> {
         let started = Instant::now();
-        if let BackendSpec::Static { address } = &route.backend {
-            // Always on: nothing to start or suspend, and re-reading the route on every connect
-            // means a reload that moves the address takes effect at once.
-            self.metrics.wakes.with_label_values(&["warm"]).inc();
-            return Some(Attached {
-                addr: ComputeAddr::new(address.as_str()),
-                lease: SessionLease::Detached,
-                cold: false,
-            });
+        if let Some(attached) = self.attach_static(route) {
+            return Some(attached);
         }
         if self.closing.load(Ordering::Acquire) {
             return None;
@@ -354,6 +349,20 @@ impl Manager {
         self.metrics.wakes.with_label_values(&["warm"]).inc();
         self.observe_wake(false, Tier::Running, started);
         Some(attached)
+    }
+
+    /// A static route's address. Always on: nothing to start or suspend, and re-reading the
+    /// route on every connect means a reload that moves the address takes effect at once.
+    fn attach_static(&self, route: &Route) -> Option<Attached> {
+        let BackendSpec::Static { address } = &route.backend else {
+            return None;
+        };
+        self.metrics.wakes.with_label_values(&["warm"]).inc();
+        Some(Attached {
+            addr: ComputeAddr::new(address.as_str()),
+            lease: SessionLease::Detached,
+            cold: false,
+        })
     }
 
     fn observe_wake(&self, cold: bool, tier: Tier, started: Instant) {
