@@ -116,6 +116,30 @@ run_copy() {
   echo " $(((t1 - t0) / 1000))"
 }
 
+# Runs "${@:2}" (a workload through proxy $1) under `strace -c -f -p` of that proxy, with
+# the workload's output on stdout; the counts go to $WORK/strace-NAME.txt.
+under_strace() {
+  local i=$1 spid
+  shift
+  strace -c -f -p "${PIDS[$i]}" -o "$WORK/strace-${NAMES[$i]}.txt" &
+  spid=$!
+  sleep 0.5
+  "$@"
+  kill -INT "$spid"
+  wait "$spid" 2>/dev/null || true
+}
+
+# From proxy $1's strace counts over $2 units (transactions, MB): "calls per unit <TAB> futex
+# per unit <TAB> every call made at least $3 times per unit", with $4 decimals.
+strace_per() {
+  awk -v n="$2" -v min="$3" -v d="$4" '
+    $1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; sc = $NF; if (sc == "total") { total = calls; next }
+                                  per[sc] = calls / n }
+    END { top = ""; for (k in per) if (per[k] >= min) top = top sprintf("%s %.*f ", k, d, per[k])
+          printf "%.*f\t%.*f\t%s\n", d, total / n, d + 1, per["futex"] + 0, top }' \
+    "$WORK/strace-${NAMES[$1]}.txt"
+}
+
 if [ "$COPY_ROWS" -gt 0 ]; then
   echo "# cpu-per-copy: $(uptime | sed 's/.*load/load/'); $(nproc) cores; COPY of $COPY_ROWS rows"
   echo "# ${PGWAKES[*]}"
@@ -133,20 +157,12 @@ if [ "$COPY_ROWS" -gt 0 ]; then
   done
   echo "# load after: $(uptime | sed 's/.*load average: //')"
   if [ "$STRACE" = 1 ]; then
-    printf '\nproxy\tMB\tsyscalls_per_MB\ttop calls per MB\n'
+    printf '\nproxy\tMB\tsyscalls_per_MB\tfutex_per_MB\ttop calls per MB\n'
     for i in "${!NAMES[@]}"; do
-      out=$WORK/strace-${NAMES[$i]}.txt
-      strace -c -f -p "${PIDS[$i]}" -o "$out" &
-      spid=$!
-      sleep 0.5
-      read -r bytes _ < <(run_copy "$i")
-      kill -INT "$spid"
-      wait "$spid" 2>/dev/null || true
-      awk -v mb="$(awk -v b="$bytes" 'BEGIN { print b / 1e6 }')" -v name="${NAMES[$i]}" '
-        $1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; sc = $NF; if (sc == "total") { total = calls; next }
-                                      per[sc] = calls / mb }
-        END { top = ""; for (k in per) if (per[k] >= 0.5) top = top sprintf("%s %.1f ", k, per[k])
-              printf "%s\t%.0f\t%.1f\t%s\n", name, mb, total / mb, top }' "$out"
+      under_strace "$i" run_copy "$i" >"$WORK/copy.out"
+      read -r bytes _ <"$WORK/copy.out"
+      mb=$(awk -v b="$bytes" 'BEGIN { printf "%.0f", b / 1e6 }')
+      printf '%s\t%s\t%s\n' "${NAMES[$i]}" "$mb" "$(strace_per "$i" "$mb" 0.5 1)"
     done
   fi
   exit 0
@@ -173,17 +189,7 @@ echo "# load after: $(uptime | sed 's/.*load average: //')"
 if [ "$STRACE" = 1 ]; then
   printf '\nproxy\ttxns\tsyscalls_per_txn\tfutex_per_txn\ttop calls per txn\n'
   for i in "${!NAMES[@]}"; do
-    out=$WORK/strace-${NAMES[$i]}.txt
-    strace -c -f -p "${PIDS[$i]}" -o "$out" &
-    spid=$!
-    sleep 0.5
-    run_pgbench "$i" 8 5000 >/dev/null
-    kill -INT "$spid"
-    wait "$spid" 2>/dev/null || true
-    awk -v n=40000 -v name="${NAMES[$i]}" '
-      $1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; sc = $NF; if (sc == "total") { total = calls; next }
-                                    per[sc] = calls / n }
-      END { top = ""; for (k in per) if (per[k] >= 0.05) top = top sprintf("%s %.2f ", k, per[k])
-            printf "%s\t%d\t%.2f\t%.3f\t%s\n", name, n, total / n, per["futex"] + 0, top }' "$out"
+    under_strace "$i" run_pgbench "$i" 8 5000 >/dev/null
+    printf '%s\t40000\t%s\n' "${NAMES[$i]}" "$(strace_per "$i" 40000 0.05 2)"
   done
 fi
