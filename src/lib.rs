@@ -120,7 +120,7 @@ impl Pgwake {
             .expect("Config::parse validated the endpoints");
         let local = Arc::new(LocalBackend::new(config.local.clone())?);
         // Bound first: the connection strings of created endpoints name its port.
-        let (listener, addr) = bind(config.proxy.listen).await?;
+        let (listener, addr) = bind_clients(&config.proxy).await?;
         let verifiers = VerifierStore::new();
         let kubernetes = w.kubernetes(&verifiers).await?;
         let manager = w.manager(&local, kubernetes.as_ref())?;
@@ -784,6 +784,22 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
     let err = |source| StartError::Bind { addr, source };
     let listener = pgwake_proxy::listener::bind(addr, pgwake_proxy::listener::default_backlog())
         .map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
+/// [`bind`] for the client listener, whose accepted sockets inherit TCP_NODELAY and keepalive.
+async fn bind_clients(
+    cfg: &pgwake_proxy::ProxyConfig,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let addr = cfg.listen;
+    let err = |source| StartError::Bind { addr, source };
+    let listener = pgwake_proxy::listener::bind_clients(
+        addr,
+        pgwake_proxy::listener::default_backlog(),
+        &cfg.tcp_keepalive,
+    )
+    .map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
 }

@@ -71,8 +71,9 @@ impl TcpKeepaliveConfig {
         !self.idle.is_zero()
     }
 
-    /// Turns keepalive on for `tcp` with these parameters (nothing when disabled).
-    pub fn apply(&self, tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    /// Turns keepalive on for `tcp` with these parameters (nothing when disabled). On a
+    /// listening socket, every connection it accepts inherits them (Linux).
+    pub fn apply<S: std::os::fd::AsFd>(&self, tcp: &S) -> std::io::Result<()> {
         if !self.enabled() {
             return Ok(());
         }
@@ -178,6 +179,31 @@ mod tests {
         off.apply(&accepted2).unwrap();
         assert!(!socket2::SockRef::from(&accepted2).keepalive().unwrap());
         drop(client);
+    }
+
+    /// pgwake sets these on its listener only (`listener::bind_clients`, `Proxy::serve`) and
+    /// relies on the kernel copying them into each accepted socket; this is that assumption,
+    /// checked on the machine that runs it.
+    #[tokio::test]
+    async fn a_listeners_keepalive_and_nodelay_pass_to_the_sockets_it_accepts() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg: TcpKeepaliveConfig =
+            toml::from_str("idle = \"9s\"\ninterval = \"2s\"\ncount = 3").unwrap();
+        cfg.apply(&l).unwrap();
+        socket2::SockRef::from(&l).set_tcp_nodelay(true).unwrap();
+        let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(9));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
+        assert!(sock.tcp_nodelay().unwrap());
     }
 
     #[test]

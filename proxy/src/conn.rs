@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use pgwake_router::EndpointId;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::auth::{authenticate, request_password, AuthOutcome, ComputeCreds, ProxyAuth};
 use crate::cancel::CancelTarget;
@@ -42,12 +42,7 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     starting: OwnedSemaphorePermit,
 ) -> Result<Transferred, ProxyError> {
-    if let Some(tcp) = client.tcp() {
-        let _ = tcp.set_nodelay(true);
-        if let Err(e) = proxy.cfg.tcp_keepalive.apply(tcp) {
-            debug!(error = %e, "could not set TCP keepalive on the client socket");
-        }
-    }
+    // TCP_NODELAY and keepalive came with the socket from the listener (`bind_clients`).
     let started = Instant::now();
     let hello = tokio::time::timeout(proxy.cfg.startup_timeout, hello(proxy, client, peer))
         .await

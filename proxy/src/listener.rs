@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket};
 
+use crate::TcpKeepaliveConfig;
+
 /// The most pgwake asks for, whatever `somaxconn` allows.
 pub const MAX_BACKLOG: u32 = 4096;
 
@@ -26,11 +28,34 @@ pub fn default_backlog() -> u32 {
 /// Binds `addr` (SO_REUSEADDR, as `TcpListener::bind` does) and listens with `backlog`.
 /// Must run inside a tokio runtime.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    bind_with(addr, backlog, |_| Ok(()))
+}
+
+/// [`bind`] for the Postgres-protocol listener: TCP_NODELAY and the client keepalive are set
+/// before listen(2). Linux copies both into every socket the listener accepts, from the first
+/// connection on, so no session spends five `setsockopt` calls on them.
+pub fn bind_clients(
+    addr: SocketAddr,
+    backlog: u32,
+    keepalive: &TcpKeepaliveConfig,
+) -> io::Result<TcpListener> {
+    bind_with(addr, backlog, |socket| {
+        socket.set_nodelay(true)?;
+        keepalive.apply(socket)
+    })
+}
+
+fn bind_with(
+    addr: SocketAddr,
+    backlog: u32,
+    prepare: impl FnOnce(&TcpSocket) -> io::Result<()>,
+) -> io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    prepare(&socket)?;
     socket.bind(addr)?;
     socket.listen(backlog)
 }

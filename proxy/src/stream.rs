@@ -45,14 +45,6 @@ impl ClientStream {
     pub fn is_ws(&self) -> bool {
         matches!(self, ClientStream::Ws(_))
     }
-
-    pub fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            ClientStream::Plain(s) => Some(s),
-            ClientStream::Tls(s) => Some(s.get_ref().0),
-            ClientStream::Ws(_) | ClientStream::Gone => None,
-        }
-    }
 }
 
 fn gone() -> io::Error {
