@@ -294,6 +294,10 @@ trait Section: DeserializeOwned + Default {
 /// More sessions than this is a typo, not a machine.
 const MAX_CONNECTIONS: usize = 10_000_000;
 
+/// The largest `authentication_timeout` Postgres accepts: a spare compute connection older than
+/// that has been closed by the compute.
+const MAX_SPARE_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// More relay threads than this is a typo, not a machine.
 const MAX_RELAY_THREADS: usize = 1024;
 
@@ -313,6 +317,13 @@ impl Section for ProxyConfig {
         if self.relay_threads.is_some_and(|n| n > MAX_RELAY_THREADS) {
             errors.push(format!(
                 "relay_threads must be at most {MAX_RELAY_THREADS} (unset: one per core)"
+            ));
+        }
+        if self.spare_max_age > MAX_SPARE_AGE {
+            // Postgres's largest authentication_timeout: an older spare is always gone.
+            errors.push(format!(
+                "spare_max_age must be at most {}s (\"0s\": no spare connections)",
+                MAX_SPARE_AGE.as_secs()
             ));
         }
         for peer in &self.cancel_peers {

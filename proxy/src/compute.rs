@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::ProxyError;
 use crate::shared::Proxy;
+use crate::spare::{NextSpare, Outcome};
 use crate::stream::ComputeStream;
 use crate::{fd, wire};
 
@@ -20,12 +21,90 @@ use crate::{fd, wire};
 /// manager until its exit is reaped; a refused connect then means "wake again".
 const CONNECT_ATTEMPTS: usize = 3;
 
+/// Wakes `route`'s compute, connects to it and sends the client's `startup`: over a spare
+/// connection when one is ready (see `spare`), else over a new one. The lease keeps the compute
+/// up while held.
+///
+/// The returned [`NextSpare`], when there is one, opens the endpoint's next spare once dropped;
+/// the caller drops it when the client's login is done.
+pub(crate) async fn start_session(
+    proxy: &Proxy,
+    route: &Arc<Route>,
+    startup: &[u8],
+) -> Result<(Attached, ComputeStream, Option<NextSpare>), ProxyError> {
+    let mut lease = None;
+    let mut next = None;
+    if let Some(spares) = &proxy.spares {
+        let attached = wake(proxy, route).await?;
+        let (spare, next_spare) = spares.take(&route.endpoint, &attached.addr);
+        next = next_spare;
+        if let Some(sock) = spare {
+            match start_on_spare(sock, startup, proxy.cfg.connect_timeout).await {
+                Ok(tcp) => {
+                    spares.count(Outcome::Used);
+                    debug!(addr = %attached.addr, "session started on a spare compute connection");
+                    return Ok((attached, ComputeStream::Plain(tcp), next));
+                }
+                // Nothing reached the client yet, so a fresh connection can take over.
+                Err(e) => {
+                    debug!(addr = %attached.addr, error = %e, "spare compute connection failed; connecting anew");
+                    spares.count(Outcome::Dead);
+                }
+            }
+        }
+        lease = Some(attached);
+    }
+    let (lease, mut compute) = connect_with(proxy, route, lease).await?;
+    compute
+        .write_all(startup)
+        .await
+        .map_err(|source| ProxyError::ComputeProtocol {
+            endpoint: route.endpoint.clone(),
+            source,
+        })?;
+    Ok((lease, compute, next))
+}
+
+/// Sends `startup` over a spare and waits for the compute's first byte of answer, which shows
+/// the backend behind it was alive to read the startup.
+async fn start_on_spare(
+    sock: std::net::TcpStream,
+    startup: &[u8],
+    within: Duration,
+) -> std::io::Result<TcpStream> {
+    let mut tcp = TcpStream::from_std(sock)?;
+    tcp.write_all(startup).await?;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(within, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Ok(Ok(_)) => Ok(tcp),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+async fn wake(proxy: &Proxy, route: &Arc<Route>) -> Result<Attached, ProxyError> {
+    proxy.wake(route).await.map_err(|source| ProxyError::Wake {
+        endpoint: route.endpoint.clone(),
+        source,
+    })
+}
+
 /// Wakes `route`'s compute and connects to it; the lease keeps the compute up while held.
 pub(crate) async fn connect(
     proxy: &Proxy,
     route: &Arc<Route>,
 ) -> Result<(Attached, ComputeStream), ProxyError> {
-    let (lease, tcp) = connect_tcp(proxy, route).await?;
+    connect_with(proxy, route, None).await
+}
+
+/// [`connect`], with the lease of a wake already done for the first attempt.
+async fn connect_with(
+    proxy: &Proxy,
+    route: &Arc<Route>,
+    woken: Option<Attached>,
+) -> Result<(Attached, ComputeStream), ProxyError> {
+    let (lease, tcp) = connect_tcp(proxy, route, woken).await?;
     debug!(addr = %lease.addr, cold = lease.cold, "connected to compute");
     let stream = match &proxy.compute_tls {
         Some(connector) => negotiate_tls(connector, tcp, &lease.addr)
@@ -42,14 +121,15 @@ pub(crate) async fn connect(
 async fn connect_tcp(
     proxy: &Proxy,
     route: &Arc<Route>,
+    mut woken: Option<Attached>,
 ) -> Result<(Attached, TcpStream), ProxyError> {
     let endpoint = &route.endpoint;
     let mut last_err = None;
     for attempt in 0..CONNECT_ATTEMPTS {
-        let lease = proxy.wake(route).await.map_err(|source| ProxyError::Wake {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+        let lease = match woken.take() {
+            Some(lease) => lease,
+            None => wake(proxy, route).await?,
+        };
         let res = tokio::time::timeout(
             proxy.cfg.connect_timeout,
             TcpStream::connect(lease.addr.as_str()),

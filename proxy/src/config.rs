@@ -51,6 +51,11 @@ pub struct ProxyConfig {
     /// else, as before there were relay threads.
     #[serde(default)]
     pub relay_threads: Option<usize>,
+    /// For an endpoint whose sessions start less than this apart, one compute connection is
+    /// opened ahead of the next client and closed unused at this age; `0s`: none. Keep it well
+    /// under the computes' `authentication_timeout` (60 s by default).
+    #[serde(default = "default_spare_max_age", with = "humantime_serde")]
+    pub spare_max_age: Duration,
 }
 
 /// `[proxy.tcp_keepalive]`: probes start after `idle` without traffic, every `interval`, and
@@ -122,6 +127,9 @@ fn default_max_connections() -> usize {
 fn default_auth_timeout() -> Duration {
     Duration::from_secs(15)
 }
+fn default_spare_max_age() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -140,6 +148,7 @@ impl Default for ProxyConfig {
             tcp_keepalive: TcpKeepaliveConfig::default(),
             auth_timeout: default_auth_timeout(),
             relay_threads: None,
+            spare_max_age: default_spare_max_age(),
         }
     }
 }

@@ -86,17 +86,9 @@ pub(crate) async fn handle(
     let proxy_auth = ComputeCreds::after_login(verified, proxy_auth);
 
     let (route, _slot) = proxy.admit(&endpoint, client_addr.ip())?;
-    let (lease, mut compute) = compute::connect(proxy, &route).await?;
-
     let mut buf = BytesMut::with_capacity(256);
     startup.encode(&mut buf);
-    compute
-        .write_all(&buf)
-        .await
-        .map_err(|source| ProxyError::ComputeProtocol {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+    let (lease, mut compute, next_spare) = compute::start_session(proxy, &route, &buf).await?;
     let target = CancelTarget {
         endpoint: endpoint.clone(),
         addr: lease.addr.clone(),
@@ -117,6 +109,8 @@ pub(crate) async fn handle(
         // the client has its ErrorResponse.
         AuthOutcome::Refused => return Ok(Transferred::default()),
     };
+    // The client's backend is ready: only now may the compute fork the next one.
+    drop(next_spare);
 
     let tls = client.is_tls();
     let outcome = match (client, &mut compute) {

@@ -24,6 +24,7 @@ pub mod scram;
 mod server;
 pub mod serverless;
 mod shared;
+mod spare;
 mod stream;
 pub mod throttle;
 pub mod tls;

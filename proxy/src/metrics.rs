@@ -21,6 +21,8 @@ pub struct ProxyMetrics {
     pub sql_pool_idle: IntGauge,
     /// Client sessions handed to each relay thread (`[proxy] relay_threads`), by thread index.
     pub relay_sessions: IntCounterVec,
+    /// Spare compute connections by what became of them (`[proxy] spare_max_age`).
+    pub spares: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -91,7 +93,15 @@ impl ProxyMetrics {
                 ),
                 &["relay"],
             )?,
+            spares: IntCounterVec::new(
+                Opts::new(
+                    "pgwake_spare_connections_total",
+                    "Compute connections opened ahead of a client, by outcome (used, expired, dead, moved)",
+                ),
+                &["outcome"],
+            )?,
         };
+        registry.register(Box::new(m.spares.clone()))?;
         registry.register(Box::new(m.relay_sessions.clone()))?;
         registry.register(Box::new(m.sql_pool_idle.clone()))?;
         registry.register(Box::new(m.sql_requests.clone()))?;

@@ -39,6 +39,9 @@ pub struct Proxy {
     /// The runtime the proxy was built on, where the manager and its timers live; `None`
     /// outside a runtime (then wakes run wherever the session runs).
     pub(crate) home: Option<tokio::runtime::Handle>,
+    /// Compute connections opened ahead of busy endpoints' next clients (`spare`); `None` when
+    /// `[proxy] spare_max_age = "0s"` or with `[tls] compute_tls`.
+    pub(crate) spares: Option<Arc<crate::spare::Spares>>,
 }
 
 /// What a [`Proxy`] is built from; the binary assembles it from the config file.
@@ -91,6 +94,16 @@ impl Proxy {
             .max_pending_startups()
             .map_or(u32::MAX >> 4, |n| n.min(u32::MAX as usize >> 4) as u32);
         let cancels = Cancels::new(p.cfg.cancel_peers.clone(), p.metrics.cancels.clone());
+        // A spare is plain TCP with nothing sent on it; a compute reached over TLS would need
+        // its handshake done ahead as well, which spares do not do.
+        let spares = match p.compute_tls {
+            None => crate::spare::Spares::new(
+                p.cfg.spare_max_age,
+                p.cfg.connect_timeout,
+                p.metrics.spares.clone(),
+            ),
+            Some(_) => None,
+        };
         Arc::new(Self {
             cfg: p.cfg,
             table: p.table,
@@ -108,6 +121,7 @@ impl Proxy {
             pending: Arc::new(Semaphore::new(pending_total as usize)),
             pending_total,
             home: tokio::runtime::Handle::try_current().ok(),
+            spares,
         })
     }
 
