@@ -184,6 +184,13 @@ impl Spares {
             self.opened(&endpoint, None);
             return;
         };
+        // Whatever ends the task (a runtime shutting down drops it unpolled), the endpoint must
+        // not be left "opening" for ever, which would stop its spares.
+        let pending = Opening {
+            spares: Arc::clone(self),
+            endpoint: endpoint.clone(),
+            filed: false,
+        };
         let spares = Arc::clone(self);
         rt.spawn(async move {
             let sock = match tokio::time::timeout(
@@ -203,7 +210,6 @@ impl Spares {
                 Err(_) => None,
             };
             let Some(sock) = sock else {
-                spares.opened(&endpoint, None);
                 return;
             };
             let id = spares.next_id.fetch_add(1, Ordering::Relaxed);
@@ -213,7 +219,7 @@ impl Spares {
                 sock,
                 born: Instant::now(),
             };
-            if !spares.opened(&endpoint, Some(spare)) {
+            if !pending.file(spare) {
                 return;
             }
             tokio::time::sleep(spares.max_age).await;
@@ -261,6 +267,29 @@ impl Spares {
     #[cfg(test)]
     fn waiting(&self) -> usize {
         self.endpoints.iter().filter(|e| e.spare.is_some()).count()
+    }
+}
+
+/// An open in progress; dropped before it filed a spare, it files none (`opening` cleared).
+struct Opening {
+    spares: Arc<Spares>,
+    endpoint: EndpointId,
+    filed: bool,
+}
+
+impl Opening {
+    /// Files the spare; false when it was not kept.
+    fn file(mut self, spare: Spare) -> bool {
+        self.filed = true;
+        self.spares.opened(&self.endpoint, Some(spare))
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if !self.filed {
+            self.spares.opened(&self.endpoint, None);
+        }
     }
 }
 
@@ -441,6 +470,26 @@ mod tests {
             s.endpoints.iter().all(|e| e.key().as_str() == "busy"),
             "the endpoints seen once, long ago, are gone"
         );
+    }
+
+    /// A relay runtime that stops drops the task opening a spare without running it: the
+    /// endpoint must not stay "opening" (which would stop its spares for good).
+    #[test]
+    fn an_open_dropped_with_its_runtime_leaves_the_endpoint_free() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = spares(Duration::from_secs(30));
+        let (ep, addr) = (id("ep-e"), ComputeAddr::new("127.0.0.1:9"));
+        {
+            let _in = rt.enter();
+            drop(s.take(&ep, &addr));
+            drop(s.take(&ep, &addr));
+        }
+        assert!(s.endpoints.get(&ep).unwrap().opening, "spawned, not run");
+        drop(rt);
+        assert!(!s.endpoints.get(&ep).unwrap().opening);
     }
 
     #[tokio::test]
