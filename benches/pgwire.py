@@ -16,8 +16,8 @@ Subcommands
 --options STR sends STR as the startup parameter "options" (what libpq sends for
 options=STR / PGOPTIONS), e.g. --options endpoint=bench to pick a pgwake
 endpoint.  Default: $PGOPTIONS, like libpq; --options '' sends none.
-(pgwake/benches copy of /work/shared/bench/pgwire.py; only the PGOPTIONS default
-and this paragraph differ.)
+(pgwake/benches copy of /work/shared/bench/pgwire.py; only the PGOPTIONS default,
+connect's --pause-ms and this paragraph differ.)
 
 Examples
   pgwire.py probe   --host 127.0.0.1 --port 55432 --user postgres --db postgres
@@ -248,6 +248,9 @@ def main():
             p.add_argument("--once", action="store_true")
         else:
             p.add_argument("-n", type=int, default=200)
+            p.add_argument("--pause-ms", type=float, default=0.0,
+                           help="idle time between connections, not timed (a client that"
+                                " connects now and then, not back to back)")
     a = ap.parse_args()
     if a.cmd == "probe":
         r = probe(a.host, a.port, a.user, a.db, a.password, a.interval, a.timeout, a.once,
@@ -267,6 +270,8 @@ def main():
             except Exception as e:  # noqa: BLE001 - count and report
                 errors += 1
                 last = str(e)
+            if a.pause_ms > 0:
+                time.sleep(a.pause_ms / 1000.0)
         wall = time.perf_counter() - t_start
         out = {"unit": "ms", "errors": errors, "wall_s": wall,
                "per_s": (len(lat) / wall) if wall > 0 else None}
