@@ -53,22 +53,10 @@ done
 [ "$STRACE" = 0 ] || command -v strace >/dev/null || die "strace not installed"
 
 PG_PORT=$BASE
-WORK=$(mktemp -d /tmp/bench-cpu.XXXXXX)
-chmod 755 "$WORK"
-PIDS=()
+bench_workdir cpu
 NAMES=()
 PORTS=()
 OPTS=()
-cleanup() {
-  local rc=$?
-  set +e
-  for p in "${PIDS[@]}"; do stop_pid "$p" 20; done
-  "$HERE/pg-down.sh" -D "$WORK/pg" --rm >/dev/null 2>&1
-  rm -rf "$WORK"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 "$HERE/pg-up.sh" -p "$PG_PORT" -D "$WORK/pg" --set max_connections=100 >/dev/null
 echo 'SELECT 1;' >"$WORK/select1.sql"

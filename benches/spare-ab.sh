@@ -41,19 +41,7 @@ while [ $# -gt 0 ]; do
 done
 [ -x "$PGWAKE_BIN" ] || die "no pgwake binary at $PGWAKE_BIN (cargo build --release, or --pgwake-bin)"
 
-WORK=$(mktemp -d /tmp/bench-spare.XXXXXX)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  local rc=$?
-  set +e
-  for p in "${PIDS[@]}"; do stop_pid "$p" 20; done
-  "$HERE/pg-down.sh" -D "$WORK/pg" --rm >/dev/null 2>&1
-  rm -rf "$WORK"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir spare
 
 PG_PORT=$BASE
 "$HERE/pg-up.sh" -p "$PG_PORT" -D "$WORK/pg" --scale 10 >/dev/null

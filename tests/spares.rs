@@ -25,6 +25,27 @@ async fn spares(admin: SocketAddr, outcome: &str) -> f64 {
     )
 }
 
+/// pgwake with `extra` config and /metrics, and the demo endpoint's table `spare_log`.
+async fn started(extra: &str) -> (Env, SocketAddr) {
+    let env = Env::start_with(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"), DEMO).await;
+    let admin = env.pgwake().admin_addr().unwrap();
+    let c = env.client("demo").await;
+    c.batch_execute("create table spare_log (pid int); insert into spare_log values (0)")
+        .await
+        .unwrap();
+    drop(c);
+    (env, admin)
+}
+
+/// After a session on a spare, so the endpoint is busy, one more session runs `sql`: the
+/// spare it opens is the one left waiting when the compute goes idle.
+async fn busy_then_idle(env: &Env, admin: SocketAddr, sql: &str) {
+    sessions_until_used(env, admin, 1.0).await;
+    let c = env.client("demo").await;
+    c.batch_execute(sql).await.unwrap();
+    drop(c);
+}
+
 /// Starts sessions one after another (each one a query, then closed) until `used` sessions
 /// in all have started on a spare; gives the backend pids seen.
 async fn sessions_until_used(env: &Env, admin: SocketAddr, used: f64) -> Vec<i32> {
@@ -57,13 +78,7 @@ async fn sessions_until_used(env: &Env, admin: SocketAddr, used: f64) -> Vec<i32
 /// backend of its own that sees every row committed before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_endpoints_sessions_start_on_spares_and_stay_correct() {
-    let env = Env::start_with("[admin]\nlisten = \"127.0.0.1:0\"", DEMO).await;
-    let admin = env.pgwake().admin_addr().unwrap();
-    let c = env.client("demo").await;
-    c.batch_execute("create table spare_log (pid int); insert into spare_log values (0)")
-        .await
-        .unwrap();
-    drop(c);
+    let (env, admin) = started("").await;
 
     let pids = sessions_until_used(&env, admin, 3.0).await;
     let mut distinct = pids.clone();
@@ -92,30 +107,14 @@ async fn busy_endpoints_sessions_start_on_spares_and_stay_correct() {
     env.stop().await;
 }
 
-/// An idle compute is suspended (and frozen, with light sleep) with a spare open to it: the
-/// spare holds no session. The next client gets a working session either way: a spare to a
-/// stopped compute is found closed and a new connection made; one to a frozen compute is
-/// used once the compute runs again.
+/// An idle compute is suspended with a spare open to it: the spare holds no session. The
+/// next client gets a working session: the spare to the stopped compute is found closed and a
+/// new connection made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spare_never_keeps_a_compute_awake() {
-    let env = Env::start_with(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nspare_max_age = \"50s\"\n[compute]\nidle_timeout = \"1s\"",
-        DEMO,
-    )
-    .await;
-    let admin = env.pgwake().admin_addr().unwrap();
-    let c = env.client("demo").await;
-    c.batch_execute("create table spare_log (pid int); insert into spare_log values (0)")
-        .await
-        .unwrap();
-    drop(c);
-    // A session on a spare makes the endpoint busy: the next spare is opened after it.
-    sessions_until_used(&env, admin, 1.0).await;
-    let c = env.client("demo").await;
-    c.batch_execute("insert into spare_log values (-1)")
-        .await
-        .unwrap();
-    drop(c);
+    let (env, admin) =
+        started("[proxy]\nspare_max_age = \"50s\"\n[compute]\nidle_timeout = \"1s\"").await;
+    busy_then_idle(&env, admin, "insert into spare_log values (-1)").await;
 
     env.wait_phase("demo", Phase::Suspended, LONG).await;
     let c = env.client("demo").await;
@@ -134,24 +133,15 @@ async fn a_spare_never_keeps_a_compute_awake() {
     env.stop().await;
 }
 
+/// Light sleep: a spare open to a compute that is frozen waits through the freeze and is used
+/// once the compute runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spare_to_a_frozen_compute_is_used_once_it_runs_again() {
-    let env = Env::start_with(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nspare_max_age = \"50s\"\n[compute]\nidle_timeout = \"1s\"\ndeep_sleep_after = \"120s\"",
-        DEMO,
+    let (env, admin) = started(
+        "[proxy]\nspare_max_age = \"50s\"\n[compute]\nidle_timeout = \"1s\"\ndeep_sleep_after = \"120s\"",
     )
     .await;
-    let admin = env.pgwake().admin_addr().unwrap();
-    let c = env.client("demo").await;
-    c.batch_execute("create table spare_log (pid int); insert into spare_log values (0)")
-        .await
-        .unwrap();
-    drop(c);
-    sessions_until_used(&env, admin, 1.0).await;
-    // One more session: the spare it opens waits through the freeze.
-    let c = env.client("demo").await;
-    c.simple_query("select 1").await.unwrap();
-    drop(c);
+    busy_then_idle(&env, admin, "select 1").await;
     env.wait_phase("demo", Phase::Frozen, LONG).await;
 
     let used = spares(admin, "used").await;
