@@ -781,11 +781,10 @@ fn with_created(mut file: Vec<EndpointAuth>, endpoints: &Endpoints) -> Vec<Endpo
 
 /// Binds a listener and reports the address it got (port 0 in tests and configs).
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let err = |source| StartError::Bind { addr, source };
-    let listener = pgwake_proxy::listener::bind(addr, pgwake_proxy::listener::default_backlog())
-        .map_err(err)?;
-    let bound = listener.local_addr().map_err(err)?;
-    Ok((listener, bound))
+    bound(
+        addr,
+        pgwake_proxy::listener::bind(addr, pgwake_proxy::listener::default_backlog()),
+    )
 }
 
 /// [`bind`] for the client listener, whose accepted sockets inherit TCP_NODELAY and keepalive.
@@ -793,15 +792,25 @@ async fn bind_clients(
     cfg: &pgwake_proxy::ProxyConfig,
 ) -> Result<(TcpListener, SocketAddr), StartError> {
     let addr = cfg.listen;
-    let err = |source| StartError::Bind { addr, source };
-    let listener = pgwake_proxy::listener::bind_clients(
+    bound(
         addr,
-        pgwake_proxy::listener::default_backlog(),
-        &cfg.tcp_keepalive,
+        pgwake_proxy::listener::bind_clients(
+            addr,
+            pgwake_proxy::listener::default_backlog(),
+            &cfg.tcp_keepalive,
+        ),
     )
-    .map_err(err)?;
-    let bound = listener.local_addr().map_err(err)?;
-    Ok((listener, bound))
+}
+
+/// The listener bound for `addr` and the address it got.
+fn bound(
+    addr: SocketAddr,
+    listener: std::io::Result<TcpListener>,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let listener = listener.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 /// Reloads certificates when their files change (renewals by cert-manager or certbot land

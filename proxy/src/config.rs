@@ -190,9 +190,9 @@ mod tests {
         drop(client);
     }
 
-    /// pgwake sets these on its listener only (`listener::bind_clients`, `Proxy::serve`) and
-    /// relies on the kernel copying them into each accepted socket; this is that assumption,
-    /// checked on the machine that runs it.
+    /// pgwake sets these on its listener only (`listener::bind_clients`) and relies on the
+    /// kernel copying them into each accepted socket; this is that assumption, checked on the
+    /// machine that runs it.
     #[tokio::test]
     async fn a_listeners_keepalive_and_nodelay_pass_to_the_sockets_it_accepts() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

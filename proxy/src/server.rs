@@ -46,9 +46,11 @@ impl Proxy {
     /// Accepts connections until `shutdown` resolves, then waits up to `drain_timeout` for live
     /// sessions to end on their own before returning. The sessions left then are closed when
     /// the relay threads stop; without relay threads, the caller's runtime cuts them.
+    ///
+    /// `listener` comes from [`crate::listener::bind_clients`]: the sockets it accepts have
+    /// TCP_NODELAY and the client keepalive from it, and no session sets them again.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        self.prepare_listener(&listener);
         let relays = self.start_relays();
         self.health.set_ready(true);
         let mut reserve = fd::FdReserve::new();
@@ -109,19 +111,6 @@ impl Proxy {
                 info!(?live, "stopping the relay threads");
             }
             relays.stop().await;
-        }
-    }
-
-    /// Sets TCP_NODELAY and the client keepalive on the listener: Linux copies both into every
-    /// socket it accepts, which saves five `setsockopt` calls per connection. The binary's
-    /// listener has them from before it listened (`listener::bind_clients`); this covers any
-    /// other listener handed to `serve`, from the next connection the kernel queues.
-    fn prepare_listener(&self, listener: &TcpListener) {
-        if let Err(e) = socket2::SockRef::from(listener).set_tcp_nodelay(true) {
-            warn!(error = %e, "could not set TCP_NODELAY on the listener; small messages may wait for Nagle");
-        }
-        if let Err(e) = self.cfg.tcp_keepalive.apply(listener) {
-            warn!(error = %e, "could not set TCP keepalive on the listener; vanished clients are noticed only by the kernel's defaults");
         }
     }
 
