@@ -180,16 +180,16 @@ impl Spares {
     /// Opens a spare to `addr` in a task of the current runtime, and closes it at `max_age`
     /// if nobody took it. Outside a runtime (never the case for a session) nothing happens.
     fn open(self: &Arc<Self>, endpoint: EndpointId, addr: ComputeAddr) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.opened(&endpoint, None);
-            return;
-        };
-        // Whatever ends the task (a runtime shutting down drops it unpolled), the endpoint must
-        // not be left "opening" for ever, which would stop its spares.
+        // Whatever ends this open without a spare (no runtime, or a runtime shutting down that
+        // drops the task unpolled), the endpoint must not be left "opening" for ever, which
+        // would stop its spares.
         let pending = Opening {
             spares: Arc::clone(self),
             endpoint: endpoint.clone(),
             filed: false,
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
         };
         let spares = Arc::clone(self);
         rt.spawn(async move {
