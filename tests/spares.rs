@@ -46,6 +46,10 @@ async fn busy_then_idle(env: &Env, admin: SocketAddr, sql: &str) {
     drop(c);
 }
 
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Starts sessions one after another (each one a query, then closed) until `used` sessions
 /// in all have started on a spare; gives the backend pids seen.
 async fn sessions_until_used(env: &Env, admin: SocketAddr, used: f64) -> Vec<i32> {
@@ -55,11 +59,7 @@ async fn sessions_until_used(env: &Env, admin: SocketAddr, used: f64) -> Vec<i32
             return pids;
         }
         let c = env.client("demo").await;
-        let n: i64 = c
-            .query_one("select count(*) from spare_log", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(&c, "select count(*) from spare_log").await;
         let pid: i32 = c
             .query_one(
                 "insert into spare_log values (pg_backend_pid()) returning pid",
@@ -118,11 +118,7 @@ async fn a_spare_never_keeps_a_compute_awake() {
 
     env.wait_phase("demo", Phase::Suspended, LONG).await;
     let c = env.client("demo").await;
-    let n: i64 = c
-        .query_one("select count(*) from spare_log where pid = -1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = count(&c, "select count(*) from spare_log where pid = -1").await;
     assert_eq!(n, 1, "the row committed before the suspend");
     let discarded = spares(admin, "dead").await + spares(admin, "moved").await;
     assert!(
@@ -146,11 +142,7 @@ async fn a_spare_to_a_frozen_compute_is_used_once_it_runs_again() {
 
     let used = spares(admin, "used").await;
     let c = env.client("demo").await;
-    let n: i64 = c
-        .query_one("select count(*) from spare_log", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = count(&c, "select count(*) from spare_log").await;
     assert!(n >= 2, "{n} rows");
     assert_eq!(
         spares(admin, "used").await,
