@@ -80,6 +80,19 @@ struct Entry {
     opening: bool,
 }
 
+impl Entry {
+    /// The endpoint's last session started less than `max_age` before `now`: it has demand.
+    fn recent(&self, now: Instant, max_age: Duration) -> bool {
+        self.last_start
+            .is_some_and(|t| now.duration_since(t) < max_age)
+    }
+
+    /// Nothing to keep: no spare, none being opened, and no recent session.
+    fn idle(&self, now: Instant, max_age: Duration) -> bool {
+        self.spare.is_none() && !self.opening && !self.recent(now, max_age)
+    }
+}
+
 struct Spare {
     id: u64,
     addr: ComputeAddr,
@@ -132,18 +145,11 @@ impl Spares {
         now: Instant,
     ) -> (Option<std::net::TcpStream>, Option<NextSpare>) {
         if self.starts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.endpoints.retain(|_, e| {
-                e.spare.is_some()
-                    || e.opening
-                    || e.last_start
-                        .is_some_and(|t| now.duration_since(t) < self.max_age)
-            });
+            self.endpoints.retain(|_, e| !e.idle(now, self.max_age));
         }
         let (spare, open) = {
             let mut entry = self.endpoints.entry(endpoint.clone()).or_default();
-            let recent = entry
-                .last_start
-                .is_some_and(|t| now.duration_since(t) < self.max_age);
+            let recent = entry.recent(now, self.max_age);
             entry.last_start = Some(now);
             let spare = entry.spare.take();
             let open = recent && !entry.opening;
@@ -243,11 +249,7 @@ impl Spares {
     /// Closes spare `id` if it is still unused, and forgets the endpoint when it has had no
     /// session since: its next session then opens no spare (it shows no demand).
     fn expire(&self, endpoint: &EndpointId, id: u64) {
-        let idle = |e: &Entry| {
-            e.spare.is_none()
-                && !e.opening
-                && e.last_start.is_none_or(|t| t.elapsed() >= self.max_age)
-        };
+        let idle = |e: &Entry| e.idle(Instant::now(), self.max_age);
         let forget = {
             let Some(mut entry) = self.endpoints.get_mut(endpoint) else {
                 return;
